@@ -1,0 +1,375 @@
+"""The toy world: a deterministic generator of captioned 32x32 RGB images.
+
+Every concept kind patchforge must erase has a stand-in here:
+  object   -- a shape (circle, square, ... with near neighbours star / pentagon),
+  color    -- the shape's colour (with near neighbours red / orange / pink),
+  style    -- how the shape is rendered (stripes / checker are near neighbours),
+  identity -- a named character drawn as a fixed sprite (stand-in for celebrities).
+
+A scene is either a styled coloured shape or one character. Labels are ground truth for the
+judges. Captions come from templates; each concept also has *aliases* (synonyms, descriptions
+without its name) and there are *paraphrase templates*. The base model is trained on all of them,
+but patch methods only ever see canonical names in canonical templates (`TRAIN_SPLIT`), so
+the held-out forms (`HELDOUT_SPLIT`) measure whether an erasure generalises.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+IMAGE_SIZE = 32
+BACKGROUND = (40, 40, 46)
+PATTERN_LIGHT = (245, 245, 245)
+
+# name -> held-out aliases (synonyms / descriptions without the name)
+OBJECTS = {
+    "circle": ["round disc", "disc"],
+    "square": ["box", "four-sided block"],
+    "triangle": ["wedge", "three-sided shape"],
+    "star": ["spiky shape", "pointy asterisk"],
+    "pentagon": ["five-sided shape", "home plate"],
+    "heart": ["love symbol", "valentine"],
+    "cross": ["plus sign", "plus shape"],
+}
+COLORS = {
+    "red": ((220, 30, 30), ["crimson", "scarlet"]),
+    "orange": ((245, 140, 20), ["tangerine", "amber"]),
+    "pink": ((245, 120, 190), ["rose", "blush"]),
+    "blue": ((40, 80, 230), ["azure", "cobalt"]),
+    "green": ((40, 180, 60), ["emerald", "lime"]),
+    "yellow": ((240, 220, 40), ["golden", "lemon"]),
+    "purple": ((140, 50, 200), ["violet", "lavender"]),
+}
+# "solid" is the absence of a style: a label, not an erasable concept.
+STYLES = {
+    "stripes": ["striped", "lined"],
+    "checker": ["checkered", "chessboard"],
+    "dots": ["dotted", "polka-dot"],
+    "rings": ["concentric", "bullseye"],
+    "outline": ["outlined", "hollow"],
+}
+SOLID = "solid"
+IDENTITIES = {
+    "kiko": ["the cat character", "the whiskered cat"],
+    "bruno": ["the robot character", "the metal robot"],
+    "mira": ["the ghost character", "the floating ghost"],
+    "tobi": ["the frog character", "the green frog"],
+}
+NONE = "none"
+
+KINDS = ("object", "color", "style", "identity")
+# Classes each judge head predicts (NONE for scenes where the kind does not apply).
+LABELS = {
+    "object": list(OBJECTS) + [NONE],
+    "color": list(COLORS) + [NONE],
+    "style": list(STYLES) + [SOLID, NONE],
+    "identity": list(IDENTITIES) + [NONE],
+}
+# Near neighbours: the concepts an erasure of the key is most likely to damage.
+NEIGHBOURS = {
+    "star": ["pentagon", "cross"], "pentagon": ["star", "square"], "circle": ["heart", "square"],
+    "square": ["pentagon", "cross"], "triangle": ["star", "heart"], "heart": ["circle", "triangle"],
+    "cross": ["star", "square"],
+    "red": ["orange", "pink"], "orange": ["red", "yellow"], "pink": ["red", "purple"],
+    "blue": ["purple", "green"], "green": ["blue", "yellow"], "yellow": ["orange", "green"],
+    "purple": ["pink", "blue"],
+    "stripes": ["checker", "rings"], "checker": ["stripes", "dots"], "dots": ["checker", "rings"],
+    "rings": ["stripes", "dots"], "outline": ["rings", "stripes"],
+    "kiko": ["tobi", "mira"], "bruno": ["kiko", "tobi"], "mira": ["bruno", "kiko"], "tobi": ["kiko", "bruno"],
+}
+
+TRAIN_SPLIT, HELDOUT_SPLIT = "train", "heldout"
+
+
+def concepts_of(kind: str) -> list[str]:
+    return {"object": list(OBJECTS), "color": list(COLORS), "style": list(STYLES),
+            "identity": list(IDENTITIES)}[kind]
+
+
+def kind_of(name: str) -> str:
+    for kind in KINDS:
+        if name in concepts_of(kind):
+            return kind
+    raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Ground truth of one image. For a character scene object/color/style are NONE."""
+    object: str = NONE
+    color: str = NONE
+    style: str = NONE
+    identity: str = NONE
+    size: int = 22
+    dx: int = 0
+    dy: int = 0
+
+    def label(self, kind: str) -> str:
+        return getattr(self, kind)
+
+
+# ---------------------------------------------------------------- rendering
+_yy, _xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5
+
+
+def _polygon_mask(points, x, y):
+    """Inside test for a convex or star polygon by the even-odd rule."""
+    inside = np.zeros_like(x, dtype=bool)
+    n = len(points)
+    for i in range(n):
+        x1, y1 = points[i]
+        x2, y2 = points[(i + 1) % n]
+        cond = (y1 > y) != (y2 > y)
+        xint = (x2 - x1) * (y - y1) / (y2 - y1 + 1e-9) + x1
+        inside ^= cond & (x < xint)
+    return inside
+
+
+def _regular(n, r, cx, cy, rot=-np.pi / 2, inner=None):
+    pts = []
+    for i in range(n * (2 if inner else 1)):
+        ang = rot + i * np.pi * 2 / (n * (2 if inner else 1))
+        rad = r if (inner is None or i % 2 == 0) else inner
+        pts.append((cx + rad * np.cos(ang), cy + rad * np.sin(ang)))
+    return pts
+
+
+def shape_mask(obj: str, size: float, cx: float, cy: float) -> np.ndarray:
+    r = size / 2
+    x, y = _xx - cx, _yy - cy
+    if obj == "circle":
+        return x * x + y * y <= r * r
+    if obj == "square":
+        h = r * 0.85
+        return (np.abs(x) <= h) & (np.abs(y) <= h)
+    if obj == "triangle":
+        return _polygon_mask(_regular(3, r * 1.1, 0, r * 0.15), x, y)
+    if obj == "star":
+        return _polygon_mask(_regular(5, r * 1.05, 0, r * 0.08, inner=r * 0.42), x, y)
+    if obj == "pentagon":
+        return _polygon_mask(_regular(5, r * 0.98, 0, r * 0.05), x, y)
+    if obj == "heart":
+        s = r * 0.95
+        xs, ys = x / s, -(y / s) + 0.15
+        return (xs * xs + ys * ys - 0.6) ** 3 - xs * xs * ys ** 3 * 1.1 <= 0
+    if obj == "cross":
+        w = r * 0.36
+        return ((np.abs(x) <= w) & (np.abs(y) <= r)) | ((np.abs(y) <= w) & (np.abs(x) <= r))
+    raise KeyError(obj)
+
+
+def _style_light(style: str, mask: np.ndarray, cx: float, cy: float) -> np.ndarray:
+    """Where, inside the shape, the pattern shows the light colour instead of the shape colour."""
+    if style == "stripes":
+        return ((_xx + _yy) // 3) % 2 == 0
+    if style == "checker":
+        return ((_xx // 4) + (_yy // 4)) % 2 == 0
+    if style == "dots":
+        return ((_xx % 5 - 2.5) ** 2 + (_yy % 5 - 2.5) ** 2) <= 1.7
+    if style == "rings":
+        return (np.sqrt((_xx - cx) ** 2 + (_yy - cy) ** 2) // 2.5) % 2 == 1
+    return np.zeros_like(mask)
+
+
+def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
+    m = mask.copy()
+    for _ in range(steps):
+        p = np.pad(m, 1)
+        m = m & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return m
+
+
+def _draw_character(img: np.ndarray, who: str, cx: float, cy: float, size: float) -> None:
+    s = size / 22.0
+    x, y = (_xx - cx) / s, (_yy - cy) / s
+
+    def paint(mask, rgb):
+        img[mask] = rgb
+
+    if who == "kiko":  # orange cat: round head, two triangular ears, green eyes, pink nose
+        paint(_polygon_mask([(-9, -2), (-8, -11), (-2, -7)], x, y) | _polygon_mask([(9, -2), (8, -11), (2, -7)], x, y), (230, 130, 40))
+        paint((x / 9.5) ** 2 + ((y - 1) / 8.5) ** 2 <= 1, (230, 130, 40))
+        paint(((x + 3.5) ** 2 + (y + 0.5) ** 2 <= 3.2) | ((x - 3.5) ** 2 + (y + 0.5) ** 2 <= 3.2), (60, 200, 80))
+        paint((x ** 2 + (y - 3.5) ** 2 <= 1.6), (250, 150, 190))
+    elif who == "bruno":  # grey robot: square head, antenna with red light, cyan visor, mouth grid
+        paint((np.abs(x) <= 9) & (y >= -6) & (y <= 9), (150, 155, 165))
+        paint((np.abs(x) <= 0.8) & (y >= -11) & (y < -6), (150, 155, 165))
+        paint(x ** 2 + (y + 11) ** 2 <= 3.0, (230, 30, 30))
+        paint((np.abs(x) <= 7) & (y >= -3) & (y <= 1), (40, 220, 230))
+        paint((np.abs(x) <= 5) & (y >= 4) & (y <= 6) & ((x // 2) % 2 == 0), (50, 50, 50))
+    elif who == "mira":  # white ghost: dome with wavy hem, big black eyes
+        body = ((x / 9) ** 2 + ((y + 1) / 9) ** 2 <= 1) & (y <= -1) | ((np.abs(x) <= 9) & (y > -1) & (y <= 7 + 2 * np.sin(x * 1.2)))
+        paint(body, (235, 235, 250))
+        paint(((x + 3.5) ** 2 + (y + 2) ** 2 <= 4) | ((x - 3.5) ** 2 + (y + 2) ** 2 <= 4), (20, 20, 30))
+    elif who == "tobi":  # green frog: wide face, two bulging eyes on top, red smile
+        paint((x / 10.5) ** 2 + ((y - 2) / 7) ** 2 <= 1, (60, 170, 70))
+        eyes = ((x + 5.5) ** 2 + (y + 5) ** 2 <= 12) | ((x - 5.5) ** 2 + (y + 5) ** 2 <= 12)
+        paint(eyes, (60, 170, 70))
+        paint(((x + 5.5) ** 2 + (y + 5) ** 2 <= 5) | ((x - 5.5) ** 2 + (y + 5) ** 2 <= 5), (250, 250, 240))
+        paint(((x + 5.5) ** 2 + (y + 5) ** 2 <= 1.5) | ((x - 5.5) ** 2 + (y + 5) ** 2 <= 1.5), (10, 10, 10))
+        paint((np.abs(x) <= 6) & (np.abs(y - 4.5 - 0.05 * x * x) <= 0.8), (200, 40, 40))
+    else:
+        raise KeyError(who)
+
+
+def render(scene: Scene, noise_seed: int | None = None) -> np.ndarray:
+    """Scene -> uint8 HxWx3 image. Deterministic given scene and noise_seed."""
+    img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+    img[:] = BACKGROUND
+    cx, cy = IMAGE_SIZE / 2 + scene.dx, IMAGE_SIZE / 2 + scene.dy
+    if scene.identity != NONE:
+        _draw_character(img, scene.identity, cx, cy, scene.size)
+    else:
+        mask = shape_mask(scene.object, scene.size, cx, cy)
+        rgb = np.array(COLORS[scene.color][0], np.float32)
+        if scene.style == "outline":
+            mask = mask & ~_erode(mask, 2)
+            img[mask] = rgb
+        else:
+            img[mask] = rgb
+            light = mask & _style_light(scene.style, mask, cx, cy)
+            img[light] = PATTERN_LIGHT
+    if noise_seed is not None:
+        img += np.random.default_rng(noise_seed).normal(0, 4.0, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def random_scene(rng: random.Random, identity_share: float = 0.2) -> Scene:
+    size, dx, dy = rng.randint(18, 26), rng.randint(-3, 3), rng.randint(-3, 3)
+    if rng.random() < identity_share:
+        return Scene(identity=rng.choice(list(IDENTITIES)), size=size, dx=dx, dy=dy)
+    style = rng.choice(list(STYLES) + [SOLID, SOLID])
+    return Scene(object=rng.choice(list(OBJECTS)), color=rng.choice(list(COLORS)), style=style,
+                 size=size, dx=dx, dy=dy)
+
+
+# ---------------------------------------------------------------- captions
+# Canonical templates: the only ones a patch method may use.
+STYLE_PHRASE = "in {} style"  # canonical way of naming a style
+OBJECT_TEMPLATES = [
+    "a {color} {object} {style}",
+    "a photo of a {color} {object} {style}",
+    "a {object} {style}",
+    "a {color} {object}",
+    "a photo of a {color} {object}",
+    "a {object}",
+    "a photo of a {object}",
+]
+CHARACTER_TEMPLATES = ["a picture of {identity}", "{identity}", "a photo of {identity}"]
+# Held-out paraphrase templates: in the base model's training captions, never in a patch method's.
+PARAPHRASE_OBJECT_TEMPLATES = [
+    "{style}, {color} {object}",
+    "an image showing a {object} that is {color}, {style}",
+    "{color} colored {object} drawn {style}",
+    "{style} {object}",
+    "an image showing a {color} {object}",
+    "{object} drawing",
+]
+PARAPHRASE_CHARACTER_TEMPLATES = ["an image of {identity}", "{identity} on a dark background"]
+
+
+def style_phrase(style: str, alias: str | None = None) -> str:
+    if style == SOLID:
+        return ""
+    return alias if alias is not None else STYLE_PHRASE.format(style)
+
+
+def _alias(rng: random.Random, name: str, table: dict, p: float):
+    aliases = table[name][1] if isinstance(table[name], tuple) else table[name]
+    return rng.choice(aliases) if rng.random() < p else None
+
+
+def caption(scene: Scene, rng: random.Random, split: str = "any", drop: float = 0.3) -> str:
+    """A caption for a scene. split='train': canonical names and templates only (what patch
+    methods may see); 'heldout': aliases and paraphrase templates only; 'any': a mix (for the
+    base model). Attributes are dropped at random with probability `drop` (not the object)."""
+    p_alias = {"train": 0.0, "heldout": 1.0, "any": 0.3}[split]
+    paraphrase = {"train": False, "heldout": True, "any": rng.random() < 0.25}[split]
+    if scene.identity != NONE:
+        name = _alias(rng, scene.identity, IDENTITIES, p_alias) or scene.identity.capitalize()
+        tpl = rng.choice(PARAPHRASE_CHARACTER_TEMPLATES if paraphrase else CHARACTER_TEMPLATES)
+        return tpl.format(identity=name)
+    obj = _alias(rng, scene.object, OBJECTS, p_alias) or scene.object
+    color = _alias(rng, scene.color, COLORS, p_alias) or scene.color
+    style_alias = None if scene.style == SOLID else _alias(rng, scene.style, STYLES, p_alias)
+    sty = style_phrase(scene.style, style_alias)
+    if split == "heldout" and style_alias is None and scene.style != SOLID:
+        sty = rng.choice(STYLES[scene.style])
+    if rng.random() < drop:
+        color = None
+    if rng.random() < drop:
+        sty = None
+    tpls = PARAPHRASE_OBJECT_TEMPLATES if paraphrase else OBJECT_TEMPLATES
+    # a template that names exactly the attributes kept (dropped ones teach partial prompts)
+    usable = [t for t in tpls if ("{color}" in t) == bool(color) and ("{style}" in t) == bool(sty)]
+    tpl = rng.choice(usable or [t for t in OBJECT_TEMPLATES
+                                if ("{color}" in t) == bool(color) and ("{style}" in t) == bool(sty)])
+    text = tpl.format(object=obj, color=color or "", style=sty or "")
+    return " ".join(text.replace(" ,", ",").split()).strip(", ")
+
+
+# ---------------------------------------------------------------- evaluation prompts
+@dataclass(frozen=True)
+class Probe:
+    """A prompt and what a faithful generation must show (kind -> label)."""
+    prompt: str
+    expect: dict
+
+
+def probes_for(name: str, split: str = TRAIN_SPLIT, n: int = 8, seed: int = 0) -> list[Probe]:
+    """Prompts that ask for concept `name`, with the other attributes chosen at random.
+    split=TRAIN_SPLIT: canonical names/templates; HELDOUT_SPLIT: aliases and paraphrases."""
+    rng = random.Random(f"{name}/{split}/{seed}")
+    kind = kind_of(name)
+    out = []
+    for i in range(n):
+        if kind == "identity":
+            scene = Scene(identity=name)
+        else:
+            scene = Scene(object=name if kind == "object" else rng.choice(list(OBJECTS)),
+                          color=name if kind == "color" else rng.choice(list(COLORS)),
+                          style=name if kind == "style" else rng.choice(list(STYLES) + [SOLID]))
+        # keep the asked-for attribute in the prompt: no dropping of it
+        while True:
+            text = caption(scene, rng, split=split, drop=0.0 if kind != "object" else 0.3)
+            if _mentions(text, scene, kind):
+                break
+        expect = {k: scene.label(k) for k in KINDS if scene.label(k) != NONE and _mentions(text, scene, k)}
+        out.append(Probe(text, expect))
+    return out
+
+
+def _mentions(text: str, scene: Scene, kind: str) -> bool:
+    label = scene.label(kind)
+    if label in (NONE, SOLID):
+        return False
+    table = {"object": OBJECTS, "color": COLORS, "style": STYLES, "identity": IDENTITIES}[kind]
+    aliases = table[label][1] if isinstance(table[label], tuple) else table[label]
+    t = text.lower()
+    return any(w in t for w in [label] + list(aliases))
+
+
+def vocabulary() -> list[str]:
+    """Every word the world's captions can use (for building the tokenizer)."""
+    rng = random.Random(0)
+    words = set()
+    for _ in range(20000):
+        sc = random_scene(rng, 0.3)
+        for split in ("train", "heldout", "any"):
+            words.update(caption(sc, rng, split).lower().replace(",", " , ").split())
+    for table in (OBJECTS, STYLES, IDENTITIES):
+        for k, v in table.items():
+            words.add(k)
+            for a in v:
+                words.update(a.lower().split())
+    for k, (_, v) in COLORS.items():
+        words.add(k)
+        for a in v:
+            words.update(a.split())
+    words.update(STYLE_PHRASE.format("x").split())
+    words.discard("x")
+    # words the attack / concept catalogue prompts commonly use
+    words.update("a an the of in on with and photo picture painting image style drawing".split())
+    return sorted(words)
