@@ -1,0 +1,67 @@
+"""Finding and loading base pipelines: the embedded toy model by default, any diffusers SD
+1.x / 2.x / SDXL folder or Hub repo id otherwise."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TOY_MODEL_DIR = Path(__file__).parent / "toy_model"
+TOY_MODEL_ID = "patchforge/toy-sd"  # the name the embedded default goes by in metadata and reports
+
+
+def resolve_model(model: str | None) -> str:
+    """None or 'toy' -> the embedded default's folder; anything else is passed to diffusers."""
+    if model in (None, "toy", TOY_MODEL_ID):
+        path = TOY_MODEL_DIR / "pipeline"
+        if not (path / "model_index.json").exists():
+            raise FileNotFoundError(f"the embedded toy model is missing at {path}; rebuild it with `patchforge toy train`")
+        return str(path)
+    return model
+
+
+def model_id(model: str | None) -> str:
+    return TOY_MODEL_ID if model in (None, "toy", TOY_MODEL_ID) else str(model)
+
+
+def toy_judge_path() -> Path:
+    return TOY_MODEL_DIR / "judges.safetensors"
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """'cuda' if available, then Apple 'mps', else 'cpu' -- unless the caller says otherwise."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_pipeline(model: str | None = None, device: str | None = None, dtype: torch.dtype | None = None):
+    """Load a text-to-image pipeline with DiffusionPipeline (SD, SD 2.x, SDXL alike), offline-safe.
+
+    Safety checker and feature extractor are not needed for erasure work and are not loaded."""
+    from diffusers import DiffusionPipeline
+
+    path = resolve_model(model)
+    if not Path(path).exists() and "/" not in path:
+        raise FileNotFoundError(f"no model at '{path}': give a diffusers pipeline folder or a Hub repo id (owner/name)")
+    dev = pick_device(device)
+    if dtype is None:
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    kwargs = {"torch_dtype": dtype}
+    if "StableDiffusionPipeline" in _class_name(path):
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dev)
+
+
+def _class_name(path: str) -> str:
+    index = Path(path) / "model_index.json"
+    if index.exists():
+        import json
+        return json.loads(index.read_text()).get("_class_name", "")
+    return ""

@@ -1,0 +1,180 @@
+"""`patchforge toy train`: rebuild the embedded default model and its judges from a seed.
+
+Stages (each with a progress bar):
+  1. render a captioned dataset from the toy world,
+  2. train the VAE (AutoencoderKL, 32x32x3 <-> 16x16x4),
+  3. encode the dataset once, set the VAE scaling factor from the latents' std,
+  4. train UNet2DConditionModel and CLIPTextModel together (caption dropout for CFG, EMA weights),
+  5. train the judges (separate architecture and seed),
+  6. save a diffusers StableDiffusionPipeline folder plus judges.safetensors and a build report.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .judges import Judge, judge_accuracy, save_judge, train_judge
+from .tokenizer import build_tokenizer
+from .world import random_scene, render, caption
+
+
+@dataclass
+class ToyBuildConfig:
+    seed: int = 0
+    dataset_size: int = 40_000
+    vae_steps: int = 600
+    unet_steps: int = 3000
+    judge_steps: int = 800
+    batch_size: int = 64
+    lr: float = 6e-4
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    threads: int = 0  # 0: torch's default
+
+
+def make_components(tokenizer):
+    """The architecture of the toy model: a small but genuine Stable Diffusion."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                        block_out_channels=(32, 64), layers_per_block=1)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                layers_per_block=1, cross_attention_dim=128, attention_head_dim=8)
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512,
+                                 num_hidden_layers=4, num_attention_heads=4,
+                                 max_position_embeddings=tokenizer.model_max_length,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(text_config)
+    # SD's noise schedule and DDIM settings; steps_offset=1 as diffusers expects for SD
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return vae, unet, text_encoder, scheduler
+
+
+def _images(scenes, rng) -> torch.Tensor:
+    arr = np.stack([render(s, rng.randrange(1 << 30)) for s in scenes])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _cosine_lr(opt, steps, warmup=200):
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+
+
+def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.time()
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    tokenizer = build_tokenizer()
+    vae, unet, text_encoder, scheduler = make_components(tokenizer)
+    report = {"config": asdict(cfg), "device": "cpu", "torch_threads": torch.get_num_threads(), "stages": {}}
+
+    # 1. dataset ---------------------------------------------------------------------------
+    t0 = time.time()
+    scenes = [random_scene(rng) for _ in tqdm(range(cfg.dataset_size), desc="render scenes", leave=False)]
+    images = torch.cat([_images(scenes[i:i + 1000], rng) for i in tqdm(range(0, len(scenes), 1000), desc="render images")])
+    report["stages"]["dataset_s"] = round(time.time() - t0, 1)
+
+    # 2. VAE ---------------------------------------------------------------------------------
+    t0 = time.time()
+    opt = torch.optim.AdamW(vae.parameters(), 2e-3)
+    sched = _cosine_lr(opt, cfg.vae_steps, warmup=100)
+    bar = tqdm(range(cfg.vae_steps), desc="train VAE")
+    for step in bar:
+        x = images[torch.randint(0, len(images), (cfg.batch_size // 2,))]
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-4 * kl
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    report["stages"]["vae_s"] = round(time.time() - t0, 1)
+    report["vae_final_loss"] = round(loss.item(), 5)
+
+    # 3. latents -----------------------------------------------------------------------------
+    with torch.no_grad():
+        dists = [vae.encode(images[i:i + 500]).latent_dist for i in range(0, len(images), 500)]
+    means = torch.cat([d.mean for d in dists])
+    stds = torch.cat([d.std for d in dists])
+    scaling = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=scaling)
+    report["vae_scaling_factor"] = round(scaling, 5)
+
+    # 4. UNet + text encoder ----------------------------------------------------------------------
+    t0 = time.time()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, cfg.lr, weight_decay=1e-2)
+    sched = _cosine_lr(opt, cfg.unet_steps)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    train_sched = scheduler  # same betas; add_noise only needs alphas_cumprod
+    bar = tqdm(range(cfg.unet_steps), desc="train UNet + text encoder")
+    for step in bar:
+        idx = torch.randint(0, len(images), (cfg.batch_size,))
+        latents = (means[idx] + stds[idx] * torch.randn_like(means[idx])) * scaling
+        texts = ["" if rng.random() < cfg.caption_dropout else caption(scenes[i], rng, "any") for i in idx.tolist()]
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        cond = text_encoder(ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, train_sched.config.num_train_timesteps, (len(latents),))
+        pred = unet(train_sched.add_noise(latents, noise, t), t, cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(); loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(); sched.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
+                for pe, p in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(p, 1 - decay)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    report["stages"]["unet_s"] = round(time.time() - t0, 1)
+    report["unet_final_loss"] = round(loss.item(), 5)
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text.eval(), tokenizer=tokenizer, unet=ema_unet.eval(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir / "pipeline", safe_serialization=True)
+
+    # 5. judges -------------------------------------------------------------------------------
+    t0 = time.time()
+    bar = tqdm(total=cfg.judge_steps, desc="train judges")
+
+    def recon(x):
+        return vae.decode(vae.encode(x).latent_dist.mean).sample
+
+    net = train_judge(cfg.judge_steps, seed=cfg.seed + 1000, recon=recon, batch=cfg.batch_size,
+                      progress=lambda loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
+    bar.close()
+    save_judge(net, out_dir / "judges.safetensors")
+    report["stages"]["judges_s"] = round(time.time() - t0, 1)
+    report["judge_accuracy_real"] = judge_accuracy(Judge(net))
+    report["total_s"] = round(time.time() - t_start, 1)
+    report["parameters"] = {name: sum(p.numel() for p in m.parameters())
+                            for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder), ("judge", net))}
+    (out_dir / "build_report.json").write_text(json.dumps(report, indent=2))
+    return report

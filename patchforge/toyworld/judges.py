@@ -1,0 +1,122 @@
+"""Judges: classifiers that say what a toy-world image shows, one head per concept kind.
+
+They are trained on the generator's ground truth, with their own architecture (a plain CNN, no
+attention, no text) and their own seed. They exist to *measure*: no patch-training loss may
+call them (tests/test_judges_isolation.py checks that the training code never imports this module).
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .world import KINDS, LABELS, random_scene, render
+
+
+class JudgeNet(nn.Module):
+    def __init__(self, width: int = 48):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.features = nn.Sequential(block(3, width), nn.MaxPool2d(2), block(width, width * 2), nn.MaxPool2d(2),
+                                      block(width * 2, width * 4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.heads = nn.ModuleDict({k: nn.Linear(width * 4, len(LABELS[k])) for k in KINDS})
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images: (B,3,32,32) in [-1, 1] -> logits per kind."""
+        f = self.features(images)
+        return {k: head(f) for k, head in self.heads.items()}
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate features: the space our Fréchet distance is measured in."""
+        return self.features(images)
+
+
+class Judge:
+    """Loaded judge: call with a batch of images, get label names per kind."""
+
+    def __init__(self, net: JudgeNet):
+        self.net = net.eval()
+
+    @classmethod
+    def load(cls, path) -> "Judge":
+        state = load_file(str(path))
+        width = state["features.0.0.weight"].shape[0]
+        net = JudgeNet(width)
+        net.load_state_dict(state)
+        return cls(net)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, list[str]]:
+        logits = self.net(_as_input(images))
+        return {k: [LABELS[k][i] for i in v.argmax(-1).tolist()] for k, v in logits.items()}
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.embed(_as_input(images))
+
+
+def _as_input(images) -> torch.Tensor:
+    """Accept uint8 HWC numpy / list of PIL / float tensors in [0,1] or [-1,1]."""
+    if isinstance(images, list):
+        images = np.stack([np.asarray(im) for im in images])
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    elif images.min() >= 0:  # [0,1] tensors, as diffusers' output_type="pt" gives
+        images = images * 2 - 1
+    return images.float()
+
+
+def _batch(rng: random.Random, n: int, recon=None, augment: bool = True):
+    scenes = [random_scene(rng) for _ in range(n)]
+    x = torch.from_numpy(np.stack([render(s, rng.randrange(1 << 30)) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    if recon is not None:  # half the batch passes through the VAE, so the judge also reads decoded images
+        with torch.no_grad():
+            x[: n // 2] = recon(x[: n // 2]).clamp(-1, 1)
+    if augment:  # a little extra noise and brightness jitter: generated images are never pixel-perfect
+        x = x + torch.randn_like(x) * torch.rand(n, 1, 1, 1) * 0.08 + (torch.rand(n, 1, 1, 1) - 0.5) * 0.1
+    y = {k: torch.tensor([LABELS[k].index(s.label(k)) for s in scenes]) for k in KINDS}
+    return x, y
+
+
+def train_judge(steps: int, seed: int, recon=None, batch: int = 96, progress=None) -> JudgeNet:
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    net = JudgeNet()
+    opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
+    for step in range(steps):
+        x, y = _batch(rng, batch, recon)
+        logits = net(x)
+        loss = sum(F.cross_entropy(logits[k], y[k]) for k in KINDS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress(loss.item())
+    return net.eval()
+
+
+@torch.no_grad()
+def judge_accuracy(judge: Judge, n: int = 2000, seed: int = 12345) -> dict[str, float]:
+    """Accuracy per kind on fresh real toy images (a seed never used in training)."""
+    rng = random.Random(seed)
+    correct = {k: 0 for k in KINDS}
+    for start in range(0, n, 250):
+        x, y = _batch(rng, min(250, n - start), augment=False)
+        pred = judge.net(x)
+        for k in KINDS:
+            correct[k] += (pred[k].argmax(-1) == y[k]).sum().item()
+    return {k: correct[k] / n for k in KINDS}
+
+
+def save_judge(net: JudgeNet, path) -> None:
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
