@@ -51,7 +51,7 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: to
     dev = pick_device(device)
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {"dtype": dtype}
     if "StableDiffusionPipeline" in _class_name(path):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     pipe = DiffusionPipeline.from_pretrained(path, **kwargs)

@@ -1,0 +1,46 @@
+"""`patchforge toy ...`: rebuild the embedded default, and measure it."""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from ..pipeline_loading import TOY_MODEL_DIR
+
+
+def register(sub) -> None:
+    from .build import ToyBuildConfig
+
+    toy = sub.add_parser("toy", help="the embedded toy text-to-image world: rebuild or measure it")
+    toy_sub = toy.add_subparsers(dest="toy_verb", metavar="TOY_VERB")
+    train = toy_sub.add_parser("train", help="rebuild the toy model and its judges from a seed (CPU: ~45 min on 2 cores)")
+    train.add_argument("--out", type=Path, default=TOY_MODEL_DIR, help=f"output folder (default: the shipped one, {TOY_MODEL_DIR})")
+    for f in fields(ToyBuildConfig):
+        train.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    train.set_defaults(func=_train)
+    report = toy_sub.add_parser("report", help="judge accuracy and base-model concept rates (the issue-2 bars)")
+    report.add_argument("--model", default=None)
+    report.add_argument("--seeds", type=int, default=8, help="generations per prompt set")
+    report.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    report.set_defaults(func=_report)
+    toy.set_defaults(func=lambda args: toy.print_help() or 0)
+
+
+def _train(args) -> int:
+    from .build import ToyBuildConfig, build_toy_model
+
+    cfg = ToyBuildConfig(**{f.name: getattr(args, f.name) for f in fields(ToyBuildConfig)})
+    report = build_toy_model(args.out, cfg)
+    acc = ", ".join(f"{k} {v:.1%}" for k, v in report["judge_accuracy_real"].items())
+    print(f"toy model written to {args.out} in {report['total_s'] / 60:.1f} min; judge accuracy on held-out real images: {acc}")
+    return 0
+
+
+def _report(args) -> int:
+    from .measure import base_model_report, format_report
+
+    numbers = base_model_report(args.model, seeds=args.seeds)
+    print(format_report(numbers))
+    if args.json:
+        args.json.write_text(json.dumps(numbers, indent=2))
+    return 0

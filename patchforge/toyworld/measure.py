@@ -1,0 +1,70 @@
+"""How good is the toy model? Judge accuracy on real images, and how often base-model
+generations show what the prompt asked for, per concept kind, on training-style prompts and on
+held-out paraphrases. Fixed seeds; the numbers behind docs/toy-model.md."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..pipeline_loading import load_pipeline, toy_judge_path
+from . import world
+from .judges import Judge, judge_accuracy
+
+GUIDANCE, STEPS = 5.0, 20  # the defaults every patchforge command generates with
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int = STEPS, guidance: float = GUIDANCE) -> np.ndarray:
+    """One image per (prompt, seed) pair, uint8 NHWC. Each image has its own generator, so an image
+    depends only on its prompt and seed, never on batch composition."""
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np").images
+    return (out * 255).round().astype(np.uint8)
+
+
+def concept_rates(pipe, judge: Judge, split: str, seeds: int, batch: int = 64) -> dict[str, dict[str, float]]:
+    """For every concept: share of generations whose judged label matches the asked-for one,
+    for its own kind (rate) and for every other attribute the prompt named (kept)."""
+    rows = []
+    for kind in world.KINDS:
+        for name in world.concepts_of(kind):
+            for i, probe in enumerate(world.probes_for(name, split, n=seeds, seed=0)):
+                rows.append((kind, name, probe, 1000 + i))
+    hits: dict[str, list[bool]] = {}
+    for start in tqdm(range(0, len(rows), batch), desc=f"generate ({split})"):
+        chunk = rows[start:start + batch]
+        images = generate(pipe, [r[2].prompt for r in chunk], [r[3] for r in chunk])
+        pred = judge.predict(images)
+        for j, (kind, name, probe, _) in enumerate(chunk):
+            hits.setdefault(name, []).append(pred[kind][j] == name)
+    return {n: float(np.mean(v)) for n, v in hits.items()}
+
+
+def base_model_report(model: str | None = None, seeds: int = 8) -> dict:
+    t0 = time.time()
+    pipe = load_pipeline(model, device="cpu")
+    judge = Judge.load(toy_judge_path())
+    out = {"judge_accuracy_real": judge_accuracy(judge), "seeds_per_concept": seeds,
+           "guidance": GUIDANCE, "steps": STEPS, "rates": {}}
+    for split in (world.TRAIN_SPLIT, world.HELDOUT_SPLIT):
+        out["rates"][split] = concept_rates(pipe, judge, split, seeds)
+    out["by_kind"] = {split: {k: float(np.mean([out["rates"][split][n] for n in world.concepts_of(k)]))
+                              for k in world.KINDS} for split in out["rates"]}
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def format_report(r: dict) -> str:
+    lines = ["| kind | judge accuracy (held-out real images) | base rate, training prompts | base rate, held-out paraphrases |",
+             "|---|---|---|---|"]
+    for k in world.KINDS:
+        lines.append(f"| {k} | {r['judge_accuracy_real'][k]:.1%} | {r['by_kind']['train'][k]:.1%} | {r['by_kind']['heldout'][k]:.1%} |")
+    lines += ["", "| concept | training prompts | held-out paraphrases |", "|---|---|---|"]
+    for k in world.KINDS:
+        for n in world.concepts_of(k):
+            lines.append(f"| {k}:{n} | {r['rates']['train'][n]:.0%} | {r['rates']['heldout'][n]:.0%} |")
+    lines.append(f"\n{r['seeds_per_concept']} seeds per concept and split, guidance {r['guidance']}, "
+                 f"{r['steps']} DDIM steps; {r['seconds']} s.")
+    return "\n".join(lines)
