@@ -4,3 +4,26 @@ Importing patchforge changes nothing in diffusers; pipelines gain patch methods 
 explicit opt-in (see docs/usage.md).
 """
 __version__ = "0.1.0"
+
+# Public API, imported on first use so `import patchforge` stays light (no torch, no diffusers)
+_LAZY = {
+    "load_forget_patch": "patchforge.loading",
+    "enable": "patchforge.loading",
+    "list_forget_patches": "patchforge.loading",
+    "set_forget_patch_weight": "patchforge.loading",
+    "unload_forget_patch": "patchforge.loading",
+    "unload_forget_patches": "patchforge.loading",
+    "fuse_forget_patches": "patchforge.loading",
+    "unfuse_forget_patches": "patchforge.loading",
+    "save_patch_from_pipeline": "patchforge.patch_format",
+    "read_patch": "patchforge.patch_format",
+    "merge_patches": "patchforge.patch_format",
+    "write_patch": "patchforge.patch_format",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'patchforge' has no attribute {name!r}")

@@ -1,0 +1,135 @@
+"""Tiny random-weight Stable Diffusion pipelines built from configs, offline and seeded.
+
+Three shapes that matter for patches: SD 1.x (one CLIP text encoder, epsilon prediction), SD 2.x
+(linear projections, v-prediction, a different cross-attention width) and SDXL (two text encoders,
+text_time conditioning). Sizes follow diffusers' own tiny test configs; each builds in well under
+a second on CPU. Call `tiny_sd1()`, `tiny_sd2_vpred()`, `tiny_sdxl()`; same seed -> same weights.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from patchforge.toyworld.tokenizer import build_tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    return build_tokenizer()
+
+
+def _text_config(hidden: int, **extra) -> CLIPTextConfig:
+    tok = _tokenizer()
+    return CLIPTextConfig(hidden_size=hidden, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                          vocab_size=len(tok), max_position_embeddings=tok.model_max_length,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, layer_norm_eps=1e-5, hidden_act="gelu", **extra)
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         sample_size=32)
+
+
+def _scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+
+
+def _finish(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to("cpu")
+
+
+def tiny_sd1(seed: int = 0) -> StableDiffusionPipeline:
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=32)
+    vae, te = _vae(), CLIPTextModel(_text_config(32))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=_tokenizer(), unet=unet,
+                                   scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return _finish(pipe)
+
+
+def tiny_sd2_vpred(seed: int = 0) -> StableDiffusionPipeline:
+    torch.manual_seed(seed)
+    # SD 2.x: linear projections in the transformer blocks, per-block head dims, wider text encoder
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32)
+    vae, te = _vae(), CLIPTextModel(_text_config(64))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=_tokenizer(), unet=unet,
+                                   scheduler=_scheduler("v_prediction"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    return _finish(pipe)
+
+
+def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled
+                                cross_attention_dim=64, norm_num_groups=32)
+    vae = _vae()
+    te = CLIPTextModel(_text_config(32))
+    te2 = CLIPTextModelWithProjection(_text_config(32, projection_dim=32))
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=_tokenizer(),
+                                     tokenizer_2=_tokenizer(), unet=unet, scheduler=_scheduler(),
+                                     force_zeros_for_empty_prompt=False)
+    return _finish(pipe)
+
+
+BUILDERS = {"sd1": tiny_sd1, "sd2": tiny_sd2_vpred, "sdxl": tiny_sdxl}
+
+
+def run(pipe, prompt: str = "a photo of a cat", seed: int = 0, steps: int = 2) -> torch.Tensor:
+    """Two denoising steps to a 32x32 image as a float tensor: enough to compare outputs exactly."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, generator=gen, output_type="pt", guidance_scale=5.0,
+                height=32, width=32).images
+
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def make_patch(pipe, path, concept: str, seed: int = 1, rank: int = 4, alpha: float = 2.0, text: bool = True,
+               scale: float = 0.3, method: str = "test"):
+    """Write a random forget patch for `pipe` (alpha != rank on purpose) and leave `pipe` as it was."""
+    import json
+
+    from peft import LoraConfig
+
+    from patchforge.patch_format import save_patch_from_pipeline
+
+    name = f"_tmp_{seed}"
+    torch.manual_seed(seed)
+    parts = [pipe.unet] + ([pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None)
+                                                   else []) if text else [])
+    for model in parts:
+        targets = UNET_TARGETS if model is pipe.unet else TEXT_TARGETS
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False),
+                          adapter_name=name)
+        with torch.no_grad():  # random A and B of a size that visibly changes the outputs
+            for n, p in model.named_parameters():
+                if f"lora_B.{name}" in n or f"lora_A.{name}" in n:
+                    p.normal_(0, scale)
+    out = save_patch_from_pipeline(pipe, path, adapter_name=name, metadata={
+        "patchforge.concept": concept, "patchforge.method": method,
+        "patchforge.hyperparameters": json.dumps({"rank": rank, "alpha": alpha}),
+        "patchforge.training_seconds": "1.5", "patchforge.device": "cpu"})
+    pipe.delete_adapters(name)
+    pipe.unload_lora_weights()
+    return out
