@@ -52,6 +52,9 @@ def _download(repo_id: str, filename: str, **kwargs) -> Path:
     except e.RevisionNotFoundError:
         raise PatchforgeError(f"Hub repo '{repo_id}' has no revision '{kwargs.get('revision')}': check the "
                               f"branch, tag or commit") from None
+    except e.LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
+        raise PatchforgeError(f"'{repo_id}' is not in the local Hub cache and the Hub cannot be reached (offline?): "
+                              f"run `patchforge pull {repo_id}` while online") from None
     except e.EntryNotFoundError:
         raise PatchforgeError(f"Hub repo '{repo_id}' has no file '{filename}': pass weight_name= (and subfolder=) "
                               f"naming the patch file") from None

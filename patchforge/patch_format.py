@@ -145,7 +145,9 @@ def _family(pipe) -> str:
         return "sd1.x"
     if cfg.cross_attention_dim == 1024:
         return "sd2.x"
-    return f"sd-like (unet {list(cfg.block_out_channels)}, cross-attention {cfg.cross_attention_dim})"
+    # other sizes (toy and test models): name the layout they copy; SD 2.x introduced linear projections
+    kind = "sd2-like" if cfg.use_linear_projection else "sd1-like"
+    return f"{kind} (unet {list(cfg.block_out_channels)}, cross-attention {cfg.cross_attention_dim})"
 
 
 def family_of(metadata: dict[str, str]) -> str:
@@ -250,7 +252,7 @@ def parse_patch(data: bytes, path: Path | None = None) -> Patch:
     where = f"'{path}'" if path else "the patch"
     metadata, tensors = _parse_safetensors(data, where)
     if K_VERSION not in metadata:
-        raise PatchFormatError(f"{where} is a safetensors file but not a forget patch (no patchforge metadata); "
+        raise PatchFormatError(f"{where} is a safetensors file but not a forget patch (no patchforge metadata): "
                                f"load ordinary LoRAs with pipe.load_lora_weights")
     if metadata[K_VERSION] != FORMAT_VERSION:
         raise PatchFormatError(f"{where} has patch format {metadata[K_VERSION]!r}, this patchforge reads "

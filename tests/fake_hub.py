@@ -45,7 +45,7 @@ def _handler(hub: FakeHub):
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            if not head:
+            if not (head or self.command == "HEAD"):  # a HEAD reply carries headers only
                 self.wfile.write(body)
 
         def _json(self, code: int, obj, extra: dict | None = None):

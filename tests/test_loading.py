@@ -103,7 +103,7 @@ def test_errors_leave_pipeline_as_it_was(tmp_path):
     name = patchforge.load_forget_patch(pipe, p1)
     before, listed = run(pipe), [p.adapter_name for p in patchforge.list_forget_patches(pipe)]
 
-    with pytest.raises(BaseModelMismatch, match="sd-like.*sd-like") as err:  # SD2 patch on SD1
+    with pytest.raises(BaseModelMismatch, match="sd2-like.*sd1-like") as err:  # SD2 patch on SD1
         patchforge.load_forget_patch(pipe, cached_patches("sd2")[0])
     assert "architecture" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(BaseModelMismatch):  # SDXL patch on SD1
