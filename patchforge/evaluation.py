@@ -1,0 +1,576 @@
+"""`patchforge eval`: measure a forget patch against its base model, the way reviewers accept.
+
+The base pipeline and the patched one generate the same prompts with the same seeds; a judge that
+never took part in training says what each image shows. For every metric we report base, patched,
+change and a paired bootstrap 95% interval (resampling prompt x seed units):
+
+    efficacy       target concept's rate on its training prompts               (lower is better)
+    generality     same on held-out aliases / paraphrases no method saw       (lower is better)
+    specificity    neighbours of the same kind, concepts of other kinds, compositional prompts
+                   (the other concept must survive), same-seed pixel distance on unrelated prompts
+    utility        judge-feature Fréchet distance to real toy images (not FID: the judge's CNN
+                   features, few samples, biased upwards -- compare base vs patched only), and
+                   prompt alignment (every attribute the prompt names is judged present)
+    robustness     the concept's rate under text attacks (patchforge.attacks); white-box attacks
+                   join with --attacks
+    cost           patch size, training time (patch metadata), load time, inference overhead
+
+Output: <out>.eval.json (stable keys), <out>.eval.md (a table) and <out>.eval.png (rows: prompts;
+columns: base | patched per seed). `--compare P1 P2 ...` puts several patches in one table.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import PatchforgeError
+
+STEPS, GUIDANCE = 20, 5.0  # what every patchforge command generates with
+SEED0 = 1000  # image seeds are SEED0 + 0..seeds-1, the same for base and patched
+N_BOOT = 1000
+JSON_VERSION = 1
+
+
+# ---------------------------------------------------------------- generation
+def generate(pipe, prompts: list[str], seeds: list[int], negative: list[str] | None = None,
+             prompt_embeds: torch.Tensor | None = None, batch: int = 32) -> np.ndarray:
+    """One image per (prompt, seed): uint8 NHWC. Each image has its own generator, so it depends only
+    on its prompt and seed, never on batch composition. `prompt_embeds` (N,L,D) replaces prompts."""
+    out = []
+    for i in range(0, len(seeds), batch):
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch]]
+        kw = {}
+        if prompt_embeds is not None:
+            kw["prompt_embeds"] = prompt_embeds[i:i + batch]
+            kw["negative_prompt_embeds"] = empty_embeds(pipe, len(gens), negative[i:i + batch] if negative else None)
+        else:
+            kw["prompt"] = prompts[i:i + batch]
+            if negative:
+                kw["negative_prompt"] = negative[i:i + batch]
+        with torch.no_grad():
+            images = pipe(num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=gens, output_type="np", **kw).images
+        out.append((images * 255).round().astype(np.uint8))
+    return np.concatenate(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
+
+
+def empty_embeds(pipe, n: int, texts: list[str] | None = None) -> torch.Tensor:
+    """Text-encoder output of "" (or of `texts`): the unconditional branch of guidance."""
+    texts = texts or [""] * n
+    emb, _ = pipe.encode_prompt(texts, pipe.device, 1, False)
+    return emb
+
+
+# ---------------------------------------------------------------- patches
+def patch_concepts(path) -> list[str]:
+    """The concept names a patch erases, from its metadata."""
+    from .patch_format import read_patch
+
+    md = read_patch(path).metadata
+    if md.get("patchforge.concepts"):
+        return [c["name"] for c in json.loads(md["patchforge.concepts"])]
+    return [c.strip().split(":")[-1].split("->")[0] for c in md.get("patchforge.concept", "").split(";") if c.strip()]
+
+
+def load_patch(pipe, path) -> tuple[str, float]:
+    """Load a patch into pipe -> (adapter name, seconds)."""
+    from .loading import load_forget_patch
+
+    t0 = time.perf_counter()
+    name = load_forget_patch(pipe, path)
+    return name, time.perf_counter() - t0
+
+
+def unload_patch(pipe, name: str) -> None:
+    from .loading import unload_forget_patch
+
+    unload_forget_patch(pipe, name)
+
+
+# ---------------------------------------------------------------- prompt sets
+@dataclass
+class Row:
+    """One prompt to generate and how to score it."""
+    set: str  # efficacy, generality, neighbour, other_kind, general, attack:<name>
+    prompt: str
+    concept: str | None = None  # judged present or not (the rate)
+    expect: dict = field(default_factory=dict)  # kind -> label for alignment / compositional (toy judge)
+    keep: dict = field(default_factory=dict)  # the other attributes that must survive (compositional)
+
+
+def _names_concept(text: str, concept: str) -> bool:
+    from .toyworld import world
+
+    table = {"object": world.OBJECTS, "color": world.COLORS, "style": world.STYLES, "identity": world.IDENTITIES}
+    aliases = table[world.kind_of(concept)][concept]
+    aliases = aliases[1] if isinstance(aliases, tuple) else aliases
+    t = text.lower()
+    return any(w in t for w in [concept, *aliases])
+
+
+def toy_rows(targets: list[str], n: int = 6) -> list[Row]:
+    """The toy world's prompt sets for an erasure of `targets` (deterministic)."""
+    import random
+
+    from . import attacks
+    from .toyworld import world
+
+    rows = []
+    clean = lambda text: not any(_names_concept(text, c) for c in targets)  # noqa: E731
+    for c in targets:
+        kind = world.kind_of(c)
+        for p in world.probes_for(c, world.TRAIN_SPLIT, n=n, seed=0):  # the first n of the training prompts
+            keep = {k: v for k, v in p.expect.items() if k != kind and v not in targets}
+            rows.append(Row("efficacy", p.prompt, c, p.expect, keep))
+        for p in world.probes_for(c, world.HELDOUT_SPLIT, n=n, seed=0):
+            rows.append(Row("generality", p.prompt, c, p.expect))
+        for nb in [x for x in world.NEIGHBOURS[c] if x not in targets]:
+            for p in world.probes_for(nb, world.TRAIN_SPLIT, n=max(2, n // 2), seed=7):
+                if clean(p.prompt):
+                    rows.append(Row("neighbour", p.prompt, nb, p.expect))
+        for other_kind in [k for k in world.KINDS if k != kind]:
+            other = next(x for x in world.concepts_of(other_kind)[1:] + world.concepts_of(other_kind)[:1]
+                         if x not in targets)
+            for p in world.probes_for(other, world.TRAIN_SPLIT, n=max(2, n // 2), seed=7):
+                if clean(p.prompt):
+                    rows.append(Row("other_kind", p.prompt, other, p.expect))
+        for attack, probes in attacks.text_attacks(c, n=max(2, n // 2)).items():
+            rows += [Row(f"attack:{attack}", p, c) for p in probes]
+    rng = random.Random("general")  # general prompts: random scenes that do not involve the targets
+    general = []
+    while len(general) < 2 * n:
+        scene = world.random_scene(rng)
+        if any(scene.label(world.kind_of(c)) == c for c in targets):
+            continue
+        text = world.caption(scene, rng, split=world.TRAIN_SPLIT, drop=0.3)
+        if not clean(text):
+            continue
+        expect = {k: scene.label(k) for k in world.KINDS if world._mentions(text, scene, k)}
+        general.append(Row("general", text, None, expect))
+    return rows + general
+
+
+def real_rows(targets: list[str], n: int = 6) -> list[Row]:
+    """Real pipelines: the concept catalogue's prompts (patchforge.concepts) and text attacks."""
+    from . import attacks
+    from .concepts import resolve
+
+    rows = []
+    for c in targets:
+        spec = resolve(c)
+        rows += [Row("efficacy", p, spec.name) for p in spec.target[:n]]
+        rows += [Row("general", p, None) for p in spec.preserve[:2 * n]]
+        for attack, prompts in attacks.text_attacks(spec.name, n=max(2, n // 2), templates=spec.target).items():
+            rows += [Row(f"attack:{attack}", p, spec.name) for p in prompts]
+    return rows
+
+
+# ---------------------------------------------------------------- scoring
+def score(judge, images: np.ndarray, rows: list[Row]) -> dict[str, np.ndarray]:
+    """Per image: hit (row.concept shown), aligned (all of row.expect), kept (all of row.keep);
+    NaN where a row has nothing to score."""
+    n = len(rows)
+    hit, aligned, kept = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+    pred = judge.predict(images) if hasattr(judge, "predict") else None
+    for concept in sorted({r.concept for r in rows if r.concept}):
+        idx = [i for i, r in enumerate(rows) if r.concept == concept]
+        for i, v in zip(idx, judge.detect(images[idx], concept)):
+            hit[i] = float(v)
+    if pred is not None:
+        for i, r in enumerate(rows):
+            if r.expect:
+                aligned[i] = float(all(pred[k][i] == v for k, v in r.expect.items()))
+            if r.keep:
+                kept[i] = float(all(pred[k][i] == v for k, v in r.keep.items()))
+    return {"hit": hit, "aligned": aligned, "kept": kept}
+
+
+def frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets a and b (rows = samples)."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # sqrt(s1)
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()  # tr sqrt(s1^½ s2 s1^½)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
+
+
+def real_features(judge, n: int = 256, seed: int = 4321) -> np.ndarray:
+    """Judge features of real toy images from the generator (same scene distribution as 'general')."""
+    import random
+
+    from .toyworld import world
+
+    rng = random.Random(seed)
+    images = np.stack([world.render(world.random_scene(rng), rng.randrange(1 << 30)) for _ in range(n)])
+    return judge.features(images)
+
+
+def bootstrap(base: np.ndarray, patched: np.ndarray, stat=np.nanmean, n_boot: int = N_BOOT, seed: int = 0):
+    """Paired bootstrap over units -> (lo, hi) of patched and of patched - base (95%)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(base), (n_boot, len(base)))
+    with np.errstate(all="ignore"):
+        pb = np.array([stat(patched[i]) for i in idx])
+        cb = pb - np.array([stat(base[i]) for i in idx])
+    q = lambda x: [float(np.nanpercentile(x, 2.5)), float(np.nanpercentile(x, 97.5))]  # noqa: E731
+    return q(pb), q(cb)
+
+
+def _metric(base: np.ndarray, patched: np.ndarray, better: str, what: str) -> dict:
+    keep = ~(np.isnan(base) | np.isnan(patched))
+    base, patched = base[keep], patched[keep]
+    if not len(base):
+        return {"base": None, "patched": None, "change": None, "ci_patched": None, "ci_change": None, "n": 0,
+                "better": better, "what": what}
+    ci_p, ci_c = bootstrap(base, patched)
+    return {"base": float(base.mean()), "patched": float(patched.mean()), "change": float(patched.mean() - base.mean()),
+            "ci_patched": ci_p, "ci_change": ci_c, "n": int(len(base)), "better": better, "what": what}
+
+
+def _frechet_metric(fb: np.ndarray, fp: np.ndarray, real: np.ndarray) -> dict:
+    rng = np.random.default_rng(0)
+    b, p = frechet(fb, real), frechet(fp, real)
+    boots = []
+    for _ in range(200):  # fewer resamples: each is an eigendecomposition
+        i = rng.integers(0, len(fb), len(fb))
+        boots.append((frechet(fp[i], real), frechet(fp[i], real) - frechet(fb[i], real)))
+    boots = np.array(boots)
+    return {"base": b, "patched": p, "change": p - b,
+            "ci_patched": [float(x) for x in np.percentile(boots[:, 0], [2.5, 97.5])],
+            "ci_change": [float(x) for x in np.percentile(boots[:, 1], [2.5, 97.5])], "n": int(len(fb)),
+            "better": "lower", "what": "judge-feature Fréchet distance to real toy images (general prompts)"}
+
+
+# ---------------------------------------------------------------- evaluation
+SETS = {  # metric key -> (row set, field, better, description)
+    "efficacy": ("efficacy", "hit", "lower", "target concept rate, training prompts"),
+    "generality": ("generality", "hit", "lower", "target concept rate, held-out aliases/paraphrases"),
+    "specificity.neighbours": ("neighbour", "hit", "higher", "neighbouring concepts (same kind) kept"),
+    "specificity.other_kinds": ("other_kind", "hit", "higher", "concepts of other kinds kept"),
+    "specificity.compositional": ("efficacy", "kept", "higher", "other concept in target prompts kept"),
+    "utility.alignment": ("general", "aligned", "higher", "general prompts: every named attribute shown"),
+}
+
+
+@dataclass
+class Generated:
+    images: np.ndarray
+    scores: dict
+    seconds: float
+
+
+def _run_rows(pipe, judge, rows: list[Row], seeds: int) -> Generated:
+    prompts = [r.prompt for r in rows for _ in range(seeds)]
+    seed_list = [SEED0 + s for _ in rows for s in range(seeds)]
+    t0 = time.perf_counter()
+    images = generate(pipe, prompts, seed_list)
+    seconds = time.perf_counter() - t0
+    expanded = [r for r in rows for _ in range(seeds)]
+    return Generated(images, score(judge, images, expanded), seconds)
+
+
+def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2, n: int = 6, judge=None,
+             pipe=None, attacks: bool = False, attack_budget: dict | None = None, progress=print) -> dict:
+    """Evaluate each patch against the base model. Returns {"base": ..., "patches": [report, ...]}.
+    Every report has stable keys (see module docstring); nothing here trains anything."""
+    from .pipeline_loading import load_pipeline, model_id
+    from .patch_format import read_patch
+
+    t_start = time.perf_counter()
+    toy = model in (None, "toy") or str(model) == "patchforge/toy-sd" or _is_toy_path(model)
+    judge = judge or default_judge(model)
+    if pipe is None:
+        pipe = load_pipeline(model, device="cpu" if toy else None)
+    patches = [Path(p) for p in patches]
+    targets_all = [patch_concepts(p) for p in patches]
+    # one base run covering every patch's prompt sets (shared rows are generated once)
+    rows_per_patch = [(toy_rows if toy else real_rows)(t, n) for t in targets_all]
+    all_rows, index = _dedupe(rows_per_patch)
+    progress(f"eval: base model, {len(all_rows) * seeds} images")
+    base = _run_rows(pipe, judge, all_rows, seeds)
+    real = real_features(judge) if toy and hasattr(judge, "features") else None
+    reports = []
+    for path, targets, rows, idx in zip(patches, targets_all, rows_per_patch, index):
+        t0 = time.perf_counter()
+        name, load_s = load_patch(pipe, path)
+        try:
+            progress(f"eval: {path.name}, {len(rows) * seeds} images")
+            patched = _run_rows(pipe, judge, rows, seeds)
+            white_box = {}
+            if attacks:
+                from .attacks import run_attacks
+                white_box = run_attacks(pipe, targets, judge, budget=attack_budget or {}, seeds=seeds, toy=toy)
+        finally:
+            unload_patch(pipe, name)
+        sub = _subset(base, idx, seeds)
+        patch = read_patch(path)
+        rep = _report(judge, rows, seeds, sub, patched, real, white_box)
+        rep["patch"] = {"path": str(path), "concepts": targets, "method": patch.method,
+                        "bytes": path.stat().st_size, "base_model": patch.metadata.get("patchforge.base_model")}
+        rep["cost"] = {"patch_bytes": path.stat().st_size,
+                       "training_seconds": _float(patch.metadata.get("patchforge.training_seconds")),
+                       "load_seconds": round(load_s, 3),
+                       "inference_seconds_per_image_base": round(sub.seconds / max(1, len(sub.images)), 4),
+                       "inference_seconds_per_image_patched": round(patched.seconds / max(1, len(patched.images)), 4),
+                       "inference_overhead": round(patched.seconds / max(sub.seconds, 1e-9) - 1, 3)}
+        rep["settings"] = {"model": model_id(model), "judge": judge.name, "seeds": seeds, "prompts_per_set": n,
+                           "steps": STEPS, "guidance": GUIDANCE, "image_seeds": [SEED0 + s for s in range(seeds)],
+                           "bootstrap": N_BOOT}
+        rep["images"] = {"rows": rows, "base": sub.images, "patched": patched.images,
+                         "attacked": {k: v.pop("images", None) for k, v in white_box.items()}}
+        rep["seconds"] = round(time.perf_counter() - t0 + (base.seconds if len(patches) == 1 else 0), 1)
+        reports.append(rep)
+    return {"patches": reports, "seconds": round(time.perf_counter() - t_start, 1)}
+
+
+def default_judge(model):
+    """The toy judge beside a toy pipeline folder (or the embedded one); elsewhere the user must choose."""
+    from .judging import load_judge
+
+    if model in (None, "toy", "patchforge/toy-sd"):
+        return load_judge("toy")
+    if _is_toy_path(model):
+        return load_judge(f"toy:{Path(str(model)).parent / 'judges.safetensors'}")
+    raise PatchforgeError("no judge for this model: pass --judge nudenet, clip:PATH or python:FILE.py:FUNC")
+
+
+def _is_toy_path(model) -> bool:
+    """A folder holding a toy-world pipeline (its tokenizer knows the toy vocabulary)."""
+    return model is not None and (Path(str(model)).parent / "judges.safetensors").exists()
+
+
+def _float(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _dedupe(rows_per_patch):
+    """Union of rows (by set and prompt) and, per patch, where its rows sit in the union."""
+    seen, rows, index = {}, [], []
+    for rs in rows_per_patch:
+        idx = []
+        for r in rs:
+            key = (r.set, r.prompt, r.concept)
+            if key not in seen:
+                seen[key] = len(rows)
+                rows.append(r)
+            idx.append(seen[key])
+        index.append(idx)
+    return rows, index
+
+
+def _subset(g: Generated, idx: list[int], seeds: int) -> Generated:
+    """The base generations of the rows idx (each row owns `seeds` consecutive images)."""
+    img_idx = [i * seeds + s for i in idx for s in range(seeds)]
+    frac = len(img_idx) / max(1, len(g.images))
+    return Generated(g.images[img_idx], {k: v[img_idx] for k, v in g.scores.items()}, g.seconds * frac)
+
+
+def _report(judge, rows, seeds, base: Generated, patched: Generated, real, white_box) -> dict:
+    expanded = [r for r in rows for _ in range(seeds)]
+    sets = np.array([r.set for r in expanded])
+    metrics = {}
+    for key, (s, fld, better, what) in SETS.items():
+        m = sets == s
+        metrics[key] = _metric(base.scores[fld][m], patched.scores[fld][m], better, what)
+    # same-seed image distance on prompts that do not involve the target (other kinds + general)
+    m = np.isin(sets, ["other_kind", "general"])
+    dist = np.abs(base.images[m].astype(np.float64) - patched.images[m].astype(np.float64)).mean((1, 2, 3)) / 255
+    metrics["specificity.image_distance"] = _metric(np.zeros_like(dist), dist, "lower",
+                                                    "same-seed mean abs pixel difference base vs patched, unrelated prompts (0-1)")
+    gen = sets == "general"
+    if real is not None and gen.sum() > 2:
+        metrics["utility.frechet"] = _frechet_metric(judge.features(base.images[gen]),
+                                                     judge.features(patched.images[gen]), real)
+    for s in sorted({x for x in sets if x.startswith("attack:")}):
+        m = sets == s
+        metrics[f"robustness.{s.split(':', 1)[1]}"] = _metric(base.scores["hit"][m], patched.scores["hit"][m], "lower",
+                                                              f"target rate under text attack '{s.split(':', 1)[1]}'")
+    for name, res in white_box.items():
+        metrics[f"robustness.{name}"] = res["metric"]
+    return {"metrics": metrics}
+
+
+# ---------------------------------------------------------------- reports
+def to_json(rep: dict) -> dict:
+    """The report without images, prompts kept: what <patch>.eval.json holds (sorted, stable keys)."""
+    out = {k: v for k, v in rep.items() if k != "images"}
+    out["version"] = JSON_VERSION
+    out["prompts"] = [{"set": r.set, "prompt": r.prompt, "concept": r.concept} for r in rep["images"]["rows"]]
+    return out
+
+
+def _fmt(x, key: str) -> str:
+    if x is None:
+        return "n/a"
+    if key == "utility.frechet":
+        return f"{x:.2f}"
+    if key == "specificity.image_distance":
+        return f"{x:.3f}"
+    return f"{x:.0%}"
+
+
+def _fmt_ci(ci, key: str) -> str:
+    return "n/a" if ci is None else f"[{_fmt(ci[0], key)}, {_fmt(ci[1], key)}]"
+
+
+def _change(m: dict, key: str) -> str:
+    if m["change"] is None:
+        return "n/a"
+    if key in ("utility.frechet", "specificity.image_distance"):
+        return f"{m['change']:+.3f}"
+    return f"{m['change'] * 100:+.0f} pt"
+
+
+def markdown(reports: list[dict], command: str | None = None) -> str:
+    """One table; for several patches, one column pair (patched, change) per patch."""
+    first = reports[0]
+    lines = []
+    if len(reports) == 1:
+        p = first["patch"]
+        lines += [f"# Evaluation of `{Path(p['path']).name}`", "",
+                  f"Erases **{', '.join(p['concepts'])}** (method `{p['method']}`) on `{first['settings']['model']}`; "
+                  f"judge `{first['settings']['judge']}`; {first['settings']['seeds']} seeds per prompt "
+                  f"(image seeds {first['settings']['image_seeds']}), {first['settings']['steps']} steps, guidance "
+                  f"{first['settings']['guidance']}; paired bootstrap 95% intervals over prompt x seed units.", "",
+                  "| metric | base | patched | change | 95% CI of change | n | better | what |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, m in first["metrics"].items():
+            lines.append(f"| {key} | {_fmt(m['base'], key)} | {_fmt(m['patched'], key)} | {_change(m, key)} | "
+                         f"{_fmt_ci(m['ci_change'], key) if key not in ('utility.frechet', 'specificity.image_distance') else _ci_raw(m)} "
+                         f"| {m['n']} | {m['better']} | {m['what']} |")
+    else:
+        names = [Path(r["patch"]["path"]).name for r in reports]
+        lines += ["# Evaluation: " + ", ".join(f"`{n}`" for n in names), "",
+                  "| metric | base | " + " | ".join(f"{n} (change, 95% CI)" for n in names) + " |",
+                  "|---|---|" + "---|" * len(names)]
+        keys = list(dict.fromkeys(k for r in reports for k in r["metrics"]))
+        for key in keys:
+            ms = [r["metrics"].get(key) for r in reports]
+            base = next((m["base"] for m in ms if m), None)
+            cells = [f"{_fmt(m['patched'], key)} ({_change(m, key)}, {_ci_raw(m) if key in ('utility.frechet', 'specificity.image_distance') else _fmt_ci(m['ci_change'], key)})"
+                     if m else "n/a" for m in ms]
+            lines.append(f"| {key} | {_fmt(base, key)} | " + " | ".join(cells) + " |")
+    lines += ["", "| cost | " + " | ".join(Path(r["patch"]["path"]).name for r in reports) + " |",
+              "|---|" + "---|" * len(reports)]
+    for key in first["cost"]:
+        lines.append(f"| {key} | " + " | ".join(str(r["cost"][key]) for r in reports) + " |")
+    lines += ["", "Efficacy, generality and robustness are rates of the target concept (lower = erased). "
+              "The Fréchet distance is computed in the toy judge's CNN feature space on few images: biased upwards, "
+              "meaningful only as base vs patched, not comparable with published FID."]
+    if command:
+        lines += ["", f"Command: `{command}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _ci_raw(m: dict) -> str:
+    return "n/a" if m["ci_change"] is None else f"[{m['ci_change'][0]:+.3f}, {m['ci_change'][1]:+.3f}]"
+
+
+def grid(rep: dict, path, per_set: int = 1) -> None:
+    """Before/after picture: rows are prompts (the first of each set, then white-box attacks),
+    columns base | patched for each seed. Attacked rows show the attacked patched model only."""
+    from PIL import Image, ImageDraw
+
+    rows, seeds = rep["images"]["rows"], rep["settings"]["seeds"]
+    base, patched = rep["images"]["base"], rep["images"]["patched"]
+    picks, seen = [], {}
+    for i, r in enumerate(rows):
+        if seen.get(r.set, 0) < per_set:
+            seen[r.set] = seen.get(r.set, 0) + 1
+            picks.append((f"{r.set}: {r.prompt}", base[i * seeds:(i + 1) * seeds], patched[i * seeds:(i + 1) * seeds]))
+    for name, imgs in (rep["images"].get("attacked") or {}).items():
+        if imgs is not None and len(imgs):
+            picks.append((f"white-box {name} (patched only)", None, imgs[:seeds]))
+    cell, label_w, head = 64, 330, 18
+    canvas = Image.new("RGB", (label_w + 2 * seeds * cell, head + len(picks) * cell), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for s in range(seeds):
+        draw.text((label_w + 2 * s * cell + 4, 3), f"base s{s}", fill=(0, 0, 0))
+        draw.text((label_w + (2 * s + 1) * cell + 4, 3), f"patched s{s}", fill=(0, 0, 0))
+    for j, (label, b, p) in enumerate(picks):
+        y = head + j * cell
+        draw.text((4, y + cell // 2 - 6), label[:52], fill=(0, 0, 0))
+        for s in range(seeds):
+            for k, imgs in enumerate((b, p)):
+                if imgs is not None and s < len(imgs):
+                    tile = Image.fromarray(imgs[s]).resize((cell, cell), Image.NEAREST)
+                    canvas.paste(tile, (label_w + (2 * s + k) * cell, y))
+    tmp = Path(str(path) + ".tmp.png")
+    canvas.save(tmp)
+    tmp.replace(path)
+
+
+def write_reports(result: dict, out: str | Path | None = None, command: str | None = None) -> list[Path]:
+    """<patch>.eval.{json,md,png} beside each patch (or in `out`); with several patches also a
+    comparison table compare.eval.md."""
+    written = []
+    for rep in result["patches"]:
+        src = Path(rep["patch"]["path"])
+        stem = (Path(out) / src.name if out else src).with_suffix("")
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        js = Path(f"{stem}.eval.json")
+        js.write_text(json.dumps(to_json(rep), indent=1, sort_keys=True, default=float) + "\n")
+        md = Path(f"{stem}.eval.md")
+        md.write_text(markdown([rep], command) + f"\n![before/after]({stem.name}.eval.png)\n")
+        png = Path(f"{stem}.eval.png")
+        grid(rep, png)
+        written += [js, md, png]
+    if len(result["patches"]) > 1:
+        where = Path(out) if out else Path(result["patches"][0]["patch"]["path"]).parent
+        cmp = where / "compare.eval.md"
+        cmp.write_text(markdown(result["patches"], command))
+        written.append(cmp)
+    return written
+
+
+# ---------------------------------------------------------------- CLI
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="measure a forget patch: efficacy, generality, specificity, utility, "
+                                           "robustness, cost")
+    p.add_argument("patch", nargs="*", help="forget patch file(s)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="PATCH", help="several patches in one table")
+    p.add_argument("--model", default=None, help="base pipeline (default: the embedded toy model)")
+    p.add_argument("--seeds", type=int, default=2, help="image seeds per prompt (default 2)")
+    p.add_argument("--prompts", type=int, default=6, help="prompts per set (default 6)")
+    p.add_argument("--judge", default=None, help="toy (default on the toy model), nudenet, clip:PATH, python:FILE.py:FUNC")
+    p.add_argument("--attacks", action="store_true", help="also run the white-box attacks (patchforge attack)")
+    p.add_argument("--out", default=None, help="folder for the reports (default: beside each patch)")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    import shlex
+    import sys
+
+    from .judging import load_judge
+
+    patches = list(args.patch) + list(args.compare)
+    if not patches:
+        raise PatchforgeError("give a patch file (or --compare P1 P2 ...)")
+    for p in patches:
+        if not Path(p).exists():
+            raise PatchforgeError(f"no patch at {p}")
+    if args.seeds < 1 or args.prompts < 1:
+        raise PatchforgeError("--seeds and --prompts must be at least 1")
+    torch.manual_seed(0)
+    judge = load_judge(args.judge) if args.judge else None
+    result = evaluate(patches, model=args.model, seeds=args.seeds, n=args.prompts, judge=judge, attacks=args.attacks,
+                      progress=lambda m: print(m, file=sys.stderr))
+    command = "patchforge " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    for path in write_reports(result, args.out, command):
+        print(f"wrote {path}")
+    for rep in result["patches"]:
+        m = rep["metrics"]
+        print(f"{Path(rep['patch']['path']).name}: efficacy {_fmt(m['efficacy']['base'], '')} -> "
+              f"{_fmt(m['efficacy']['patched'], '')}, generality {_fmt(m['generality']['patched'], '')}, "
+              f"other kinds kept {_fmt(m['specificity.other_kinds']['patched'], '')} "
+              f"(base {_fmt(m['specificity.other_kinds']['base'], '')}); {result['seconds']} s")
+    return 0
