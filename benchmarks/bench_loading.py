@@ -77,10 +77,25 @@ def main() -> None:
             return dt
         return run
 
+    def plain_stack(n: int):
+        # diffusers alone, for context: n LoRAs loaded one after another, then set_adapters once
+        def run() -> float:
+            t = time.perf_counter()
+            for i, p in enumerate(paths[:n]):
+                pipe.load_lora_weights(str(p), adapter_name=f"plain{i}")
+            pipe.set_adapters([f"plain{i}" for i in range(n)])
+            dt = time.perf_counter() - t
+            pipe.unload_lora_weights()
+            return dt
+        return run
+
     base = timed(plain, args.repeats)
     rows = [("1 plain LoRA (diffusers `load_lora_weights`)", 1, base)]
     rows += [(f"{n} forget patch{'es' if n > 1 else ''} (`load_forget_patch`, all active)", n,
               timed(patches(n), args.repeats if n < 50 else 1)) for n in args.counts]
+    n = max(args.counts)
+    rows.append((f"{n} plain LoRAs (diffusers `load_lora_weights` + `set_adapters`, for context)", n,
+                 timed(plain_stack(n), 1)))
     print(f"model: {args.model}  (UNet {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.1f} M params), "
           f"patches: rank 4, UNet attention + text encoder, torch threads 1, best of {args.repeats}")
     print()
