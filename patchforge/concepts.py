@@ -1,0 +1,282 @@
+"""Concept specs: what a forget patch erases, as the prompt sets a training method needs.
+
+A spec on the command line is `KIND:NAME` (`style:stripes`, `object:car`, `nudity`), optionally
+with `--to ALTERNATIVE`. `resolve()` turns it into a ConceptSpec holding three prompt lists:
+
+  target   -- prompts that ask for the concept (what the patch must stop producing),
+  anchor   -- the same prompts with the concept replaced by its alternative (or removed): what
+              those prompts should produce instead, one anchor per target, same order,
+  preserve -- prompts whose output must not change (neighbouring concepts, other kinds, general).
+
+Toy-world concepts are built ONLY from the world's canonical training split (canonical names and
+templates). Its aliases and paraphrase templates are held out: they measure whether an erasure
+generalises, so a method must never see them. Real-world concepts come from a small catalog or a
+YAML file close to LECO's prompts file:
+
+    - target: "Van Gogh"              # or a list of prompts / templates with {}
+      kind: style                     # optional, default custom
+      anchor: "impressionist painting" # optional
+      preserve: ["Claude Monet", "a photo of a house"]
+      guidance: 1.0                   # optional, negative-guidance strength for esd/aob
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import PatchforgeError, UnknownConcept
+from .toyworld import world
+
+KINDS = ("style", "object", "identity", "color", "nudity", "custom")
+TOY_KINDS = ("style", "object", "identity", "color")
+
+N_TARGET = 16  # training prompts per toy concept (the world makes them; cheap)
+N_PRESERVE = 4  # prompts per preserved concept
+
+
+@dataclass
+class ConceptSpec:
+    kind: str
+    name: str
+    target: list[str]
+    anchor: list[str]  # one per target prompt
+    preserve: list[str]
+    to: str | None = None
+    guidance: float = 1.0
+    words: list[str] = field(default_factory=list)  # the words naming the concept (FMN's attention columns)
+    toy: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.name}" + (f"->{self.to}" if self.to else "")
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "to": self.to}
+
+
+# ---------------------------------------------------------------- built-in real-world catalog
+# kind -> name -> (display words, prompt templates, default alternative, neighbours)
+_ARTIST_T = ["a painting in the style of {}", "an artwork by {}", "a landscape painted by {}", "a portrait by {}",
+             "{} style painting of a city", "a still life by {}"]
+_OBJECT_T = ["a photo of a {}", "a {}", "a picture of a {} in a field", "a {} on a street", "an image of a {}"]
+_IDENTITY_T = ["a photo of {}", "a portrait of {}", "{} smiling", "{} at a press conference", "a picture of {}"]
+_NUDITY_T = ["a photo of a nude person", "a naked woman", "a naked man on a beach", "nude art",
+             "a topless person", "an erotic photo"]
+CATALOG: dict[str, dict[str, tuple]] = {
+    "style": {
+        "vangogh": ("Van Gogh", _ARTIST_T, "impressionist painting", ["Claude Monet", "Paul Cezanne"]),
+        "picasso": ("Pablo Picasso", _ARTIST_T, "abstract painting", ["Georges Braque", "Henri Matisse"]),
+        "monet": ("Claude Monet", _ARTIST_T, "impressionist painting", ["Van Gogh", "Pierre-Auguste Renoir"]),
+        "kinkade": ("Thomas Kinkade", _ARTIST_T, "a painting", ["Bob Ross", "Norman Rockwell"]),
+        "rutkowski": ("Greg Rutkowski", _ARTIST_T, "fantasy art", ["Artgerm", "Alphonse Mucha"]),
+    },
+    "object": {
+        "car": ("car", _OBJECT_T, "vehicle", ["truck", "bus"]),
+        "church": ("church", _OBJECT_T, "building", ["cathedral", "house"]),
+        "garbage_truck": ("garbage truck", _OBJECT_T, "truck", ["fire truck", "bus"]),
+        "parachute": ("parachute", _OBJECT_T, "kite", ["hot air balloon", "kite"]),
+        "dog": ("dog", _OBJECT_T, "animal", ["cat", "wolf"]),
+    },
+    "identity": {
+        "brad_pitt": ("Brad Pitt", _IDENTITY_T, "a middle aged man", ["Leonardo DiCaprio", "Tom Cruise"]),
+        "taylor_swift": ("Taylor Swift", _IDENTITY_T, "a young woman", ["Selena Gomez", "Katy Perry"]),
+        "elon_musk": ("Elon Musk", _IDENTITY_T, "a middle aged man", ["Jeff Bezos", "Bill Gates"]),
+        "angelina_jolie": ("Angelina Jolie", _IDENTITY_T, "a woman", ["Jennifer Aniston", "Scarlett Johansson"]),
+    },
+    "nudity": {
+        "nudity": ("nude", _NUDITY_T, "a clothed person", ["a person wearing a swimsuit", "a portrait of a person"]),
+    },
+}
+GENERAL_PRESERVE = ["a photo of a house", "a dog in a park", "a bowl of fruit", "a mountain landscape", ""]
+
+
+def parse(text: str) -> tuple[str, str]:
+    """'style:vangogh' -> ('style', 'vangogh'); bare 'nudity' -> ('nudity', 'nudity')."""
+    kind, _, name = text.partition(":")
+    kind, name = kind.strip().lower(), name.strip()
+    if not name and kind == "nudity":
+        name = "nudity"
+    if kind not in KINDS:
+        close = difflib.get_close_matches(kind, KINDS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownConcept(f"unknown concept kind '{kind}' in '{text}' (kinds: {', '.join(KINDS)}){hint}")
+    if not name:
+        raise UnknownConcept(f"concept '{text}' has no name: write KIND:NAME, e.g. style:vangogh")
+    return kind, name
+
+
+def known_names(kind: str) -> list[str]:
+    toy = list(world.concepts_of(kind)) if kind in TOY_KINDS else []
+    return toy + list(CATALOG.get(kind, {}))
+
+
+def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0) -> ConceptSpec:
+    """A spec string (or an already resolved spec, returned as is) -> ConceptSpec with prompt sets."""
+    if isinstance(spec, ConceptSpec):
+        return spec
+    kind, name = parse(spec)
+    key = _norm(name)
+    if kind in TOY_KINDS and name.lower() in world.concepts_of(kind):
+        return _toy(kind, name.lower(), to, seed)
+    if key in CATALOG.get(kind, {}):
+        return _catalog(kind, key, to)
+    if kind == "custom":  # free text: the name is the concept's words
+        return _custom(name, to)
+    candidates = known_names(kind)
+    # the right name under another kind first (color:circle -> object:circle), then spelling
+    close = [f"{k}:{n}" for k in KINDS for n in known_names(k) if _norm(n) == key]
+    close = close or difflib.get_close_matches(key, [_norm(c) for c in candidates], n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f" (known {kind} concepts: {', '.join(candidates)})"
+    raise UnknownConcept(f"unknown concept '{spec}'{hint} Use custom:\"your words\" or --concept-file for others.")
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s\-]+", "_", name.strip().lower())
+
+
+# ---------------------------------------------------------------- toy world
+def _toy(kind: str, name: str, to: str | None, seed: int) -> ConceptSpec:
+    probes = world.probes_for(name, world.TRAIN_SPLIT, n=N_TARGET, seed=seed)
+    target = list(dict.fromkeys(p.prompt for p in probes))  # unique, order kept
+    # The alternative: a toy concept of the same kind if --to names one, else free words, else the
+    # concept simply removed (style -> solid; colour/identity -> unnamed; object -> "shape").
+    alt = to
+    if to and to.lower() in world.concepts_of(kind):
+        alt = to.lower()
+    words = [name, name.capitalize()] if kind == "identity" else [name]
+    anchor = [_replace_toy(p, kind, name, alt) for p in target]
+    # Preserve: the neighbours first (what an erasure damages most), then one concept of every
+    # other kind, all on canonical prompts; never a prompt that names the target itself.
+    keep = [n for n in world.NEIGHBOURS.get(name, [])]
+    for k in world.KINDS:
+        others = [c for c in world.concepts_of(k) if c != name and c not in keep]
+        keep += others[:2] if k != kind else others[:1]
+    preserve = []
+    for i, other in enumerate(keep):
+        for p in world.probes_for(other, world.TRAIN_SPLIT, n=N_PRESERVE, seed=seed + 1):
+            if not _mentions(p.prompt, name):
+                preserve.append(p.prompt)
+    return ConceptSpec(kind, name, target, anchor, list(dict.fromkeys(preserve)), to=to, words=words, toy=True)
+
+
+def _mentions(prompt: str, name: str) -> bool:
+    return re.search(rf"\b{re.escape(name)}\b", prompt, re.IGNORECASE) is not None
+
+
+def _replace_toy(prompt: str, kind: str, name: str, alt: str | None) -> str:
+    if kind == "style":
+        new = world.STYLE_PHRASE.format(alt) if alt in world.STYLES else (alt or "")
+        out = prompt.replace(world.STYLE_PHRASE.format(name), new)
+    elif kind == "identity":
+        out = re.sub(rf"\b{name}\b", (alt.capitalize() if alt in world.IDENTITIES else alt) or "a character",
+                     prompt, flags=re.IGNORECASE)
+    elif kind == "object":
+        out = re.sub(rf"\b{name}\b", alt or "shape", prompt)
+    else:  # color
+        out = re.sub(rf"\b{name}\b ?", (alt + " ") if alt else "", prompt)
+    return " ".join(out.split())
+
+
+# ---------------------------------------------------------------- real-world catalog
+def _catalog(kind: str, key: str, to: str | None) -> ConceptSpec:
+    words, templates, default_alt, neighbours = CATALOG[kind][key]
+    alt = to or default_alt
+    if kind == "nudity":
+        target = list(templates)
+        anchor = [_swap(p, ["nude", "naked", "topless", "erotic"], "clothed") for p in target]
+        words_l = ["nude", "naked", "topless", "erotic"]
+    else:
+        target = [t.format(words) for t in templates]
+        anchor = [t.format(alt) for t in templates]
+        words_l = [words]
+    preserve = [t.format(n) for n in neighbours for t in templates[:3]] + GENERAL_PRESERVE
+    return ConceptSpec(kind, key, target, anchor, preserve, to=to, words=words_l)
+
+
+def _swap(prompt: str, words: list[str], new: str) -> str:
+    for w in words:
+        prompt = re.sub(rf"\b{w}\b", new, prompt, flags=re.IGNORECASE)
+    return prompt
+
+
+def _custom(text: str, to: str | None) -> ConceptSpec:
+    templates = ["{}", "a photo of {}", "an image of {}", "a painting of {}", "a picture showing {}"]
+    target = [t.format(text) for t in templates]
+    anchor = [t.format(to) if to else t.format("something") for t in templates]
+    return ConceptSpec("custom", text, target, anchor, list(GENERAL_PRESERVE), to=to, words=[text])
+
+
+# ---------------------------------------------------------------- YAML concept files
+def load_concept_file(path: str | Path) -> list[ConceptSpec]:
+    """A LECO-like YAML list (or one mapping) -> one ConceptSpec per entry (one patch each).
+
+    `target` may name a catalog/toy concept ("style:vangogh"), plain words, or a list of prompts;
+    strings containing {} are templates filled with the words."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise PatchforgeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    entries = data if isinstance(data, list) else [data]
+    specs = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or "target" not in e:
+            raise PatchforgeError(f"{path}: entry {i + 1} needs a 'target' (see docs/training.md)")
+        specs.append(_from_entry(e))
+    return specs
+
+
+def _listify(value) -> list[str]:
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def _from_entry(e: dict) -> ConceptSpec:
+    target, anchor = _listify(e["target"]), _listify(e.get("anchor"))
+    to = anchor[0] if len(anchor) == 1 else None
+    if len(target) == 1 and ":" in target[0] and target[0].split(":")[0].strip().lower() in KINDS:
+        spec = resolve(target[0], to=to)  # a known concept, maybe with extra preserve prompts
+        spec.preserve += _listify(e.get("preserve"))
+    else:
+        kind = str(e.get("kind", "custom"))
+        words = target if all("{" not in t for t in target) and len(target) == 1 else _listify(e.get("words"))
+        name = str(e.get("name") or (words[0] if words else target[0]))
+        templates = ["{}", "a photo of {}", "an image of {}", "a painting of {}"]
+        if len(target) == 1 and "{" not in target[0]:
+            prompts = [t.format(target[0]) for t in templates]
+            anchors = [t.format(anchor[0]) if anchor else t.format("") for t in templates]
+        else:
+            prompts = [t.format(name) if "{" in t else t for t in target]
+            anchors = [(anchor[i] if i < len(anchor) else (anchor[0] if anchor else "")) for i in range(len(prompts))]
+        preserve = _listify(e.get("preserve")) or list(GENERAL_PRESERVE)
+        spec = ConceptSpec(kind, name, prompts, [" ".join(a.split()) for a in anchors], preserve, to=to,
+                           words=words or [name])
+    if "guidance" in e:
+        spec.guidance = float(e["guidance"])
+    return spec
+
+
+def describe(specs: list[ConceptSpec]) -> str:
+    return json.dumps([s.to_json() for s in specs])
+
+
+def merge(specs: list[ConceptSpec]) -> dict:
+    """Several concepts in one patch: the union of their prompt sets, without preserving a prompt
+    that another erased concept names."""
+    target, anchor, preserve, words = [], [], [], []
+    for s in specs:
+        target += s.target
+        anchor += s.anchor
+        words += s.words
+    for s in specs:
+        preserve += [p for p in s.preserve if not any(_mentions(p, w) for o in specs for w in o.words)]
+    return {"target": target, "anchor": anchor, "preserve": list(dict.fromkeys(preserve)), "words": words}
+
+
+__all__ = ["ConceptSpec", "CATALOG", "resolve", "parse", "load_concept_file", "merge", "describe", "asdict"]

@@ -1,0 +1,100 @@
+"""Erasure methods: each a small module supplying its loss and the data it needs, registered by name.
+
+Like peft's tuners: a method is a Config dataclass (its hyperparameters and defaults) plus a class
+with four hooks the shared loop (patchforge/training.py) calls:
+
+    prepare()   on the frozen base, before the LoRA exists: reference latents, embeddings, Fisher
+    start()     after LoRA injection (e.g. install attention hooks)
+    loss(step)  -> (scalar loss, {name: value} to show in the progress bar)
+    finish()    undo what start() did
+
+Methods never own a loop, never save files and never look at a judge.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import PatchforgeError
+
+METHODS: dict[str, type] = {}
+_BUILTIN = {"fmn": "fmn", "sa": "sa", "aob": "aob", "redact": "redact", "esd": "esd"}
+
+
+def register(name: str):
+    def deco(cls):
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return deco
+
+
+def get_method(name: str) -> type:
+    if name not in METHODS and name in _BUILTIN:
+        importlib.import_module(f"{__name__}.{_BUILTIN[name]}")
+    if name not in METHODS:
+        import difflib
+        close = difflib.get_close_matches(name, list(_BUILTIN), n=2)
+        raise PatchforgeError(f"unknown method '{name}' (methods: {', '.join(_BUILTIN)})"
+                              + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return METHODS[name]
+
+
+def available() -> list[str]:
+    return list(_BUILTIN)
+
+
+@dataclass
+class MethodConfig:
+    steps: int = 100
+    lr: float = 1e-3
+    unet_targets: str = "xattn"  # training.TARGETS key or a peft regex; "none" for text-encoder-only
+    text_encoder: bool = False
+    n_refs: int = 16  # reference latents for the concept (one per target prompt, cycled)
+    preserve_weight: float = 1.0
+
+
+class Method:
+    Config = MethodConfig
+    name = "?"
+
+    def __init__(self, hp, trainer, specs, prompts: dict):
+        self.hp, self.tr, self.specs = hp, trainer, specs
+        self.target, self.anchor = prompts["target"], prompts["anchor"]
+        self.preserve, self.words = prompts["preserve"], prompts["words"]
+        self.batch = trainer.cfg.batch
+
+    def prepare(self) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def loss(self, step: int):
+        raise NotImplementedError
+
+    # ---- shared pieces
+    def concept_refs(self) -> torch.Tensor:
+        """Base-model latents of the target prompts (reference images of the concept)."""
+        prompts = (self.target * self.hp.n_refs)[:max(self.hp.n_refs, 1)]
+        return self.tr.reference_latents(prompts, "+".join(s.key for s in self.specs))
+
+    def preserve_refs(self) -> torch.Tensor:
+        """Base-model latents of the preserve prompts (generative replay), one per prompt."""
+        return self.tr.reference_latents(self.preserve, "preserve-" + "+".join(s.key for s in self.specs))
+
+    def preserve_batch(self, refs: torch.Tensor, n: int | None = None):
+        """n preserve rows: (x_t, t, noise, cond, x0). x_t may come from any clean latents -- the
+        frozen base is the teacher at whatever point it is asked -- so by default methods reuse the
+        concept's references and save generating images of every preserve prompt."""
+        n = n or self.batch
+        idx = self.tr.pick(self.preserve, n)
+        x0 = refs[[self.tr.rng.randrange(len(refs)) for _ in idx]]
+        x_t, t, noise = self.tr.noised(x0)
+        return x_t, t, noise, self.tr.embed([self.preserve[i] for i in idx], role="preserve"), x0

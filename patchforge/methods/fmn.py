@@ -1,0 +1,145 @@
+"""Forget-Me-Not, improved (the default method).
+
+FMN (Zhang et al. 2023) re-steers attention: on noised reference latents of the concept, hook every
+UNet cross-attention layer (attn2), read the softmax probabilities in the columns of the concept's
+tokens, and minimise them, so the image stops attending to those words:
+
+    L_attn = mean over layers, heads, pixels of ( sum_{k in concept tokens} softmax(QK^T/sqrt d)_k )^2
+
+Plain FMN has no preservation term and erases only what flows through the name's own tokens (CLIP
+copies the name into every later token, so much of the concept survives). Two terms fix that:
+
+    L_pres = || eps_theta(x_t, c_preserve) - eps*(x_t, c_preserve) ||^2     frozen base = adapter off
+    L_map  = || eps_theta(x_t, c_target)   - eps*(x_t, c_anchor)   ||^2     concept -> its alternative
+
+    L = attn_weight * L_attn + preserve_weight * L_pres + map_weight * L_map
+
+c_anchor is the same prompt with the concept replaced by `--to` (or removed: "in stripes style" ->
+nothing). map_weight = 0 gives attention re-steering alone. Defaults were tuned on the toy model
+(docs/training.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..training import Cond
+from . import Method, MethodConfig, register
+
+
+@dataclass
+class FMNConfig(MethodConfig):
+    steps: int = 80
+    lr: float = 2e-3
+    attn_weight: float = 1.0
+    preserve_weight: float = 1.0
+    map_weight: float = 1.0
+
+
+class AttentionRecorder:
+    """An attention processor for attn2 layers that computes attention the classic way (explicit
+    softmax, like diffusers' AttnProcessor) and keeps, while recording, the probability mass that
+    each pixel gives to the concept's token columns."""
+
+    def __init__(self):
+        self.mask = None  # (B, tokens) 1.0 on concept tokens; None = not recording
+        self.mass: list[torch.Tensor] = []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        residual = hidden_states
+        ndim = hidden_states.ndim
+        if ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attn.norm_cross and encoder_hidden_states is not None:
+            context = attn.norm_encoder_hidden_states(context)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(query, key, None)  # (B*heads, pixels, tokens)
+        if self.mask is not None:
+            m = self.mask.repeat_interleave(attn.heads, dim=0)[:, None, :].to(probs.dtype)
+            self.mass.append((probs * m).sum(-1))  # (B*heads, pixels)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def concept_token_mask(tokenizer, prompts: list[str], words: list[str]) -> torch.Tensor:
+    """(len(prompts), max_length) float mask of the token positions spelling any of `words`."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    pieces = {tuple(tokenizer(w, add_special_tokens=False).input_ids) for w in words for w in (w, w.lower())}
+    mask = torch.zeros(len(prompts), tokenizer.model_max_length)
+    for row, seq in enumerate(ids):
+        for piece in filter(None, pieces):
+            for i in range(len(seq) - len(piece) + 1):
+                if tuple(seq[i:i + len(piece)]) == piece:
+                    mask[row, i:i + len(piece)] = 1.0
+    return mask
+
+
+@register("fmn")
+class ForgetMeNot(Method):
+    Config = FMNConfig
+
+    def prepare(self):
+        self.refs = self.concept_refs()
+        self.prompts = [self.target[i % len(self.target)] for i in range(len(self.refs))]
+        self.anchors = [self.anchor[i % len(self.anchor)] for i in range(len(self.refs))]
+        self.mask = concept_token_mask(self.tr.pipe.tokenizer, self.prompts, self.words).to(self.tr.device)
+
+    def start(self):
+        # record only in cross-attention (attn2); self-attention keeps its fast processor
+        self.recorder, self.saved = AttentionRecorder(), {}
+        for name, module in self.tr.unet.named_modules():
+            if name.endswith("attn2") and hasattr(module, "set_processor"):
+                self.saved[name] = module.processor
+                module.set_processor(self.recorder)
+
+    def finish(self):
+        modules = dict(self.tr.unet.named_modules())
+        for name, proc in self.saved.items():
+            modules[name].set_processor(proc)
+
+    def loss(self, step):
+        tr, hp, b = self.tr, self.hp, self.batch
+        idx = tr.pick(self.prompts, b)
+        x_t, t, _ = tr.noised(self.refs[idx])
+        cond = tr.embed([self.prompts[i] for i in idx], role="target")
+        xs, ts, conds = [x_t], [t], [cond]
+        if hp.preserve_weight > 0:  # preserve rows ride in the same UNet call (one forward, one backward)
+            px, pt, _, pcond, _ = self.preserve_batch(self.refs)
+            xs, ts, conds = xs + [px], ts + [pt], conds + [pcond]
+        x_all, t_all, c_all = torch.cat(xs), torch.cat(ts), Cond.cat(conds)
+        mask = torch.zeros(len(c_all), self.mask.shape[1], device=self.mask.device)
+        mask[:b] = self.mask[idx]
+        self.recorder.mask, self.recorder.mass = mask, []
+        pred = tr.eps(x_all, t_all, c_all)
+        self.recorder.mask = None
+        heads_rows = [m[: b * (m.shape[0] // len(c_all))] for m in self.recorder.mass]  # target rows only
+        l_attn = torch.stack([m.pow(2).mean() for m in heads_rows]).mean()
+        loss, logs = hp.attn_weight * l_attn, {"attn": l_attn}
+        # teachers: base on the anchor prompts (target rows) and on the preserve prompts (preserve rows)
+        teach = [tr.embed([self.anchors[i] for i in idx], role="anchor", base=True)] if hp.map_weight > 0 else []
+        if hp.preserve_weight > 0:
+            teach.append(conds[1])
+        if teach:
+            rows = slice(0 if hp.map_weight > 0 else b, None)
+            with torch.no_grad():
+                base = tr.eps(x_all[rows], t_all[rows], Cond.cat(teach), base=True)
+            if hp.map_weight > 0:
+                l_map = F.mse_loss(pred[:b], base[:b])
+                loss, logs["map"] = loss + hp.map_weight * l_map, l_map
+            if hp.preserve_weight > 0:
+                l_pres = F.mse_loss(pred[b:], base[-(len(pred) - b):])
+                loss, logs["pres"] = loss + hp.preserve_weight * l_pres, l_pres
+        return loss, logs

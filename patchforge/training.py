@@ -1,0 +1,404 @@
+"""`patchforge train`: the one training loop every erasure method shares.
+
+    specs -> prompt sets (concepts.py) -> method.prepare() on the frozen base (reference latents,
+    cached embeddings, Fisher...) -> LoRA injected through peft -> N steps of method.loss() with
+    seeded timesteps/noise, AdamW, grad clipping -> forget patch written by patch_format.
+
+A method (patchforge/methods/) only says which modules it trains, what data it needs and what its
+loss is; it never owns a loop. Everything a method needs from the model goes through the Trainer
+below (embed, eps, base predictions, noising), so the loop, devices and precision live in one place.
+
+Robust training hook: every prompt embedding a method uses comes from `Trainer.embed()`, which calls
+`trainer.prompt_embeddings(prompts, role)`. A robust wrapper (`--robust`, patchforge/robust.py, owned
+by the evaluation/attacks side) may replace that attribute with one returning adversarially perturbed
+embeddings for role == "target"; the loop and the methods need no change.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .concepts import ConceptSpec, load_concept_file, merge, resolve
+from .errors import PatchforgeError
+
+ADAPTER = "forget"
+UNET_XATTN = r".*attn2\.(to_q|to_k|to_v|to_out\.0)$"  # cross-attention: where text meets image
+UNET_XATTN_KV = r".*attn2\.(to_k|to_v)$"
+TEXT_ENCODER = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TARGETS = {"xattn": UNET_XATTN, "xattn-kv": UNET_XATTN_KV, "none": None}
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by every method. None means: the method's own default (methods/*.py)."""
+    method: str = "fmn"
+    steps: int | None = None
+    lr: float | None = None
+    rank: int = 4
+    alpha: float | None = None  # LoRA scale alpha/rank; None -> alpha = rank
+    batch: int = 8
+    seed: int = 0
+    grad_clip: float = 1.0
+    unet_targets: str | None = None  # key of TARGETS or a peft regex; None -> method default
+    text_encoder: bool | None = None  # also train a text-encoder LoRA; None -> method default
+    device: str | None = None
+    mixed_precision: bool = True  # autocast on CUDA only
+    options: dict = field(default_factory=dict)  # method hyperparameters (--set key=value)
+    progress: bool = True
+
+
+# ---------------------------------------------------------------- caches
+def cache_dir() -> Path:
+    return Path(os.environ.get("PATCHFORGE_CACHE") or Path.home() / ".cache" / "patchforge")
+
+
+def model_key(pipe) -> str:
+    """A short stable id of the base weights: reference images and Fisher are cached under it."""
+    from .patch_format import K_BASE_WEIGHTS, base_fingerprint
+
+    return base_fingerprint(pipe)[K_BASE_WEIGHTS].split(":")[-1][:16]
+
+
+# ---------------------------------------------------------------- conditioning
+@dataclass
+class Cond:
+    """What the UNet is conditioned on: token embeddings (+ SDXL's pooled embedding and time ids)."""
+    emb: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __len__(self):
+        return self.emb.shape[0]
+
+    @staticmethod
+    def cat(conds: list["Cond"]) -> "Cond":
+        """One batch from several (methods run target and preserve rows in one UNet call)."""
+        pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
+        return Cond(torch.cat([c.emb for c in conds]), pooled)
+
+
+class Trainer:
+    """The frozen pipeline plus everything methods need: embeddings, predictions, noise, references."""
+
+    def __init__(self, pipe, cfg: TrainConfig, device: torch.device):
+        self.pipe, self.cfg, self.device = pipe, cfg, device
+        self.unet = pipe.unet
+        self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        self.scheduler = pipe.scheduler
+        self.gen = torch.Generator("cpu").manual_seed(cfg.seed)  # all training randomness comes from here
+        self.rng = random.Random(cfg.seed)
+        self.train_text = False
+        self._emb_cache: dict[tuple, Cond] = {}
+        self.prompt_embeddings = self._encode  # the robust-training hook (see module docstring)
+        self.autocast = (torch.autocast("cuda", dtype=torch.float16)
+                         if device.type == "cuda" and cfg.mixed_precision else nullcontext())
+
+    # ---- text
+    def _encode(self, prompts: list[str], role: str = "other") -> Cond:
+        """Prompts -> Cond through the pipeline's own encode_prompt (not under no_grad, so a
+        text-encoder LoRA trains through it). `role` tells a robust wrapper what it is encoding."""
+        if self.sdxl:
+            emb, _, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), device=self.device,
+                                                        num_images_per_prompt=1, do_classifier_free_guidance=False)
+            return Cond(emb, pooled)
+        emb, _ = self.pipe.encode_prompt(list(prompts), self.device, 1, False)
+        return Cond(emb)
+
+    def embed(self, prompts: list[str], role: str = "other", base: bool = False) -> Cond:
+        """Embeddings of prompts. Cached when the text encoder is frozen (or base=True) and no robust
+        wrapper is installed; base=True gives the frozen text encoder's embeddings."""
+        hooked = self.prompt_embeddings != self._encode
+        if (base or not self.train_text) and not (hooked and role == "target" and not base):
+            key = (tuple(prompts), base)
+            if key not in self._emb_cache:
+                with torch.no_grad(), self.adapters_off(self.text_encoders()) if base else nullcontext():
+                    self._emb_cache[key] = self._encode(prompts, role)
+            return self._emb_cache[key]
+        return self.prompt_embeddings(prompts, role)
+
+    def text_encoders(self):
+        return [m for m in (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None))
+                if m is not None]
+
+    # ---- UNet
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, base: bool = False) -> torch.Tensor:
+        """The UNet's prediction (epsilon or v, whatever the base predicts). base=True: the frozen
+        base model's (adapter disabled, no grad) -- the teacher of every distillation term."""
+        kwargs = {}
+        if self.sdxl:
+            h = w = self.unet.config.sample_size * self.pipe.vae_scale_factor
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=cond.emb.dtype)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids.repeat(len(cond), 1)}
+        ctx = (torch.no_grad(), self.adapters_off([self.unet])) if base else (nullcontext(), nullcontext())
+        with ctx[0], ctx[1], self.autocast:
+            out = self.unet(x_t, t, encoder_hidden_states=cond.emb, **kwargs).sample
+        return out.float()
+
+    @contextmanager
+    def adapters_off(self, models):
+        models = [m for m in models if getattr(m, "peft_config", None)]
+        for m in models:
+            m.disable_adapters()
+        try:
+            yield
+        finally:
+            for m in models:
+                m.enable_adapters()
+
+    # ---- noise
+    def timesteps(self, n: int, low: int = 0, high: int | None = None) -> torch.Tensor:
+        high = high or self.scheduler.config.num_train_timesteps
+        return torch.randint(low, high, (n,), generator=self.gen).to(self.device)
+
+    def noise_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.gen, dtype=torch.float32).to(x.device, x.dtype)
+
+    def noised(self, x0: torch.Tensor, n: int | None = None):
+        """Random t and noise for clean latents x0 -> (x_t, t, noise)."""
+        t = self.timesteps(x0.shape[0])
+        noise = self.noise_like(x0)
+        return self.scheduler.add_noise(x0, noise, t), t, noise
+
+    def target(self, x0, noise, t) -> torch.Tensor:
+        """The denoising loss target: epsilon, or v for v-prediction bases (SD 2.x 768)."""
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(x0, noise, t)
+        return noise
+
+    def pick(self, items: list, k: int) -> list[int]:
+        """k indices into items, seeded."""
+        return [self.rng.randrange(len(items)) for _ in range(k)]
+
+    # ---- reference latents, generated by the base model itself and cached on disk
+    def reference_latents(self, prompts: list[str], name: str, per_prompt: int = 1) -> torch.Tensor:
+        """Clean latents of base-model generations for prompts (the images FMN/ESD/SA train on when
+        the user gives none). Cached in $PATCHFORGE_CACHE/refs/<model>/<name>-<hash>.safetensors."""
+        from safetensors.torch import load_file, save_file
+
+        steps, guidance = int(self.cfg.options.get("ref_steps", 10)), float(self.cfg.options.get("ref_guidance", 5.0))
+        digest = hashlib.sha256(json.dumps([prompts, per_prompt, steps, guidance, self.cfg.seed]).encode()).hexdigest()[:10]
+        path = cache_dir() / "refs" / model_key(self.pipe) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:60]}-{digest}.safetensors"
+        if path.exists():
+            return load_file(str(path))["latents"].to(self.device, self.unet.dtype)
+        all_prompts = [p for p in prompts for _ in range(per_prompt)]
+        seeds = [self.cfg.seed * 100003 + i for i in range(len(all_prompts))]
+        out = []
+        size = self.unet.config.sample_size * self.pipe.vae_scale_factor
+        for i in range(0, len(all_prompts), 16):
+            gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + 16]]
+            with self.adapters_off([self.unet, *self.text_encoders()]):
+                lat = self.pipe(all_prompts[i:i + 16], num_inference_steps=steps, guidance_scale=guidance,
+                                generator=gens, output_type="latent", height=size, width=size).images
+            out.append(lat.float().cpu())
+        latents = torch.cat(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"latents": latents.contiguous()}, str(tmp), metadata={"prompts": json.dumps(all_prompts)})
+        tmp.replace(path)
+        return latents.to(self.device, self.unet.dtype)
+
+    def encode_images(self, folder: str | Path) -> torch.Tensor:
+        """User-given reference images -> clean latents (VAE mean, scaled)."""
+        import numpy as np
+        from PIL import Image
+
+        size = self.unet.config.sample_size * self.pipe.vae_scale_factor
+        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if not files:
+            raise PatchforgeError(f"no .png/.jpg images in {folder}")
+        arr = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size))) for f in files])
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device, self.pipe.vae.dtype)
+        with torch.no_grad():
+            lat = self.pipe.vae.encode(x).latent_dist.mean * self.pipe.vae.config.scaling_factor
+        return lat.to(self.unet.dtype)
+
+
+# ---------------------------------------------------------------- LoRA injection
+def inject_lora(trainer: Trainer, unet_targets: str | None, text_encoder: bool, rank: int, alpha: float) -> list:
+    """Add adapter ADAPTER through peft to the chosen modules; return the trainable parameters."""
+    from peft import LoraConfig
+
+    params = []
+    if unet_targets:
+        trainer.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                            target_modules=TARGETS.get(unet_targets, unet_targets)), adapter_name=ADAPTER)
+        trainer.unet.set_adapters(ADAPTER) if hasattr(trainer.unet, "set_adapters") else None
+    if text_encoder:
+        for te in trainer.text_encoders():
+            te.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                      target_modules=TEXT_ENCODER), adapter_name=ADAPTER)
+        trainer.train_text = True
+    for model in [trainer.unet, *trainer.text_encoders()]:
+        model.requires_grad_(False)
+        for name, p in model.named_parameters():
+            if f".{ADAPTER}." in name and "lora_" in name:
+                p.data = p.data.float()  # LoRA weights train in fp32 even on an fp16 base
+                p.requires_grad_(True)
+                params.append(p)
+    if not params:
+        raise PatchforgeError(f"no module of this model matches the LoRA targets '{unet_targets}'")
+    return params
+
+
+def remove_lora(trainer: Trainer) -> None:
+    for model in [trainer.unet, *trainer.text_encoders()]:
+        if ADAPTER in (getattr(model, "peft_config", None) or {}):
+            model.delete_adapters(ADAPTER) if hasattr(model, "delete_adapters") else model.delete_adapter(ADAPTER)
+
+
+def lora_delta(module) -> torch.Tensor:
+    """The merged weight change B·A·scale of one peft LoRA layer (what SA's EWC penalty acts on)."""
+    a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
+    return (b @ a) * module.scaling[ADAPTER]
+
+
+# ---------------------------------------------------------------- the loop
+def train_patch(concepts, method: str = "fmn", model: str | None = None, config: TrainConfig | None = None,
+                out: str | Path | None = None, pipe=None, robust=None) -> tuple[Path, dict]:
+    """Train one forget patch erasing `concepts` (spec strings or ConceptSpecs) and write it.
+
+    Returns (path, summary). `pipe` reuses an already loaded pipeline (left without the adapter
+    afterwards); `robust` is an optional callable(trainer) installing the robust hook."""
+    from tqdm.auto import tqdm
+
+    from .methods import get_method
+    from .patch_format import save_patch_from_pipeline
+    from .pipeline_loading import load_pipeline, model_id, pick_device
+
+    cfg = config or TrainConfig(method=method)
+    cfg.method = method or cfg.method
+    specs = [resolve(c) for c in (concepts if isinstance(concepts, (list, tuple)) else [concepts])]
+    method_cls = get_method(cfg.method)
+    hp = method_cls.Config(**{k: v for k, v in cfg.options.items() if k in method_cls.Config.__dataclass_fields__})
+    steps = cfg.steps if cfg.steps is not None else hp.steps
+    lr = cfg.lr if cfg.lr is not None else hp.lr
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)  # LoRA's gaussian init draws from the global generator
+    device = pick_device(cfg.device)
+    if pipe is None:
+        pipe = load_pipeline(model, device=str(device))
+    trainer = Trainer(pipe, cfg, device)
+    if robust is not None:
+        robust(trainer)
+    runner = method_cls(hp, trainer, specs, merge(specs))
+    runner.prepare()  # on the frozen base: references, cached embeddings, Fisher
+
+    unet_targets = cfg.unet_targets if cfg.unet_targets is not None else hp.unet_targets
+    text_encoder = cfg.text_encoder if cfg.text_encoder is not None else hp.text_encoder
+    alpha = cfg.alpha if cfg.alpha is not None else float(cfg.rank)
+    params = inject_lora(trainer, None if unet_targets == "none" else unet_targets, text_encoder, cfg.rank, alpha)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    try:
+        runner.start()
+        bar = tqdm(range(steps), desc=f"train {cfg.method}", disable=not cfg.progress, leave=False)
+        for step in bar:
+            loss, logs = runner.loss(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            losses.append(loss.item())
+            bar.set_postfix({k: f"{float(v.detach()):.4g}" for k, v in {"loss": loss, **logs}.items()})
+        runner.finish()
+        seconds = time.time() - t0
+        names = [s.key for s in specs]
+        hparams = {"steps": steps, "lr": lr, "rank": cfg.rank, "alpha": alpha, "batch": cfg.batch,
+                   "grad_clip": cfg.grad_clip, "unet_targets": unet_targets, "text_encoder": text_encoder,
+                   **{k: v for k, v in asdict(hp).items() if k not in ("steps", "lr")}}
+        metadata = {"patchforge.concept": "; ".join(names), "patchforge.concepts": json.dumps([s.to_json() for s in specs]),
+                    "patchforge.method": cfg.method, "patchforge.hyperparameters": json.dumps(hparams),
+                    "patchforge.training_seconds": f"{seconds:.1f}", "patchforge.device": str(device),
+                    "patchforge.seed": str(cfg.seed), "patchforge.base_model": model_id(model)}
+        path = Path(out) if out else Path("patches") / default_name(specs, cfg.method)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path = save_patch_from_pipeline(pipe, path, adapter_name=ADAPTER, metadata=metadata)
+    finally:
+        remove_lora(trainer)
+    size = path.stat().st_size
+    summary = {"concepts": names, "method": cfg.method, "steps": steps, "seconds": round(seconds, 1),
+               "bytes": size, "path": str(path), "device": str(device), "first_loss": losses[0] if losses else None,
+               "last_loss": sum(losses[-5:]) / max(1, len(losses[-5:])) if losses else None, "losses": losses}
+    return path, summary
+
+
+def default_name(specs: list[ConceptSpec], method: str) -> str:
+    slug = "+".join(re.sub(r"[^a-z0-9]+", "-", f"{s.kind}-{s.name}".lower()).strip("-") for s in specs)[:80]
+    return f"{slug}.{method}.safetensors"
+
+
+# ---------------------------------------------------------------- CLI
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a forget patch that erases one or more concepts")
+    p.add_argument("--concept", action="append", default=[], metavar="KIND:NAME",
+                   help="concept to erase: style|object|identity|color|nudity|custom:NAME (repeat for several in one patch)")
+    p.add_argument("--concept-file", default=None, help="YAML concept file (LECO-like); one patch per entry")
+    p.add_argument("--to", default=None, help="alternative the concept maps to (e.g. \"impressionist painting\")")
+    p.add_argument("--method", default="fmn", help="fmn (default), sa, aob, redact, esd")
+    p.add_argument("--model", default=None, help="diffusers SD 1.x/2.x/SDXL folder or repo id (default: the toy model)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-encoder", action="store_true", default=None, help="also train a text-encoder LoRA")
+    p.add_argument("--targets", default=None, help="UNet LoRA targets: xattn, xattn-kv, none or a peft regex")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter (see docs/methods.md)")
+    p.add_argument("--out", default=None, help="patch path (default: patches/<concept>.<method>.safetensors)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: autodetect)")
+    p.add_argument("--robust", action="store_true", help="adversarially robust training (patchforge.robust)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise PatchforgeError(f"--set {item}: write KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _run(args) -> int:
+    from .methods import get_method
+
+    get_method(args.method)  # unknown method: error before loading anything
+    if not args.concept and not args.concept_file:
+        raise PatchforgeError("give at least one --concept KIND:NAME or a --concept-file")
+    jobs = [[resolve(c, to=args.to, seed=args.seed) for c in args.concept]] if args.concept else []
+    if args.concept_file:
+        jobs += [[s] for s in load_concept_file(args.concept_file)]
+    if args.out and len(jobs) > 1:
+        raise PatchforgeError("--out names one file but the concept file trains several patches: leave --out out")
+    robust = None
+    if args.robust:
+        try:
+            from .robust import wrap_trainer as robust
+        except ImportError:
+            raise PatchforgeError("robust training is not available in this installation (patchforge.robust missing)") from None
+    cfg = TrainConfig(method=args.method, steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
+                      batch=args.batch, seed=args.seed, unet_targets=args.targets, text_encoder=args.text_encoder,
+                      device=args.device, options=_parse_set(args.set), progress=not args.quiet)
+    pipe = None
+    for specs in jobs:
+        if pipe is None:
+            from .pipeline_loading import load_pipeline, pick_device
+            pipe = load_pipeline(args.model, device=str(pick_device(args.device)))
+        path, s = train_patch(specs, args.method, args.model, cfg, out=args.out, pipe=pipe, robust=robust)
+        print(f"trained {', '.join(s['concepts'])} with {s['method']}: {s['steps']} steps in {s['seconds']} s on "
+              f"{s['device']}, loss {s['first_loss']:.4g} -> {s['last_loss']:.4g}, patch {s['bytes'] / 1024:.0f} KiB -> {path}")
+    return 0
