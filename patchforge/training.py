@@ -301,6 +301,9 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
         runner.start()
         bar = tqdm(range(steps), desc=f"train {cfg.method}", disable=not cfg.progress, leave=False)
         for step in bar:
+            if cfg.options.get("overfit_batch"):  # sanity check: the same batch every step, loss must fall
+                trainer.gen.manual_seed(cfg.seed)
+                trainer.rng.seed(cfg.seed)
             loss, logs = runner.loss(step)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -11,7 +11,8 @@ hold the weights that matter (EWC):
 With a LoRA, theta - theta* of a layer is its merged delta B·A·scale. F (squared gradients of the
 denoising loss over samples and timesteps, on base-model generations of general prompts) is
 estimated once per base model and target set and cached in $PATCHFORGE_CACHE/fisher/. F is
-normalised to mean 1, so lam is a plain weight on an importance-weighted L2 of the delta.
+normalised to mean 1 and the penalty averaged over the targeted weights, so lam is a plain
+weight on an importance-weighted mean square of the delta, whatever the model's size.
 (eps is v for v-prediction bases.)
 """
 from __future__ import annotations
@@ -98,6 +99,7 @@ class SelectiveAmnesia(Method):
         modules = dict(self.tr.unet.named_modules())
         self.layers = [(modules[n], f) for n, f in self.fisher.items()
                        if n in modules and hasattr(modules[n], "lora_A") and ADAPTER in modules[n].lora_A]
+        self.n_weights = max(1, sum(f.numel() for _, f in self.layers))
 
     def loss(self, step):
         tr, hp, b = self.tr, self.hp, self.batch
@@ -109,6 +111,7 @@ class SelectiveAmnesia(Method):
                          tr.embed([self.preserve[i] for i in ridx], role="preserve")])
         err = (tr.eps(x_t, t, cond) - tr.target(x0, noise, t)).pow(2).flatten(1).mean(1)
         l_forget, l_replay = err[:b].mean(), err[b:].mean()
-        l_ewc = sum((f * lora_delta(m).pow(2)).sum() for m, f in self.layers)
+        # mean over the targeted weights, so lam does not scale with the model's size
+        l_ewc = sum((f * lora_delta(m).pow(2)).sum() for m, f in self.layers) / self.n_weights
         loss = l_forget + hp.gamma * l_replay + hp.lam * l_ewc
         return loss, {"forget": l_forget, "replay": l_replay, "ewc": l_ewc}

@@ -1,0 +1,52 @@
+"""Concept specs: toy prompts come only from the canonical split; unknown names fail helpfully."""
+import re
+
+import pytest
+
+from patchforge.concepts import load_concept_file, merge, resolve
+from patchforge.errors import UnknownConcept
+from patchforge.toyworld import world
+
+HELDOUT_PHRASES = ([a for v in world.OBJECTS.values() for a in v] + [a for _, v in world.COLORS.values() for a in v]
+                   + [a for v in world.STYLES.values() for a in v] + [a for v in world.IDENTITIES.values() for a in v]
+                   + ["image showing", "drawing", "colored", "on a dark background", "an image of"])
+
+
+@pytest.mark.parametrize("spec", [f"{k}:{n}" for k in world.KINDS for n in world.concepts_of(k)])
+def test_toy_concepts_use_only_the_training_split(spec):
+    c = resolve(spec)
+    assert c.toy and len(c.target) >= 3 and len(c.anchor) == len(c.target) and len(c.preserve) >= 10
+    assert all(re.search(rf"\b{c.name}\b", p, re.I) for p in c.target)
+    assert not any(re.search(rf"\b{c.name}\b", p, re.I) for p in c.preserve + c.anchor)
+    for text in c.target + c.anchor + c.preserve:
+        for phrase in HELDOUT_PHRASES:
+            assert not re.search(rf"\b{re.escape(phrase)}\b", text, re.I), (spec, phrase, text)
+
+
+def test_alternative_and_neighbours():
+    c = resolve("style:stripes", to="dots")
+    assert all("in dots style" in a for a in c.anchor)
+    assert any("checker" in p for p in c.preserve)  # a neighbour is preserved
+    assert resolve("style:vangogh", to="impressionist painting").anchor[0].endswith("impressionist painting")
+    assert resolve("nudity").kind == "nudity"
+
+
+def test_unknown_concepts_suggest_close_matches():
+    with pytest.raises(UnknownConcept, match="stripes"):
+        resolve("style:strips")
+    with pytest.raises(UnknownConcept, match="object:circle"):
+        resolve("color:circle")
+    with pytest.raises(UnknownConcept, match="style"):
+        resolve("styel:vangogh")
+
+
+def test_concept_file_and_merge(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text('- target: "Van Gogh"\n  kind: style\n  anchor: "impressionist painting"\n  preserve: ["Claude Monet"]\n'
+                 '  guidance: 2.0\n- target: "object:star"\n')
+    a, b = load_concept_file(f)
+    assert a.name == "Van Gogh" and a.target[0] == "Van Gogh" and a.anchor[1] == "a photo of impressionist painting"
+    assert a.guidance == 2.0 and a.preserve == ["Claude Monet"]
+    assert b.toy and b.name == "star"
+    m = merge([resolve("color:red"), resolve("object:star")])
+    assert not any(re.search(r"\b(red|star)\b", p) for p in m["preserve"])
