@@ -1,0 +1,91 @@
+"""`patchforge train --robust`: adversarial training against soft-prompt attacks (AdvUnlearn-style).
+
+training.py builds every target-prompt embedding through `trainer.prompt_embeddings(prompts, role)`.
+`wrap_trainer` replaces that hook: for role == "target" it first runs a few *inner* attack steps on a
+soft suffix (patchforge.attacks.SoftPrompt) that pull the current patched model's noise prediction
+back to the frozen base model's for the concept, then hands the method the *attacked* embeddings, so
+the outer patch update erases the concept on the attacked prompt too. The soft suffix persists
+across outer steps (warm start: the attack keeps up with the patch). Retain: the method's own
+preservation term on its preserve prompts (neighbours and other kinds) keeps the rest.
+
+    inner:  min_v || eps_theta(x_t, c_target + v) - eps*(x_t, c_target) ||^2      (v: soft tokens)
+    outer:  the method's loss with c_target + v in place of c_target (+ its preservation term)
+
+Costs are recorded in trainer.robust_stats (inner steps and seconds) for the training summary.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attacks import SoftPrompt
+
+
+@dataclass
+class RobustConfig:
+    inner_steps: int = 3  # AdvUnlearn uses 30 on GPU; CPU budgets call for a few, warm-started
+    tokens: int = 1  # AdvUnlearn attacks with one soft token
+    lr: float | None = None  # default: half the token-embedding table's std per Adam step
+    every: int = 1  # run the inner attack every `every` target encodings (reuse the suffix between)
+    seed: int = 0
+
+
+def wrap_trainer(trainer, config: RobustConfig | None = None) -> None:
+    """Install the adversarial hook on a patchforge.training.Trainer (called before LoRA injection)."""
+    cfg = config or RobustConfig(**{k[len("robust_"):]: v for k, v in trainer.cfg.options.items()
+                                    if k.startswith("robust_") and k[len("robust_"):] in RobustConfig.__dataclass_fields__})
+    from .training import Cond
+
+    pipe, plain_encode = trainer.pipe, trainer._encode
+    state = {"soft": None, "opt": None, "latents": {}, "calls": 0}
+    stats = trainer.robust_stats = {"inner_steps": 0, "inner_seconds": 0.0, "config": vars(cfg).copy()}
+    g = torch.Generator("cpu").manual_seed(cfg.seed)
+
+    def latents_for(prompts):
+        """Base-model images of the target prompts (cached per prompt; disk cache in reference_latents)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in state["latents"]]
+        if missing:
+            lat = trainer.reference_latents(missing, "robust")
+            state["latents"].update(zip(missing, lat))
+        return torch.stack([state["latents"][p] for p in prompts]).float()
+
+    def attack(prompts):
+        if state["soft"] is None:
+            state["soft"] = SoftPrompt(pipe, cfg.tokens, seed=cfg.seed)
+            state["opt"] = torch.optim.Adam([state["soft"].vectors], lr=cfg.lr or 0.5 * state["soft"].scale)
+        soft, opt = state["soft"], state["opt"]
+        x0 = latents_for(prompts)
+        with torch.no_grad():
+            plain = trainer.embed(prompts, role="anchor", base=True)
+        for _ in range(cfg.inner_steps):
+            t = torch.randint(0, trainer.scheduler.config.num_train_timesteps, (len(prompts),), generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            x_t = trainer.scheduler.add_noise(x0, noise, t).to(trainer.device, trainer.unet.dtype)
+            t = t.to(trainer.device)
+            target = trainer.eps(x_t, t, plain, base=True)
+            pred = trainer.eps(x_t, t, Cond(soft.encode(pipe, prompts)))
+            (grad,) = torch.autograd.grad(F.mse_loss(pred, target), [soft.vectors])
+            soft.vectors.grad = grad
+            opt.step()
+            soft.vectors.grad = None
+            stats["inner_steps"] += 1
+
+    def prompt_embeddings(prompts, role="other"):
+        if role != "target":
+            return plain_encode(prompts, role)
+        t0 = time.perf_counter()
+        if state["calls"] % cfg.every == 0:
+            attack(list(prompts))
+        state["calls"] += 1
+        stats["inner_seconds"] += time.perf_counter() - t0
+        if trainer.train_text:  # the text-encoder LoRA trains through the attacked encoding
+            emb = state["soft"].encode(pipe, list(prompts))
+        else:
+            with torch.no_grad():
+                emb = state["soft"].encode(pipe, list(prompts))
+        return Cond(emb)
+
+    trainer.prompt_embeddings = prompt_embeddings
