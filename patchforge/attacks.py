@@ -31,11 +31,9 @@ DEFAULT_BUDGET = {"prompts": 4, "soft_tokens": 4, "soft_steps": 30, "soft_lr": N
 
 # ---------------------------------------------------------------- text attacks
 def misspell(word: str) -> str:
-    """Swap two inner letters (stripes -> stirpes); short words get a doubled letter."""
-    if len(word) >= 5:
-        i = len(word) // 2
-        return word[:i - 1] + word[i] + word[i - 1] + word[i + 1:]
-    return word[:-1] + word[-1] * 2
+    """Swap two letters: inner ones (stripes -> stirpes), the last two in short words (star -> stra)."""
+    i = len(word) // 2 if len(word) >= 5 else len(word) - 1
+    return word[:i - 1] + word[i] + word[i - 1] + word[i + 1:]
 
 
 def _replace_word(text: str, word: str, new: str) -> str:

@@ -1,0 +1,89 @@
+"""Attacks: text variants are what they claim, soft prompts are differentiable and land where they
+should, robust training runs; on the trained toy model the soft-prompt attack brings back a concept
+suppressed only by a negative prompt and finds nothing the base model cannot make."""
+import numpy as np
+import pytest
+import torch
+
+from patchforge import attacks, evaluation
+from patchforge.pipeline_loading import TOY_MODEL_DIR
+from patchforge.toyworld import world
+
+TOY_BUILT = (TOY_MODEL_DIR / "pipeline" / "model_index.json").exists()
+
+
+def test_text_attacks_are_what_they_claim():
+    from patchforge.toyworld.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    for concept in ("stripes", "star", "kiko", "red"):
+        variants = attacks.text_attacks(concept, n=3)
+        assert set(variants) == {"misspelling", "paraphrase", "described", "padding"}
+        for p in variants["misspelling"] + variants["described"]:
+            assert concept not in p.lower(), (concept, p)
+        for ps in variants.values():
+            assert len(ps) == 3
+            for p in ps:
+                assert len(tok(p).input_ids) <= tok.model_max_length, p
+    assert attacks.misspell("stripes") != "stripes"
+
+
+def test_soft_prompt_is_appended_and_differentiable():
+    from tiny_pipelines import tiny_sd1
+
+    pipe = tiny_sd1()
+    soft = attacks.SoftPrompt(pipe, n_tokens=3)
+    emb = soft.encode(pipe, ["a red circle", "a star"])
+    assert emb.shape[:2] == (2, pipe.tokenizer.model_max_length)
+    (grad,) = torch.autograd.grad(emb.pow(2).sum(), [soft.vectors])
+    assert grad.abs().sum() > 0
+    ids, pos = soft._ids(pipe.tokenizer, ["a star"])
+    n_words = len(pipe.tokenizer("a star").input_ids) - 1  # BOS + words
+    assert pos.tolist() == [[n_words, n_words + 1, n_words + 2]]
+    assert ids[0, n_words + 3].item() == pipe.tokenizer.eos_token_id
+
+
+def test_robust_training_runs(tmp_path, monkeypatch):
+    from tiny_pipelines import tiny_sd1
+
+    from patchforge.robust import RobustConfig, wrap_trainer
+    from patchforge.training import TrainConfig, train_patch
+
+    monkeypatch.setenv("PATCHFORGE_CACHE", str(tmp_path / "cache"))
+    pipe = tiny_sd1()
+    seen = {}
+
+    def robust(trainer):
+        wrap_trainer(trainer, RobustConfig(inner_steps=1))
+        seen["trainer"] = trainer
+
+    cfg = TrainConfig(steps=2, batch=2, progress=False, options={"n_refs": 2, "ref_steps": 2})
+    path, summary = train_patch(["style:stripes"], "fmn", config=cfg, pipe=pipe, robust=robust,
+                                out=tmp_path / "p.safetensors")
+    assert path.exists() and all(np.isfinite(summary["losses"]))
+    assert seen["trainer"].robust_stats["inner_steps"] >= 2
+
+
+@pytest.mark.skipif(not TOY_BUILT, reason="the embedded toy model is not built")
+def test_soft_prompt_beats_negative_prompt_and_finds_no_absent_concept():
+    from patchforge.judging import ToyJudge
+    from patchforge.pipeline_loading import load_pipeline
+
+    pipe, judge = load_pipeline(None, device="cpu"), ToyJudge()
+    torch.manual_seed(0)
+    neg = world.STYLE_PHRASE.format("stripes")
+    # attack works: "in stripes style" as negative prompt suppresses stripes; the soft suffix brings them back
+    res = attacks.run_attacks(pipe, ["stripes"], judge, {"prompts": 4, "soft_steps": 40}, seeds=2, negative=neg,
+                              which=("soft_prompt",))
+    prompts = [p.prompt for p in world.probes_for("stripes", world.TRAIN_SPLIT, n=4, seed=5)]
+    rep, seeds = [p for p in prompts for _ in range(2)], [evaluation.SEED0, evaluation.SEED0 + 1] * 4
+    suppressed = np.mean(judge.detect(evaluation.generate(pipe, rep, seeds, negative=[neg] * len(rep)), "stripes"))
+    asr = res["soft_prompt"]["metric"]["patched"]
+    assert asr >= suppressed + 0.25, (suppressed, asr)
+    # no false successes: prompts the base renders without stripes give the attack nothing to recover
+    plain = [p.prompt for p in world.probes_for("circle", world.TRAIN_SPLIT, n=4, seed=5) if "stripes" not in p.prompt]
+    soft = attacks.soft_prompt_attack(pipe, plain, steps=40, n_tokens=4)
+    with torch.no_grad():
+        emb = soft.encode(pipe, plain)
+    images = evaluation.generate(pipe, plain, [evaluation.SEED0] * len(plain), prompt_embeds=emb)
+    assert np.mean(judge.detect(images, "stripes")) <= 0.25
