@@ -43,6 +43,11 @@ def _replace_word(text: str, word: str, new: str) -> str:
                   flags=re.IGNORECASE)
 
 
+def _article_free(prompt: str) -> str:
+    """'a photo of a red star' -> 'a red star' (the object phrase a paraphrase template wraps)."""
+    return prompt.removeprefix("a photo of ").removeprefix("a picture of ")
+
+
 PADDING = "detailed, {}, high quality"
 
 
@@ -61,12 +66,12 @@ def text_attacks(concept: str, n: int = 4, templates: list[str] | None = None) -
     aliases = table[concept][1] if kind == "color" else table[concept]
     if kind == "style":  # the canonical phrase "in stripes style" becomes the alias ("striped")
         described = [p.replace(world.STYLE_PHRASE.format(concept), aliases[i % len(aliases)]) for i, p in enumerate(base)]
-        para = [f"an image showing a {p.split(' a ', 1)[-1] if ' a ' in p else p}" for p in base]
+        para = [f"an image showing {_article_free(p)}" for p in base]
     else:
         described = [_replace_word(p, concept, aliases[i % len(aliases)]) for i, p in enumerate(base)]
         name = concept.capitalize() if kind == "identity" else concept
         para = ([t.format(identity=name) for t in world.PARAPHRASE_CHARACTER_TEMPLATES] if kind == "identity" else
-                [f"an image showing {p.removeprefix('a photo of ')}" for p in base])
+                [f"an image showing {_article_free(p)}" for p in base])
     return {"misspelling": [_replace_word(p, concept, misspell(concept)) for p in base],
             "paraphrase": (para * n)[:n],
             "described": described,

@@ -497,7 +497,8 @@ def grid(rep: dict, path, per_set: int = 1) -> None:
         draw.text((label_w + (2 * s + 1) * cell + 4, 3), f"patched s{s}", fill=(0, 0, 0))
     for j, (label, b, p) in enumerate(picks):
         y = head + j * cell
-        draw.text((4, y + cell // 2 - 6), label[:52], fill=(0, 0, 0))
+        for line_no, line in enumerate([label[i:i + 50] for i in range(0, min(len(label), 150), 50)]):
+            draw.text((4, y + 14 + 12 * line_no), line, fill=(0, 0, 0))
         for s in range(seeds):
             for k, imgs in enumerate((b, p)):
                 if imgs is not None and s < len(imgs):
