@@ -33,7 +33,7 @@ class ToyBuildConfig:
     seed: int = 0
     dataset_size: int = 40_000
     vae_steps: int = 600
-    unet_steps: int = 3000
+    unet_steps: int = 2400
     judge_steps: int = 800
     batch_size: int = 64
     lr: float = 6e-4

@@ -22,6 +22,7 @@ def register(sub) -> None:
     report.add_argument("--model", default=None)
     report.add_argument("--seeds", type=int, default=8, help="generations per prompt set")
     report.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    report.add_argument("--grid", type=Path, default=None, help="also write a concepts x seeds picture here")
     report.set_defaults(func=_report)
     toy.set_defaults(func=lambda args: toy.print_help() or 0)
 
@@ -37,8 +38,12 @@ def _train(args) -> int:
 
 
 def _report(args) -> int:
-    from .measure import base_model_report, format_report
+    from ..pipeline_loading import load_pipeline
+    from .measure import base_model_report, concept_grid, format_report
 
+    if args.grid:
+        concept_grid(load_pipeline(args.model, device="cpu"), args.grid)
+        print(f"wrote {args.grid}")
     numbers = base_model_report(args.model, seeds=args.seeds)
     print(format_report(numbers))
     if args.json:

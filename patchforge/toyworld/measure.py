@@ -4,6 +4,7 @@ held-out paraphrases. Fixed seeds; the numbers behind docs/toy-model.md."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,3 +69,16 @@ def format_report(r: dict) -> str:
     lines.append(f"\n{r['seeds_per_concept']} seeds per concept and split, guidance {r['guidance']}, "
                  f"{r['steps']} DDIM steps; {r['seconds']} s.")
     return "\n".join(lines)
+
+
+def concept_grid(pipe, path, seeds: int = 6) -> None:
+    """A picture for people: rows are concepts (one training-style prompt each), columns seeds."""
+    from ..generate import to_grid
+
+    prompts = []
+    for kind in world.KINDS:
+        for name in world.concepts_of(kind):
+            prompts.append(world.probes_for(name, world.TRAIN_SPLIT, n=1, seed=0)[0].prompt)
+    images = generate(pipe, [p for p in prompts for _ in range(seeds)], [s for _ in prompts for s in range(seeds)])
+    to_grid(images, seeds, min_side=64).save(path)
+    (Path(path).with_suffix(".txt")).write_text("rows, top to bottom:\n" + "\n".join(prompts) + "\n")
