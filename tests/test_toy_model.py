@@ -41,9 +41,11 @@ def test_generations_show_the_prompted_concepts():
     pred = judge.predict(images)
     hits = [pred[k][i] == w for i, (k, w) in enumerate(zip(kinds, wanted))]
     assert np.mean(hits) >= 0.75, list(zip(prompts, hits))
-    # same seed, same image
-    again = generate(pipe, prompts[:2], seeds=[0, 1])
-    assert np.array_equal(again, images[:2])
+    # same prompts and seeds, same images
+    assert np.array_equal(generate(pipe, prompts[:4], seeds=[0, 1, 2, 3]), generate(pipe, prompts[:4], seeds=[0, 1, 2, 3]))
+    # an image depends on its prompt and seed, not on what else is in the batch (up to float rounding)
+    alone = generate(pipe, prompts[:2], seeds=[0, 1]).astype(int)
+    assert np.abs(alone - images[:2].astype(int)).max() <= 8
 
 
 def test_judges_are_never_imported_by_training_code():
