@@ -329,7 +329,8 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
     size = path.stat().st_size
     summary = {"concepts": names, "method": cfg.method, "steps": steps, "seconds": round(seconds, 1),
                "bytes": size, "path": str(path), "device": str(device), "first_loss": losses[0] if losses else None,
-               "last_loss": sum(losses[-5:]) / max(1, len(losses[-5:])) if losses else None, "losses": losses}
+               "last_loss": sum(losses[-5:]) / max(1, len(losses[-5:])) if losses else None, "losses": losses,
+               "robust": getattr(trainer, "robust_stats", None)}  # the inner attack's cost, when --robust
     return path, summary
 
 
@@ -404,4 +405,7 @@ def _run(args) -> int:
         path, s = train_patch(specs, args.method, args.model, cfg, out=args.out, pipe=pipe, robust=robust)
         print(f"trained {', '.join(s['concepts'])} with {s['method']}: {s['steps']} steps in {s['seconds']} s on "
               f"{s['device']}, loss {s['first_loss']:.4g} -> {s['last_loss']:.4g}, patch {s['bytes'] / 1024:.0f} KiB -> {path}")
+        if s["robust"]:
+            print(f"  robust: {s['robust']['inner_steps']} inner attack steps took {s['robust']['inner_seconds']:.1f} s "
+                  f"of the {s['seconds']} s")
     return 0

@@ -9,7 +9,7 @@ import torch
 from patchforge.pipeline_loading import TOY_MODEL_DIR, load_pipeline, toy_judge_path
 from patchforge.toyworld import world
 from patchforge.toyworld.judges import Judge
-from patchforge.toyworld.measure import generate
+from patchforge.evaluation import generate
 
 shipped = pytest.mark.skipif(not (TOY_MODEL_DIR / "pipeline" / "model_index.json").exists(),
                              reason="toy model not built")

@@ -7,22 +7,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
+from ..evaluation import GUIDANCE, STEPS, generate  # one generation path for every measurement
 from ..pipeline_loading import load_pipeline, toy_judge_path
 from . import world
 from .judges import Judge, judge_accuracy
 
-GUIDANCE, STEPS = 5.0, 20  # the defaults every patchforge command generates with
-
-
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int = STEPS, guidance: float = GUIDANCE) -> np.ndarray:
-    """One image per (prompt, seed) pair, uint8 NHWC. Each image has its own generator, so an image
-    depends only on its prompt and seed, never on batch composition."""
-    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np").images
-    return (out * 255).round().astype(np.uint8)
 
 
 def concept_rates(pipe, judge: Judge, split: str, seeds: int, batch: int = 64) -> dict[str, dict[str, float]]:
