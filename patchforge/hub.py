@@ -58,9 +58,6 @@ def _download(repo_id: str, filename: str, **kwargs) -> Path:
     except e.EntryNotFoundError:
         raise PatchforgeError(f"Hub repo '{repo_id}' has no file '{filename}': pass weight_name= (and subfolder=) "
                               f"naming the patch file") from None
-    except e.LocalEntryNotFoundError:
-        raise PatchforgeError(f"'{repo_id}' is not in the local Hub cache and the Hub cannot be reached (offline?): "
-                              f"run `patchforge pull {repo_id}` while online") from None
     except e.HfHubHTTPError as err:
         raise PatchforgeError(f"the Hub refused '{repo_id}' ({str(err).splitlines()[0][:120]}): check the id and "
                               f"your token") from None
