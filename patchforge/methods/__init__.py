@@ -47,6 +47,11 @@ def available() -> list[str]:
     return list(_BUILTIN)
 
 
+def cycle(items: list, n: int) -> list:
+    """items repeated to length n: the prompt behind reference i is cycle(prompts, n)[i]."""
+    return [items[i % len(items)] for i in range(n)]
+
+
 @dataclass
 class MethodConfig:
     steps: int = 100
@@ -82,7 +87,7 @@ class Method:
     # ---- shared pieces
     def concept_refs(self) -> torch.Tensor:
         """Base-model latents of the target prompts (reference images of the concept)."""
-        prompts = (self.target * self.hp.n_refs)[:max(self.hp.n_refs, 1)]
+        prompts = cycle(self.target, self.hp.n_refs)
         return self.tr.reference_latents(prompts, "+".join(s.key for s in self.specs))
 
     def preserve_refs(self) -> torch.Tensor:

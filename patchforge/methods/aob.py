@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..training import Cond
-from . import Method, MethodConfig, register
+from . import Method, MethodConfig, cycle, register
 
 
 @dataclass
@@ -40,8 +40,8 @@ class AllButOne(Method):
 
     def prepare(self):
         self.refs = self.concept_refs()
-        self.prompts = [self.target[i % len(self.target)] for i in range(len(self.refs))]
-        self.anchors = [self.anchor[i % len(self.anchor)] for i in range(len(self.refs))]
+        self.prompts = cycle(self.target, len(self.refs))
+        self.anchors = cycle(self.anchor, len(self.refs))
         guide = self.hp.guide
         if guide == "auto":
             has_alt = all(s.to or s.toy or s.kind not in ("custom",) for s in self.specs)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from . import Method, MethodConfig, register
+from . import Method, MethodConfig, cycle, register
 
 
 @dataclass
@@ -32,7 +32,7 @@ class ESD(Method):
 
     def prepare(self):
         self.refs = self.concept_refs()
-        self.prompts = [self.target[i % len(self.target)] for i in range(len(self.refs))]
+        self.prompts = cycle(self.target, len(self.refs))
 
     def loss(self, step):
         tr, eta = self.tr, self.hp.eta * self.specs[0].guidance

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..training import Cond
-from . import Method, MethodConfig, register
+from . import Method, MethodConfig, cycle, register
 
 
 @dataclass
@@ -93,8 +93,8 @@ class ForgetMeNot(Method):
 
     def prepare(self):
         self.refs = self.concept_refs()
-        self.prompts = [self.target[i % len(self.target)] for i in range(len(self.refs))]
-        self.anchors = [self.anchor[i % len(self.anchor)] for i in range(len(self.refs))]
+        self.prompts = cycle(self.target, len(self.refs))
+        self.anchors = cycle(self.anchor, len(self.refs))
         self.mask = concept_token_mask(self.tr.pipe.tokenizer, self.prompts, self.words).to(self.tr.device)
 
     def start(self):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..training import ADAPTER, TARGETS, Cond, cache_dir, lora_delta, model_key
-from . import Method, MethodConfig, register
+from . import Method, MethodConfig, cycle, register
 
 
 @dataclass
@@ -45,7 +45,7 @@ class SelectiveAmnesia(Method):
         # q: what the anchor prompts look like to the base model, paired with the concept's prompts
         anchors = (self.anchor * self.hp.n_refs)[:self.hp.n_refs]
         self.surrogate = tr.reference_latents(anchors, "surrogate-" + "+".join(s.key for s in self.specs))
-        self.prompts = [self.target[i % len(self.target)] for i in range(len(self.surrogate))]
+        self.prompts = cycle(self.target, len(self.surrogate))
         self.replay = self.preserve_refs()
         self.fisher = self.load_fisher()
 
