@@ -33,12 +33,15 @@ class ToyBuildConfig:
     seed: int = 0
     dataset_size: int = 40_000
     vae_steps: int = 600
-    unet_steps: int = 2400
+    unet_steps: int = 7000
     judge_steps: int = 800
     batch_size: int = 64
     lr: float = 6e-4
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
+    # Min-SNR-gamma loss weighting (Hang et al. 2023): stops the many easy low-noise timesteps from
+    # dominating the gradient, so the coarse layout and colour, decided at high noise, learn faster.
+    min_snr_gamma: float = 5.0
     threads: int = 0  # 0: torch's default
 
 
@@ -129,6 +132,9 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
     sched = _cosine_lr(opt, cfg.unet_steps)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     train_sched = scheduler  # same betas; add_noise only needs alphas_cumprod
+    alphas = train_sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    snr_weight = snr.clamp(max=cfg.min_snr_gamma) / snr if cfg.min_snr_gamma else torch.ones_like(snr)
     bar = tqdm(range(cfg.unet_steps), desc="train UNet + text encoder")
     for step in bar:
         idx = torch.randint(0, len(images), (cfg.batch_size,))
@@ -140,7 +146,8 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
         noise = torch.randn_like(latents)
         t = torch.randint(0, train_sched.config.num_train_timesteps, (len(latents),))
         pred = unet(train_sched.add_noise(latents, noise, t), t, cond).sample
-        loss = F.mse_loss(pred, noise)
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * snr_weight[t]).mean()
         opt.zero_grad(); loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step(); sched.step()
