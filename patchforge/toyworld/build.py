@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .judges import Judge, judge_accuracy, save_judge, train_judge
+from .judges import Judge, JudgeNet, judge_accuracy, save_judge, train_judge
 from .tokenizer import build_tokenizer
 from .world import random_scene, render, caption
 
@@ -34,7 +34,7 @@ class ToyBuildConfig:
     dataset_size: int = 40_000
     vae_steps: int = 600
     unet_steps: int = 7000
-    judge_steps: int = 800
+    judge_steps: int = 1200
     batch_size: int = 64
     lr: float = 6e-4
     caption_dropout: float = 0.1
@@ -168,20 +168,22 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
     pipe.save_pretrained(out_dir / "pipeline", safe_serialization=True)
 
     # 5. judges -------------------------------------------------------------------------------
-    t0 = time.time()
-    bar = tqdm(total=cfg.judge_steps, desc="train judges")
-
-    def recon(x):
-        return vae.decode(vae.encode(x).latent_dist.mean).sample
-
-    net = train_judge(cfg.judge_steps, seed=cfg.seed + 1000, recon=recon, batch=cfg.batch_size,
-                      progress=lambda loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
-    bar.close()
-    save_judge(net, out_dir / "judges.safetensors")
-    report["stages"]["judges_s"] = round(time.time() - t0, 1)
-    report["judge_accuracy_real"] = judge_accuracy(Judge(net))
+    report["stages"]["judges_s"], report["judge_accuracy_real"] = build_judges(out_dir, vae, cfg)
     report["total_s"] = round(time.time() - t_start, 1)
     report["parameters"] = {name: sum(p.numel() for p in m.parameters())
-                            for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder), ("judge", net))}
+                            for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder), ("judge", JudgeNet()))}
     (out_dir / "build_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def build_judges(out_dir: Path, vae, cfg: ToyBuildConfig) -> tuple[float, dict]:
+    """Train the judges with the model's own VAE (they must read decoded images) and save them.
+    Also `patchforge toy judges`, which reloads the VAE: the result is the same either way."""
+    t0 = time.time()
+    bar = tqdm(total=cfg.judge_steps, desc="train judges")
+    net = train_judge(cfg.judge_steps, seed=cfg.seed + 1000, vae=vae, batch=cfg.batch_size,
+                      progress=lambda loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
+    bar.close()
+    save_judge(net, Path(out_dir) / "judges.safetensors")
+    return round(time.time() - t0, 1), judge_accuracy(Judge(net))
+
