@@ -8,8 +8,9 @@ change and a paired bootstrap 95% interval (resampling prompt x seed units):
     generality     same on held-out aliases / paraphrases no method saw       (lower is better)
     specificity    neighbours of the same kind, concepts of other kinds, compositional prompts
                    (the other concept must survive), same-seed pixel distance on unrelated prompts
-    utility        judge-feature Fréchet distance to real toy images (not FID: the judge's CNN
-                   features, few samples, biased upwards -- compare base vs patched only), and
+    utility        Fréchet distance to real toy images in the judge's features, projected on their
+                   top 16 principal components (not FID: the judge's CNN, few samples, biased
+                   upwards -- compare base vs patched only), and
                    prompt alignment (every attribute the prompt names is judged present)
     robustness     the concept's rate under text attacks (patchforge.attacks); white-box attacks
                    join with --attacks
@@ -232,7 +233,17 @@ def _metric(base: np.ndarray, patched: np.ndarray, better: str, what: str) -> di
             "ci_patched": ci_p, "ci_change": ci_c, "n": int(len(base)), "better": better, "what": what}
 
 
+FRECHET_DIMS = 16  # a Gaussian in the judge's full 192-d feature space cannot be fitted from ~24 images
+
+
 def _frechet_metric(fb: np.ndarray, fp: np.ndarray, real: np.ndarray) -> dict:
+    """Fréchet distance to real images in the top principal components of the real images' judge
+    features. Projecting first keeps the covariance estimable from a few dozen generations, so the
+    distance moves with the images rather than with sampling noise."""
+    centre = real.mean(0)
+    _, _, vt = np.linalg.svd(real - centre, full_matrices=False)
+    basis = vt[:FRECHET_DIMS].T
+    real, fb, fp = ((x - centre) @ basis for x in (real, fb, fp))
     rng = np.random.default_rng(0)
     b, p = frechet(fb, real), frechet(fp, real)
     boots = []
@@ -243,7 +254,8 @@ def _frechet_metric(fb: np.ndarray, fp: np.ndarray, real: np.ndarray) -> dict:
     return {"base": b, "patched": p, "change": p - b,
             "ci_patched": [float(x) for x in np.percentile(boots[:, 0], [2.5, 97.5])],
             "ci_change": [float(x) for x in np.percentile(boots[:, 1], [2.5, 97.5])], "n": int(len(fb)),
-            "better": "lower", "what": "judge-feature Fréchet distance to real toy images (general prompts)"}
+            "better": "lower",
+            "what": f"Fréchet distance to real toy images, judge features, top {FRECHET_DIMS} principal components (general prompts)"}
 
 
 # ---------------------------------------------------------------- evaluation

@@ -1,0 +1,88 @@
+"""How well do the toy judges read *generated* images? Compared with a person's eye.
+
+Real renders are easy (the judges score ~100% on them); generations are blurrier, speckled and
+sometimes faint, and every erasure number depends on the judge reading them right. So an engineer
+labels a fixed sheet of base-model generations by eye, and this script scores the judge against
+those labels, per kind.
+
+    python benchmarks/judge_vs_eye.py sheet  docs/judge-eye-sheet.png   # numbered picture to label
+    python benchmarks/judge_vs_eye.py score  docs/judge-eye-labels.json # judge vs the hand labels
+
+The labels file maps image number -> {"object", "color", "style"} or {"identity"} as seen; "?"
+means the labeller could not tell, and is left out of the score. The sheet is regenerated from
+fixed prompts and seeds, so the labels stay tied to the same images as long as the model is.
+"""
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from patchforge.evaluation import generate
+from patchforge.judging import ToyJudge
+from patchforge.pipeline_loading import load_pipeline
+from patchforge.toyworld import world
+
+N_SHAPES, N_CHARACTERS, SEED = 40, 8, 2024
+
+
+def sheet_prompts() -> list[str]:
+    """Fully specified prompts, so the labeller knows what was asked, and the judge must read all kinds."""
+    rng = random.Random(SEED)
+    prompts = []
+    for _ in range(N_SHAPES):
+        obj, col = rng.choice(list(world.OBJECTS)), rng.choice(list(world.COLORS))
+        style = rng.choice(list(world.STYLES) + [world.SOLID])
+        prompts.append(f"a {col} {obj}" + ("" if style == world.SOLID else " " + world.style_phrase(style)))
+    prompts += [f"a picture of {rng.choice(list(world.IDENTITIES))}" for _ in range(N_CHARACTERS)]
+    return prompts
+
+
+def images(model=None):
+    prompts = sheet_prompts()
+    return prompts, generate(load_pipeline(model, device="cpu"), prompts, [SEED + i for i in range(len(prompts))])
+
+
+def write_sheet(path: Path, model=None) -> None:
+    prompts, ims = images(model)
+    cols, cell = 8, 32 * 4 + 18
+    sheet = Image.new("RGB", (cols * cell, -(-len(ims) // cols) * cell), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, im in enumerate(ims):
+        x, y = (i % cols) * cell, (i // cols) * cell
+        sheet.paste(Image.fromarray(im).resize((128, 128), Image.NEAREST), (x + 2, y + 16))
+        draw.text((x + 2, y + 2), str(i), fill=(0, 0, 0))
+    sheet.save(path)
+    Path(path).with_suffix(".txt").write_text("\n".join(f"{i}: {p}" for i, p in enumerate(prompts)) + "\n")
+    print(f"wrote {path} and its prompt list; label what you SEE, not what was asked")
+
+
+def score(labels_path: Path, model=None, judge=None) -> None:
+    labels = {int(k): v for k, v in json.loads(Path(labels_path).read_text())["labels"].items()}
+    prompts, ims = images(model)
+    pred = ToyJudge(judge).judge.predict(ims)
+    print("| kind | judge agrees with the eye | images | prompt asked for it and the eye saw it |")
+    print("|---|---|---|---|")
+    disagreements = []
+    for kind in world.KINDS:
+        pairs = [(i, lab[kind]) for i, lab in labels.items() if kind in lab and lab[kind] != "?"]
+        agree = [pred[kind][i] == seen for i, seen in pairs]
+        asked = [world.kind_of(seen) == kind and seen in prompts[i].split() for i, seen in pairs
+                 if seen not in (world.NONE, world.SOLID)]
+        disagreements += [f"{i} {kind}: eye {seen}, judge {pred[kind][i]}" for (i, seen), a in zip(pairs, agree) if not a]
+        print(f"| {kind} | {np.mean(agree):.0%} | {len(pairs)} | {np.mean(asked) if asked else float('nan'):.0%} |")
+    print("\ndisagreements:", "; ".join(disagreements) or "none")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", choices=["sheet", "score"])
+    ap.add_argument("path", type=Path)
+    ap.add_argument("--model", default=None, help="toy model folder (default: the shipped one)")
+    ap.add_argument("--judge", default=None, help="judges.safetensors (default: the shipped one)")
+    args = ap.parse_args()
+    write_sheet(args.path, args.model) if args.mode == "sheet" else score(args.path, args.model, args.judge)
+    sys.exit(0)
