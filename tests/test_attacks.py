@@ -65,8 +65,6 @@ def test_robust_training_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not TOY_BUILT, reason="the embedded toy model is not built")
-@pytest.mark.xfail(strict=True, reason="known failure (issue 7): on the shipped toy model the soft-prompt attack "
-                   "leaves a negative-prompt-suppressed 'stripes' at 12.5% (suppressed 12.5%) at 40 and at 150 steps")
 def test_soft_prompt_beats_negative_prompt_and_finds_no_absent_concept():
     from patchforge.judging import ToyJudge
     from patchforge.pipeline_loading import load_pipeline
@@ -81,6 +79,7 @@ def test_soft_prompt_beats_negative_prompt_and_finds_no_absent_concept():
     rep, seeds = [p for p in prompts for _ in range(2)], [evaluation.SEED0, evaluation.SEED0 + 1] * 4
     suppressed = np.mean(judge.detect(evaluation.generate(pipe, rep, seeds, negative=[neg] * len(rep)), "stripes"))
     asr = res["soft_prompt"]["metric"]["patched"]
+    print(f"negative-prompt suppressed rate {suppressed:.3f}, soft-prompt ASR {asr:.3f}")
     assert asr >= suppressed + 0.25, (suppressed, asr)
     # no false successes: prompts the base renders without stripes give the attack nothing to recover
     plain = [p.prompt for p in world.probes_for("circle", world.TRAIN_SPLIT, n=4, seed=5) if "stripes" not in p.prompt]

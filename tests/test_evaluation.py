@@ -119,22 +119,14 @@ def test_cli_errors(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not TOY_BUILT, reason="the embedded toy model is not built")
-def test_destroying_patch_fails_specificity_on_toy_model(tmp_path):
+def test_destroying_patch_fails_specificity_and_utility_on_toy_model(tmp_path):
+    """At eval's default sample size (2 seeds, n=6: 24 general images). With 8 images the Fréchet
+    interval straddled 0 for a destroyed model; at 24, projected on 16 components, it must not."""
     from patchforge.pipeline_loading import load_pipeline
 
     pipe = load_pipeline(None, device="cpu")
     destroy = make_lora_patch(pipe, tmp_path / "destroy.safetensors", scale=0.5)
-    m = evaluation.evaluate([destroy], pipe=pipe, seeds=1, n=4, progress=lambda m: None)["patches"][0]["metrics"]
-    assert m["specificity.other_kinds"]["change"] < -0.3
-
-
-@pytest.mark.skipif(not TOY_BUILT, reason="the embedded toy model is not built")
-@pytest.mark.xfail(strict=True, reason="known weakness (issue 5): at this sample size the judge-feature Fréchet "
-                   "distance does not rise for a destroyed model (measured CI lower bound of the change: -25)")
-def test_destroying_patch_raises_frechet_on_toy_model(tmp_path):
-    from patchforge.pipeline_loading import load_pipeline
-
-    pipe = load_pipeline(None, device="cpu")
-    destroy = make_lora_patch(pipe, tmp_path / "destroy.safetensors", scale=0.5)
-    m = evaluation.evaluate([destroy], pipe=pipe, seeds=1, n=4, progress=lambda m: None)["patches"][0]["metrics"]
+    m = evaluation.evaluate([destroy], pipe=pipe, progress=lambda m: None)["patches"][0]["metrics"]
+    assert m["specificity.other_kinds"]["ci_change"][1] < -0.2
+    assert m["utility.alignment"]["ci_change"][1] < -0.3
     assert m["utility.frechet"]["ci_change"][0] > 0
