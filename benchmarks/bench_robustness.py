@@ -37,7 +37,10 @@ def main() -> None:
     ap.add_argument("--patch-dir", default="benchmarks/robustness_patches")
     args = ap.parse_args()
     pipe, judge = load_pipeline(args.model, device="cpu"), default_judge(args.model)
-    rows = []
+    # Rows for concepts not rerun now are kept, so one concept can be re-measured without redoing all (~8 min each).
+    out_path = Path(args.out)
+    rows = [r for r in (json.loads(out_path.read_text())["rows"] if out_path.exists() else [])
+            if r["concept"] not in args.concepts]
     for concept in args.concepts:
         for robust in (False, True):
             tag = "robust" if robust else "default"
@@ -56,7 +59,9 @@ def main() -> None:
                          "base": {k: att["attacks"][k]["base"] for k in ATTACKS if k in att["attacks"]},
                          "eval": keep, "attack_seconds": att["seconds"]})
             print(json.dumps(rows[-1]["asr"]), concept, tag, f"train {train_s:.0f}s", flush=True)
-            Path(args.out).write_text(json.dumps({"budget": BUDGET, "seeds": args.seeds, "rows": rows}, indent=1))
+            tmp = out_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"budget": BUDGET, "seeds": args.seeds, "rows": rows}, indent=1))
+            tmp.replace(out_path)
     print(table(rows))
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .world import KINDS, LABELS, random_scene, render
+from .world import KINDS, LABELS, NONE, random_scene, render
 
 
 class JudgeNet(nn.Module):
@@ -79,23 +79,34 @@ def _batch(rng: random.Random, n: int, vae=None, augment: bool = True):
     scenes = [random_scene(rng) for _ in range(n)]
     x = torch.from_numpy(np.stack([render(s, rng.randrange(1 << 30)) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
     if augment:
-        x = _like_generated(x, vae)
+        x = _like_generated(x, vae, torch.tensor([s.identity != NONE for s in scenes]))
     y = {k: torch.tensor([LABELS[k].index(s.label(k)) for s in scenes]) for k in KINDS}
     return x, y
 
 
-def _like_generated(x: torch.Tensor, vae=None) -> torch.Tensor:
+def _like_generated(x: torch.Tensor, vae=None, character: torch.Tensor | None = None) -> torch.Tensor:
     """Make real renders look like what a small diffusion model generates, so the judge reads
-    generations as well as renders. Seen in base-model samples: VAE blur, speckled backgrounds,
-    textures drawn faintly, slightly dull colours. Labels are unchanged: faint stripes are stripes.
-    Hue is never shifted, so red, orange and pink stay apart."""
+    generations as well as renders. Seen in base-model samples: VAE blur, speckled and blotchy
+    backgrounds, textures drawn faintly, slightly dull colours, characters whose colour drifts
+    (Kiko comes out yellow-orange with bright patches). Labels are unchanged: faint stripes are
+    stripes, a yellowish cat is Kiko. Shapes' hue is never shifted, so red, orange and pink stay
+    apart; characters' hue is, since no character is told from another by hue alone."""
     n = len(x)
+    if character is None:
+        character = torch.zeros(n, dtype=torch.bool)
     if vae is not None:  # half the batch through the VAE, its latents perturbed like imperfect samples
         with torch.no_grad():
             half = x[: n // 2]
             post = vae.encode(half).latent_dist
             wobble = torch.rand(len(half), 1, 1, 1) * 0.6
             x[: n // 2] = vae.decode(post.mean + wobble * post.std.mean() * torch.randn_like(post.mean)).sample.clamp(-1, 1)
+    # Low-frequency blotches in every image: a 4x4 colour field, upsampled, small amplitude.
+    blotch = F.interpolate(torch.randn(n, 3, 4, 4), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    x = x + blotch * torch.rand(n, 1, 1, 1) * 0.12
+    # Characters: per-channel colour drift, enough to turn Kiko's orange yellow.
+    drift = (torch.rand(n, 3, 1, 1) - 0.5) * 0.8 * character[:, None, None, None]
+    figure = (x.amax(dim=1, keepdim=True) > -0.4).float()  # not the dark background
+    x = x + drift * figure
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     contrast = 1 - torch.rand(n, 1, 1, 1) * 0.35  # faint textures and dull colours
     x = mean + (x - mean) * contrast
