@@ -45,7 +45,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a method option or steps/lr for every run (tuning); repeatable")
     args = ap.parse_args(argv)
+    overrides = {k: float(v) if k != "steps" else int(v) for k, v in (kv.split("=", 1) for kv in args.set)}
 
     import torch
 
@@ -62,7 +65,9 @@ def main(argv=None) -> int:
     for method in args.methods.split(","):
         for concept in args.concepts.split(","):
             out = workdir / f"{method}-{concept.replace(':', '-')}.safetensors"
-            path, s = train_patch([concept], method, args.model, TrainConfig(method=method, progress=False), out=out, pipe=pipe)
+            cfg = TrainConfig(method=method, progress=False, steps=overrides.get("steps"), lr=overrides.get("lr"),
+                              options={k: v for k, v in overrides.items() if k not in ("steps", "lr")})
+            path, s = train_patch([concept], method, args.model, cfg, out=out, pipe=pipe)
             rep = evaluate([path], args.model, seeds=args.seeds, n=args.n, pipe=pipe, progress=lambda *_: None)["patches"][0]
             m = rep["metrics"]
             attacks = [v for k, v in m.items() if k.startswith("robustness.") and _p(v) is not None]
@@ -106,7 +111,8 @@ def markdown(rows, args, seconds) -> str:
                      f"{pair(r, 'specificity.compositional')} | {pair(r, 'utility.alignment')} | {rob} | "
                      f"{r['seconds']:.0f} | {r['bytes'] / 1024:.0f} | {'yes' if r['bar'] else 'no'} |")
     lines.append(f"\nbase → patched; toy model, CPU, {args.seeds} image seeds × {args.n} prompts per set, "
-                 f"method defaults, training seed 0; `python benchmarks/bench_methods.py --seeds {args.seeds} --n {args.n}` "
+                 f"{'method defaults' if not args.set else 'overrides ' + ' '.join(args.set)}, training seed 0; "
+                 f"`python benchmarks/bench_methods.py --seeds {args.seeds} --n {args.n}{''.join(' --set ' + kv for kv in args.set)}` "
                  f"({seconds / 60:.0f} min). bar: efficacy ≤ 20% with neighbours and other kinds ≥ 90% of base.")
     return "\n".join(lines)
 
