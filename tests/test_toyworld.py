@@ -58,3 +58,27 @@ def test_tokenizer_single_tokens_and_fallback():
     # (CLIP's unknown token is its end-of-text token)
     assert tok.eos_token_id not in ids[1:-1] and len(ids) > 5
     assert build_tokenizer().get_vocab() == tok.get_vocab()
+
+
+def test_judge_augmentation_keeps_shape_colours_apart_and_lets_characters_drift():
+    """The judges learn colour from augmented renders: if augmentation shifted shapes' hue, orange and
+    yellow would blur together in the colour head. Characters may drift (Kiko is drawn orange to yellow)."""
+    import numpy as np
+    import torch
+
+    from patchforge.toyworld.judges import _like_generated
+
+    torch.manual_seed(0)
+
+    def figure_rgb(scene, character):
+        x = torch.from_numpy(np.stack([world.render(scene, i) for i in range(64)])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        mask = torch.from_numpy(world.render(scene) != np.array(world.BACKGROUND, np.uint8)).any(-1)
+        y = _like_generated(x.clone(), None, torch.full((64,), character))
+        return (y[:, :, mask].mean(-1) + 1) * 127.5  # (64, 3) mean colour of each figure
+
+    orange, yellow = np.array(world.COLORS["orange"][0]), np.array(world.COLORS["yellow"][0])
+    rgb = figure_rgb(world.Scene(object="square", color="orange", style=world.SOLID), False).numpy()
+    closer_to_orange = np.linalg.norm(rgb - orange, axis=1) < np.linalg.norm(rgb - yellow, axis=1)
+    assert closer_to_orange.all()
+    spread = figure_rgb(world.Scene(identity="kiko"), True).std(0)
+    assert spread.max() > 20  # characters' colours do drift
