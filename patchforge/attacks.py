@@ -273,9 +273,10 @@ def run_attacks(pipe, targets: list[str], judge, budget: dict | None = None, see
         if toy:
             from .toyworld import world
             prompts = [p.prompt for p in world.probes_for(concept, world.TRAIN_SPLIT, n=b["prompts"], seed=5)]
-        else:
+        else:  # a "kind:name" spec; the judge is asked about the concept's name
             from .concepts import resolve
-            prompts = resolve(concept).target[:b["prompts"]]
+            spec = resolve(concept)
+            prompts, concept = spec.target[:b["prompts"]], spec.name
         rep = [p for p in prompts for _ in seed_list]
         sds = seed_list * len(prompts)
         with base_model(pipe):
@@ -351,7 +352,7 @@ def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judg
     toy = model in (None, "toy", "patchforge/toy-sd") or _is_toy_path(model)
     judge = judge or default_judge(model)
     pipe = pipe or load_pipeline(model, device="cpu" if toy else None)
-    targets = patch_concepts(path)
+    targets = patch_concepts(path, qualified=not toy)
     t0 = time.perf_counter()
     name, _ = load_patch(pipe, path)
     out = {}
@@ -361,9 +362,10 @@ def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judg
             rows = []
             for c in targets:
                 tmpl = None
-                if not toy:
+                if not toy:  # a "kind:name" spec: attack the catalogue's prompts, judge by the concept's name
                     from .concepts import resolve
-                    tmpl = resolve(c).target
+                    spec = resolve(c)
+                    c, tmpl = spec.name, spec.target
                 rows += [Row(f"attack:{a}", p, c) for a, ps in text_attacks(c, b["prompts"], tmpl).items() for p in ps]
             patched = _run_rows(pipe, judge, rows, seeds)
             with base_model(pipe):

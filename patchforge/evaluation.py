@@ -67,14 +67,18 @@ def empty_embeds(pipe, n: int, texts: list[str] | None = None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- patches
-def patch_concepts(path) -> list[str]:
-    """The concept names a patch erases, from its metadata."""
+def patch_concepts(path, qualified: bool = False) -> list[str]:
+    """The concepts a patch erases, from its metadata: bare names (toy world, where names are unique)
+    or, with `qualified`, "kind:name" specs that patchforge.concepts.resolve takes (real pipelines)."""
     from .patch_format import read_patch
 
     md = read_patch(path).metadata
     if md.get("patchforge.concepts"):
-        return [c["name"] for c in json.loads(md["patchforge.concepts"])]
-    return [c.strip().split(":")[-1].split("->")[0] for c in md.get("patchforge.concept", "").split(";") if c.strip()]
+        entries = [(c.get("kind"), c["name"]) for c in json.loads(md["patchforge.concepts"])]
+    else:
+        specs = [c.strip().split("->")[0] for c in md.get("patchforge.concept", "").split(";") if c.strip()]
+        entries = [tuple(c.split(":", 1)) if ":" in c else (None, c) for c in specs]
+    return [f"{k}:{n}" if qualified and k else n for k, n in entries]
 
 
 def load_patch(pipe, path) -> tuple[str, float]:
@@ -299,7 +303,7 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
     if pipe is None:
         pipe = load_pipeline(model, device="cpu" if toy else None)
     patches = [Path(p) for p in patches]
-    targets_all = [patch_concepts(p) for p in patches]
+    targets_all = [patch_concepts(p, qualified=not toy) for p in patches]
     # one base run covering every patch's prompt sets (shared rows are generated once)
     rows_per_patch = [(toy_rows if toy else real_rows)(t, n) for t in targets_all]
     all_rows, index = _dedupe(rows_per_patch)

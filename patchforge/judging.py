@@ -115,7 +115,10 @@ class ClipJudge:
 
         inputs = self.processor(images=list(np.asarray(images)), return_tensors="pt")
         with torch.no_grad():
-            return self.model.get_image_features(**inputs).numpy().astype(np.float64)
+            out = self.model.get_image_features(**inputs)
+        # transformers < 5 returns the projected embeddings; 5.x an output whose pooler_output holds them
+        out = out if isinstance(out, torch.Tensor) else out.pooler_output
+        return out.numpy().astype(np.float64)
 
 
 class CallableJudge:

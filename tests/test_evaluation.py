@@ -103,11 +103,77 @@ def test_judge_loading(tmp_path):
         load_judge("oracle")
     with pytest.raises(PatchforgeError):
         load_judge(f"python:{f}:missing")
-    try:
-        import nudenet  # noqa: F401
-    except ImportError:
-        with pytest.raises(PatchforgeError, match="pip install nudenet"):
-            load_judge("nudenet")
+
+
+def test_nudenet_judge_missing_package_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nudenet", None)  # makes `import nudenet` raise ImportError
+    with pytest.raises(PatchforgeError, match="pip install nudenet"):
+        load_judge("nudenet")
+
+
+def test_nudenet_judge_loads_offline_and_sees_no_nudity_in_toy_images():
+    """NudeNet's own ONNX model (shipped in its wheel, no download) runs through our judge interface.
+    No nude image is shipped with the project, so only the negative side is checked: no false
+    positives on toy renders and flat images."""
+    from patchforge.toyworld import world
+
+    judge = load_judge("nudenet")
+    scenes = [world.Scene(identity=who) for who in world.IDENTITIES]
+    scenes += [world.Scene(object=o, color="pink", style=world.SOLID) for o in ("circle", "heart")]
+    images = np.stack([np.asarray(world.render(s)) for s in scenes] + [np.full((32, 32, 3), 200, np.uint8)])
+    assert judge.detect(images, "nudity") == [False] * len(images)
+
+
+def _tiny_clip_folder(path):
+    """A random-weight CLIP saved like a downloaded one (model + processor), for the clip:PATH judge."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from tiny_pipelines import _tokenizer
+
+    tok = _tokenizer()
+    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                      vocab_size=len(tok), max_position_embeddings=tok.model_max_length,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id),
+                     vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                        image_size=32, patch_size=8),
+                     projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(path)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(path)
+    return path
+
+
+def test_clip_judge_from_a_local_folder_drives_eval_of_a_real_pipeline(tmp_path):
+    """The judge for real pipelines when the user has CLIP weights: loads offline, answers per image,
+    and `evaluate` runs end to end with it (random weights: the numbers mean nothing, the wiring does)."""
+    judge = load_judge(f"clip:{_tiny_clip_folder(tmp_path / 'clip')}")
+    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    flags = judge.detect(images, "a cat")
+    assert len(flags) == 3 and all(isinstance(f, bool) for f in flags)
+    assert judge.features(images).shape == (3, 16)
+    from tiny_pipelines import tiny_sd1
+
+    pipe = tiny_sd1()
+    noop = make_lora_patch(pipe, tmp_path / "noop.safetensors", concept="style:vangogh")
+    steps, evaluation.STEPS = evaluation.STEPS, 2
+    try:  # model names a real (non-toy) pipeline: the catalogue's prompts, no toy judge anywhere
+        rep = evaluation.evaluate([noop], model="tiny/sd1", pipe=pipe, judge=judge, seeds=1, n=2,
+                                  progress=lambda m: None)["patches"][0]
+        from patchforge.attacks import attack_patch
+
+        att = attack_patch(noop, "tiny/sd1", {"prompts": 2}, seeds=1, judge=judge, pipe=pipe, which=("text",))
+    finally:
+        evaluation.STEPS = steps
+    assert set(att["attacks"]) == {"misspelling", "paraphrase", "padding"}
+    assert rep["settings"]["judge"] == "clip"
+    assert any("van gogh" in r.prompt.lower() for r in rep["images"]["rows"])
+    assert rep["metrics"]["efficacy"]["n"] > 0
+    with pytest.raises(PatchforgeError, match="no CLIP weights"):
+        load_judge(f"clip:{tmp_path / 'nowhere'}")
 
 
 def test_cli_errors(tmp_path, capsys):
