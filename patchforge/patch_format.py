@@ -228,6 +228,9 @@ def write_patch(patch: Patch, path) -> Path:
     os.close(fd)
     try:
         safetensors.torch.save_file(patch.flat_state_dict(), tmp, metadata=md)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a patch is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

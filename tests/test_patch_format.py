@@ -1,5 +1,6 @@
 """Patch files: round trip, metadata, atomic writes, exact merging, and a reader that rejects bad input."""
 import json
+import os
 import random
 import struct
 
@@ -19,6 +20,9 @@ def test_file_layout_and_metadata(tmp_path):
     path = make_patch(pipe, tmp_path, "a cat", rank=4, alpha=2.0)
     assert path == tmp_path / "pytorch_lora_weights.safetensors"
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # atomic: no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file the user writes, not owner-only
     with safetensors.safe_open(str(path), "pt") as f:
         keys, md = list(f.keys()), f.metadata()
     assert all(".lora_A.weight" in k or ".lora_B.weight" in k for k in keys)
