@@ -10,13 +10,19 @@ Plain FMN has no preservation term and erases only what flows through the name's
 copies the name into every later token, so much of the concept survives). Two terms fix that:
 
     L_pres = || eps_theta(x_t, c_preserve) - eps*(x_t, c_preserve) ||^2     frozen base = adapter off
-    L_map  = || eps_theta(x_t, c_target)   - eps*(x_t, c_anchor)   ||^2     concept -> its alternative
+    L_map  = || eps_theta(x_t, c_target)   - eps_map               ||^2     concept -> its alternative
 
     L = attn_weight * L_attn + preserve_weight * L_pres + map_weight * L_map
 
 c_anchor is the same prompt with the concept replaced by `--to` (or removed: "in stripes style" ->
-nothing). map_weight = 0 gives attention re-steering alone. Defaults were tuned on the toy model
-(docs/training.md).
+nothing). Removing the word alone is not enough for objects and colours: "a photo of a" draws *some*
+object, the star among them, so a patch mapped there keeps drawing stars at chance rate. The map
+target therefore also steers away from the concept, as ESD's negative guidance does:
+
+    eps_map = eps*(x_t, c_anchor) - away * ( eps*(x_t, c_target) - eps*(x_t, c_anchor) )
+
+map_weight = 0 gives attention re-steering alone; away = 0 the plain mapping. Defaults were tuned on
+the toy model (docs/training.md).
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ class FMNConfig(MethodConfig):
     attn_weight: float = 1.0
     preserve_weight: float = 3.0  # tuned on the toy model, docs/training.md
     map_weight: float = 2.0
+    away: float = 1.0  # eta (tuned, docs/training.md): map onto eps*(anchor) - eta * (eps*(target) - eps*(anchor)), away from the concept
 
 
 class AttentionRecorder:
@@ -136,6 +143,9 @@ class ForgetMeNot(Method):
             rows = slice(0 if hp.map_weight > 0 else b, None)
             with torch.no_grad():
                 base = tr.eps(x_all[rows], t_all[rows], Cond.cat(teach), base=True)
+                if hp.map_weight > 0 and hp.away > 0:  # the base's own prediction for the concept, to steer away from
+                    toward = tr.eps(x_t, t, tr.embed([self.prompts[i] for i in idx], role="target", base=True), base=True)
+                    base[:b] = base[:b] - hp.away * (toward - base[:b])
             if hp.map_weight > 0:
                 l_map = F.mse_loss(pred[:b], base[:b])
                 loss, logs["map"] = loss + hp.map_weight * l_map, l_map
