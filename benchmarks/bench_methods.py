@@ -73,7 +73,7 @@ def main(argv=None) -> int:
             attacks = [v for k, v in m.items() if k.startswith("robustness.") and _p(v) is not None]
             nb, ok = m.get("specificity.neighbours"), m.get("specificity.other_kinds")
             keep = [(_p(x) or 0) / _p(x, "base") for x in (nb, ok) if x and _p(x, "base")]
-            bar = _p(m["efficacy"]) is not None and _p(m["efficacy"]) <= 0.2 and all(k >= 0.9 for k in keep)
+            bar = _p(m["efficacy"]) is not None and _p(m["efficacy"]) <= 0.2 and all(k >= 0.9 - 1e-9 for k in keep)  # 9/12 of 10/12 is 90 %, not 89.99
             row = {"method": method, "concept": concept, "seconds": s["seconds"], "bytes": s["bytes"], "bar": bar,
                    **{k: {"base": _p(v, "base"), "patched": _p(v)} for k, v in m.items() if isinstance(v, dict)},
                    "robustness": float(np.mean([_p(v) for v in attacks])) if attacks else None,
