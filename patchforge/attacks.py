@@ -248,12 +248,11 @@ def concept_images(concept: str, n: int, seed: int = 0) -> np.ndarray:
 
     rng = random.Random(f"attack/{concept}/{seed}")
     kind, out = world.kind_of(concept), []
-    while len(out) < n:
+    for _ in range(n):
         s = world.random_scene(rng, identity_share=1.0 if kind == "identity" else 0.0)
         s = world.Scene(**{**s.__dict__, kind: concept}) if kind != "identity" else world.Scene(
             identity=concept, size=s.size, dx=s.dx, dy=s.dy)
-        if kind == "style" or s.style != world.NONE:
-            out.append(world.render(s, rng.randrange(1 << 30)))
+        out.append(world.render(s, rng.randrange(1 << 30)))
     return np.stack(out)
 
 

@@ -28,6 +28,15 @@ def test_text_attacks_are_what_they_claim():
     assert attacks.misspell("stripes") != "stripes"
 
 
+def test_concept_images_show_their_concept_for_every_kind():
+    """The inversion and partial-denoising sources: real renders of the concept, for every kind
+    (identity once looped forever here: its scenes have no style)."""
+    for concept in ("stripes", "star", "red", "kiko"):
+        images = attacks.concept_images(concept, 3)
+        assert images.shape == (3, world.IMAGE_SIZE, world.IMAGE_SIZE, 3)
+        assert not np.array_equal(images[0], images[1])
+
+
 def test_soft_prompt_is_appended_and_differentiable():
     from tiny_pipelines import tiny_sd1
 
