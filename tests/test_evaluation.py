@@ -130,20 +130,16 @@ def _tiny_clip_folder(path):
     """A random-weight CLIP saved like a downloaded one (model + processor), for the clip:PATH judge."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from tiny_pipelines import _tokenizer
+    from tiny_pipelines import _text_config, _tokenizer
 
-    tok = _tokenizer()
-    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                                      vocab_size=len(tok), max_position_embeddings=tok.model_max_length,
-                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.pad_token_id),
+    cfg = CLIPConfig(text_config=_text_config(32).to_dict(),  # the tiny pipelines' text encoder
                      vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
                                         image_size=32, patch_size=8),
                      projection_dim=16)
     torch.manual_seed(0)
     CLIPModel(cfg).save_pretrained(path)
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tok).save_pretrained(path)
+                  tokenizer=_tokenizer()).save_pretrained(path)
     return path
 
 
