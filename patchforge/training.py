@@ -394,18 +394,36 @@ def _run(args) -> int:
             from .robust import wrap_trainer as robust
         except ImportError:
             raise PatchforgeError("robust training is not available in this installation (patchforge.robust missing)") from None
+    rank, world, device = process_share(args.device)
+    tag = f"[process {rank + 1}/{world}] " if world > 1 else ""
+    mine = jobs[rank::world]
+    if world > 1:
+        print(f"{tag}{len(mine)} of {len(jobs)} patches on {device}", flush=True)
     cfg = TrainConfig(method=args.method, steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
                       batch=args.batch, seed=args.seed, unet_targets=args.targets, text_encoder=args.text_encoder,
-                      device=args.device, options=_parse_set(args.set), progress=not args.quiet)
+                      device=device, options=_parse_set(args.set), progress=not args.quiet and rank == 0)
     pipe = None
-    for specs in jobs:
+    for specs in mine:
         if pipe is None:
             from .pipeline_loading import load_pipeline, pick_device
-            pipe = load_pipeline(args.model, device=str(pick_device(args.device)))
+            pipe = load_pipeline(args.model, device=str(pick_device(device)))
         path, s = train_patch(specs, args.method, args.model, cfg, out=args.out, pipe=pipe, robust=robust)
-        print(f"trained {', '.join(s['concepts'])} with {s['method']}: {s['steps']} steps in {s['seconds']} s on "
-              f"{s['device']}, loss {s['first_loss']:.4g} -> {s['last_loss']:.4g}, patch {s['bytes'] / 1024:.0f} KiB -> {path}")
+        print(f"{tag}trained {', '.join(s['concepts'])} with {s['method']}: {s['steps']} steps in {s['seconds']} s on "
+              f"{s['device']}, loss {s['first_loss']:.4g} -> {s['last_loss']:.4g}, patch {s['bytes'] / 1024:.0f} KiB -> {path}",
+              flush=True)
         if s["robust"]:
-            print(f"  robust: {s['robust']['inner_steps']} inner attack steps took {s['robust']['inner_seconds']:.1f} s "
+            print(f"{tag}  robust: {s['robust']['inner_steps']} inner attack steps took {s['robust']['inner_seconds']:.1f} s "
                   f"of the {s['seconds']} s")
     return 0
+
+
+def process_share(device: str | None) -> tuple[int, int, str | None]:
+    """(rank, world size, device) of this process. Under `accelerate launch` or `torchrun`, which set
+    RANK / WORLD_SIZE / LOCAL_RANK, the patches of a concept list are dealt out round-robin, one
+    process per GPU (cuda:LOCAL_RANK): a patch is minutes of work at most, so patches in parallel
+    beat one patch split over GPUs, and no process ever waits for another. A single process: (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and device is None and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    return rank, world, device

@@ -62,3 +62,36 @@ def test_training_code_never_imports_a_judge():
             "bad=[m for m in sys.modules if m.startswith(('patchforge.toyworld.judges','patchforge.evaluation','patchforge.judging'))];"
             "print(bad); sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_accelerate_launch_deals_a_concept_list_out_one_patch_per_process(tmp_path):
+    """`accelerate launch` (which sets RANK / WORLD_SIZE like torchrun) with two processes: each trains
+    its own share of the concept file, no patch twice, every patch once. `--multi_gpu` launches two
+    processes on a CPU machine too (each then trains on the CPU)."""
+    import os
+    import shutil
+
+    from safetensors import safe_open
+
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    if accelerate is None:
+        pytest.skip("accelerate's launcher is not installed beside this Python")
+    folder = tmp_path / "tiny"
+    tiny_sd1().save_pretrained(folder)
+    concepts = tmp_path / "c.yaml"
+    concepts.write_text("".join(f'- target: "{w}"\n  kind: custom\n' for w in ("a cat", "a dog", "a red barn")))
+    env = {**os.environ, "PATCHFORGE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "patchforge.cli", "train", "--concept-file", str(concepts), "--model",
+           str(folder), "--steps", "2", "--batch", "2", "--set", "ref_steps=2", "--set", "n_refs=2", "--quiet",
+           "--device", "cpu"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if "trained" in line]
+    assert sorted(line.split("]")[0] for line in lines) == ["[process 1/2", "[process 1/2", "[process 2/2"]
+    patches = sorted((tmp_path / "patches").glob("*.safetensors"))
+    assert [p.name for p in patches] == ["custom-a-cat.fmn.safetensors", "custom-a-dog.fmn.safetensors",
+                                         "custom-a-red-barn.fmn.safetensors"]
+    for p in patches:
+        with safe_open(str(p), "pt") as f:
+            assert f.metadata()["patchforge.device"] == "cpu"

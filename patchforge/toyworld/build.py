@@ -33,7 +33,7 @@ class ToyBuildConfig:
     seed: int = 0
     dataset_size: int = 40_000
     vae_steps: int = 600
-    unet_steps: int = 7000
+    unet_steps: int = 8500
     judge_steps: int = 1200
     batch_size: int = 64
     lr: float = 6e-4
@@ -131,6 +131,7 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
     opt = torch.optim.AdamW(params, cfg.lr, weight_decay=1e-2)
     sched = _cosine_lr(opt, cfg.unet_steps)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())  # same order as params
     train_sched = scheduler  # same betas; add_noise only needs alphas_cumprod
     alphas = train_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
@@ -152,10 +153,8 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step(); sched.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
-                for pe, p in zip(ema.parameters(), live.parameters()):
-                    pe.lerp_(p, 1 - decay)
+        with torch.no_grad():  # one fused call: a Python loop over ~300 tensors costs ~5 % of a step
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     report["stages"]["unet_s"] = round(time.time() - t0, 1)
