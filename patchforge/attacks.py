@@ -10,8 +10,9 @@ rate (ASR: share of target prompt x seed generations where the judge sees the co
     unconditional prompt-free generations (empty prompt)
     partial       partial denoising: an image of the concept, noised to `strength`, denoised with ""
 
-Soft tokens enter through a forward hook on the text encoder's token-embedding table (SoftPrompt),
-so the same code serves the attacks and robust training (patchforge/robust.py). SD 1.x / 2.x only.
+Soft tokens (patchforge/soft_tokens.py) enter through a forward hook on the text encoder's token-embedding
+table, so the same code serves the attacks, robust training (patchforge/robust.py) and fmn's concept
+inversion. SD 1.x / 2.x only.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import PatchforgeError
+from .soft_tokens import SoftPrompt, invert_latents  # noqa: F401  (SoftPrompt: part of this module's API)
 
 DEFAULT_BUDGET = {"prompts": 4, "soft_tokens": 4, "soft_steps": 30, "soft_lr": None, "inv_tokens": 2,
                   "inv_steps": 40, "inv_images": 8, "probe_images": 8, "strength": 0.6, "seed": 0}
@@ -79,51 +81,6 @@ def text_attacks(concept: str, n: int = 4, templates: list[str] | None = None) -
 
 
 # ---------------------------------------------------------------- soft prompts
-class SoftPrompt(torch.nn.Module):
-    """K continuous token embeddings appended after a prompt's words (before end-of-text)."""
-
-    def __init__(self, pipe, n_tokens: int, init_word: str = "a", seed: int = 0):
-        super().__init__()
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            raise PatchforgeError("soft-prompt attacks and robust training support SD 1.x / 2.x pipelines, not SDXL yet")
-        table = pipe.text_encoder.get_input_embeddings().weight
-        self.placeholder = pipe.tokenizer(init_word, add_special_tokens=False).input_ids[0]
-        g = torch.Generator().manual_seed(seed)
-        init = table[self.placeholder].detach().float().cpu()
-        self.scale = float(table.detach().float().std())
-        self.vectors = torch.nn.Parameter((init + self.scale * 0.1 * torch.randn(n_tokens, init.shape[0], generator=g))
-                                          .to(table.device))
-
-    def _ids(self, tokenizer, prompts: list[str]):
-        k, length = len(self.vectors), tokenizer.model_max_length
-        rows, positions = [], []
-        for p in prompts:
-            ids = tokenizer(p, truncation=True, max_length=length - k).input_ids  # BOS ... EOS
-            start = len(ids) - 1
-            ids = ids[:-1] + [self.placeholder] * k + ids[-1:]
-            rows.append(ids + [tokenizer.pad_token_id] * (length - len(ids)))
-            positions.append(list(range(start, start + k)))
-        return torch.tensor(rows), torch.tensor(positions)
-
-    def encode(self, pipe, prompts: list[str]) -> torch.Tensor:
-        """Prompt embeddings (N, L, D) with the soft tokens in; differentiable w.r.t. the vectors."""
-        te = pipe.text_encoder
-        ids, pos = self._ids(pipe.tokenizer, prompts)
-        rows = torch.arange(len(prompts))[:, None].expand_as(pos)
-
-        def hook(module, inputs, output):
-            output = output.clone()
-            output[rows, pos] = self.vectors.to(output.dtype)[None].expand(len(prompts), -1, -1)
-            return output
-
-        handle = te.get_input_embeddings().register_forward_hook(hook)
-        try:
-            emb = te(ids.to(te.device))[0]
-        finally:
-            handle.remove()
-        return emb.to(pipe.unet.dtype)
-
-
 def has_lora(pipe) -> bool:
     return any(getattr(getattr(pipe, c, None), "peft_config", None) for c in ("unet", "text_encoder"))
 
@@ -196,23 +153,11 @@ def textual_inversion(pipe, images: np.ndarray, steps: int = 40, n_tokens: int =
                       seed: int = 0, template: str = "a photo of") -> SoftPrompt:
     """Learn K token embeddings that make the (patched) model denoise images of the concept:
     the plain diffusion loss ||eps_theta(x_t, "a photo of <v>") - eps||^2, as in textual inversion."""
-    vae, unet, sched = pipe.vae, pipe.unet, pipe.scheduler
+    vae = pipe.vae
     x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(vae.device, vae.dtype)
     with torch.no_grad():
         latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
-    soft = SoftPrompt(pipe, n_tokens, seed=seed)
-    opt = torch.optim.Adam([soft.vectors], lr=lr or 0.5 * soft.scale)
-    g = torch.Generator("cpu").manual_seed(seed + 1)
-    prompts = [template] * len(latents)
-    for _ in range(steps):
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=g).to(latents.device)
-        noise = torch.randn(latents.shape, generator=g).to(latents.device)
-        pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=soft.encode(pipe, prompts)).sample
-        (grad,) = torch.autograd.grad(F.mse_loss(pred.float(), noise.float()), [soft.vectors])
-        soft.vectors.grad = grad
-        opt.step()
-        soft.vectors.grad = None
-    return soft
+    return invert_latents(pipe, latents, steps=steps, n_tokens=n_tokens, lr=lr, seed=seed, template=template)
 
 
 @torch.no_grad()

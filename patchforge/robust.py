@@ -2,7 +2,7 @@
 
 training.py builds every target-prompt embedding through `trainer.prompt_embeddings(prompts, role)`.
 `wrap_trainer` replaces that hook: for role == "target" it first runs a few *inner* attack steps on a
-soft suffix (patchforge.attacks.SoftPrompt) that pull the current patched model's noise prediction
+soft suffix (patchforge.soft_tokens.SoftPrompt) that pull the current patched model's noise prediction
 back to the frozen base model's for the concept, then hands the method the *attacked* embeddings, so
 the outer patch update erases the concept on the attacked prompt too. The soft suffix persists
 across outer steps (warm start: the attack keeps up with the patch). Retain: the method's own
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attacks import SoftPrompt
+from .soft_tokens import SoftPrompt
 
 
 @dataclass

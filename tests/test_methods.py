@@ -65,3 +65,69 @@ def test_toy_short_run_lowers_the_target_rate(method, tmp_path):
     path, _ = train_patch(["style:stripes"], method, None, cfg, out=tmp_path / "p.safetensors", pipe=pipe)
     load_forget_patch(pipe, path)
     assert rate() < base
+
+
+def prepared_fmn(pipe, cfg, specs):
+    """An fmn runner after prepare() (references, inversion), as train_patch builds it."""
+    from patchforge.concepts import merge
+    from patchforge.methods import get_method
+    from patchforge.training import Trainer
+
+    method_cls = get_method("fmn")
+    hp = method_cls.Config(**{k: v for k, v in cfg.options.items() if k in method_cls.Config.__dataclass_fields__})
+    runner = method_cls(hp, Trainer(pipe, cfg, torch.device("cpu")), specs, merge(specs))
+    runner.prepare()
+    return runner
+
+
+def test_fmn_inversion_finds_tokens_and_re_steers_them(tmp_path):
+    """invert_steps > 0: textual inversion on the references gives K tokens whose attention columns
+    are masked and driven down with the name's; the run trains and differs from one without."""
+    from patchforge.concepts import resolve
+    from patchforge.methods.fmn import INVERT_TEMPLATE
+
+    pipe = BUILDERS["sd1"]()
+    options = {"ref_steps": 2, "n_refs": 2, "invert_steps": 3, "invert_tokens": 2}
+    cfg = TrainConfig(steps=4, batch=4, lr=2e-2, progress=False, options=options)
+    specs = [resolve("custom:a photo of a cat")]
+    runner = prepared_fmn(pipe, cfg, specs)
+    cond, mask = runner.inverted
+    n_template = len(pipe.tokenizer(INVERT_TEMPLATE).input_ids) - 1  # BOS + words; EOS follows the tokens
+    assert mask.sum() == 2 and mask[0, n_template:n_template + 2].sum() == 2
+    plain = pipe.encode_prompt([INVERT_TEMPLATE], "cpu", 1, False)[0]
+    assert not torch.allclose(cond.emb, plain)  # the learnt tokens are in the embedding
+    _, with_inv = train_patch(specs, "fmn", None, cfg, out=tmp_path / "a.safetensors", pipe=pipe)
+    cfg.options = {**options, "invert_steps": 0}
+    _, without = train_patch(specs, "fmn", None, cfg, out=tmp_path / "b.safetensors", pipe=pipe)
+    assert np.isfinite(with_inv["losses"]).all() and with_inv["losses"] != without["losses"]
+
+
+def test_fmn_inversion_on_sdxl_fails_clearly(tmp_path):
+    from patchforge.errors import PatchforgeError
+
+    cfg = TrainConfig(steps=1, batch=2, progress=False, options={"ref_steps": 2, "n_refs": 2, "invert_steps": 1})
+    with pytest.raises(PatchforgeError, match="SD 1.x / 2.x"):
+        train_patch(["custom:a photo of a cat"], "fmn", None, cfg, out=tmp_path / "p.safetensors", pipe=BUILDERS["sdxl"]())
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_fmn_preserve_on_own_images_pairs_each_prompt_with_its_image(tmp_path):
+    from patchforge.concepts import resolve
+    from patchforge.errors import PatchforgeError
+
+    pipe = BUILDERS["sd1"]()
+    specs = [resolve("custom:a photo of a cat")]
+    options = {"ref_steps": 2, "n_refs": 2, "preserve_on": "own"}
+    cfg = TrainConfig(steps=2, batch=2, progress=False, options=options)
+    runner = prepared_fmn(pipe, cfg, specs)
+    assert len(runner.pres_refs) == len(runner.preserve)  # one base image per preserve prompt
+    runner.tr.rng.seed(5)
+    idx = runner.tr.pick(runner.preserve, 2)
+    runner.tr.rng.seed(5)
+    *_, x0 = runner.preserve_batch(runner.pres_refs, paired=True)
+    assert torch.equal(x0, runner.pres_refs[idx])
+    _, s = train_patch(specs, "fmn", None, cfg, out=tmp_path / "p.safetensors", pipe=pipe)
+    assert np.isfinite(s["losses"]).all()
+    cfg.options = {**options, "preserve_on": "elsewhere"}
+    with pytest.raises(PatchforgeError, match="preserve_on"):
+        train_patch(specs, "fmn", None, cfg, out=tmp_path / "q.safetensors", pipe=pipe)

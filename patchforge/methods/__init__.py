@@ -94,12 +94,13 @@ class Method:
         """Base-model latents of the preserve prompts (generative replay), one per prompt."""
         return self.tr.reference_latents(self.preserve, "preserve-" + "+".join(s.key for s in self.specs))
 
-    def preserve_batch(self, refs: torch.Tensor, n: int | None = None):
+    def preserve_batch(self, refs: torch.Tensor, n: int | None = None, paired: bool = False):
         """n preserve rows: (x_t, t, noise, cond, x0). x_t may come from any clean latents -- the
         frozen base is the teacher at whatever point it is asked -- so by default methods reuse the
-        concept's references and save generating images of every preserve prompt."""
+        concept's references and save generating images of every preserve prompt. paired=True:
+        refs[i] is the base's own image of preserve prompt i (preserve_refs()), used with its prompt."""
         n = n or self.batch
         idx = self.tr.pick(self.preserve, n)
-        x0 = refs[[self.tr.rng.randrange(len(refs)) for _ in idx]]
+        x0 = refs[idx] if paired else refs[[self.tr.rng.randrange(len(refs)) for _ in idx]]
         x_t, t, noise = self.tr.noised(x0)
         return x_t, t, noise, self.tr.embed([self.preserve[i] for i in idx], role="preserve"), x0

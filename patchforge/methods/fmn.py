@@ -31,8 +31,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import PatchforgeError
 from ..training import Cond
 from . import Method, MethodConfig, cycle, register
+
+
+INVERT_TEMPLATE = "a photo of"  # the inverted tokens follow it, as in textual inversion
 
 
 @dataclass
@@ -43,6 +47,14 @@ class FMNConfig(MethodConfig):
     preserve_weight: float = 3.0  # tuned on the toy model, docs/training.md
     map_weight: float = 2.0
     away: float = 1.0  # eta (tuned, docs/training.md): map onto eps*(anchor) - eta * (eps*(target) - eps*(anchor)), away from the concept
+    # preserve rows noised from "concept" images (free) or from the base's "own" images of each preserve
+    # prompt (one generation per prompt, cached): the teacher is then asked where those prompts live
+    preserve_on: str = "concept"
+    # FMN's concept localisation: textual inversion on the concept's reference images (frozen base) finds
+    # K token embeddings <v> for it; "a photo of <v>" then joins the target rows (b/4 extra per step), its
+    # <v> columns re-steered and mapped like the name's. 0 = off. SD 1.x / 2.x.
+    invert_steps: int = 0
+    invert_tokens: int = 2
 
 
 class AttentionRecorder:
@@ -103,6 +115,24 @@ class ForgetMeNot(Method):
         self.prompts = cycle(self.target, len(self.refs))
         self.anchors = cycle(self.anchor, len(self.refs))
         self.mask = concept_token_mask(self.tr.pipe.tokenizer, self.prompts, self.words).to(self.tr.device)
+        if self.hp.preserve_on not in ("concept", "own"):
+            raise PatchforgeError(f"fmn preserve_on must be 'concept' or 'own', not {self.hp.preserve_on!r}")
+        self.pres_refs = self.preserve_refs() if self.hp.preserve_on == "own" and self.hp.preserve_weight > 0 else None
+        self.inverted = self.invert_concept() if self.hp.invert_steps > 0 else None
+
+    def invert_concept(self) -> tuple[Cond, torch.Tensor]:
+        """(embedding of "a photo of <v>", mask of the <v> positions), <v> learnt on the references."""
+        from ..soft_tokens import invert_latents
+
+        pipe = self.tr.pipe
+        soft = invert_latents(pipe, self.refs, steps=self.hp.invert_steps, n_tokens=self.hp.invert_tokens,
+                              seed=self.tr.cfg.seed, template=INVERT_TEMPLATE)
+        with torch.no_grad():
+            emb = soft.encode(pipe, [INVERT_TEMPLATE]).detach()
+        _, positions = soft._ids(pipe.tokenizer, [INVERT_TEMPLATE])
+        mask = torch.zeros(1, pipe.tokenizer.model_max_length, device=self.tr.device)
+        mask[0, positions[0]] = 1.0
+        return Cond(emb), mask
 
     def start(self):
         # record only in cross-attention (attn2); self-attention keeps its fast processor
@@ -121,31 +151,41 @@ class ForgetMeNot(Method):
         tr, hp, b = self.tr, self.hp, self.batch
         idx = tr.pick(self.prompts, b)
         x_t, t, _ = tr.noised(self.refs[idx])
-        cond = tr.embed([self.prompts[i] for i in idx], role="target")
+        prompts, anchors, mask = [self.prompts[i] for i in idx], [self.anchors[i] for i in idx], self.mask[idx]
+        cond = tr.embed(prompts, role="target")
+        toward = tr.embed(prompts, role="target", base=True) if hp.map_weight > 0 and hp.away > 0 else None
+        if self.inverted is not None:  # the inverted concept rides along as extra target rows
+            inv_cond, inv_mask = self.inverted
+            k = max(1, b // 4)
+            xi, ti, _ = tr.noised(self.refs[tr.pick(self.prompts, k)])
+            x_t, t, anchors = torch.cat([x_t, xi]), torch.cat([t, ti]), anchors + [INVERT_TEMPLATE] * k
+            cond, mask = Cond.cat([cond] + [inv_cond] * k), torch.cat([mask, inv_mask.expand(k, -1)])
+            toward = Cond.cat([toward] + [inv_cond] * k) if toward is not None else None
+        b = len(cond)  # target rows
         xs, ts, conds = [x_t], [t], [cond]
         if hp.preserve_weight > 0:  # preserve rows ride in the same UNet call (one forward, one backward)
-            px, pt, _, pcond, _ = self.preserve_batch(self.refs)
+            own = self.pres_refs is not None
+            px, pt, _, pcond, _ = self.preserve_batch(self.pres_refs if own else self.refs, paired=own)
             xs, ts, conds = xs + [px], ts + [pt], conds + [pcond]
         x_all, t_all, c_all = torch.cat(xs), torch.cat(ts), Cond.cat(conds)
-        mask = torch.zeros(len(c_all), self.mask.shape[1], device=self.mask.device)
-        mask[:b] = self.mask[idx]
-        self.recorder.mask, self.recorder.mass = mask, []
+        masks = torch.zeros(len(c_all), self.mask.shape[1], device=self.mask.device)
+        masks[:b] = mask  # preserve rows record nothing
+        self.recorder.mask, self.recorder.mass = masks, []
         pred = tr.eps(x_all, t_all, c_all)
         self.recorder.mask = None
         heads_rows = [m[: b * (m.shape[0] // len(c_all))] for m in self.recorder.mass]  # target rows only
         l_attn = torch.stack([m.pow(2).mean() for m in heads_rows]).mean()
         loss, logs = hp.attn_weight * l_attn, {"attn": l_attn}
         # teachers: base on the anchor prompts (target rows) and on the preserve prompts (preserve rows)
-        teach = [tr.embed([self.anchors[i] for i in idx], role="anchor", base=True)] if hp.map_weight > 0 else []
+        teach = [tr.embed(anchors, role="anchor", base=True)] if hp.map_weight > 0 else []
         if hp.preserve_weight > 0:
             teach.append(conds[1])
         if teach:
             rows = slice(0 if hp.map_weight > 0 else b, None)
             with torch.no_grad():
                 base = tr.eps(x_all[rows], t_all[rows], Cond.cat(teach), base=True)
-                if hp.map_weight > 0 and hp.away > 0:  # the base's own prediction for the concept, to steer away from
-                    toward = tr.eps(x_t, t, tr.embed([self.prompts[i] for i in idx], role="target", base=True), base=True)
-                    base[:b] = base[:b] - hp.away * (toward - base[:b])
+                if toward is not None:  # the base's own prediction for the concept, to steer away from
+                    base[:b] = base[:b] - hp.away * (tr.eps(x_t, t, toward, base=True) - base[:b])
             if hp.map_weight > 0:
                 l_map = F.mse_loss(pred[:b], base[:b])
                 loss, logs["map"] = loss + hp.map_weight * l_map, l_map
