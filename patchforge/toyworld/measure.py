@@ -37,7 +37,9 @@ def concept_rates(pipe, judge: Judge, split: str, seeds: int, batch: int = 64) -
 def base_model_report(model: str | None = None, seeds: int = 8) -> dict:
     t0 = time.time()
     pipe = load_pipeline(model, device="cpu")
-    judge = Judge.load(toy_judge_path())
+    # a model rebuilt elsewhere (`toy train --out DIR`, then --model DIR/pipeline) is judged by its own judges
+    own = Path(model).parent / "judges.safetensors" if model else None
+    judge = Judge.load(own if own is not None and own.exists() else toy_judge_path())
     out = {"judge_accuracy_real": judge_accuracy(judge), "seeds_per_concept": seeds,
            "guidance": GUIDANCE, "steps": STEPS, "rates": {}}
     for split in (world.TRAIN_SPLIT, world.HELDOUT_SPLIT):
