@@ -48,13 +48,13 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a method option or steps/lr for every run (tuning); repeatable")
     args = ap.parse_args(argv)
-    overrides = {k: float(v) if k != "steps" else int(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-
     import torch
 
     from patchforge.evaluation import evaluate
     from patchforge.pipeline_loading import load_pipeline
-    from patchforge.training import TrainConfig, train_patch
+    from patchforge.training import TrainConfig, _parse_set, train_patch
+
+    overrides = _parse_set(args.set)  # same parsing as `patchforge train --set` (numbers, true/false, words)
 
     if args.threads:
         torch.set_num_threads(args.threads)

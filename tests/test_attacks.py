@@ -1,6 +1,8 @@
 """Attacks: text variants are what they claim, soft prompts are differentiable and land where they
 should, robust training runs; on the trained toy model the soft-prompt attack brings back a concept
 suppressed only by a negative prompt and finds nothing the base model cannot make."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -74,21 +76,28 @@ def test_robust_training_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not TOY_BUILT, reason="the embedded toy model is not built")
-def test_soft_prompt_beats_negative_prompt_and_finds_no_absent_concept():
+def test_soft_prompt_beats_a_weak_patch_and_finds_no_absent_concept():
+    """The attack works: the shipped stripes patch at half weight is a weak defence (stripes mostly
+    gone), and the soft suffix brings stripes back. (A negative prompt "in stripes style" was the weak
+    defence here until the 2026-11-23 rebuild; that model ignores it: stripes stay at 100 %.)"""
     from patchforge.judging import ToyJudge
+    from patchforge.loading import load_forget_patch, unload_forget_patch
     from patchforge.pipeline_loading import load_pipeline
 
     pipe, judge = load_pipeline(None, device="cpu"), ToyJudge()
-    torch.manual_seed(0)
-    neg = world.STYLE_PHRASE.format("stripes")
-    # attack works: "in stripes style" as negative prompt suppresses stripes; the soft suffix brings them back
-    res = attacks.run_attacks(pipe, ["stripes"], judge, {"prompts": 4, "soft_steps": 40}, seeds=2, negative=neg,
-                              which=("soft_prompt",))
     prompts = [p.prompt for p in world.probes_for("stripes", world.TRAIN_SPLIT, n=4, seed=5)]
     rep, seeds = [p for p in prompts for _ in range(2)], [evaluation.SEED0, evaluation.SEED0 + 1] * 4
-    suppressed = np.mean(judge.detect(evaluation.generate(pipe, rep, seeds, negative=[neg] * len(rep)), "stripes"))
+    name = load_forget_patch(pipe, Path(__file__).parents[1] / "patches" / "style-stripes.fmn.safetensors", weight=0.5)
+    try:
+        suppressed = np.mean(judge.detect(evaluation.generate(pipe, rep, seeds), "stripes"))
+        torch.manual_seed(0)
+        res = attacks.run_attacks(pipe, ["stripes"], judge, {"prompts": 4, "soft_steps": 40}, seeds=2,
+                                  which=("soft_prompt",))
+    finally:
+        unload_forget_patch(pipe, name)
     asr = res["soft_prompt"]["metric"]["patched"]
-    print(f"negative-prompt suppressed rate {suppressed:.3f}, soft-prompt ASR {asr:.3f}")
+    print(f"half-weight patch: stripes rate {suppressed:.3f}, soft-prompt ASR {asr:.3f}")
+    assert suppressed <= 0.5, suppressed  # the defence does something
     assert asr >= suppressed + 0.25, (suppressed, asr)
     # no false successes: prompts the base renders without stripes give the attack nothing to recover
     plain = [p.prompt for p in world.probes_for("circle", world.TRAIN_SPLIT, n=4, seed=5) if "stripes" not in p.prompt]
