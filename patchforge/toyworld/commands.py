@@ -13,7 +13,7 @@ def register(sub) -> None:
 
     toy = sub.add_parser("toy", help="the embedded toy text-to-image world: rebuild or measure it")
     toy_sub = toy.add_subparsers(dest="toy_verb", metavar="TOY_VERB")
-    train = toy_sub.add_parser("train", help="rebuild the toy model and its judges from a seed (CPU: ~75 min on 2 cores)")
+    train = toy_sub.add_parser("train", help="rebuild the toy model and its judges from a seed (CPU: ~70 min on 2 cores)")
     train.add_argument("--out", type=Path, default=TOY_MODEL_DIR, help=f"output folder (default: the shipped one, {TOY_MODEL_DIR})")
     for f in fields(ToyBuildConfig):
         train.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
