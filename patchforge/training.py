@@ -53,6 +53,7 @@ class TrainConfig:
     device: str | None = None
     mixed_precision: bool = True  # autocast on CUDA only
     options: dict = field(default_factory=dict)  # method hyperparameters (--set key=value)
+    images: str | None = None  # folder of the concept's own images; None: the base model's generations
     progress: bool = True
 
 
@@ -206,18 +207,32 @@ class Trainer:
         return latents.to(self.device, self.unet.dtype)
 
     def encode_images(self, folder: str | Path) -> torch.Tensor:
-        """User-given reference images -> clean latents (VAE mean, scaled)."""
+        """User-given reference images (`--images`) -> clean latents (VAE mean, scaled). Each image is
+        centre-cropped to a square and resized to the model's resolution."""
         import numpy as np
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise PatchforgeError(f"--images {folder}: no such folder")
         size = self.unet.config.sample_size * self.pipe.vae_scale_factor
-        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
         if not files:
-            raise PatchforgeError(f"no .png/.jpg images in {folder}")
-        arr = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size))) for f in files])
-        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device, self.pipe.vae.dtype)
-        with torch.no_grad():
-            lat = self.pipe.vae.encode(x).latent_dist.mean * self.pipe.vae.config.scaling_factor
+            raise PatchforgeError(f"--images {folder}: no .png/.jpg/.webp images in it")
+        arr = []
+        for f in files:
+            try:
+                im = Image.open(f).convert("RGB")
+            except (UnidentifiedImageError, OSError) as e:
+                raise PatchforgeError(f"--images: cannot read {f.name} ({e.__class__.__name__})") from None
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            arr.append(np.asarray(im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)))
+        x = torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        vae = self.pipe.vae
+        with torch.no_grad():  # in chunks: a folder of a few hundred SD-sized images must not fill memory
+            lat = torch.cat([vae.encode(x[i:i + 8].to(self.device, vae.dtype)).latent_dist.mean
+                             for i in range(0, len(x), 8)]) * vae.config.scaling_factor
         return lat.to(self.unet.dtype)
 
 
@@ -316,6 +331,7 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
         names = [s.key for s in specs]
         hparams = {"steps": steps, "lr": lr, "rank": cfg.rank, "alpha": alpha, "batch": cfg.batch,
                    "grad_clip": cfg.grad_clip, "unet_targets": unet_targets, "text_encoder": text_encoder,
+                   "reference_images": "user" if cfg.images else "base model",
                    **{k: v for k, v in asdict(hp).items() if k not in ("steps", "lr")}}
         metadata = {"patchforge.concept": "; ".join(names), "patchforge.concepts": json.dumps([s.to_json() for s in specs]),
                     "patchforge.method": cfg.method, "patchforge.hyperparameters": json.dumps(hparams),
@@ -359,6 +375,8 @@ def register(subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter (see docs/methods.md)")
     p.add_argument("--out", default=None, help="patch path (default: patches/<concept>.<method>.safetensors)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: autodetect)")
+    p.add_argument("--images", default=None, metavar="FOLDER",
+                   help="the concept's own images, for methods that train on images of it (default: the base model's generations)")
     p.add_argument("--robust", action="store_true", help="adversarially robust training (patchforge.robust)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
@@ -388,6 +406,10 @@ def _run(args) -> int:
         jobs += [[s] for s in load_concept_file(args.concept_file)]
     if args.out and len(jobs) > 1:
         raise PatchforgeError("--out names one file but the concept file trains several patches: leave --out out")
+    if args.images and len(jobs) > 1:
+        raise PatchforgeError("--images holds one concept's images but the concept file trains several patches")
+    if args.images and not Path(args.images).is_dir():
+        raise PatchforgeError(f"--images {args.images}: no such folder")  # before loading any model
     robust = None
     if args.robust:
         try:
@@ -401,7 +423,8 @@ def _run(args) -> int:
         print(f"{tag}{len(mine)} of {len(jobs)} patches on {device}", flush=True)
     cfg = TrainConfig(method=args.method, steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
                       batch=args.batch, seed=args.seed, unet_targets=args.targets, text_encoder=args.text_encoder,
-                      device=device, options=_parse_set(args.set), progress=not args.quiet and rank == 0)
+                      device=device, options=_parse_set(args.set), progress=not args.quiet and rank == 0,
+                      images=args.images)
     pipe = None
     for specs in mine:
         if pipe is None:

@@ -95,3 +95,39 @@ def test_accelerate_launch_deals_a_concept_list_out_one_patch_per_process(tmp_pa
     for p in patches:
         with safe_open(str(p), "pt") as f:
             assert f.metadata()["patchforge.device"] == "cpu"
+
+
+def test_user_images_replace_the_base_models_references(tmp_path, capsys):
+    """--images FOLDER: methods train on the user's images (any size, centre-cropped), not on the base
+    model's generations; the patch says so; a wrong folder or an unreadable file fails in one line."""
+    import numpy as np
+    from PIL import Image
+
+    from patchforge.cli import main
+    from patchforge.concepts import merge, resolve
+    from patchforge.errors import PatchforgeError
+    from patchforge.methods import get_method
+    from patchforge.patch_format import read_patch
+    from patchforge.training import Trainer
+
+    folder = tmp_path / "cats"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(40, 24), (64, 64), (20, 30)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    pipe = tiny_sd1()
+    cfg = TrainConfig(steps=2, batch=2, progress=False, options=FAST, images=str(folder))
+    specs = [resolve("custom:a photo of a cat")]
+    method = get_method("fmn")
+    runner = method(method.Config(), Trainer(pipe, cfg, torch.device("cpu")), specs, merge(specs))
+    refs = runner.concept_refs()
+    size = pipe.unet.config.sample_size
+    assert refs.shape == (3, pipe.unet.config.in_channels, size, size)  # one latent per image
+    path, _ = train_patch(specs, "fmn", None, cfg, out=tmp_path / "p.safetensors", pipe=pipe)
+    assert json.loads(read_patch(path).metadata["patchforge.hyperparameters"])["reference_images"] == "user"
+
+    assert main(["train", "--concept", "custom:a cat", "--images", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (folder / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(PatchforgeError, match="cannot read broken.png"):
+        Trainer(pipe, cfg, torch.device("cpu")).encode_images(folder)

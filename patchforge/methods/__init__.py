@@ -86,7 +86,10 @@ class Method:
 
     # ---- shared pieces
     def concept_refs(self) -> torch.Tensor:
-        """Base-model latents of the target prompts (reference images of the concept)."""
+        """Reference images of the concept as clean latents: the user's (`--images`), else the base
+        model's own generations of the target prompts."""
+        if self.tr.cfg.images:
+            return self.tr.encode_images(self.tr.cfg.images)
         prompts = cycle(self.target, self.hp.n_refs)
         return self.tr.reference_latents(prompts, "+".join(s.key for s in self.specs))
 
