@@ -27,7 +27,8 @@ class SoftPrompt(torch.nn.Module):
         self.vectors = torch.nn.Parameter((init + self.scale * 0.1 * torch.randn(n_tokens, init.shape[0], generator=g))
                                           .to(table.device))
 
-    def _ids(self, tokenizer, prompts: list[str]):
+    def token_ids(self, tokenizer, prompts: list[str]):
+        """(ids (N, L) with the K placeholder ids before end-of-text, positions (N, K) of those ids)."""
         k, length = len(self.vectors), tokenizer.model_max_length
         rows, positions = [], []
         for p in prompts:
@@ -41,7 +42,7 @@ class SoftPrompt(torch.nn.Module):
     def encode(self, pipe, prompts: list[str]) -> torch.Tensor:
         """Prompt embeddings (N, L, D) with the soft tokens in; differentiable w.r.t. the vectors."""
         te = pipe.text_encoder
-        ids, pos = self._ids(pipe.tokenizer, prompts)
+        ids, pos = self.token_ids(pipe.tokenizer, prompts)
         rows = torch.arange(len(prompts))[:, None].expand_as(pos)
 
         def hook(module, inputs, output):

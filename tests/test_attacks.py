@@ -48,7 +48,7 @@ def test_soft_prompt_is_appended_and_differentiable():
     assert emb.shape[:2] == (2, pipe.tokenizer.model_max_length)
     (grad,) = torch.autograd.grad(emb.pow(2).sum(), [soft.vectors])
     assert grad.abs().sum() > 0
-    ids, pos = soft._ids(pipe.tokenizer, ["a star"])
+    ids, pos = soft.token_ids(pipe.tokenizer, ["a star"])
     n_words = len(pipe.tokenizer("a star").input_ids) - 1  # BOS + words
     assert pos.tolist() == [[n_words, n_words + 1, n_words + 2]]
     assert ids[0, n_words + 3].item() == pipe.tokenizer.eos_token_id

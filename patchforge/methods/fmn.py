@@ -129,7 +129,7 @@ class ForgetMeNot(Method):
                               seed=self.tr.cfg.seed, template=INVERT_TEMPLATE)
         with torch.no_grad():
             emb = soft.encode(pipe, [INVERT_TEMPLATE]).detach()
-        _, positions = soft._ids(pipe.tokenizer, [INVERT_TEMPLATE])
+        _, positions = soft.token_ids(pipe.tokenizer, [INVERT_TEMPLATE])
         mask = torch.zeros(1, pipe.tokenizer.model_max_length, device=self.tr.device)
         mask[0, positions[0]] = 1.0
         return Cond(emb), mask
