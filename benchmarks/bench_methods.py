@@ -52,9 +52,9 @@ def main(argv=None) -> int:
 
     from patchforge.evaluation import evaluate
     from patchforge.pipeline_loading import load_pipeline
-    from patchforge.training import TrainConfig, _parse_set, train_patch
+    from patchforge.training import TrainConfig, parse_set, train_patch
 
-    overrides = _parse_set(args.set)  # same parsing as `patchforge train --set` (numbers, true/false, words)
+    overrides = parse_set(args.set)  # same parsing as `patchforge train --set` (numbers, true/false, words)
 
     if args.threads:
         torch.set_num_threads(args.threads)

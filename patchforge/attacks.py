@@ -328,11 +328,11 @@ def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judg
 
 
 def _run(args) -> int:
-    from .training import _parse_set
+    from .training import parse_set
 
     if not Path(args.patch).exists():
         raise PatchforgeError(f"no patch at {args.patch}")
-    budget = _parse_set(args.budget)
+    budget = parse_set(args.budget)
     unknown = set(budget) - set(DEFAULT_BUDGET)
     if unknown:
         raise PatchforgeError(f"unknown budget key(s) {', '.join(sorted(unknown))}: use {', '.join(DEFAULT_BUDGET)}")

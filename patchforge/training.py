@@ -382,7 +382,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run)
 
 
-def _parse_set(items: list[str]) -> dict:
+def parse_set(items: list[str]) -> dict:
+    """KEY=VALUE strings -> {key: value}, values read as JSON (numbers, true/false) or kept as words.
+    The one parser for `train --set`, `attack --budget` and `bench_methods --set`."""
     out = {}
     for item in items:
         key, eq, value = item.partition("=")
@@ -423,7 +425,7 @@ def _run(args) -> int:
         print(f"{tag}{len(mine)} of {len(jobs)} patches on {device}", flush=True)
     cfg = TrainConfig(method=args.method, steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
                       batch=args.batch, seed=args.seed, unet_targets=args.targets, text_encoder=args.text_encoder,
-                      device=device, options=_parse_set(args.set), progress=not args.quiet and rank == 0,
+                      device=device, options=parse_set(args.set), progress=not args.quiet and rank == 0,
                       images=args.images)
     pipe = None
     for specs in mine:
