@@ -7,6 +7,13 @@ those labels, per kind.
 
     python benchmarks/judge_vs_eye.py sheet  docs/judge-eye-sheet.png   # numbered picture to label
     python benchmarks/judge_vs_eye.py score  docs/judge-eye-labels.json # judge vs the hand labels
+    python benchmarks/judge_vs_eye.py sheet  docs/judge-eye-colour-sheet.png --set colour
+    python benchmarks/judge_vs_eye.py score  docs/judge-eye-colour-labels.json
+
+The general sheet (--set general) asks for every kind at once. The colour sheet (--set colour) asks
+for each colour 8 times on random shapes and textures, in shuffled order, because the warm colours
+(red / orange / yellow / pink) are where generations drift between names and the general sheet
+holds too few of them to say which way the judge errs.
 
 The labels file maps image number -> {"object", "color", "style"} or {"identity"} as seen; "?"
 means the labeller could not tell, and is left out of the score. The sheet is regenerated from
@@ -27,10 +34,19 @@ from patchforge.pipeline_loading import load_pipeline
 from patchforge.toyworld import world
 
 N_SHAPES, N_CHARACTERS, SEED = 40, 8, 2024
+COLOUR_REPEATS, COLOUR_SEED = 8, 3030
 
 
-def sheet_prompts() -> list[str]:
+def sheet_prompts(which: str = "general") -> list[str]:
     """Fully specified prompts, so the labeller knows what was asked, and the judge must read all kinds."""
+    if which == "colour":
+        rng = random.Random(COLOUR_SEED)
+        prompts = []
+        for col in list(world.COLORS) * COLOUR_REPEATS:
+            obj, style = rng.choice(list(world.OBJECTS)), rng.choice(list(world.STYLES) + [world.SOLID])
+            prompts.append(f"a {col} {obj}" + ("" if style == world.SOLID else " " + world.style_phrase(style)))
+        rng.shuffle(prompts)
+        return prompts
     rng = random.Random(SEED)
     prompts = []
     for _ in range(N_SHAPES):
@@ -41,13 +57,14 @@ def sheet_prompts() -> list[str]:
     return prompts
 
 
-def images(model=None):
-    prompts = sheet_prompts()
-    return prompts, generate(load_pipeline(model, device="cpu"), prompts, [SEED + i for i in range(len(prompts))])
+def images(model=None, which: str = "general"):
+    prompts = sheet_prompts(which)
+    first = COLOUR_SEED if which == "colour" else SEED
+    return prompts, generate(load_pipeline(model, device="cpu"), prompts, [first + i for i in range(len(prompts))])
 
 
-def write_sheet(path: Path, model=None) -> None:
-    prompts, ims = images(model)
+def write_sheet(path: Path, model=None, which: str = "general") -> None:
+    prompts, ims = images(model, which)
     cols, cell = 8, 32 * 4 + 18
     sheet = Image.new("RGB", (cols * cell, -(-len(ims) // cols) * cell), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
@@ -61,8 +78,9 @@ def write_sheet(path: Path, model=None) -> None:
 
 
 def score(labels_path: Path, model=None, judge=None) -> None:
-    labels = {int(k): v for k, v in json.loads(Path(labels_path).read_text())["labels"].items()}
-    prompts, ims = images(model)
+    data = json.loads(Path(labels_path).read_text())
+    labels = {int(k): v for k, v in data["labels"].items()}
+    prompts, ims = images(model, data.get("sheet", "general"))
     pred = ToyJudge(judge).judge.predict(ims)
     print("| kind | judge agrees with the eye | images | prompt asked for it and the eye saw it |")
     print("|---|---|---|---|")
@@ -83,6 +101,7 @@ if __name__ == "__main__":
     ap.add_argument("path", type=Path)
     ap.add_argument("--model", default=None, help="toy model folder (default: the shipped one)")
     ap.add_argument("--judge", default=None, help="judges.safetensors (default: the shipped one)")
+    ap.add_argument("--set", default="general", choices=["general", "colour"], help="which sheet to draw (sheet mode)")
     args = ap.parse_args()
-    write_sheet(args.path, args.model) if args.mode == "sheet" else score(args.path, args.model, args.judge)
+    write_sheet(args.path, args.model, args.set) if args.mode == "sheet" else score(args.path, args.model, args.judge)
     sys.exit(0)
