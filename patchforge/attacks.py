@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import write_text
 from .errors import PatchforgeError
 from .soft_tokens import SoftPrompt, invert_latents  # noqa: F401  (SoftPrompt: part of this module's API)
 
@@ -341,7 +342,7 @@ def _run(args) -> int:
     res = attack_patch(args.patch, args.model, budget, args.seeds, args.attack or None,
                        load_judge(args.judge) if args.judge else None)
     out = Path(args.out) if args.out else Path(args.patch).with_suffix(".attack.json")
-    out.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+    write_text(out, json.dumps(res, indent=1, sort_keys=True) + "\n")
     print(f"| attack | base rate | ASR (patched) | 95% CI |\n|---|---|---|---|")
     for k, m in res["attacks"].items():
         ci = m["ci_patched"]

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_path, write_text
 from .errors import PatchforgeError
 
 STEPS, GUIDANCE = 20, 5.0  # what every patchforge command generates with
@@ -520,9 +521,8 @@ def grid(rep: dict, path, per_set: int = 1) -> None:
                 if imgs is not None and s < len(imgs):
                     tile = Image.fromarray(imgs[s]).resize((cell, cell), Image.NEAREST)
                     canvas.paste(tile, (label_w + (2 * s + k) * cell, y))
-    tmp = Path(str(path) + ".tmp.png")
-    canvas.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp)
 
 
 def write_reports(result: dict, out: str | Path | None = None, command: str | None = None) -> list[Path]:
@@ -534,16 +534,16 @@ def write_reports(result: dict, out: str | Path | None = None, command: str | No
         stem = (Path(out) / src.name if out else src).with_suffix("")
         stem.parent.mkdir(parents=True, exist_ok=True)
         js = Path(f"{stem}.eval.json")
-        js.write_text(json.dumps(to_json(rep), indent=1, sort_keys=True, default=float) + "\n")
+        write_text(js, json.dumps(to_json(rep), indent=1, sort_keys=True, default=float) + "\n")
         md = Path(f"{stem}.eval.md")
-        md.write_text(markdown([rep], command) + f"\n![before/after]({stem.name}.eval.png)\n")
+        write_text(md, markdown([rep], command) + f"\n![before/after]({stem.name}.eval.png)\n")
         png = Path(f"{stem}.eval.png")
         grid(rep, png)
         written += [js, md, png]
     if len(result["patches"]) > 1:
         where = Path(out) if out else Path(result["patches"][0]["patch"]["path"]).parent
         cmp = where / "compare.eval.md"
-        cmp.write_text(markdown(result["patches"], command))
+        write_text(cmp, markdown(result["patches"], command))
         written.append(cmp)
     return written
 

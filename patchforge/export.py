@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
 from .errors import PatchforgeError
 from .patch_format import (K_BASE_FAMILY, K_CONCEPT, K_METHOD, K_PREDICTION, Patch, TEXT_PREFIX, _pattern_value,
                            read_patch)
@@ -81,10 +82,8 @@ def export_kohya(patch_path, out_path=None) -> Path:
     out = Path(out_path) if out_path else patch.path.with_name(patch.path.stem + ".kohya.safetensors")
     if out.is_dir():
         out = out / (patch.path.stem + ".kohya.safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    safetensors.torch.save_file(kohya_state_dict(patch), tmp, metadata=kohya_metadata(patch, out.stem))
-    tmp.replace(out)  # atomic, like patch writing
+    with atomic_path(out) as tmp:
+        safetensors.torch.save_file(kohya_state_dict(patch), str(tmp), metadata=kohya_metadata(patch, out.stem))
     return out
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
+
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate images from a prompt (optionally with patches)")
@@ -57,9 +59,7 @@ def _run(args) -> int:
     out = pipe([args.prompt] * args.batch, negative_prompt=[args.negative_prompt] * args.batch if args.negative_prompt else None,
                num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gens, output_type="np").images
     images = (out * 255).round().astype(np.uint8)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp.png")
-    to_grid(images, args.grid or args.batch).save(tmp)
-    tmp.replace(args.out)  # atomic: a half-written picture never replaces a good one
+    with atomic_path(args.out) as tmp:  # a half-written picture never replaces a good one
+        to_grid(images, args.grid or args.batch).save(tmp)
     print(f"wrote {args.out} ({args.batch} image(s), seed {args.seed}..{args.seed + args.batch - 1})")
     return 0

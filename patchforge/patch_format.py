@@ -14,14 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
 from .errors import BaseModelMismatch, PatchFormatError, PatchforgeError
 
 FORMAT_VERSION = "1"
@@ -223,18 +222,8 @@ def write_patch(patch: Patch, path) -> Path:
     md["format"] = "pt"
     lora_md = {f"{c}.{k}": v for c in patch.components for k, v in patch.lora_configs[c].items()}
     md[LORA_METADATA_KEY] = json.dumps(lora_md, indent=2, sort_keys=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(patch.flat_state_dict(), tmp, metadata=md)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a patch is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(patch.flat_state_dict(), str(tmp), metadata=md)
     patch.path, patch.metadata = path, md
     return path
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
 from .concepts import ConceptSpec, load_concept_file, merge, resolve
 from .errors import PatchforgeError
 
@@ -200,10 +201,8 @@ class Trainer:
                                 generator=gens, output_type="latent", height=size, width=size).images
             out.append(lat.float().cpu())
         latents = torch.cat(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"latents": latents.contiguous()}, str(tmp), metadata={"prompts": json.dumps(all_prompts)})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({"latents": latents.contiguous()}, str(tmp), metadata={"prompts": json.dumps(all_prompts)})
         return latents.to(self.device, self.unet.dtype)
 
     def encode_images(self, folder: str | Path) -> torch.Tensor:

@@ -82,3 +82,14 @@ def test_judge_augmentation_keeps_shape_colours_apart_and_lets_characters_drift(
     assert closer_to_orange.all()
     spread = figure_rgb(world.Scene(identity="kiko"), True).std(0)
     assert spread.max() > 20  # characters' colours do drift
+
+
+def test_world_grid_draws_a_row_per_concept(tmp_path):
+    from PIL import Image
+
+    from patchforge.toyworld.measure import world_grid
+
+    world_grid(tmp_path / "w.png", per_concept=3)
+    n_concepts = sum(len(world.concepts_of(k)) for k in world.KINDS)
+    w, h = Image.open(tmp_path / "w.png").size
+    assert h / w == n_concepts / 3

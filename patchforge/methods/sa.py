@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_path
 from ..training import ADAPTER, TARGETS, Cond, cache_dir, lora_delta, model_key
 from . import Method, MethodConfig, cycle, register
 
@@ -89,9 +90,8 @@ class SelectiveAmnesia(Method):
             w.requires_grad_(False)
         mean = torch.cat([f.flatten() for f in fisher.values()]).mean().clamp_min(1e-20)
         fisher = {n: (f / mean).contiguous().cpu() for n, f in fisher.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(fisher, str(path.with_name(path.name + ".tmp")))
-        path.with_name(path.name + ".tmp").replace(path)
+        with atomic_path(path) as tmp:
+            save_file(fisher, str(tmp))
         return {k: v.to(tr.device) for k, v in fisher.items()}
 
     def start(self):

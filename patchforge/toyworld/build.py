@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..atomic import write_text
 from .judges import Judge, JudgeNet, judge_accuracy, save_judge, train_judge
 from .tokenizer import build_tokenizer
 from .world import random_scene, render, caption
@@ -171,7 +172,7 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
     report["total_s"] = round(time.time() - t_start, 1)
     report["parameters"] = {name: sum(p.numel() for p in m.parameters())
                             for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder), ("judge", JudgeNet()))}
-    (out_dir / "build_report.json").write_text(json.dumps(report, indent=2))
+    write_text(out_dir / "build_report.json", json.dumps(report, indent=2))
     return report
 
 

@@ -5,6 +5,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from ..atomic import write_text
 from ..pipeline_loading import TOY_MODEL_DIR
 
 
@@ -29,6 +30,7 @@ def register(sub) -> None:
     report.add_argument("--seeds", type=int, default=8, help="generations per prompt set")
     report.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     report.add_argument("--grid", type=Path, default=None, help="also write a concepts x seeds picture here")
+    report.add_argument("--world-grid", type=Path, default=None, help="also write a picture of real renders, a row per concept")
     report.set_defaults(func=_report)
     toy.set_defaults(func=lambda args: toy.print_help() or 0)
 
@@ -60,7 +62,7 @@ def _judges(args) -> int:
         report["config"]["judge_steps"] = args.judge_steps
         report["stages"]["judges_s"], report["judge_accuracy_real"] = seconds, acc
         report["total_s"] = round(sum(report["stages"].values()), 1)
-        report_path.write_text(json.dumps(report, indent=2))
+        write_text(report_path, json.dumps(report, indent=2))
     print(f"judges written to {args.out / 'judges.safetensors'} in {seconds:.0f} s; accuracy on held-out real images: "
           + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
     return 0
@@ -68,13 +70,16 @@ def _judges(args) -> int:
 
 def _report(args) -> int:
     from ..pipeline_loading import load_pipeline
-    from .measure import base_model_report, concept_grid, format_report
+    from .measure import base_model_report, concept_grid, format_report, world_grid
 
+    if args.world_grid:
+        world_grid(args.world_grid)
+        print(f"wrote {args.world_grid}")
     if args.grid:
         concept_grid(load_pipeline(args.model, device="cpu"), args.grid)
         print(f"wrote {args.grid}")
     numbers = base_model_report(args.model, seeds=args.seeds)
     print(format_report(numbers))
     if args.json:
-        args.json.write_text(json.dumps(numbers, indent=2))
+        write_text(args.json, json.dumps(numbers, indent=2))
     return 0

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_path
 from .world import KINDS, LABELS, NONE, random_scene, render
 
 
@@ -152,6 +153,5 @@ def judge_accuracy(judge: Judge, n: int = 2000, seed: int = 12345) -> dict[str, 
 
 def save_judge(net: JudgeNet, path) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    tmp.replace(path)  # atomic: measurements never read a half-written judge
+    with atomic_path(path) as tmp:  # measurements never read a half-written judge
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))

@@ -4,11 +4,13 @@ held-out paraphrases. Fixed seeds; the numbers behind docs/toy-model.md."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path, write_text
 from ..evaluation import GUIDANCE, STEPS, generate  # one generation path for every measurement
 from ..pipeline_loading import load_pipeline, toy_judge_path
 from . import world
@@ -73,5 +75,24 @@ def concept_grid(pipe, path, seeds: int = 6) -> None:
         for name in world.concepts_of(kind):
             prompts.append(world.probes_for(name, world.TRAIN_SPLIT, n=1, seed=0)[0].prompt)
     images = generate(pipe, [p for p in prompts for _ in range(seeds)], [s for _ in prompts for s in range(seeds)])
-    to_grid(images, seeds, min_side=64).save(path)
-    (Path(path).with_suffix(".txt")).write_text("rows, top to bottom:\n" + "\n".join(prompts) + "\n")
+    with atomic_path(path) as tmp:
+        to_grid(images, seeds, min_side=64).save(tmp)
+    write_text(Path(path).with_suffix(".txt"), "rows, top to bottom:\n" + "\n".join(prompts) + "\n")
+
+
+def world_grid(path, per_concept: int = 6, seed: int = 0) -> None:
+    """Real renders, no model: one row per concept, each showing it with random other attributes
+    (docs/toy-world.png)."""
+    import random
+
+    from ..generate import to_grid
+
+    rng, images = random.Random(seed), []
+    for kind in world.KINDS:
+        for name in world.concepts_of(kind):
+            for _ in range(per_concept):
+                s = world.random_scene(rng, identity_share=1.0 if kind == "identity" else 0.0)
+                s = replace(s, identity=name) if kind == "identity" else replace(s, **{kind: name})
+                images.append(world.render(s, rng.randrange(1 << 30)))
+    with atomic_path(path) as tmp:
+        to_grid(np.stack(images), per_concept, min_side=64).save(tmp)

@@ -1,0 +1,39 @@
+"""Atomic file writes: a half-written file (Ctrl-C, full disk, a crash) never replaces a good one.
+
+Every file patchforge writes -- patches, reference caches, judges, pictures, reports -- goes through
+`atomic_path`: the content is written to a temporary file in the same folder, then renamed over the
+target in one step (`os.replace` is atomic on POSIX and Windows within one file system).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on a clean exit it replaces `path`, on an error it is
+    removed and `path` is left as it was. The temporary name keeps the suffix (PIL picks the image
+    format from it) and starts with a dot, so a glob for `*.safetensors` never sees it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files owner-only; ours are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
