@@ -7,5 +7,5 @@ PF=${PF:-.venv/bin/patchforge}
 for concept in style:stripes object:star color:red identity:kiko; do
   out="patches/${concept/:/-}.fmn.safetensors"
   $PF train --concept "$concept" --out "$out"
-  $PF eval "$out" --seeds 4   # 4 seeds x 6 prompts = 24 images per set: one image is 4 points, not 8
+  $PF eval "$out" --seeds 8   # 8 seeds x 6 prompts = 48 images per set: one image is ~2 points
 done

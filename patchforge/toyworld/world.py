@@ -39,7 +39,7 @@ COLORS = {
     "pink": ((245, 120, 190), ["rose", "blush"]),
     "blue": ((40, 80, 230), ["azure", "cobalt"]),
     "green": ((40, 180, 60), ["emerald", "lime"]),
-    "yellow": ((240, 220, 40), ["golden", "lemon"]),
+    "yellow": ((230, 235, 30), ["golden", "lemon"]),
     "purple": ((140, 50, 200), ["violet", "lavender"]),
 }
 # "solid" is the absence of a style: a label, not an erasable concept.
