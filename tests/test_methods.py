@@ -39,7 +39,7 @@ def test_methods_run_on_other_families(kind, method, tmp_path):
     assert path.exists() and np.isfinite(s["losses"]).all()
 
 
-TOY_STEPS = {"fmn": 30, "sa": 30, "aob": 30, "redact": 40, "esd": 30}
+TOY_STEPS = {"fmn": 50, "sa": 30, "aob": 50, "redact": 40, "esd": 60}  # enough to move the rate by more than one image
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -64,7 +64,9 @@ def test_toy_short_run_lowers_the_target_rate(method, tmp_path):
     cfg = TrainConfig(steps=TOY_STEPS[method], progress=False)
     path, _ = train_patch(["style:stripes"], method, None, cfg, out=tmp_path / "p.safetensors", pipe=pipe)
     load_forget_patch(pipe, path)
-    assert rate() < base
+    after = rate()
+    print(f"{method}: stripes {base:.3f} -> {after:.3f} after {TOY_STEPS[method]} steps")
+    assert after < base
 
 
 def prepared_fmn(pipe, cfg, specs):
