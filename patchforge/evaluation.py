@@ -532,7 +532,6 @@ def write_reports(result: dict, out: str | Path | None = None, command: str | No
     for rep in result["patches"]:
         src = Path(rep["patch"]["path"])
         stem = (Path(out) / src.name if out else src).with_suffix("")
-        stem.parent.mkdir(parents=True, exist_ok=True)
         js = Path(f"{stem}.eval.json")
         write_text(js, json.dumps(to_json(rep), indent=1, sort_keys=True, default=float) + "\n")
         md = Path(f"{stem}.eval.md")
