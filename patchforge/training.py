@@ -87,6 +87,17 @@ class Cond:
         return Cond(torch.cat([c.emb for c in conds]), pooled)
 
 
+def image_files(folder: str | Path) -> list[Path]:
+    """The images in a `--images` folder, sorted; a clear error when there is no such folder or no image."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PatchforgeError(f"--images {folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise PatchforgeError(f"--images {folder}: no .png/.jpg/.webp images in it")
+    return files
+
+
 class Trainer:
     """The frozen pipeline plus everything methods need: embeddings, predictions, noise, references."""
 
@@ -211,13 +222,8 @@ class Trainer:
         import numpy as np
         from PIL import Image, UnidentifiedImageError
 
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise PatchforgeError(f"--images {folder}: no such folder")
         size = self.unet.config.sample_size * self.pipe.vae_scale_factor
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-        if not files:
-            raise PatchforgeError(f"--images {folder}: no .png/.jpg/.webp images in it")
+        files = image_files(folder)
         arr = []
         for f in files:
             try:
@@ -409,8 +415,8 @@ def _run(args) -> int:
         raise PatchforgeError("--out names one file but the concept file trains several patches: leave --out out")
     if args.images and len(jobs) > 1:
         raise PatchforgeError("--images holds one concept's images but the concept file trains several patches")
-    if args.images and not Path(args.images).is_dir():
-        raise PatchforgeError(f"--images {args.images}: no such folder")  # before loading any model
+    if args.images:
+        image_files(args.images)  # a wrong folder fails before any model is loaded
     robust = None
     if args.robust:
         try:
