@@ -48,6 +48,10 @@ class ConceptSpec:
     guidance: float = 1.0
     words: list[str] = field(default_factory=list)  # the words naming the concept (FMN's attention columns)
     toy: bool = False
+    # one per target prompt: the same prompt naming a neighbour instead (target i -> neighbour i mod n),
+    # or None where there is none. A method may hold the base's prediction there on the *same* noised
+    # latent, so the patch learns what separates the concept from its neighbour, not what they share.
+    contrast: list = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -159,7 +163,10 @@ def _toy(kind: str, name: str, to: str | None, seed: int) -> ConceptSpec:
         for p in world.probes_for(other, world.TRAIN_SPLIT, n=N_PRESERVE, seed=seed + 1):
             if not _mentions(p.prompt, name):
                 preserve.append(p.prompt)
-    return ConceptSpec(kind, name, target, anchor, list(dict.fromkeys(preserve)), to=to, words=words, toy=True)
+    near = world.NEIGHBOURS.get(name, [])
+    contrast = [_replace_toy(p, kind, name, near[i % len(near)]) if near else None for i, p in enumerate(target)]
+    return ConceptSpec(kind, name, target, anchor, list(dict.fromkeys(preserve)), to=to, words=words, toy=True,
+                       contrast=contrast)
 
 
 def _mentions(prompt: str, name: str) -> bool:
@@ -193,7 +200,9 @@ def _catalog(kind: str, key: str, to: str | None) -> ConceptSpec:
         anchor = [t.format(alt) for t in templates]
         words_l = [words]
     preserve = [t.format(n) for n in neighbours for t in templates[:3]] + GENERAL_PRESERVE
-    return ConceptSpec(kind, key, target, anchor, preserve, to=to, words=words_l)
+    contrast = ([t.format(neighbours[i % len(neighbours)]) for i, t in enumerate(templates)]
+                if kind != "nudity" and neighbours else [])
+    return ConceptSpec(kind, key, target, anchor, preserve, to=to, words=words_l, contrast=contrast)
 
 
 def _swap(prompt: str, words: list[str], new: str) -> str:
@@ -269,14 +278,18 @@ def describe(specs: list[ConceptSpec]) -> str:
 def merge(specs: list[ConceptSpec]) -> dict:
     """Several concepts in one patch: the union of their prompt sets, without preserving a prompt
     that another erased concept names."""
-    target, anchor, preserve, words = [], [], [], []
+    target, anchor, preserve, words, contrast = [], [], [], [], []
     for s in specs:
         target += s.target
         anchor += s.anchor
         words += s.words
+    named = lambda p: any(_mentions(p, w) for o in specs for w in o.words)  # noqa: E731
     for s in specs:
-        preserve += [p for p in s.preserve if not any(_mentions(p, w) for o in specs for w in o.words)]
-    return {"target": target, "anchor": anchor, "preserve": list(dict.fromkeys(preserve)), "words": words}
+        preserve += [p for p in s.preserve if not named(p)]
+        pairs = s.contrast if len(s.contrast) == len(s.target) else [None] * len(s.target)
+        contrast += [p if p and not named(p) else None for p in pairs]
+    return {"target": target, "anchor": anchor, "preserve": list(dict.fromkeys(preserve)), "words": words,
+            "contrast": contrast}
 
 
 __all__ = ["ConceptSpec", "CATALOG", "resolve", "parse", "load_concept_file", "merge", "describe", "asdict"]

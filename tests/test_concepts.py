@@ -31,6 +31,19 @@ def test_alternative_and_neighbours():
     assert resolve("nudity").kind == "nudity"
 
 
+def test_contrast_prompts_name_a_neighbour_in_the_target_prompt():
+    red = resolve("color:red")
+    assert len(red.contrast) == len(red.target)
+    for t, c in zip(red.target, red.contrast):
+        assert re.sub(r"\b(orange|pink)\b", "red", c) == t and c != t  # only the concept word swapped
+    gogh = resolve("style:vangogh")
+    assert gogh.contrast[0] == "a painting in the style of Claude Monet" and not resolve("nudity").contrast
+    # erasing red and orange together: no contrast row may ask to keep the other erased concept
+    m = merge([red, resolve("color:orange")])
+    assert len(m["contrast"]) == len(m["target"]) and any(m["contrast"])
+    assert not any(re.search(r"\b(red|orange)\b", c) for c in m["contrast"] if c)
+
+
 def test_unknown_concepts_suggest_close_matches():
     with pytest.raises(UnknownConcept, match="stripes"):
         resolve("style:strips")

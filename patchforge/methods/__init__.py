@@ -70,6 +70,7 @@ class Method:
         self.hp, self.tr, self.specs = hp, trainer, specs
         self.target, self.anchor = prompts["target"], prompts["anchor"]
         self.preserve, self.words = prompts["preserve"], prompts["words"]
+        self.contrast = prompts.get("contrast") or [None] * len(self.target)  # aligned with target
         self.batch = trainer.cfg.batch
 
     def prepare(self) -> None:

@@ -50,6 +50,11 @@ class FMNConfig(MethodConfig):
     # preserve rows noised from "concept" images (free) or from the base's "own" images of each preserve
     # prompt (one generation per prompt, cached): the teacher is then asked where those prompts live
     preserve_on: str = "concept"
+    # contrast rows: this fraction of the target rows is repeated with the prompt naming a neighbour
+    # instead ("a red star" -> "a orange star", concepts.ConceptSpec.contrast), the base's prediction
+    # held there on the very same noised latent. The generic preserve rows share no latent with the
+    # target, so they cannot tell the concept from what it has in common with its neighbours.
+    contrast: float = 0.0
     # FMN's concept localisation: textual inversion on the concept's reference images (frozen base) finds
     # K token embeddings <v> for it; "a photo of <v>" then joins the target rows (b/4 extra per step), its
     # <v> columns re-steered and mapped like the name's. 0 = off. SD 1.x / 2.x.
@@ -114,6 +119,7 @@ class ForgetMeNot(Method):
         self.refs = self.concept_refs()
         self.prompts = cycle(self.target, len(self.refs))
         self.anchors = cycle(self.anchor, len(self.refs))
+        self.contrasts = cycle(self.contrast, len(self.refs))
         self.mask = concept_token_mask(self.tr.pipe.tokenizer, self.prompts, self.words).to(self.tr.device)
         if self.hp.preserve_on not in ("concept", "own"):
             raise PatchforgeError(f"fmn preserve_on must be 'concept' or 'own', not {self.hp.preserve_on!r}")
@@ -166,6 +172,10 @@ class ForgetMeNot(Method):
         if hp.preserve_weight > 0:  # preserve rows ride in the same UNet call (one forward, one backward)
             own = self.pres_refs is not None
             px, pt, _, pcond, _ = self.preserve_batch(self.pres_refs if own else self.refs, paired=own)
+            pairs = [j for j, i in enumerate(idx) if self.contrasts[i]][: round(hp.contrast * len(idx))]
+            if pairs:  # contrast rows: the target rows' own latents, a neighbour named instead
+                px, pt = torch.cat([px, x_t[pairs]]), torch.cat([pt, t[pairs]])
+                pcond = Cond.cat([pcond, tr.embed([self.contrasts[idx[j]] for j in pairs], role="preserve")])
             xs, ts, conds = xs + [px], ts + [pt], conds + [pcond]
         x_all, t_all, c_all = torch.cat(xs), torch.cat(ts), Cond.cat(conds)
         masks = torch.zeros(len(c_all), self.mask.shape[1], device=self.mask.device)
