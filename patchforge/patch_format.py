@@ -276,7 +276,10 @@ def parse_patch(data: bytes, path: Path | None = None) -> Patch:
 def _parse_safetensors(data: bytes, where: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     import safetensors.torch
 
-    if data[:2] == b"PK" or data[:1] == b"\x80":  # torch.save zip archive / raw pickle
+    # A safetensors file is an 8-byte header length, then the JSON header. Sniff pickles only when that
+    # does not hold: a real header length can start with 0x80 or spell "PK" (one patch in 256 did).
+    looks_safetensors = len(data) >= 10 and data[8:9] == b"{"
+    if not looks_safetensors and (data[:2] == b"PK" or data[:1] == b"\x80"):  # torch.save zip / raw pickle
         raise PatchFormatError(f"{where} is a pickle (torch.save) file; patchforge never unpickles: "
                                f"ask for the .safetensors version")
     if len(data) < 10:
