@@ -42,11 +42,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--n", type=int, default=6)
+    ap.add_argument("--train-seed", type=int, default=0, help="training seed (spread across seeds: run several)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a method option or steps/lr for every run (tuning); repeatable")
+                    help="override a method option or steps/lr/rank/batch for every run (tuning); repeatable")
     args = ap.parse_args(argv)
     import torch
 
@@ -65,8 +66,9 @@ def main(argv=None) -> int:
     for method in args.methods.split(","):
         for concept in args.concepts.split(","):
             out = workdir / f"{method}-{concept.replace(':', '-')}.safetensors"
-            cfg = TrainConfig(method=method, progress=False, steps=overrides.get("steps"), lr=overrides.get("lr"),
-                              options={k: v for k, v in overrides.items() if k not in ("steps", "lr")})
+            loop = {k: overrides[k] for k in ("steps", "lr", "rank", "batch") if k in overrides}  # TrainConfig's own
+            cfg = TrainConfig(method=method, progress=False, seed=args.train_seed, **loop,
+                              options={k: v for k, v in overrides.items() if k not in loop})
             path, s = train_patch([concept], method, args.model, cfg, out=out, pipe=pipe)
             rep = evaluate([path], args.model, seeds=args.seeds, n=args.n, pipe=pipe, progress=lambda *_: None)["patches"][0]
             m = rep["metrics"]
@@ -111,8 +113,9 @@ def markdown(rows, args, seconds) -> str:
                      f"{pair(r, 'specificity.compositional')} | {pair(r, 'utility.alignment')} | {rob} | "
                      f"{r['seconds']:.0f} | {r['bytes'] / 1024:.0f} | {'yes' if r['bar'] else 'no'} |")
     lines.append(f"\nbase → patched; toy model, CPU, {args.seeds} image seeds × {args.n} prompts per set, "
-                 f"{'method defaults' if not args.set else 'overrides ' + ' '.join(args.set)}, training seed 0; "
-                 f"`python benchmarks/bench_methods.py --seeds {args.seeds} --n {args.n}{''.join(' --set ' + kv for kv in args.set)}` "
+                 f"{'method defaults' if not args.set else 'overrides ' + ' '.join(args.set)}, training seed {args.train_seed}; "
+                 f"`python benchmarks/bench_methods.py --seeds {args.seeds} --n {args.n}"
+                 f"{f' --train-seed {args.train_seed}' if args.train_seed else ''}{''.join(' --set ' + kv for kv in args.set)}` "
                  f"({seconds / 60:.0f} min). bar: efficacy ≤ 20% with neighbours and other kinds ≥ 90% of base.")
     return "\n".join(lines)
 

@@ -9,7 +9,7 @@ import torch
 from patchforge.training import TrainConfig, train_patch
 from tiny_pipelines import run, tiny_sd1
 
-FAST = {"ref_steps": 2, "fisher_samples": 2, "n_refs": 2}
+FAST = {"ref_steps": 2, "n_refs": 2}
 
 
 @pytest.fixture(autouse=True)
@@ -54,6 +54,9 @@ def test_cli_train_on_a_model_folder(tmp_path, capsys):
     assert "2 steps" in capsys.readouterr().out
     assert main(["train", "--concept", "style:strips", "--model", str(folder)]) == 2
     assert main(["train", "--concept", "custom:x", "--method", "nope"]) == 2
+    capsys.readouterr()
+    assert main(["train", "--concept", "custom:x", "--set", "focsu=0.8"]) == 2  # a typo is not silently dropped
+    assert "did you mean focus?" in capsys.readouterr().err
 
 
 def test_training_code_never_imports_a_judge():

@@ -98,13 +98,59 @@ class Method:
         """Base-model latents of the preserve prompts (generative replay), one per prompt."""
         return self.tr.reference_latents(self.preserve, "preserve-" + "+".join(s.key for s in self.specs))
 
-    def preserve_batch(self, refs: torch.Tensor, n: int | None = None, paired: bool = False):
+    def projection_keeper(self, prompts: list[str]) -> "ProjectionKeeper | None":
+        """A penalty on what the cross-attention K/V LoRA does to these prompts' token embeddings
+        (call in start(), after the LoRA exists); None when no K/V projection carries a LoRA."""
+        return ProjectionKeeper.build(self.tr, prompts)
+
+    def preserve_batch(self, refs: torch.Tensor, n: int | None = None, paired: bool = False,
+                       idx: list[int] | None = None):
         """n preserve rows: (x_t, t, noise, cond, x0). x_t may come from any clean latents -- the
         frozen base is the teacher at whatever point it is asked -- so by default methods reuse the
         concept's references and save generating images of every preserve prompt. paired=True:
-        refs[i] is the base's own image of preserve prompt i (preserve_refs()), used with its prompt."""
+        refs[i] is the base's own image of preserve prompt i (preserve_refs()), used with its prompt.
+        idx: which preserve prompts (default: n drawn uniformly)."""
         n = n or self.batch
-        idx = self.tr.pick(self.preserve, n)
+        idx = idx if idx is not None else self.tr.pick(self.preserve, n)
         x0 = refs[idx] if paired else refs[[self.tr.rng.randrange(len(refs)) for _ in idx]]
         x_t, t, noise = self.tr.noised(x0)
         return x_t, t, noise, self.tr.embed([self.preserve[i] for i in idx], role="preserve"), x0
+
+
+class ProjectionKeeper:
+    """UCE/MACE's preservation, for a LoRA: the keys and values that cross-attention makes of the
+    preserve prompts' tokens should not move. With H the (frozen) token embeddings of those prompts,
+    every position the UNet attends to, and C = H^T H / N, each attn2.to_k/to_v LoRA pays
+
+        || dW h ||^2 averaged over h in H  =  tr(dW C dW^T),   dW = B A scale,
+
+    relative to the same quantity for the frozen W (so one weight suits any model width). It needs
+    no UNet call, so it covers every preserve prompt at every step -- the sampled preserve rows only
+    see a few. What it cannot see: to_q / to_out, which act on image features."""
+
+    def __init__(self, layers: list, cov: torch.Tensor):
+        self.layers, self.cov = layers, cov  # layers: (peft LoRA layer, tr(W C W^T))
+
+    @classmethod
+    def build(cls, trainer, prompts: list[str]) -> "ProjectionKeeper | None":
+        from ..training import ADAPTER
+
+        with torch.no_grad():
+            h = trainer.embed(prompts, base=True).emb.float().flatten(0, 1)  # (prompts * tokens, dim)
+            cov = h.T @ h / len(h)
+            layers = []
+            for name, m in trainer.unet.named_modules():
+                if name.endswith(("attn2.to_k", "attn2.to_v")) and ADAPTER in getattr(m, "lora_A", {}):
+                    w = m.base_layer.weight.float()
+                    layers.append((m, ((w @ cov) * w).sum()))
+        return cls(layers, cov) if layers else None
+
+    def penalty(self) -> torch.Tensor:
+        from ..training import ADAPTER
+
+        total = 0.0
+        for m, ref in self.layers:
+            a, b = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
+            gram = a @ self.cov @ a.T  # (r, r)
+            total = total + ((b @ gram) * b).sum() * m.scaling[ADAPTER] ** 2 / ref
+        return total / len(self.layers)

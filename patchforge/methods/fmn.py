@@ -55,6 +55,13 @@ class FMNConfig(MethodConfig):
     # held there on the very same noised latent. The generic preserve rows share no latent with the
     # target, so they cannot tell the concept from what it has in common with its neighbours.
     contrast: float = 0.0
+    # focus: preserve prompts are drawn in proportion to (1 - focus) * uniform + focus * their share of
+    # the running preserve error (an average of each prompt's own squared error, free: the preserve
+    # term computes it anyway), so the prompts the patch is pulling away get held the hardest.
+    focus: float = 0.0
+    # keep: weight of methods.ProjectionKeeper on the preserve (and contrast) prompts -- the K/V that
+    # cross-attention makes of their tokens held in place, all of them at every step, no UNet call
+    keep_weight: float = 0.0
     # FMN's concept localisation: textual inversion on the concept's reference images (frozen base) finds
     # K token embeddings <v> for it; "a photo of <v>" then joins the target rows (b/4 extra per step), its
     # <v> columns re-steered and mapped like the name's. 0 = off. SD 1.x / 2.x.
@@ -120,6 +127,7 @@ class ForgetMeNot(Method):
         self.prompts = cycle(self.target, len(self.refs))
         self.anchors = cycle(self.anchor, len(self.refs))
         self.contrasts = cycle(self.contrast, len(self.refs))
+        self.pres_err: list[float | None] = [None] * len(self.preserve)  # running error per preserve prompt
         self.mask = concept_token_mask(self.tr.pipe.tokenizer, self.prompts, self.words).to(self.tr.device)
         if self.hp.preserve_on not in ("concept", "own"):
             raise PatchforgeError(f"fmn preserve_on must be 'concept' or 'own', not {self.hp.preserve_on!r}")
@@ -141,6 +149,8 @@ class ForgetMeNot(Method):
         return Cond(emb), mask
 
     def start(self):
+        kept = self.preserve + [c for c in dict.fromkeys(self.contrast) if c]
+        self.keeper = self.projection_keeper(kept) if self.hp.keep_weight > 0 else None
         # record only in cross-attention (attn2); self-attention keeps its fast processor
         self.recorder, self.saved = AttentionRecorder(), {}
         for name, module in self.tr.unet.named_modules():
@@ -171,7 +181,8 @@ class ForgetMeNot(Method):
         xs, ts, conds = [x_t], [t], [cond]
         if hp.preserve_weight > 0:  # preserve rows ride in the same UNet call (one forward, one backward)
             own = self.pres_refs is not None
-            px, pt, _, pcond, _ = self.preserve_batch(self.pres_refs if own else self.refs, paired=own)
+            pidx = tr.pick(self.preserve, self.batch, self.preserve_weights())
+            px, pt, _, pcond, _ = self.preserve_batch(self.pres_refs if own else self.refs, paired=own, idx=pidx)
             pairs = [j for j, i in enumerate(idx) if self.contrasts[i]][: round(hp.contrast * len(idx))]
             if pairs:  # contrast rows: the target rows' own latents, a neighbour named instead
                 px, pt = torch.cat([px, x_t[pairs]]), torch.cat([pt, t[pairs]])
@@ -186,6 +197,9 @@ class ForgetMeNot(Method):
         heads_rows = [m[: b * (m.shape[0] // len(c_all))] for m in self.recorder.mass]  # target rows only
         l_attn = torch.stack([m.pow(2).mean() for m in heads_rows]).mean()
         loss, logs = hp.attn_weight * l_attn, {"attn": l_attn}
+        if self.keeper is not None:
+            l_keep = self.keeper.penalty()
+            loss, logs["keep"] = loss + hp.keep_weight * l_keep, l_keep
         # teachers: base on the anchor prompts (target rows) and on the preserve prompts (preserve rows)
         teach = [tr.embed(anchors, role="anchor", base=True)] if hp.map_weight > 0 else []
         if hp.preserve_weight > 0:
@@ -200,6 +214,28 @@ class ForgetMeNot(Method):
                 l_map = F.mse_loss(pred[:b], base[:b])
                 loss, logs["map"] = loss + hp.map_weight * l_map, l_map
             if hp.preserve_weight > 0:
-                l_pres = F.mse_loss(pred[b:], base[-(len(pred) - b):])
+                err = (pred[b:] - base[-(len(pred) - b):]).pow(2).flatten(1).mean(1)  # per row
+                l_pres, n = err[: len(pidx)].mean(), len(pidx)
                 loss, logs["pres"] = loss + hp.preserve_weight * l_pres, l_pres
+                if len(err) > n:  # contrast rows: a term of their own, not a dilution of the preserve rows
+                    l_con = err[n:].mean()
+                    loss, logs["contrast"] = loss + hp.preserve_weight * l_con, l_con
+                self.track_preserve_error(pidx, err[:n].detach())
         return loss, logs
+
+    def preserve_weights(self) -> list[float] | None:
+        """Sampling weights of the preserve prompts (None = uniform): see FMNConfig.focus."""
+        if self.hp.focus <= 0:
+            return None
+        seen = [e for e in self.pres_err if e is not None]
+        if not seen:
+            return None
+        top = max(seen)  # a prompt not yet seen counts as the worst, so every prompt gets looked at
+        errs = [top if e is None else e for e in self.pres_err]
+        total, n = sum(errs) or 1.0, len(errs)
+        return [(1 - self.hp.focus) / n + self.hp.focus * e / total for e in errs]
+
+    def track_preserve_error(self, idx: list[int], err: torch.Tensor) -> None:
+        for i, e in zip(idx, err.tolist()):
+            old = self.pres_err[i]
+            self.pres_err[i] = e if old is None else 0.8 * old + 0.2 * e
