@@ -140,29 +140,24 @@ def test_fmn_preserve_on_own_images_pairs_each_prompt_with_its_image(tmp_path):
 
 
 def test_fmn_contrast_focus_and_projection_keeping(tmp_path):
-    """contrast rows name a neighbour on the target rows' own latents; focus samples the preserve prompts
-    by their running error; the keep penalty is ||dW h||^2 / ||W h||^2 over the preserve tokens."""
+    """contrast rows name a neighbour on the target rows' own latents; the keep penalty is
+    ||dW h||^2 / ||W h||^2 over the preserve tokens."""
     from patchforge.concepts import resolve
     from patchforge.training import ADAPTER, inject_lora, lora_delta
 
     pipe = BUILDERS["sd1"]()
     specs = [resolve("style:vangogh")]  # a catalog concept with neighbours (Monet, Cezanne)
-    options = {"ref_steps": 2, "n_refs": 2, "contrast": 0.5, "focus": 0.5, "keep_weight": 1.0}
+    options = {"ref_steps": 2, "n_refs": 2, "contrast": 0.5, "keep_weight": 1.0}
     cfg = TrainConfig(steps=2, batch=4, progress=False, options=options)
     runner = prepared_fmn(pipe, cfg, specs)
     assert all("Monet" in c or "Cezanne" in c for c in runner.contrasts)
-    # focus: uniform until an error is seen; then the worst prompt is drawn most, never one never drawn
-    assert runner.preserve_weights() is None
-    runner.track_preserve_error([0, 1], torch.tensor([4.0, 1.0]))
-    w = runner.preserve_weights()
-    assert abs(sum(w) - 1) < 1e-6 and w[0] == max(w) and w[1] == min(w) and all(x > 0 for x in w)
     # the keep penalty: zero at LoRA init (B = 0), then exactly the mean relative change of K/V
     inject_lora(runner.tr, "xattn", False, 4, 4.0)
     runner.start()
     assert runner.keeper.penalty().item() == 0
     for layer, _ in runner.keeper.layers:
         torch.nn.init.normal_(layer.lora_B[ADAPTER].weight, std=0.1)
-    h = runner.tr.embed(runner.preserve + [c for c in dict.fromkeys(runner.contrast) if c], base=True).emb.flatten(0, 1)
+    h = runner.tr.embed(runner.preserve + [c for c in dict.fromkeys(runner.contrast_prompts) if c], base=True).emb.flatten(0, 1)
     direct = torch.stack([(h @ lora_delta(m).T).pow(2).sum() / (h @ m.base_layer.weight.T).pow(2).sum()
                           for m, _ in runner.keeper.layers]).mean()
     assert torch.allclose(runner.keeper.penalty(), direct, rtol=1e-4)

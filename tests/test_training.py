@@ -55,8 +55,8 @@ def test_cli_train_on_a_model_folder(tmp_path, capsys):
     assert main(["train", "--concept", "style:strips", "--model", str(folder)]) == 2
     assert main(["train", "--concept", "custom:x", "--method", "nope"]) == 2
     capsys.readouterr()
-    assert main(["train", "--concept", "custom:x", "--set", "focsu=0.8"]) == 2  # a typo is not silently dropped
-    assert "did you mean focus?" in capsys.readouterr().err
+    assert main(["train", "--concept", "custom:x", "--set", "contrats=0.5"]) == 2  # a typo is not silently dropped
+    assert "did you mean contrast?" in capsys.readouterr().err
 
 
 def test_training_code_never_imports_a_judge():

@@ -70,7 +70,7 @@ class Method:
         self.hp, self.tr, self.specs = hp, trainer, specs
         self.target, self.anchor = prompts["target"], prompts["anchor"]
         self.preserve, self.words = prompts["preserve"], prompts["words"]
-        self.contrast = prompts.get("contrast") or [None] * len(self.target)  # aligned with target
+        self.contrast_prompts = prompts.get("contrast") or [None] * len(self.target)  # aligned with target
         self.batch = trainer.cfg.batch
 
     def prepare(self) -> None:
@@ -103,15 +103,13 @@ class Method:
         (call in start(), after the LoRA exists); None when no K/V projection carries a LoRA."""
         return ProjectionKeeper.build(self.tr, prompts)
 
-    def preserve_batch(self, refs: torch.Tensor, n: int | None = None, paired: bool = False,
-                       idx: list[int] | None = None):
+    def preserve_batch(self, refs: torch.Tensor, n: int | None = None, paired: bool = False):
         """n preserve rows: (x_t, t, noise, cond, x0). x_t may come from any clean latents -- the
         frozen base is the teacher at whatever point it is asked -- so by default methods reuse the
         concept's references and save generating images of every preserve prompt. paired=True:
-        refs[i] is the base's own image of preserve prompt i (preserve_refs()), used with its prompt.
-        idx: which preserve prompts (default: n drawn uniformly)."""
+        refs[i] is the base's own image of preserve prompt i (preserve_refs()), used with its prompt."""
         n = n or self.batch
-        idx = idx if idx is not None else self.tr.pick(self.preserve, n)
+        idx = self.tr.pick(self.preserve, n)
         x0 = refs[idx] if paired else refs[[self.tr.rng.randrange(len(refs)) for _ in idx]]
         x_t, t, noise = self.tr.noised(x0)
         return x_t, t, noise, self.tr.embed([self.preserve[i] for i in idx], role="preserve"), x0

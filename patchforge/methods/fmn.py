@@ -12,8 +12,6 @@ copies the name into every later token, so much of the concept survives). Two te
     L_pres = || eps_theta(x_t, c_preserve) - eps*(x_t, c_preserve) ||^2     frozen base = adapter off
     L_map  = || eps_theta(x_t, c_target)   - eps_map               ||^2     concept -> its alternative
 
-    L = attn_weight * L_attn + preserve_weight * L_pres + map_weight * L_map
-
 c_anchor is the same prompt with the concept replaced by `--to` (or removed: "in stripes style" ->
 nothing). Removing the word alone is not enough for objects and colours: "a photo of a" draws *some*
 object, the star among them, so a patch mapped there keeps drawing stars at chance rate. The map
@@ -21,8 +19,23 @@ target therefore also steers away from the concept, as ESD's negative guidance d
 
     eps_map = eps*(x_t, c_anchor) - away * ( eps*(x_t, c_target) - eps*(x_t, c_anchor) )
 
-map_weight = 0 gives attention re-steering alone; away = 0 the plain mapping. Defaults were tuned on
-the toy model (docs/training.md).
+Two more terms keep the erasure to the concept (both measured on the toy model, docs/training.md):
+
+    L_contrast = || eps_theta(x_t, c_neighbour) - eps*(x_t, c_neighbour) ||^2   on the target rows' x_t
+    L_keep     = mean over attn2.to_k / to_v of || dW H ||^2 / || W H ||^2       H: preserve tokens
+
+c_neighbour is the target prompt with a neighbour named instead ("a red star" -> "a orange star"):
+held on the very latent being erased, it makes the patch learn what separates the concept from its
+neighbour rather than what they share. L_keep is UCE/MACE's preservation written for a LoRA: the keys
+and values cross-attention makes of every preserve prompt's tokens stay where they were, all of them at
+every step, for the price of a few small matrix products. The LoRA sits on K/V only, where L_keep
+holds every change it makes; a LoRA on to_q/to_out acts on image features and reaches every prompt.
+
+    L = attn_weight L_attn + map_weight L_map + preserve_weight (L_pres + L_contrast) + keep_weight L_keep
+
+map_weight = 0 gives attention re-steering alone; away = 0 the plain mapping; keep_weight = 0,
+lr 2e-3 and unet_targets=xattn the previous default. Contrast rows are off by default: beside L_keep
+they changed nothing measurable. Defaults were tuned on the toy model (docs/training.md).
 """
 from __future__ import annotations
 
@@ -42,7 +55,10 @@ INVERT_TEMPLATE = "a photo of"  # the inverted tokens follow it, as in textual i
 @dataclass
 class FMNConfig(MethodConfig):
     steps: int = 80
-    lr: float = 2e-3
+    lr: float = 4e-3
+    # LoRA on cross-attention's K/V only: what the text reaches. to_q/to_out act on image features, so
+    # a change there reaches every prompt, and the keep term below cannot hold it (docs/training.md)
+    unet_targets: str = "xattn-kv"
     attn_weight: float = 1.0
     preserve_weight: float = 3.0  # tuned on the toy model, docs/training.md
     map_weight: float = 2.0
@@ -54,14 +70,10 @@ class FMNConfig(MethodConfig):
     # instead ("a red star" -> "a orange star", concepts.ConceptSpec.contrast), the base's prediction
     # held there on the very same noised latent. The generic preserve rows share no latent with the
     # target, so they cannot tell the concept from what it has in common with its neighbours.
-    contrast: float = 0.0
-    # focus: preserve prompts are drawn in proportion to (1 - focus) * uniform + focus * their share of
-    # the running preserve error (an average of each prompt's own squared error, free: the preserve
-    # term computes it anyway), so the prompts the patch is pulling away get held the hardest.
-    focus: float = 0.0
+    contrast: float = 0.0  # off: beside keep_weight it changed nothing measurable (docs/training.md)
     # keep: weight of methods.ProjectionKeeper on the preserve (and contrast) prompts -- the K/V that
     # cross-attention makes of their tokens held in place, all of them at every step, no UNet call
-    keep_weight: float = 0.0
+    keep_weight: float = 2.0
     # FMN's concept localisation: textual inversion on the concept's reference images (frozen base) finds
     # K token embeddings <v> for it; "a photo of <v>" then joins the target rows (b/4 extra per step), its
     # <v> columns re-steered and mapped like the name's. 0 = off. SD 1.x / 2.x.
@@ -126,8 +138,7 @@ class ForgetMeNot(Method):
         self.refs = self.concept_refs()
         self.prompts = cycle(self.target, len(self.refs))
         self.anchors = cycle(self.anchor, len(self.refs))
-        self.contrasts = cycle(self.contrast, len(self.refs))
-        self.pres_err: list[float | None] = [None] * len(self.preserve)  # running error per preserve prompt
+        self.contrasts = cycle(self.contrast_prompts, len(self.refs))
         self.mask = concept_token_mask(self.tr.pipe.tokenizer, self.prompts, self.words).to(self.tr.device)
         if self.hp.preserve_on not in ("concept", "own"):
             raise PatchforgeError(f"fmn preserve_on must be 'concept' or 'own', not {self.hp.preserve_on!r}")
@@ -149,7 +160,7 @@ class ForgetMeNot(Method):
         return Cond(emb), mask
 
     def start(self):
-        kept = self.preserve + [c for c in dict.fromkeys(self.contrast) if c]
+        kept = self.preserve + [c for c in dict.fromkeys(self.contrast_prompts) if c]
         self.keeper = self.projection_keeper(kept) if self.hp.keep_weight > 0 else None
         # record only in cross-attention (attn2); self-attention keeps its fast processor
         self.recorder, self.saved = AttentionRecorder(), {}
@@ -181,8 +192,7 @@ class ForgetMeNot(Method):
         xs, ts, conds = [x_t], [t], [cond]
         if hp.preserve_weight > 0:  # preserve rows ride in the same UNet call (one forward, one backward)
             own = self.pres_refs is not None
-            pidx = tr.pick(self.preserve, self.batch, self.preserve_weights())
-            px, pt, _, pcond, _ = self.preserve_batch(self.pres_refs if own else self.refs, paired=own, idx=pidx)
+            px, pt, _, pcond, _ = self.preserve_batch(self.pres_refs if own else self.refs, paired=own)
             pairs = [j for j, i in enumerate(idx) if self.contrasts[i]][: round(hp.contrast * len(idx))]
             if pairs:  # contrast rows: the target rows' own latents, a neighbour named instead
                 px, pt = torch.cat([px, x_t[pairs]]), torch.cat([pt, t[pairs]])
@@ -215,27 +225,10 @@ class ForgetMeNot(Method):
                 loss, logs["map"] = loss + hp.map_weight * l_map, l_map
             if hp.preserve_weight > 0:
                 err = (pred[b:] - base[-(len(pred) - b):]).pow(2).flatten(1).mean(1)  # per row
-                l_pres, n = err[: len(pidx)].mean(), len(pidx)
+                n = self.batch  # preserve rows, then contrast rows
+                l_pres = err[:n].mean()
                 loss, logs["pres"] = loss + hp.preserve_weight * l_pres, l_pres
                 if len(err) > n:  # contrast rows: a term of their own, not a dilution of the preserve rows
                     l_con = err[n:].mean()
                     loss, logs["contrast"] = loss + hp.preserve_weight * l_con, l_con
-                self.track_preserve_error(pidx, err[:n].detach())
         return loss, logs
-
-    def preserve_weights(self) -> list[float] | None:
-        """Sampling weights of the preserve prompts (None = uniform): see FMNConfig.focus."""
-        if self.hp.focus <= 0:
-            return None
-        seen = [e for e in self.pres_err if e is not None]
-        if not seen:
-            return None
-        top = max(seen)  # a prompt not yet seen counts as the worst, so every prompt gets looked at
-        errs = [top if e is None else e for e in self.pres_err]
-        total, n = sum(errs) or 1.0, len(errs)
-        return [(1 - self.hp.focus) / n + self.hp.focus * e / total for e in errs]
-
-    def track_preserve_error(self, idx: list[int], err: torch.Tensor) -> None:
-        for i, e in zip(idx, err.tolist()):
-            old = self.pres_err[i]
-            self.pres_err[i] = e if old is None else 0.8 * old + 0.2 * e
