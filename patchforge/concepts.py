@@ -51,7 +51,7 @@ class ConceptSpec:
     # one per target prompt: the same prompt naming a neighbour instead (target i -> neighbour i mod n),
     # or None where there is none. A method may hold the base's prediction there on the *same* noised
     # latent, so the patch learns what separates the concept from its neighbour, not what they share.
-    contrast: list = field(default_factory=list)
+    contrast: list[str | None] = field(default_factory=list)
 
     @property
     def key(self) -> str:

@@ -98,11 +98,6 @@ class Method:
         """Base-model latents of the preserve prompts (generative replay), one per prompt."""
         return self.tr.reference_latents(self.preserve, "preserve-" + "+".join(s.key for s in self.specs))
 
-    def projection_keeper(self, prompts: list[str]) -> "ProjectionKeeper | None":
-        """A penalty on what the cross-attention K/V LoRA does to these prompts' token embeddings
-        (call in start(), after the LoRA exists); None when no K/V projection carries a LoRA."""
-        return ProjectionKeeper.build(self.tr, prompts)
-
     def preserve_batch(self, refs: torch.Tensor, n: int | None = None, paired: bool = False):
         """n preserve rows: (x_t, t, noise, cond, x0). x_t may come from any clean latents -- the
         frozen base is the teacher at whatever point it is asked -- so by default methods reuse the
@@ -131,6 +126,7 @@ class ProjectionKeeper:
 
     @classmethod
     def build(cls, trainer, prompts: list[str]) -> "ProjectionKeeper | None":
+        """Call after the LoRA exists (a method's start()); None when no K/V projection carries one."""
         from ..training import ADAPTER
 
         with torch.no_grad():

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from ..errors import PatchforgeError
 from ..training import Cond
-from . import Method, MethodConfig, cycle, register
+from . import Method, MethodConfig, ProjectionKeeper, cycle, register
 
 
 INVERT_TEMPLATE = "a photo of"  # the inverted tokens follow it, as in textual inversion
@@ -161,7 +161,7 @@ class ForgetMeNot(Method):
 
     def start(self):
         kept = self.preserve + [c for c in dict.fromkeys(self.contrast_prompts) if c]
-        self.keeper = self.projection_keeper(kept) if self.hp.keep_weight > 0 else None
+        self.keeper = ProjectionKeeper.build(self.tr, kept) if self.hp.keep_weight > 0 else None
         # record only in cross-attention (attn2); self-attention keeps its fast processor
         self.recorder, self.saved = AttentionRecorder(), {}
         for name, module in self.tr.unet.named_modules():
