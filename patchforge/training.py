@@ -426,7 +426,8 @@ def parse_set(items: list[str]) -> dict:
 def _run(args) -> int:
     from .methods import get_method
 
-    method_config(get_method(args.method), parse_set(args.set))  # unknown method or option: fail before loading
+    options = parse_set(args.set)
+    method_config(get_method(args.method), options)  # unknown method or option: fail before loading
     if not args.concept and not args.concept_file:
         raise PatchforgeError("give at least one --concept KIND:NAME or a --concept-file")
     jobs = [[resolve(c, to=args.to, seed=args.seed) for c in args.concept]] if args.concept else []
@@ -451,7 +452,7 @@ def _run(args) -> int:
         print(f"{tag}{len(mine)} of {len(jobs)} patches on {device}", flush=True)
     cfg = TrainConfig(method=args.method, steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
                       batch=args.batch, seed=args.seed, unet_targets=args.targets, text_encoder=args.text_encoder,
-                      device=device, options=parse_set(args.set), progress=not args.quiet and rank == 0,
+                      device=device, options=options, progress=not args.quiet and rank == 0,
                       images=args.images)
     pipe = None
     for specs in mine:
