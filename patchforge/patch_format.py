@@ -120,7 +120,9 @@ def base_fingerprint(pipe) -> dict[str, str]:
         for name, p in sorted(_params(model), key=lambda t: t[0]):
             arch.update(f"{name}{tuple(p.shape)};".encode())
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(16, flat.numel())).long().to(flat.device)
+            # integer arithmetic: a float32 linspace rounds past the end of tensors over 2^24 elements
+            k = min(16, flat.numel())
+            idx = (torch.arange(k, device=flat.device) * (flat.numel() - 1)) // max(k - 1, 1)
             weights.update(flat[idx].to(torch.float16).cpu().numpy().tobytes())
     scheduler = getattr(pipe, "scheduler", None)
     prediction = getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
