@@ -25,5 +25,9 @@ _LAZY = {
 def __getattr__(name):
     if name in _LAZY:
         import importlib
+
+        from .compat import check_installed_stack
+
+        check_installed_stack()  # a known-broken set of libraries fails here in one line, not deep inside PEFT
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'patchforge' has no attribute {name!r}")

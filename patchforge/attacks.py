@@ -274,20 +274,6 @@ def run_attacks(pipe, targets: list[str], judge, budget: dict | None = None, see
 
 
 # ---------------------------------------------------------------- CLI
-def register(subparsers) -> None:
-    p = subparsers.add_parser("attack", help="white-box attacks on a forget patch: attack success rate per attack")
-    p.add_argument("patch", help="forget patch file")
-    p.add_argument("--model", default=None, help="base pipeline (default: the embedded toy model)")
-    p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"attack budget, e.g. soft_steps=30 (keys: {', '.join(DEFAULT_BUDGET)})")
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--attack", action="append", default=[],
-                   help="text, soft_prompt, inversion, unconditional, partial (default: all)")
-    p.add_argument("--judge", default=None, help="toy (default), nudenet, clip:PATH, python:FILE.py:FUNC")
-    p.add_argument("--out", default=None, help="JSON report (default: <patch>.attack.json)")
-    p.set_defaults(func=_run)
-
-
 def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judge=None, pipe=None) -> dict:
     """Load the patch, run the text and white-box attacks, return {attack: metric} (+ seconds)."""
     from .evaluation import Row, _is_toy_path, _metric, _run_rows, default_judge, load_patch, patch_concepts, unload_patch
@@ -328,7 +314,7 @@ def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judg
             "attacks": out, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _run(args) -> int:
+def run_command(args) -> int:
     from .training import parse_set
 
     if not Path(args.patch).exists():

@@ -1,46 +1,217 @@
-"""The `patchforge` command. Each verb lives in the module that does the work; this file only
-dispatches, so `patchforge --help` stays fast (torch and diffusers load only when a verb runs)."""
+"""The `patchforge` command: every verb's arguments, declared here without importing torch, diffusers
+or transformers, so `patchforge --help` and argument errors answer at once. After parsing, the verb's
+`run_*` function is imported from the module that does the work and called.
+
+Values that can never be right (a step count of 0, a NaN learning rate or weight) are refused here by
+argparse types, before any model is loaded; checks that need the model stay in the verbs."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
+from pathlib import Path
 
 from .errors import PatchforgeError
 
-# verb -> module that defines `register(subparsers)`; register adds the parser and sets `func`
-VERBS = {
-    "toy": "patchforge.toyworld.commands",
-    "generate": "patchforge.generate",
-    "train": "patchforge.training",
-    "eval": "patchforge.evaluation",
-    "attack": "patchforge.attacks",
-    "push": "patchforge.hub",
-    "pull": "patchforge.hub",
-    "export": "patchforge.export",
-    "merge": "patchforge.patch_format",
-    "demo": "patchforge.demo",
-}
+
+# ---------------------------------------------------------------- value types (one-line errors)
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+# ---------------------------------------------------------------- verbs
+def _train(sub) -> None:
+    p = sub.add_parser("train", help="train a forget patch that erases one or more concepts")
+    p.add_argument("--concept", action="append", default=[], metavar="KIND:NAME",
+                   help="concept to erase: style|object|identity|color|nudity|custom:NAME "
+                        "(repeat for several in one patch)")
+    p.add_argument("--concept-file", default=None, help="YAML concept file (LECO-like); one patch per entry")
+    p.add_argument("--to", default=None, help="alternative the concept maps to (e.g. \"impressionist painting\")")
+    p.add_argument("--method", default="fmn", help="fmn (default), sa, aob, redact, esd")
+    p.add_argument("--model", default=None, help="diffusers SD 1.x/2.x/SDXL folder or repo id (default: the toy model)")
+    p.add_argument("--steps", type=positive_int, default=None)
+    p.add_argument("--lr", type=positive_float, default=None)
+    p.add_argument("--rank", type=positive_int, default=4)
+    p.add_argument("--alpha", type=positive_float, default=None, help="LoRA alpha (default: rank)")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--text-encoder", action="store_true", default=None, help="also train a text-encoder LoRA")
+    p.add_argument("--targets", default=None, help="UNet LoRA targets: xattn, xattn-kv, none or a peft regex")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="method hyperparameter (see docs/methods.md)")
+    p.add_argument("--out", default=None, help="patch path (default: patches/<concept>.<method>.safetensors)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: autodetect)")
+    p.add_argument("--images", default=None, metavar="FOLDER",
+                   help="the concept's own images, for methods that train on images of it "
+                        "(default: the base model's generations)")
+    p.add_argument("--robust", action="store_true", help="adversarially robust training (patchforge.robust)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run="patchforge.training:run_command")
+
+
+def _eval(sub) -> None:
+    p = sub.add_parser("eval", help="measure a forget patch: efficacy, generality, specificity, utility, "
+                                    "robustness, cost")
+    p.add_argument("patch", nargs="*", help="forget patch file(s)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="PATCH", help="several patches in one table")
+    p.add_argument("--model", default=None, help="base pipeline (default: the embedded toy model)")
+    p.add_argument("--seeds", type=positive_int, default=2, help="image seeds per prompt (default 2)")
+    p.add_argument("--prompts", type=positive_int, default=6, help="prompts per set (default 6)")
+    p.add_argument("--judge", default=None,
+                   help="toy (default on the toy model), nudenet, clip:PATH, python:FILE.py:FUNC")
+    p.add_argument("--attacks", action="store_true", help="also run the white-box attacks (patchforge attack)")
+    p.add_argument("--out", default=None, help="folder for the reports (default: beside each patch)")
+    p.set_defaults(run="patchforge.evaluation:run_command")
+
+
+def _attack(sub) -> None:
+    p = sub.add_parser("attack", help="white-box attacks on a forget patch: attack success rate per attack")
+    p.add_argument("patch", help="forget patch file")
+    p.add_argument("--model", default=None, help="base pipeline (default: the embedded toy model)")
+    p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
+                   help="attack budget, e.g. soft_steps=30 (keys: see docs/robustness.md)")
+    p.add_argument("--seeds", type=positive_int, default=2)
+    p.add_argument("--attack", action="append", default=[],
+                   help="text, soft_prompt, inversion, unconditional, partial (default: all)")
+    p.add_argument("--judge", default=None, help="toy (default), nudenet, clip:PATH, python:FILE.py:FUNC")
+    p.add_argument("--out", default=None, help="JSON report (default: <patch>.attack.json)")
+    p.set_defaults(run="patchforge.attacks:run_command")
+
+
+def _generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate images from a prompt (optionally with patches)")
+    p.add_argument("prompt")
+    p.add_argument("-o", "--out", type=Path, default=Path("out.png"))
+    p.add_argument("--model", default=None,
+                   help="diffusers pipeline folder or repo id (default: the embedded toy model)")
+    p.add_argument("--patch", action="append", default=[], help="forget patch to apply (repeatable)")
+    p.add_argument("--weight", type=finite_float, action="append", default=[],
+                   help="weight per --patch (default 1.0)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--guidance", type=finite_float, default=5.0)
+    p.add_argument("--batch", type=positive_int, default=1, help="images, seeds seed, seed+1, ...")
+    p.add_argument("--grid", type=nonnegative_int, default=0, help="columns of the output grid (default: all in one row)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(run="patchforge.generate:run_command")
+
+
+def _hub(sub) -> None:
+    p = sub.add_parser("push", help="push a forget patch to the Hugging Face Hub with a model card")
+    p.add_argument("patch", help="patch file or folder")
+    p.add_argument("repo_id", help="owner/name on the Hub")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--image", help="before/after image to show in the model card")
+    p.set_defaults(run="patchforge.hub:run_push")
+    p = sub.add_parser("pull", help="download a forget patch from the Hub into the local cache")
+    p.add_argument("repo_id", help="owner/name on the Hub")
+    p.add_argument("--revision")
+    p.add_argument("--weight-name")
+    p.set_defaults(run="patchforge.hub:run_pull")
+
+
+def _export(sub) -> None:
+    p = sub.add_parser("export", help="export a forget patch to another LoRA format")
+    p.add_argument("patch", help="patch file or folder")
+    p.add_argument("--format", choices=["kohya"], default="kohya", help="kohya: lora_unet_/lora_te_ keys (A1111, ComfyUI)")
+    p.add_argument("-o", "--output", help="output file (default: PATCH.kohya.safetensors)")
+    p.set_defaults(run="patchforge.export:run_command")
+
+
+def _merge(sub) -> None:
+    p = sub.add_parser("merge", help="merge forget patches into one file (exact: ranks concatenated)")
+    p.add_argument("patches", nargs="+", help="patch files or folders")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file or folder")
+    p.add_argument("--weights", nargs="+", type=finite_float, help="one weight per patch (default 1.0 each)")
+    p.set_defaults(run="patchforge.patch_format:run_merge")
+
+
+def _demo(sub) -> None:
+    p = sub.add_parser("demo", help="train a patch on the toy model, evaluate it, write a before/after picture")
+    p.add_argument("--concept", default="style:stripes", help="what to erase (default style:stripes)")
+    p.add_argument("--method", default="fmn")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--seeds", type=positive_int, default=2, help="image seeds per eval prompt")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.set_defaults(run="patchforge.demo:run_command")
+
+
+def _toy(sub) -> None:
+    # The toy world is a plug-in: its verbs are declared by its own package, imported only when asked for.
+    importlib.import_module("patchforge.toyworld.commands").register(sub)
+
+
+# verb -> function declaring it; `toy` is declared lazily (its options come from the toy build config)
+VERBS = {"train": _train, "eval": _eval, "attack": _attack, "generate": _generate, "push": _hub, "pull": _hub,
+         "export": _export, "merge": _merge, "demo": _demo, "toy": _toy}
+TOY_HELP = "the embedded toy text-to-image world: rebuild or measure it"
+
+
+def build_parser(verb: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchforge", description="Forget patches for text-to-image diffusion models.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for declare in dict.fromkeys(VERBS.values()):
+        if declare is _toy and verb != "toy":
+            sub.add_parser("toy", help=TOY_HELP)
+        else:
+            declare(sub)
+    return parser
+
+
+def _resolve(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="patchforge", description="Forget patches for text-to-image diffusion models.")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB")
     verb = next((a for a in argv if not a.startswith("-")), None)
-    modules = [VERBS[verb]] if verb in VERBS else list(dict.fromkeys(VERBS.values()))
-    for name in modules:
-        try:
-            importlib.import_module(name).register(sub)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
+    parser = build_parser(verb)
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
+    run = getattr(args, "run", None) or getattr(args, "func", None)
+    if run is None:
         parser.print_help()
         return 0
     try:
-        return args.func(args) or 0
+        from .compat import check_installed_stack
+
+        check_installed_stack()
+        return (_resolve(run) if isinstance(run, str) else run)(args) or 0
     except (PatchforgeError, FileNotFoundError) as err:  # user errors: one line, no traceback
         print(f"patchforge {args.verb}: error: {err}", file=sys.stderr)
         return 2

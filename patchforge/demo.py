@@ -3,20 +3,9 @@ train a forget patch, evaluate it against the base model, write a before/after p
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 
-def register(sub) -> None:
-    p = sub.add_parser("demo", help="train a patch on the toy model, evaluate it, write a before/after picture")
-    p.add_argument("--concept", default="style:stripes", help="what to erase (default style:stripes)")
-    p.add_argument("--method", default="fmn")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--seeds", type=int, default=2, help="image seeds per eval prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
+def run_command(args) -> int:
     from .evaluation import evaluate, markdown, write_reports
     from .pipeline_loading import load_pipeline
     from .training import TrainConfig, train_patch

@@ -548,21 +548,7 @@ def write_reports(result: dict, out: str | Path | None = None, command: str | No
 
 
 # ---------------------------------------------------------------- CLI
-def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="measure a forget patch: efficacy, generality, specificity, utility, "
-                                           "robustness, cost")
-    p.add_argument("patch", nargs="*", help="forget patch file(s)")
-    p.add_argument("--compare", nargs="+", default=[], metavar="PATCH", help="several patches in one table")
-    p.add_argument("--model", default=None, help="base pipeline (default: the embedded toy model)")
-    p.add_argument("--seeds", type=int, default=2, help="image seeds per prompt (default 2)")
-    p.add_argument("--prompts", type=int, default=6, help="prompts per set (default 6)")
-    p.add_argument("--judge", default=None, help="toy (default on the toy model), nudenet, clip:PATH, python:FILE.py:FUNC")
-    p.add_argument("--attacks", action="store_true", help="also run the white-box attacks (patchforge attack)")
-    p.add_argument("--out", default=None, help="folder for the reports (default: beside each patch)")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
+def run_command(args) -> int:
     import shlex
     import sys
 

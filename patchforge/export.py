@@ -87,9 +87,6 @@ def export_kohya(patch_path, out_path=None) -> Path:
     return out
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="export a forget patch to another LoRA format")
-    p.add_argument("patch", help="patch file or folder")
-    p.add_argument("--format", choices=["kohya"], default="kohya", help="kohya: lora_unet_/lora_te_ keys (A1111, ComfyUI)")
-    p.add_argument("-o", "--output", help="output file (default: PATCH.kohya.safetensors)")
-    p.set_defaults(func=lambda a: print(export_kohya(a.patch, a.output)) or 0)
+def run_command(args) -> int:
+    print(export_kohya(args.patch, args.output))
+    return 0

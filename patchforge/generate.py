@@ -2,28 +2,14 @@
 optionally with forget patches applied."""
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .atomic import atomic_path
 
-
-def register(sub) -> None:
-    p = sub.add_parser("generate", help="generate images from a prompt (optionally with patches)")
-    p.add_argument("prompt")
-    p.add_argument("-o", "--out", type=Path, default=Path("out.png"))
-    p.add_argument("--model", default=None, help="diffusers pipeline folder or repo id (default: the embedded toy model)")
-    p.add_argument("--patch", action="append", default=[], help="forget patch to apply (repeatable)")
-    p.add_argument("--weight", type=float, action="append", default=[], help="weight per --patch (default 1.0)")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--batch", type=int, default=1, help="images, seeds seed, seed+1, ...")
-    p.add_argument("--grid", type=int, default=0, help="columns of the output grid (default: all in one row)")
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=_run)
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def to_grid(images: np.ndarray, cols: int, min_side: int = 128) -> "Image.Image":
@@ -41,7 +27,7 @@ def to_grid(images: np.ndarray, cols: int, min_side: int = 128) -> "Image.Image"
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
-def _run(args) -> int:
+def run_command(args) -> int:
     import torch
 
     from .errors import PatchforgeError

@@ -150,21 +150,12 @@ def pull_patch(repo_id: str, *, revision: str | None = None, weight_name: str | 
     return path
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("push", help="push a forget patch to the Hugging Face Hub with a model card")
-    p.add_argument("patch", help="patch file or folder")
-    p.add_argument("repo_id", help="owner/name on the Hub")
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--image", help="before/after image to show in the model card")
-    p.set_defaults(func=lambda a: print(push_patch(a.patch, a.repo_id, private=a.private, image=a.image)) or 0)
-    p = subparsers.add_parser("pull", help="download a forget patch from the Hub into the local cache")
-    p.add_argument("repo_id", help="owner/name on the Hub")
-    p.add_argument("--revision")
-    p.add_argument("--weight-name")
-    p.set_defaults(func=_cli_pull)
+def run_push(args) -> int:
+    print(push_patch(args.patch, args.repo_id, private=args.private, image=args.image))
+    return 0
 
 
-def _cli_pull(args) -> int:
+def run_pull(args) -> int:
     path = pull_patch(args.repo_id, revision=args.revision, weight_name=args.weight_name)
     patch = read_patch(path)
     print(f"{args.repo_id}: forget '{patch.concept}' ({patch.method}) for {patch.metadata.get(K_BASE_ID, '?')} -> {path}")

@@ -393,15 +393,7 @@ def merge_patches(patches: list[Patch], weights: list[float] | None = None) -> P
 
 # ----------------------------------------------------------------------------- CLI: patchforge merge
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("merge", help="merge forget patches into one file (exact: ranks concatenated)")
-    p.add_argument("patches", nargs="+", help="patch files or folders")
-    p.add_argument("-o", "--output", required=True, help="output .safetensors file or folder")
-    p.add_argument("--weights", nargs="+", type=float, help="one weight per patch (default 1.0 each)")
-    p.set_defaults(func=_cli_merge)
-
-
-def _cli_merge(args) -> int:
+def run_merge(args) -> int:
     merged = merge_patches([read_patch(p) for p in args.patches], args.weights)
     out = write_patch(merged, args.output)
     print(f"merged {len(args.patches)} patches ({merged.concept}) -> {out}")

@@ -361,32 +361,6 @@ def default_name(specs: list[ConceptSpec], method: str) -> str:
 
 
 # ---------------------------------------------------------------- CLI
-def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a forget patch that erases one or more concepts")
-    p.add_argument("--concept", action="append", default=[], metavar="KIND:NAME",
-                   help="concept to erase: style|object|identity|color|nudity|custom:NAME (repeat for several in one patch)")
-    p.add_argument("--concept-file", default=None, help="YAML concept file (LECO-like); one patch per entry")
-    p.add_argument("--to", default=None, help="alternative the concept maps to (e.g. \"impressionist painting\")")
-    p.add_argument("--method", default="fmn", help="fmn (default), sa, aob, redact, esd")
-    p.add_argument("--model", default=None, help="diffusers SD 1.x/2.x/SDXL folder or repo id (default: the toy model)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text-encoder", action="store_true", default=None, help="also train a text-encoder LoRA")
-    p.add_argument("--targets", default=None, help="UNet LoRA targets: xattn, xattn-kv, none or a peft regex")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter (see docs/methods.md)")
-    p.add_argument("--out", default=None, help="patch path (default: patches/<concept>.<method>.safetensors)")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: autodetect)")
-    p.add_argument("--images", default=None, metavar="FOLDER",
-                   help="the concept's own images, for methods that train on images of it (default: the base model's generations)")
-    p.add_argument("--robust", action="store_true", help="adversarially robust training (patchforge.robust)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run)
-
-
 LOOP_OPTIONS = ("ref_steps", "ref_guidance", "overfit_batch")  # --set keys the loop itself reads
 
 
@@ -423,7 +397,7 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def _run(args) -> int:
+def run_command(args) -> int:
     from .methods import get_method
 
     options = parse_set(args.set)
