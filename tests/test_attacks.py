@@ -75,6 +75,7 @@ def test_robust_training_runs(tmp_path, monkeypatch):
     assert seen["trainer"].robust_stats["inner_steps"] >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TOY_BUILT, reason="the embedded toy model is not built")
 def test_soft_prompt_beats_a_weak_patch_and_finds_no_absent_concept():
     """The attack works: the shipped stripes patch at weight 0.8 is a weak defence (stripes gone from

@@ -180,6 +180,7 @@ def test_cli_errors(tmp_path, capsys):
     assert "no patch" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TOY_BUILT, reason="the embedded toy model is not built")
 def test_destroying_patch_fails_specificity_and_utility_on_toy_model(tmp_path):
     """At eval's default sample size (2 seeds, n=6: 24 general images). With 8 images the Fréchet

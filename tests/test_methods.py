@@ -52,6 +52,7 @@ def test_methods_run_on_other_families(kind, method, tmp_path):
 TOY_STEPS = {"fmn": 50, "sa": 30, "aob": 50, "redact": 40, "esd": 60}  # enough to move the rate by more than one image
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_toy_short_run_lowers_the_target_rate(method, tmp_path):
     from patchforge.loading import load_forget_patch

@@ -67,6 +67,7 @@ def test_training_code_never_imports_a_judge():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_accelerate_launch_deals_a_concept_list_out_one_patch_per_process(tmp_path):
     """`accelerate launch` (which sets RANK / WORLD_SIZE like torchrun) with two processes: each trains
     its own share of the concept file, no patch twice, every patch once. `--multi_gpu` launches two
