@@ -25,7 +25,7 @@ def register(sub) -> None:
     judges.add_argument("--judge-steps", type=int, default=ToyBuildConfig.judge_steps)
     judges.add_argument("--batch-size", type=int, default=ToyBuildConfig.batch_size)
     judges.set_defaults(func=_judges)
-    report = toy_sub.add_parser("report", help="judge accuracy and base-model concept rates (the issue-2 bars)")
+    report = toy_sub.add_parser("report", help="judge accuracy and base-model concept rates against the quality bars in docs/toy-model.md")
     report.add_argument("--model", default=None)
     report.add_argument("--seeds", type=int, default=8, help="generations per prompt set")
     report.add_argument("--json", type=Path, default=None, help="also write the numbers here")
