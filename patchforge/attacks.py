@@ -329,7 +329,7 @@ def run_command(args) -> int:
                        load_judge(args.judge) if args.judge else None)
     out = Path(args.out) if args.out else Path(args.patch).with_suffix(".attack.json")
     write_text(out, json.dumps(res, indent=1, sort_keys=True) + "\n")
-    print(f"| attack | base rate | ASR (patched) | 95% CI |\n|---|---|---|---|")
+    print("| attack | base rate | ASR (patched) | 95% CI |\n|---|---|---|---|")
     for k, m in res["attacks"].items():
         ci = m["ci_patched"]
         print(f"| {k} | {m['base']:.0%} | {m['patched']:.0%} | [{ci[0]:.0%}, {ci[1]:.0%}] |")

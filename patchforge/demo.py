@@ -17,7 +17,7 @@ def run_command(args) -> int:
     patch, summary = train_patch([args.concept], method=args.method, config=TrainConfig(method=args.method, seed=args.seed),
                                  out=args.out / f"{args.concept.replace(':', '-')}.{args.method}.safetensors", pipe=pipe)
     print(f"      {summary['steps']} steps in {summary['seconds']} s, {summary['bytes'] / 1024:.0f} KB -> {patch}")
-    print(f"[2/2] evaluating it against the base model (same prompts, same seeds)")
+    print("[2/2] evaluating it against the base model (same prompts, same seeds)")
     result = evaluate([patch], seeds=args.seeds, pipe=pipe, progress=lambda m: print("      " + m))
     written = write_reports(result, args.out, f"patchforge demo --concept {args.concept} --method {args.method}")
     print()

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from patchforge.pipeline_loading import TOY_MODEL_DIR, load_pipeline, toy_judge_path
 from patchforge.toyworld import world

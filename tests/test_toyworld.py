@@ -20,10 +20,12 @@ def test_every_concept_renders_differently_from_its_neighbours():
     for name, neighbours in world.NEIGHBOURS.items():
         kind = world.kind_of(name)
         if kind == "identity":
-            scene = lambda n: world.Scene(identity=n)
+            def scene(n):
+                return world.Scene(identity=n)
         else:
             base = {"object": "square", "color": "blue", "style": "solid"}
-            scene = lambda n: world.Scene(**{**base, kind: n})
+            def scene(n):
+                return world.Scene(**{**base, kind: n})
         for other in neighbours:
             assert not np.array_equal(world.render(scene(name)), world.render(scene(other))), (name, other)
 
