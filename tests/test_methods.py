@@ -173,3 +173,53 @@ def test_fmn_contrast_and_projection_keeping(tmp_path):
     runner.finish()
     _, s = train_patch(specs, "fmn", None, cfg, out=tmp_path / "p.safetensors", pipe=BUILDERS["sd1"]())
     assert np.isfinite(s["losses"]).all()
+
+
+EXAMPLE_METHOD = '''
+"""Erase by pulling the concept's prediction to the empty prompt's (a minimal method: one file)."""
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from patchforge.methods import Method, MethodConfig, register
+
+
+@dataclass
+class ToEmptyConfig(MethodConfig):
+    steps: int = 4
+
+
+@register("to-empty")
+class ToEmpty(Method):
+    Config = ToEmptyConfig
+
+    def prepare(self):
+        self.refs = self.concept_refs()
+
+    def loss(self, step):
+        tr = self.tr
+        idx = tr.pick(self.target, self.batch)
+        x_t, t, _ = tr.noised(self.refs[[i % len(self.refs) for i in idx]])
+        empty = tr.eps(x_t, t, tr.embed([""] * len(idx), base=True), base=True)
+        return F.mse_loss(tr.eps(x_t, t, tr.embed([self.target[i] for i in idx], role="target")), empty), {}
+'''
+
+
+def test_a_new_method_is_one_file(tmp_path, monkeypatch):
+    """Dropping one file into the methods package is all it takes: discovery registers it, the CLI's
+    option check and the shared loop find it by name, and its patch loads."""
+    import patchforge.methods as methods
+    from patchforge.loading import load_forget_patch
+
+    (tmp_path / "to_empty.py").write_text(EXAMPLE_METHOD)
+    monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(tmp_path)])
+    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
+    monkeypatch.delitem(__import__("sys").modules, "patchforge.methods.to_empty", raising=False)
+    assert "to-empty" in methods.available()
+    pipe = BUILDERS["sd1"]()
+    cfg = TrainConfig(batch=2, lr=2e-2, progress=False, options={"ref_steps": 2, "n_refs": 2})
+    path, s = train_patch(["custom:a photo of a cat"], "to-empty", None, cfg, out=tmp_path / "p.safetensors", pipe=pipe)
+    assert s["method"] == "to-empty" and s["steps"] == 4
+    before = run(pipe)
+    load_forget_patch(pipe, path)
+    assert not torch.allclose(before, run(pipe))

@@ -13,6 +13,7 @@ Methods never own a loop, never save files and never look at a judge.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,6 @@ import torch.nn.functional as F
 from ..errors import PatchforgeError
 
 METHODS: dict[str, type] = {}
-_BUILTIN = {"fmn": "fmn", "sa": "sa", "aob": "aob", "redact": "redact", "esd": "esd"}
 
 
 def register(name: str):
@@ -32,19 +32,27 @@ def register(name: str):
     return deco
 
 
+def _discover() -> None:
+    """Import every module of this package once: each registers its method(s) with @register, so
+    adding a method is adding one file here (no list to edit)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
 def get_method(name: str) -> type:
-    if name not in METHODS and name in _BUILTIN:
-        importlib.import_module(f"{__name__}.{_BUILTIN[name]}")
+    if name not in METHODS:
+        _discover()
     if name not in METHODS:
         import difflib
-        close = difflib.get_close_matches(name, list(_BUILTIN), n=2)
-        raise PatchforgeError(f"unknown method '{name}' (methods: {', '.join(_BUILTIN)})"
+        close = difflib.get_close_matches(name, list(METHODS), n=2)
+        raise PatchforgeError(f"unknown method '{name}' (methods: {', '.join(available())})"
                               + (f"; did you mean {', '.join(close)}?" if close else ""))
     return METHODS[name]
 
 
 def available() -> list[str]:
-    return list(_BUILTIN)
+    _discover()
+    return sorted(METHODS)
 
 
 def cycle(items: list, n: int) -> list:
