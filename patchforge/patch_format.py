@@ -270,7 +270,8 @@ def write_patch(patch: Patch, path) -> Path:
     if path.is_dir() or not path.suffix:
         path = path / DEFAULT_WEIGHT_NAME
     # the written config is the allow-listed one: plain diffusers users get no PEFT option we refuse
-    patch.lora_configs = {c: clean_lora_config(patch.lora_configs[c], c, patch.state_dicts[c])
+    patch.lora_configs = {c: clean_lora_config(patch.lora_configs[c], c, {k: (v.shape or [0])[0] for k, v in
+                                                                         patch.state_dicts[c].items()})
                           for c in patch.components}
     validate(patch)
     md = {k: str(v) for k, v in patch.metadata.items() if not k.startswith("patchforge.") or v is not None}
@@ -304,11 +305,11 @@ def read_patch(path, max_bytes: int | None = None) -> Patch:
         n = _header_length(head, size, where)
         f.seek(8)
         header = _parse_header(f.read(n), size - 8 - n, where)
-        metadata, lora_md = _patch_metadata(header, where)
+        layout = _layout(header, where)  # metadata, LoRA configs, ranks: all before a tensor byte is read
         buf = bytearray(size - 8 - n)
         if f.readinto(buf) != len(buf):
             raise PatchFormatError(f"{where} changed while it was read: copy it again")
-    return _build(metadata, lora_md, header, buf, path, where)
+    return _build(layout, buf, path, where)
 
 
 def parse_patch(data: bytes, path: Path | None = None, max_bytes: int | None = None) -> Patch:
@@ -316,9 +317,8 @@ def parse_patch(data: bytes, path: Path | None = None, max_bytes: int | None = N
     where = f"'{path}'" if path else "the patch"
     _check_size(len(data), max_bytes, where)
     n = _header_length(data[:10], len(data), where)
-    header = _parse_header(data[8:8 + n], len(data) - 8 - n, where)
-    metadata, lora_md = _patch_metadata(header, where)
-    return _build(metadata, lora_md, header, bytearray(data[8 + n:]), path, where)
+    layout = _layout(_parse_header(data[8:8 + n], len(data) - 8 - n, where), where)
+    return _build(layout, bytearray(data[8 + n:]), path, where)
 
 
 def _check_size(size: int, max_bytes: int | None, where: str) -> None:
@@ -399,43 +399,51 @@ def _patch_metadata(header: dict, where: str) -> tuple[dict[str, str], dict]:
     return metadata, lora_md
 
 
-def _build(metadata: dict, lora_md: dict, header: dict, buf: bytearray, path, where: str) -> Patch:
-    state_dicts: dict[str, dict] = {}
-    for key in header:
+def _layout(header: dict, where: str) -> tuple[dict, dict, dict]:
+    """From the header alone: metadata, header entries per component, allow-listed LoRA configs."""
+    metadata, lora_md = _patch_metadata(header, where)
+    entries: dict[str, dict] = {}
+    for key, entry in header.items():
         if key == "__metadata__":
             continue
         comp, _, rest = key.partition(".")
         if comp not in COMPONENTS or not rest:
-            raise PatchFormatError(f"{where} has tensor '{key[:80]}' outside unet/text_encoder/text_encoder_2: "
+            raise PatchFormatError(f"{where} has tensor '{one_line(key)}' outside unet/text_encoder/text_encoder_2: "
                                    f"not a forget patch, or a damaged one")
-        state_dicts.setdefault(comp, {})[rest] = header[key]
+        entries.setdefault(comp, {})[rest] = entry
     configs = {}
-    for comp in state_dicts:
+    for comp, sd in entries.items():
         cfg = {k.removeprefix(comp + "."): v for k, v in lora_md.items() if k.startswith(comp + ".")}
         if not cfg:
             raise PatchFormatError(f"{where} has {comp} weights but no LoRA config for them in "
                                    f"'{LORA_METADATA_KEY}': re-save the patch with patchforge")
-        configs[comp] = cfg
+        ranks = {k: (e["shape"] or [0])[0] for k, e in sd.items()}
+        configs[comp] = clean_lora_config(cfg, comp, ranks, where)
+    return metadata, entries, configs
+
+
+def _build(layout: tuple[dict, dict, dict], buf: bytearray, path, where: str) -> Patch:
+    metadata, entries, configs = layout
     # views into the one buffer: little-endian data as safetensors stores it (a copy only when misaligned)
     data = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
-    for comp, sd in state_dicts.items():
+    state_dicts = {}
+    for comp, sd in entries.items():
+        state_dicts[comp] = {}
         for key, entry in sd.items():
             begin, stop = entry["data_offsets"]
             dtype = DTYPES[entry["dtype"]]
             raw = data[begin:stop]
             if begin % dtype.itemsize:
                 raw = raw.clone()
-            sd[key] = raw.view(dtype).reshape(entry["shape"])
-    digest = hashlib.sha256(buf).hexdigest()
-    patch = Patch(state_dicts, {}, metadata, Path(path) if path else None, digest)
-    patch.lora_configs = {comp: clean_lora_config(configs[comp], comp, state_dicts[comp], where) for comp in configs}
+            state_dicts[comp][key] = raw.view(dtype).reshape(entry["shape"])
+    patch = Patch(state_dicts, configs, metadata, Path(path) if path else None, hashlib.sha256(buf).hexdigest())
     validate(patch, where)
     return patch
 
 
 # ----------------------------------------------------------------------------- LoRA configs from files
 
-def clean_lora_config(raw: dict, comp: str, state_dict: dict[str, torch.Tensor], where: str = "the patch") -> dict:
+def clean_lora_config(raw: dict, comp: str, ranks: dict, where: str = "the patch") -> dict:
     """The LoRA config a file may carry, rebuilt from an allow-list.
 
     A config from a file is code-like input: PEFT runs `init_lora_weights` ("pissa", "olora", ...
@@ -473,16 +481,13 @@ def clean_lora_config(raw: dict, comp: str, state_dict: dict[str, torch.Tensor],
     if targets is not None and not (isinstance(targets, str) or
                                     (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
         raise PatchFormatError(f"{where}: {comp} target_modules is not a list of module names")
-    for key, a in state_dict.items():
+    # ranks: {tensor key: first dimension} (from the header when reading, from the tensors when writing)
+    for key, rank in ranks.items():
         if key.endswith(".lora_A.weight"):
             module = key[: -len(".lora_A.weight")]
             declared = _pattern_value(cfg["rank_pattern"], module, cfg.get("r", 8))
-            if isinstance(a, dict):  # header entry (reading): the shape is all there is yet
-                rank = a["shape"][0] if a["shape"] else 0
-            else:
-                rank = a.shape[0] if a.dim() else 0
             if declared != rank:
-                raise PatchFormatError(f"{where}: {comp}.{module[:80]} declares rank {declared} but its tensors have "
+                raise PatchFormatError(f"{where}: {comp}.{one_line(module)} declares rank {declared} but its tensors have "
                                        f"rank {rank}: the file is damaged or forged")
     return cfg
 
@@ -532,20 +537,21 @@ def validate(patch: Patch, where: str = "the patch") -> None:
                     0 in b.shape or (a.dim() == 4 and b.shape[2:] != (1, 1)):
                 raise PatchFormatError(f"{where} has inconsistent LoRA shapes at {comp}.{one_line(module)} (A "
                                        f"{tuple(a.shape)}, B {tuple(b.shape)} {a.dtype}): the file is damaged, re-save it")
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            norm = delta_norm(patch, comp, module)  # NaN/inf anywhere in A or B make it NaN/inf
+            if not math.isfinite(norm):
                 raise PatchFormatError(f"{where} has NaN/inf weights at {comp}.{one_line(module)}: the training diverged")
-            norm = delta_norm(patch, comp, module)
-            if not norm <= MAX_DELTA_NORM:  # also catches NaN
+            if norm > MAX_DELTA_NORM:
                 raise PatchFormatError(f"{where}: the weight change at {comp}.{one_line(module)} has norm {norm:.3g} "
                                        f"(limit {MAX_DELTA_NORM:g}): the patch would break the model")
 
 
 def delta_norm(patch: Patch, comp: str, module: str) -> float:
-    """Frobenius norm of scale * B @ A without forming it: |BA|^2 = sum((B^T B) * (A A^T)), r x r."""
+    """Frobenius norm of scale * B @ A without forming it: |BA|^2 = sum((B^T B) * (A A^T)), r x r.
+    float32 (no copy of fp32 tensors); a NaN or inf anywhere in A or B gives NaN or inf."""
     sd = patch.state_dicts[comp]
-    a = sd[f"{module}.lora_A.weight"].double().flatten(1)
-    b = sd[f"{module}.lora_B.weight"].double().flatten(1)
-    sq = float(((b.T @ b) * (a @ a.T)).sum())
+    a = sd[f"{module}.lora_A.weight"].float().flatten(1)
+    b = sd[f"{module}.lora_B.weight"].float().flatten(1)
+    sq = float(((b.T @ b).double() * (a @ a.T).double()).sum())
     return abs(patch.scale(comp, module)) * math.sqrt(max(sq, 0.0)) if math.isfinite(sq) else math.inf
 
 
