@@ -186,11 +186,17 @@ def test_bad_weights_refused_before_anything_loads(pipe, tmp_path):
 
 
 def test_generate_refuses_nan_before_loading_a_model(tmp_path, capsys):
-    out = tmp_path / "x.png"
+    out, nope = tmp_path / "x.png", str(tmp_path / "nope")
     for args in (["--weight", "nan", "--patch", "p"], ["--guidance", "nan"], ["--steps", "0"]):
-        assert cli.main(["generate", "a cat", "-o", str(out), "--model", str(tmp_path / "nope"), *args]) == 2
+        with pytest.raises(SystemExit) as exit_:  # refused while parsing: no model is loaded
+            cli.main(["generate", "a cat", "-o", str(out), "--model", nope, *args])
+        assert exit_.value.code == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and ("finite" in err or "at least 1" in err), err
+        assert "finite" in err or "at least 1" in err, err
+    assert cli.main(["generate", "a cat", "-o", str(out), "--model", nope, "--patch", "p", "--weight", "1",
+                     "--weight", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "2 --weight values" in err and err.count("\n") == 1, err  # checked before the (missing) model
     assert not out.exists()
 
 
