@@ -18,7 +18,6 @@ import safetensors.torch
 import torch
 from huggingface_hub import constants
 
-from fake_hub import FakeHub
 from patchforge import cli, hub
 from patchforge import loading as pf
 from patchforge import patch_format as fmt
@@ -358,16 +357,6 @@ def test_the_same_patch_twice_is_refused_unless_asked(pipe, tmp_path):
 
 
 # ----------------------------------------------------------------------------- 6, 7, 8: the Hub
-
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    with FakeHub() as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setenv("HF_TOKEN", "hf_fake")
-        yield server
-
 
 BAD_PATHS = ["../../../../x", "../x", "a/../../x", "..", ".", "a//b", "a\\..\\b", "x\ny", "", "a/", "\x00"]
 
