@@ -30,7 +30,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from .errors import PatchforgeError, PatchFormatError
-from .patch_format import (COMPONENTS, K_BASE_WEIGHTS_V2, TEXT_PREFIX, Patch, base_fingerprint, check_base,
+from .patch_format import (COMPONENTS, TEXT_PREFIX, Patch, base_fingerprint, base_parameters, check_base,
                            delta_norm, peft_config_kwargs, read_patch)
 
 REGISTRY_ATTR = "_patchforge_patches"  # on the UNet: adapter name -> LoadedPatch (provenance only)
@@ -226,12 +226,19 @@ class _Snapshot:
         objs = [pipe] + [m for model in models.values() for m in model.modules()]
         self.attrs = [(o, {k: (type(v)(v) if type(v) in self.CONTAINERS else v) for k, v in vars(o).items()})
                       for o in objs]
+        self.models, self.params = models, _base_params(models)
         self.weights = []
         for comp in patch.components:
             for module in patch.modules(comp):
                 target = _target(models[comp], comp, module)
                 for p in (target.parameters(recurse=True) if target is not None else []):
                     self.weights.append((p, p.detach().clone()))
+
+    def base_unchanged(self) -> bool:
+        """After a load: the same base parameters under the same names (no module wrapped or
+        replaced) and the touched weights bit for bit as they were."""
+        import torch
+        return _base_params(self.models) == self.params and all(torch.equal(p, saved) for p, saved in self.weights)
 
     def restore(self) -> None:
         import torch
@@ -241,6 +248,10 @@ class _Snapshot:
         with torch.no_grad():
             for p, saved in self.weights:
                 p.copy_(saved)
+
+
+def _base_params(models) -> list[tuple[str, int]]:
+    return [(f"{comp}.{name}", id(p)) for comp, model in models.items() for name, p in base_parameters(model)]
 
 
 def _target(model, comp: str, module: str):
@@ -294,8 +305,8 @@ def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None =
     try:
         with _quiet():
             _load_adapter(pipe, models, patch, name)
-        if base_fingerprint(pipe)[K_BASE_WEIGHTS_V2] != fingerprint[K_BASE_WEIGHTS_V2]:
-            raise RuntimeError("the load changed the base weights")
+        if not snapshot.base_unchanged():
+            raise RuntimeError("the load changed the base model")
     except Exception as err:  # put everything back so the pipeline is as it was
         snapshot.restore()
         if base_fingerprint(pipe) != fingerprint:

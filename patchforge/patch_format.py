@@ -114,7 +114,7 @@ def _pattern_value(pattern: dict, module: str, default):
 
 # ----------------------------------------------------------------------------- base fingerprint
 
-def _params(model: torch.nn.Module):
+def base_parameters(model: torch.nn.Module):
     """Base parameters under names that do not depend on LoRA wrapping or the transformers version."""
     for name, p in model.named_parameters():
         if "lora_" in name:
@@ -140,7 +140,7 @@ def base_fingerprint(pipe) -> dict[str, str]:
         if model is None:
             continue
         arch.update(f"{comp}:{type(model).__name__};".encode())
-        for name, p in sorted(_params(model), key=lambda t: t[0]):
+        for name, p in sorted(base_parameters(model), key=lambda t: t[0]):
             arch.update(f"{name}{tuple(p.shape)};".encode())
             flat = p.detach().reshape(-1)
             legacy.update(_legacy_sample(flat))
@@ -510,7 +510,10 @@ def peft_config_kwargs(patch: Patch, comp: str, flat_text: bool) -> dict:
     alphas = {m: patch.scale(comp, m) * ranks[m] for m in modules}
     r0, a0 = ranks[modules[0]], alphas[modules[0]]
     # PEFT matches pattern keys as regexes: escape the exact names
-    return {"r": r0, "lora_alpha": a0, "target_modules": sorted(names.values()),
+    # one anchored alternation of the exact names: PEFT full-matches a string once per module (a long
+    # list costs it a suffix search per module and per name)
+    targets = "^(?:" + "|".join(re.escape(n) for n in sorted(names.values())) + ")$"
+    return {"r": r0, "lora_alpha": a0, "target_modules": targets,
             "rank_pattern": {re.escape(names[m]): ranks[m] for m in modules if ranks[m] != r0},
             "alpha_pattern": {re.escape(names[m]): alphas[m] for m in modules if alphas[m] != a0},
             "use_rslora": False, "init_lora_weights": False}
