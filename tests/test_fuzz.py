@@ -149,3 +149,41 @@ def test_fuzz_reader_header_entries(entry):
         _one_line(err)
     else:
         pytest.fail(f"a damaged entry was accepted: {entry}")
+
+
+@pytest.fixture(scope="module")
+def hub_root(tmp_path_factory):
+    """A fake Hub serving one patch, and a Hub cache six folders deep inside a watched root."""
+    from huggingface_hub import constants
+
+    from fake_hub import FakeHub
+
+    root = tmp_path_factory.mktemp("hubfuzz")
+    cache = root / "a" / "b" / "c" / "d" / "e" / "f" / "cache"
+    with FakeHub() as server, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "ENDPOINT", server.url)
+        mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        mp.setattr(constants, "HF_HUB_OFFLINE", False)
+        mp.setattr(constants, "HF_HUB_CACHE", str(cache))
+        mp.setenv("HF_TOKEN", "hf_fake")
+        data = cached_patches("sd1")[0].read_bytes()
+        server.repos["me/p"] = {"sha": "2" * 40, "files": {"pytorch_lora_weights.safetensors": data,
+                                                          "x/pytorch_lora_weights.safetensors": data}}
+        yield root, cache
+
+
+@settings(FUZZ, max_examples=60)
+@given(value=st.text(alphabet="./\\ax-_~:%\n", max_size=10), where=st.sampled_from(["revision", "subfolder",
+                                                                                    "weight_name"]))
+def test_fuzz_hub_names_never_write_outside_the_cache(hub_root, value, where):
+    from patchforge import hub
+
+    root, cache = hub_root
+    try:
+        path = hub.resolve_patch_file("me/p", **{where: value})
+    except PatchforgeError as err:
+        _one_line(err)
+    else:
+        assert Path(path).resolve().is_relative_to(cache.resolve())
+    outside = [p for p in root.rglob("*") if p.is_file() and not p.is_relative_to(cache)]
+    assert outside == [], (where, value, outside)
