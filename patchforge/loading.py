@@ -153,9 +153,12 @@ def _sync(models, repair: bool = True) -> dict[str, LoadedPatch]:
 
 
 def _install_guards(models) -> None:
-    for comp, model in models.items():
+    def guard(module, args) -> None:  # returns None: a pre-hook's return value would replace the inputs
+        _sync(models)
+
+    for model in models.values():
         if _tuner_layers(model) and model.__dict__.get(GUARD_ATTR) is None:
-            model.__dict__[GUARD_ATTR] = model.register_forward_pre_hook(lambda module, args: _sync(models) and None)
+            model.__dict__[GUARD_ATTR] = model.register_forward_pre_hook(guard)
 
 
 def _remove_guards(models) -> None:

@@ -253,7 +253,13 @@ def test_user_lora_never_silently_switches_a_patch_off():
         assert pf.list_forget_patches(pipe) == []
     with pytest.raises(PatchforgeError, match="no forget patch named"):
         pf.set_forget_patch_weight(pipe, name, 0.5)
-    assert torch.equal(run(pipe), run(tiny_sd1()))
+    base = run(tiny_sd1())
+    assert torch.equal(run(pipe), base)
+    pf.load_forget_patch(pipe, patch)
+    pipe.unload_lora_weights()  # this time the guard notices during the forward pass itself
+    with pytest.warns(PatchesSwitchedWarning, match="removed outside"):
+        assert torch.equal(run(pipe), base)
+    assert pf.list_forget_patches(pipe) == []
 
 
 # ----------------------------------------------------------------------------- 10: exact unload after fuse
