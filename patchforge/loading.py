@@ -226,7 +226,7 @@ class _Snapshot:
     CONTAINERS = (dict, OrderedDict, list, set)
 
     def __init__(self, pipe, models, patch: Patch):
-        objs = [pipe] + [m for model in models.values() for m in model.modules()]
+        objs = [pipe] + [m for comp in patch.components for m in models[comp].modules()]  # what a load can touch
         self.attrs = [(o, {k: (type(v)(v) if type(v) in self.CONTAINERS else v) for k, v in vars(o).items()})
                       for o in objs]
         self.models, self.params = models, _base_params(models)
