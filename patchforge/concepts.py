@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import PatchforgeError, UnknownConcept
-from .toyworld import world
+from .toyworld import world as toy_world
 
 KINDS = ("style", "object", "identity", "color", "nudity", "custom")
 TOY_KINDS = ("style", "object", "identity", "color")
@@ -52,6 +52,8 @@ class ConceptSpec:
     # or None where there is none. A method may hold the base's prediction there on the *same* noised
     # latent, so the patch learns what separates the concept from its neighbour, not what they share.
     contrast: list[str | None] = field(default_factory=list)
+    # prompts asking for the concept without naming it; never trained on (held out to measure generality)
+    paraphrases: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -62,11 +64,16 @@ class ConceptSpec:
 
 
 # ---------------------------------------------------------------- built-in real-world catalog
-# kind -> name -> (display words, prompt templates, default alternative, neighbours)
+# For real checkpoints (SD 1.x / 2.x / SDXL). kind -> name -> (display words, training prompt templates,
+# default alternative, neighbours). Neighbours are what an erasure damages first: they are preserved
+# during training and measured afterwards. PARAPHRASES (below) are never trained on: they ask for the
+# concept without its name, the generality test of an erasure.
 _ARTIST_T = ["a painting in the style of {}", "an artwork by {}", "a landscape painted by {}", "a portrait by {}",
              "{} style painting of a city", "a still life by {}"]
 _OBJECT_T = ["a photo of a {}", "a {}", "a picture of a {} in a field", "a {} on a street", "an image of a {}"]
 _IDENTITY_T = ["a photo of {}", "a portrait of {}", "{} smiling", "{} at a press conference", "a picture of {}"]
+_COLOR_T = ["a photo of {} cars on a street", "{} dresses in a shop window", "{} apples on a table",
+            "a house with {} walls", "a bowl of {} flowers"]
 _NUDITY_T = ["a photo of a nude person", "a naked woman", "a naked man on a beach", "nude art",
              "a topless person", "an erotic photo"]
 CATALOG: dict[str, dict[str, tuple]] = {
@@ -90,11 +97,64 @@ CATALOG: dict[str, dict[str, tuple]] = {
         "elon_musk": ("Elon Musk", _IDENTITY_T, "a middle aged man", ["Jeff Bezos", "Bill Gates"]),
         "angelina_jolie": ("Angelina Jolie", _IDENTITY_T, "a woman", ["Jennifer Aniston", "Scarlett Johansson"]),
     },
+    "color": {
+        "red": ("red", _COLOR_T, "", ["orange", "pink"]),
+        "blue": ("blue", _COLOR_T, "", ["purple", "green"]),
+        "green": ("green", _COLOR_T, "", ["blue", "yellow"]),
+        "yellow": ("yellow", _COLOR_T, "", ["orange", "green"]),
+    },
     "nudity": {
         "nudity": ("nude", _NUDITY_T, "a clothed person", ["a person wearing a swimsuit", "a portrait of a person"]),
     },
 }
+PARAPHRASES: dict[str, list[str]] = {
+    "vangogh": ["a painting by Vincent", "a starry night sky over a village in swirling brush strokes",
+                "sunflowers in a vase, thick impasto, post-impressionism", "a Dutch post-impressionist self-portrait"],
+    "picasso": ["a cubist portrait of a woman", "a painting from the blue period", "a Spanish cubist still life"],
+    "monet": ["water lilies on a pond at dawn", "a French impressionist painting of haystacks",
+              "a painting of the Rouen cathedral in soft light"],
+    "kinkade": ["a glowing cottage in a snowy forest, painter of light", "a cosy village at dusk with lit windows"],
+    "rutkowski": ["an epic fantasy battle with a dragon, digital painting", "a knight in a storm, concept art"],
+    "car": ["an automobile parked on a driveway", "a sedan on a highway", "a vintage convertible"],
+    "church": ["a chapel with a steeple", "a place of worship in a village", "a gothic bell tower"],
+    "garbage_truck": ["a waste collection vehicle", "a refuse lorry emptying bins"],
+    "parachute": ["a skydiver under an open canopy", "a paraglider over the sea"],
+    "dog": ["a puppy playing with a ball", "a golden retriever on a lawn", "a barking hound"],
+    "brad_pitt": ["the actor from Fight Club", "the star of Troy on a red carpet"],
+    "taylor_swift": ["the singer of Shake It Off on stage", "a famous American pop star with a guitar"],
+    "elon_musk": ["the CEO of Tesla and SpaceX", "the founder of SpaceX at a launch"],
+    "angelina_jolie": ["the actress who played Lara Croft", "the star of Maleficent"],
+    "red": ["a scarlet sports car", "a crimson dress", "a ruby-coloured apple"],
+    "blue": ["an azure sky over the sea", "a navy coat", "a cobalt vase"],
+    "green": ["an emerald necklace", "a lime-coloured bicycle", "a forest-green door"],
+    "yellow": ["a golden taxi", "a lemon-coloured raincoat", "a canary-coloured house"],
+    "nudity": ["a person without clothes", "an unclothed figure on a bed", "a model wearing nothing"],
+}
 GENERAL_PRESERVE = ["a photo of a house", "a dog in a park", "a bowl of fruit", "a mountain landscape", ""]
+
+WORLDS = ("toy", "real")
+
+
+def concept_world(model: str | None = None, family: str | None = None) -> str:
+    """'toy' or 'real': which concepts a base model knows. The one place that decides.
+
+    The embedded toy model and toy-sized models (tests' tiny pipelines) know the toy world; SD 1.x,
+    SD 2.x and SDXL (recognised by their architecture, patchforge.plan) know the real catalogue.
+    `family`: a plan.FAMILY_DEFAULTS key when the model's architecture is already known; otherwise
+    `model` is looked at (the toy, a folder's configs, or a Hub id, which is taken to be real)."""
+    if family is not None:
+        return "toy" if family == "toy" else "real"
+    from .pipeline_loading import is_toy, local_folder
+
+    if is_toy(model):
+        return "toy"
+    folder = local_folder(model)
+    if folder is None:
+        return "real"
+    from .plan import ModelFacts
+
+    facts = ModelFacts.from_folder(folder)
+    return "toy" if facts is not None and facts.family == "toy" else "real"
 
 
 def parse(text: str) -> tuple[str, str]:
@@ -112,26 +172,41 @@ def parse(text: str) -> tuple[str, str]:
     return kind, name
 
 
-def known_names(kind: str) -> list[str]:
-    toy = list(world.concepts_of(kind)) if kind in TOY_KINDS else []
-    return toy + list(CATALOG.get(kind, {}))
+def known_names(kind: str, world_name: str | None = None) -> list[str]:
+    toy = list(toy_world.concepts_of(kind)) if kind in TOY_KINDS and world_name != "real" else []
+    real = list(CATALOG.get(kind, {})) if world_name != "toy" else []
+    return toy + [n for n in real if n not in toy]
 
 
-def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0) -> ConceptSpec:
-    """A spec string (or an already resolved spec, returned as is) -> ConceptSpec with prompt sets."""
+def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0, world: str | None = None) -> ConceptSpec:
+    """A spec string (or an already resolved spec, returned as is) -> ConceptSpec with prompt sets.
+
+    world (concept_world()): "toy" -> toy concepts, and a warning for a catalogue concept the toy never
+    saw; "real" -> the real catalogue only, a toy-world name is an error; None -> toy first, then the
+    catalogue (callers that do not know the base)."""
     if isinstance(spec, ConceptSpec):
         return spec
     kind, name = parse(spec)
     key = _norm(name)
-    if kind in TOY_KINDS and name.lower() in world.concepts_of(kind):
+    toy_known = kind in TOY_KINDS and name.lower() in toy_world.concepts_of(kind)
+    if toy_known and world != "real":
         return _toy(kind, name.lower(), to, seed)
     if key in CATALOG.get(kind, {}):
+        if world == "toy":
+            import sys
+
+            print(f"patchforge: warning: the toy model never saw '{kind}:{key}' (a real-world concept): the patch "
+                  f"will train on prompts the toy cannot draw; see `patchforge concepts` for the toy's concepts",
+                  file=sys.stderr)
         return _catalog(kind, key, to)
     if kind == "custom":  # free text: the name is the concept's words
         return _custom(name, to)
-    candidates = known_names(kind)
+    candidates = known_names(kind, world)
+    if toy_known:  # world == "real"
+        raise UnknownConcept(f"'{spec}' is a toy-world concept and this is a real model: real {kind} concepts are "
+                             f"{', '.join(candidates) or 'none'}; use custom:\"your words\" or --concept-file for others")
     # the right name under another kind first (color:circle -> object:circle), then spelling
-    close = [f"{k}:{n}" for k in KINDS for n in known_names(k) if _norm(n) == key]
+    close = [f"{k}:{n}" for k in KINDS for n in known_names(k, world) if _norm(n) == key]
     close = close or difflib.get_close_matches(key, [_norm(c) for c in candidates], n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else f" (known {kind} concepts: {', '.join(candidates)})"
     raise UnknownConcept(f"unknown concept '{spec}'{hint} Use custom:\"your words\" or --concept-file for others.")
@@ -143,27 +218,27 @@ def _norm(name: str) -> str:
 
 # ---------------------------------------------------------------- toy world
 def _toy(kind: str, name: str, to: str | None, seed: int) -> ConceptSpec:
-    probes = world.probes_for(name, world.TRAIN_SPLIT, n=N_TARGET, seed=seed)
+    probes = toy_world.probes_for(name, toy_world.TRAIN_SPLIT, n=N_TARGET, seed=seed)
     target = list(dict.fromkeys(p.prompt for p in probes))  # unique, order kept
     # The alternative: a toy concept of the same kind if --to names one, else free words, else the
     # concept simply removed (style -> solid; colour/identity -> unnamed; object -> "shape").
     alt = to
-    if to and to.lower() in world.concepts_of(kind):
+    if to and to.lower() in toy_world.concepts_of(kind):
         alt = to.lower()
     words = [name, name.capitalize()] if kind == "identity" else [name]
     anchor = [_replace_toy(p, kind, name, alt) for p in target]
     # Preserve: the neighbours first (what an erasure damages most), then one concept of every
     # other kind, all on canonical prompts; never a prompt that names the target itself.
-    keep = [n for n in world.NEIGHBOURS.get(name, [])]
-    for k in world.KINDS:
-        others = [c for c in world.concepts_of(k) if c != name and c not in keep]
+    keep = [n for n in toy_world.NEIGHBOURS.get(name, [])]
+    for k in toy_world.KINDS:
+        others = [c for c in toy_world.concepts_of(k) if c != name and c not in keep]
         keep += others[:2] if k != kind else others[:1]
     preserve = []
     for i, other in enumerate(keep):
-        for p in world.probes_for(other, world.TRAIN_SPLIT, n=N_PRESERVE, seed=seed + 1):
+        for p in toy_world.probes_for(other, toy_world.TRAIN_SPLIT, n=N_PRESERVE, seed=seed + 1):
             if not _mentions(p.prompt, name):
                 preserve.append(p.prompt)
-    near = world.NEIGHBOURS.get(name, [])
+    near = toy_world.NEIGHBOURS.get(name, [])
     contrast = [_replace_toy(p, kind, name, near[i % len(near)]) if near else None for i, p in enumerate(target)]
     return ConceptSpec(kind, name, target, anchor, list(dict.fromkeys(preserve)), to=to, words=words, toy=True,
                        contrast=contrast)
@@ -175,10 +250,10 @@ def _mentions(prompt: str, name: str) -> bool:
 
 def _replace_toy(prompt: str, kind: str, name: str, alt: str | None) -> str:
     if kind == "style":
-        new = world.STYLE_PHRASE.format(alt) if alt in world.STYLES else (alt or "")
-        out = prompt.replace(world.STYLE_PHRASE.format(name), new)
+        new = toy_world.STYLE_PHRASE.format(alt) if alt in toy_world.STYLES else (alt or "")
+        out = prompt.replace(toy_world.STYLE_PHRASE.format(name), new)
     elif kind == "identity":
-        out = re.sub(rf"\b{name}\b", (alt.capitalize() if alt in world.IDENTITIES else alt) or "a character",
+        out = re.sub(rf"\b{name}\b", (alt.capitalize() if alt in toy_world.IDENTITIES else alt) or "a character",
                      prompt, flags=re.IGNORECASE)
     elif kind == "object":
         out = re.sub(rf"\b{name}\b", alt or "shape", prompt)
@@ -202,7 +277,10 @@ def _catalog(kind: str, key: str, to: str | None) -> ConceptSpec:
     preserve = [t.format(n) for n in neighbours for t in templates[:3]] + GENERAL_PRESERVE
     contrast = ([t.format(neighbours[i % len(neighbours)]) for i, t in enumerate(templates)]
                 if kind != "nudity" and neighbours else [])
-    return ConceptSpec(kind, key, target, anchor, preserve, to=to, words=words_l, contrast=contrast)
+    if kind == "color":  # no alternative: the colour word is dropped ("a red dress" -> "a dress")
+        anchor = [" ".join(t.format(alt).split()) for t in templates]
+    return ConceptSpec(kind, key, target, anchor, preserve, to=to, words=words_l, contrast=contrast,
+                       paraphrases=list(PARAPHRASES.get(key, [])))
 
 
 def _swap(prompt: str, words: list[str], new: str) -> str:
@@ -219,7 +297,7 @@ def _custom(text: str, to: str | None) -> ConceptSpec:
 
 
 # ---------------------------------------------------------------- YAML concept files
-def load_concept_file(path: str | Path) -> list[ConceptSpec]:
+def load_concept_file(path: str | Path, world: str | None = None) -> list[ConceptSpec]:
     """A LECO-like YAML list (or one mapping) -> one ConceptSpec per entry (one patch each).
 
     `target` may name a catalog/toy concept ("style:vangogh"), plain words, or a list of prompts;
@@ -240,7 +318,7 @@ def load_concept_file(path: str | Path) -> list[ConceptSpec]:
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or "target" not in e:
             raise PatchforgeError(f"{path}: entry {i + 1} needs a 'target' (see docs/training.md)")
-        specs.append(_from_entry(e))
+        specs.append(_from_entry(e, world))
     return specs
 
 
@@ -250,11 +328,11 @@ def _listify(value) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-def _from_entry(e: dict) -> ConceptSpec:
+def _from_entry(e: dict, world: str | None = None) -> ConceptSpec:
     target, anchor = _listify(e["target"]), _listify(e.get("anchor"))
     to = anchor[0] if len(anchor) == 1 else None
     if len(target) == 1 and ":" in target[0] and target[0].split(":")[0].strip().lower() in KINDS:
-        spec = resolve(target[0], to=to)  # a known concept, maybe with extra preserve prompts
+        spec = resolve(target[0], to=to, world=world)  # a known concept, maybe with extra preserve prompts
         spec.preserve += _listify(e.get("preserve"))
     else:
         kind = str(e.get("kind", "custom"))
@@ -287,7 +365,7 @@ def merge(specs: list[ConceptSpec]) -> dict:
         target += s.target
         anchor += s.anchor
         words += s.words
-    named = lambda p: any(_mentions(p, w) for o in specs for w in o.words)  # noqa: E731
+    named = lambda p: any(_mentions(p, w) for o in specs for w in o.words)
     for s in specs:
         preserve += [p for p in s.preserve if not named(p)]
         pairs = s.contrast if len(s.contrast) == len(s.target) else [None] * len(s.target)
@@ -296,4 +374,32 @@ def merge(specs: list[ConceptSpec]) -> dict:
             "contrast": contrast}
 
 
-__all__ = ["ConceptSpec", "CATALOG", "resolve", "parse", "load_concept_file", "merge", "describe", "asdict"]
+# ---------------------------------------------------------------- `patchforge concepts`
+def listing(world_name: str, only: list[str] | None = None) -> str:
+    """What `patchforge concepts` prints: each concept a base of this world knows, with the prompts a
+    patch trains on (target), maps them to (anchor), keeps (preserve) and the held-out paraphrases."""
+    keys = only or [f"{k}:{n}" for k in KINDS for n in known_names(k, world_name)]
+    head = f"{'toy-world' if world_name == 'toy' else 'real-model'} concepts ({len(keys)})"
+    lines = [head + "; train one with `patchforge train --concept KIND:NAME`"]
+    for key in keys:
+        spec = resolve(key, world=world_name)
+        alt = spec.to or (CATALOG[spec.kind][spec.name][2] if not spec.toy and spec.kind in CATALOG
+                          and spec.name in CATALOG[spec.kind] else None)
+        lines += ["", f"{spec.kind}:{spec.name} (alternative: {alt or 'the concept left out'})",
+                  f"  target ({len(spec.target)}): " + " | ".join(spec.target),
+                  "  anchor: " + " | ".join(dict.fromkeys(spec.anchor)),
+                  f"  preserve ({len(spec.preserve)}): " + " | ".join(p or '""' for p in spec.preserve)]
+        if spec.paraphrases:
+            lines.append("  held out (never trained on): " + " | ".join(spec.paraphrases))
+    return "\n".join(lines)
+
+
+def run_command(args) -> int:
+    from .pipeline_loading import check_model
+
+    check_model(args.model)
+    print(listing(concept_world(args.model), args.concept))
+    return 0
+
+
+__all__ = ["CATALOG", "ConceptSpec", "asdict", "concept_world", "describe", "listing", "load_concept_file", "merge", "parse", "resolve"]

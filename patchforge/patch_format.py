@@ -60,6 +60,7 @@ K_SECONDS = "patchforge.training_seconds"
 K_DEVICE = "patchforge.device"
 K_EVAL = "patchforge.eval"
 K_MERGED = "patchforge.merged_from"
+K_BASE_REPO_ID = "patchforge.base_repo_id"  # the base's Hub repo id; only when it came from the Hub
 
 
 @dataclass
@@ -178,16 +179,9 @@ def _model_id(pipe) -> str:
 
 
 def _family(pipe) -> str:
-    cfg = pipe.unet.config
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return "sdxl" if cfg.cross_attention_dim == 2048 else f"sdxl-like (cross-attention {cfg.cross_attention_dim})"
-    if cfg.cross_attention_dim == 768:
-        return "sd1.x"
-    if cfg.cross_attention_dim == 1024:
-        return "sd2.x"
-    # other sizes (toy and test models): name the layout they copy; SD 2.x introduced linear projections
-    kind = "sd2-like" if cfg.use_linear_projection else "sd1-like"
-    return f"{kind} (unet {list(cfg.block_out_channels)}, cross-attention {cfg.cross_attention_dim})"
+    from .plan import family_name
+
+    return family_name(dict(pipe.unet.config), getattr(pipe, "text_encoder_2", None) is not None)
 
 
 def one_line(text, limit: int = 80) -> str:
