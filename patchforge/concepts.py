@@ -365,7 +365,7 @@ def merge(specs: list[ConceptSpec]) -> dict:
         target += s.target
         anchor += s.anchor
         words += s.words
-    named = lambda p: any(_mentions(p, w) for o in specs for w in o.words)
+    named = lambda p: any(_mentions(p, w) for o in specs for w in o.words)  # noqa: E731
     for s in specs:
         preserve += [p for p in s.preserve if not named(p)]
         pairs = s.contrast if len(s.contrast) == len(s.target) else [None] * len(s.target)

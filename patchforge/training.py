@@ -316,7 +316,8 @@ def check_train_args(cfg: TrainConfig, *, model: str | None = None, out: str | P
     if model is not None:
         check_model(model)
     if concept_file is not None and not Path(concept_file).is_file():
-        raise PatchforgeError(f"--concept-file {concept_file}: " + ("not a file" if Path(concept_file).exists() else "no such file"))
+        what = "not a file" if Path(concept_file).exists() else "no such file"
+        raise PatchforgeError(f"--concept-file {concept_file}: {what}")
     if cfg.images:
         image_files(cfg.images)
     if out is not None:
@@ -473,7 +474,8 @@ def plan_for(cfg: TrainConfig, hp, method_cls, facts, device: torch.device, load
 
     steps = cfg.steps if cfg.steps is not None else hp.steps
     return make_plan(facts, device, precision=cfg.precision, resolution=cfg.resolution, batch=cfg.batch,
-                     ref_images=cfg.ref_images, checkpointing=cfg.gradient_checkpointing, rows=lambda b: method_cls.unet_rows(hp, b),
+                     ref_images=cfg.ref_images, checkpointing=cfg.gradient_checkpointing,
+                     rows=lambda b: method_cls.unet_rows(hp, b),
                      steps=steps, ref_steps=int(cfg.options.get("ref_steps", 10)),
                      max_memory_gib=cfg.max_memory_gib, loaded=loaded,
                      method_n_refs=hp.n_refs, user_n_refs="n_refs" in cfg.options)
@@ -524,7 +526,8 @@ def _check_option_type(key: str, value, default) -> None:
     else:
         ok, want = isinstance(value, str), "a word"
     if not ok:
-        raise PatchforgeError(f"--set {key}={json.dumps(value) if not isinstance(value, str) else value}: expected {want}")
+        shown = value if isinstance(value, str) else json.dumps(value)
+        raise PatchforgeError(f"--set {key}={shown}: expected {want}")
 
 
 def parse_set(items: list[str]) -> dict:
@@ -591,7 +594,8 @@ def run_command(args) -> int:
             from .pipeline_loading import load_pipeline, pick_device
 
             facts = model_facts(args.model)  # a run that cannot fit is refused here, before loading
-            plan = plan_for(cfg, hp, get_method(args.method), facts, pick_device(device), loaded=False) if facts else None
+            plan = (plan_for(cfg, hp, get_method(args.method), facts, pick_device(device), loaded=False)
+                    if facts else None)
             pipe = load_pipeline(args.model, device=str(pick_device(device)), dtype=plan.dtype if plan else None)
         else:
             plan = None  # the next patch's plan: on the pipeline already loaded

@@ -205,6 +205,21 @@ def test_plan_line_and_refusal_on_a_loaded_pipeline(tmp_path, capsys):
     assert not pipe.unet.is_gradient_checkpointing  # left as it was
 
 
+def test_gradient_checkpointing_trains_the_same_patch(tmp_path):
+    """fmn's attention recorder sees the same operations when checkpointing re-runs the forward."""
+    from patchforge.patch_format import read_patch
+
+    pipe = tiny_sd1()
+    patches = []
+    for ck in (False, True):
+        cfg = TrainConfig(steps=2, batch=2, options=FAST, progress=False, gradient_checkpointing=ck, lr=1e-2)
+        p, _ = train_patch(["custom:a cat"], "fmn", None, cfg, out=tmp_path / f"{ck}.safetensors", pipe=pipe)
+        patches.append(read_patch(p).state_dicts["unet"])
+    assert patches[0].keys() == patches[1].keys()
+    for k, v in patches[0].items():
+        assert torch.allclose(v, patches[1][k], atol=1e-6), k
+
+
 # ---------------------------------------------------------------- concepts fit the model
 def test_concept_world_is_decided_by_the_model(tmp_path, capsys):
     from patchforge.concepts import concept_world, resolve
