@@ -313,12 +313,18 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
 
     unet_targets = cfg.unet_targets if cfg.unet_targets is not None else hp.unet_targets
     text_encoder = cfg.text_encoder if cfg.text_encoder is not None else hp.text_encoder
-    alpha = cfg.alpha if cfg.alpha is not None else float(cfg.rank)
-    params = inject_lora(trainer, None if unet_targets == "none" else unet_targets, text_encoder, cfg.rank, alpha)
+    closed = runner.closed_form  # solved, not trained: its rank comes from the solution, no steps
+    rank = runner.lora_rank() or cfg.rank
+    if closed:
+        steps, unet_targets, text_encoder = 0, hp.unet_targets, False
+    alpha = cfg.alpha if cfg.alpha is not None else float(rank)
+    params = inject_lora(trainer, None if unet_targets == "none" else unet_targets, text_encoder, rank, alpha)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses = []
+    losses, solved = [], {}
     try:
         runner.start()
+        if closed:
+            solved = runner.solve(alpha / rank)
         bar = tqdm(range(steps), desc=f"train {cfg.method}", disable=not cfg.progress, leave=False)
         for step in bar:
             if cfg.options.get("overfit_batch"):  # sanity check: the same batch every step, loss must fall
@@ -334,10 +340,11 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
         runner.finish()
         seconds = time.time() - t0
         names = [s.key for s in specs]
-        hparams = {"steps": steps, "lr": lr, "rank": cfg.rank, "alpha": alpha, "batch": cfg.batch,
+        hparams = {"steps": steps, "lr": lr, "rank": rank, "alpha": alpha, "batch": cfg.batch,
                    "grad_clip": cfg.grad_clip, "unet_targets": unet_targets, "text_encoder": text_encoder,
                    "reference_images": "user" if cfg.images else "base model",
-                   **{k: v for k, v in asdict(hp).items() if k not in ("steps", "lr")}}
+                   **{k: v for k, v in asdict(hp).items() if k not in ("steps", "lr")},
+                   **{f"solve_{k}": v for k, v in solved.items()}}  # closed form: rank and residual error
         metadata = {"patchforge.concept": "; ".join(names), "patchforge.concepts": json.dumps([s.to_json() for s in specs]),
                     "patchforge.method": cfg.method, "patchforge.hyperparameters": json.dumps(hparams),
                     "patchforge.training_seconds": f"{seconds:.1f}", "patchforge.device": str(device),
@@ -347,8 +354,10 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
         path = save_patch_from_pipeline(pipe, path, adapter_name=ADAPTER, metadata=metadata)
     finally:
         remove_lora(trainer)
+    written = time.time() - t0  # with a loaded pipe: from model loaded to patch written
     size = path.stat().st_size
     summary = {"concepts": names, "method": cfg.method, "steps": steps, "seconds": round(seconds, 1),
+               "seconds_to_written": round(written, 3), "rank": rank, "solve": solved or None,
                "bytes": size, "path": str(path), "device": str(device), "first_loss": losses[0] if losses else None,
                "last_loss": sum(losses[-5:]) / max(1, len(losses[-5:])) if losses else None, "losses": losses,
                "robust": getattr(trainer, "robust_stats", None)}  # the inner attack's cost, when --robust
@@ -367,7 +376,7 @@ def register(subparsers) -> None:
                    help="concept to erase: style|object|identity|color|nudity|custom:NAME (repeat for several in one patch)")
     p.add_argument("--concept-file", default=None, help="YAML concept file (LECO-like); one patch per entry")
     p.add_argument("--to", default=None, help="alternative the concept maps to (e.g. \"impressionist painting\")")
-    p.add_argument("--method", default="fmn", help="fmn (default), sa, aob, redact, esd")
+    p.add_argument("--method", default="fmn", help="fmn (default), sa, aob, redact, esd, uce (closed form, no steps)")
     p.add_argument("--model", default=None, help="diffusers SD 1.x/2.x/SDXL folder or repo id (default: the toy model)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -460,13 +469,22 @@ def _run(args) -> int:
             from .pipeline_loading import load_pipeline, pick_device
             pipe = load_pipeline(args.model, device=str(pick_device(device)))
         path, s = train_patch(specs, args.method, args.model, cfg, out=args.out, pipe=pipe, robust=robust)
-        print(f"{tag}trained {', '.join(s['concepts'])} with {s['method']}: {s['steps']} steps in {s['seconds']} s on "
-              f"{s['device']}, loss {s['first_loss']:.4g} -> {s['last_loss']:.4g}, patch {s['bytes'] / 1024:.0f} KiB -> {path}",
-              flush=True)
+        print(f"{tag}{summary_line(s)} -> {path}", flush=True)
         if s["robust"]:
             print(f"{tag}  robust: {s['robust']['inner_steps']} inner attack steps took {s['robust']['inner_seconds']:.1f} s "
                   f"of the {s['seconds']} s")
     return 0
+
+
+def summary_line(s: dict) -> str:
+    """One line for a written patch: steps and loss, or the closed form's rank and residual."""
+    if s["solve"]:
+        how = (f"solved in closed form in {s['seconds_to_written']:.2f} s on {s['device']}: rank {s['rank']}, "
+               f"residual {s['solve']['residual']:.2%} of the exact edit")
+    else:
+        how = (f"{s['steps']} steps in {s['seconds']} s on {s['device']}, loss "
+               + (f"{s['first_loss']:.4g} -> {s['last_loss']:.4g}" if s["losses"] else "n/a"))
+    return f"trained {', '.join(s['concepts'])} with {s['method']}: {how}, patch {s['bytes'] / 1024:.0f} KiB"
 
 
 def process_share(device: str | None) -> tuple[int, int, str | None]:
