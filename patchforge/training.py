@@ -375,6 +375,8 @@ def register(subparsers) -> None:
     p.add_argument("--concept", action="append", default=[], metavar="KIND:NAME",
                    help="concept to erase: style|object|identity|color|nudity|custom:NAME (repeat for several in one patch)")
     p.add_argument("--concept-file", default=None, help="YAML concept file (LECO-like); one patch per entry")
+    p.add_argument("--one-patch", action="store_true",
+                   help="one patch erasing every concept of --concept-file (and --concept) instead of one per entry")
     p.add_argument("--to", default=None, help="alternative the concept maps to (e.g. \"impressionist painting\")")
     p.add_argument("--method", default="fmn", help="fmn (default), sa, aob, redact, esd, uce (closed form, no steps)")
     p.add_argument("--model", default=None, help="diffusers SD 1.x/2.x/SDXL folder or repo id (default: the toy model)")
@@ -442,6 +444,8 @@ def _run(args) -> int:
     jobs = [[resolve(c, to=args.to, seed=args.seed) for c in args.concept]] if args.concept else []
     if args.concept_file:
         jobs += [[s] for s in load_concept_file(args.concept_file)]
+    if args.one_patch:
+        jobs = [[s for job in jobs for s in job]]
     if args.out and len(jobs) > 1:
         raise PatchforgeError("--out names one file but the concept file trains several patches: leave --out out")
     if args.images and len(jobs) > 1:
@@ -463,16 +467,20 @@ def _run(args) -> int:
                       batch=args.batch, seed=args.seed, unet_targets=args.targets, text_encoder=args.text_encoder,
                       device=device, options=options, progress=not args.quiet and rank == 0,
                       images=args.images)
-    pipe = None
+    pipe, t_all, written = None, time.time(), []
     for specs in mine:
         if pipe is None:
             from .pipeline_loading import load_pipeline, pick_device
             pipe = load_pipeline(args.model, device=str(pick_device(device)))
         path, s = train_patch(specs, args.method, args.model, cfg, out=args.out, pipe=pipe, robust=robust)
         print(f"{tag}{summary_line(s)} -> {path}", flush=True)
+        written.append(s)
         if s["robust"]:
             print(f"{tag}  robust: {s['robust']['inner_steps']} inner attack steps took {s['robust']['inner_seconds']:.1f} s "
                   f"of the {s['seconds']} s")
+    if len(written) > 1:
+        print(f"{tag}{len(written)} patches, {sum(len(s['concepts']) for s in written)} concepts in "
+              f"{time.time() - t_all:.1f} s (one model load; {sum(s['bytes'] for s in written) / 1024:.0f} KiB)")
     return 0
 
 

@@ -40,7 +40,7 @@ class UCEConfig(MethodConfig):
     unet_targets: str = "xattn-kv"  # the layers text_kv_layers() edits
     preserve_weight: float = 1.0  # weight of each preserve token against each erased token
     erase_weight: float = 1.0
-    away: float = 0.0  # v* = W0 a - away (W0 c - W0 a): past the anchor, away from the concept
+    away: float = 1.0  # v* = W0 a - away (W0 c - W0 a): past the anchor, away from the concept
     ridge: float = 0.1  # λ, relative to the mean diagonal of the token covariance
     energy: float = 0.999  # share of ΔW's squared singular values the LoRA keeps, per layer
     max_rank: int = 32
