@@ -48,6 +48,7 @@ from ..errors import PatchforgeError
 from ..training import Cond
 from . import Method, MethodConfig, ProjectionKeeper, cycle, register, text_kv_layers
 
+
 INVERT_TEMPLATE = "a photo of"  # the inverted tokens follow it, as in textual inversion
 
 
