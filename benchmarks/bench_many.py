@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="uce,fmn")
     ap.add_argument("--patches", type=int, default=50, help="patches loaded in table 4")
     ap.add_argument("--images", type=int, default=8, help="images per timing in table 4")
-    ap.add_argument("--skip-loading", action="store_true")
+    ap.add_argument("--parts", default="1,2,3,4", help="which tables to make (1-2 share one evaluation run)")
     args = ap.parse_args(argv)
     os.environ["PATCHFORGE_CACHE"] = tempfile.mkdtemp(prefix="bench_many_cache_")  # fmn pays its references
     import torch
@@ -84,64 +84,63 @@ def main(argv=None) -> int:
         path, s = train_patch(concepts, method, None, cfg, out=work / f"{name}.{method}.safetensors", pipe=pipe)
         return path, s, time.perf_counter() - t0
 
-    # ---- 1. one concept per kind
-    trained = {(m, c): train([c], m, c.replace(":", "-")) for m in methods for c in ONE_PER_KIND}
-    print(f"[1/4] trained {len(trained)} patches", file=sys.stderr, flush=True)
-    # ---- 2. every identity at once
-    from patchforge.toyworld import world
-
-    ids = [f"identity:{i}" for i in world.IDENTITIES]
-    group = {m: train(ids, m, "all-identities") for m in methods}
-    if "uce" in methods:
-        t0 = time.perf_counter()
-        singles = [train([c], "uce", c.replace(":", "-") + "-single") for c in ids]
-        merged = write_patch(merge_patches([read_patch(p) for p, _, _ in singles]), work / "all-identities.uce-merged.safetensors")
-        group["uce, one per identity, merged"] = (merged, {"rank": read_patch(merged).lora_configs["unet"]["r"]},
-                                                  time.perf_counter() - t0)
-    print("[2/4] trained the identity patches", file=sys.stderr, flush=True)
-    paths = [v[0] for v in trained.values()] + [v[0] for v in group.values()]
-    reports = evaluate(paths, None, seeds=args.seeds, n=args.n, pipe=pipe, progress=quiet)["patches"]
-    by_path = {r["patch"]["path"]: r for r in reports}
-
     out = [(f"Toy model, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPU cores; model load "
            f"{load_s:.1f} s; {args.seeds} image seeds × {args.n} prompts per set; method defaults, training seed 0."), ""]
-    out += ["### One concept per kind", "",
-            ("| method | concept | target, training prompts | held-out paraphrases | neighbours, % of base | "
-            "other kinds, % of base | rank | wall per patch (s) | uce / fmn |"), "|---|---|---|---|---|---|---|---|---|"]
-    for (m, c), (path, s, wall) in trained.items():
-        me = by_path[str(path)]["metrics"]
-        ratio = (f"{wall / trained[('fmn', c)][2]:.3f}×" if m == "uce" and ("fmn", c) in trained else "")
-        out.append(f"| {m} | {c} | {pct(me['efficacy']['patched'])} | {pct(me['generality']['patched'])} | "
-                   f"{pct(kept(me, 'specificity.neighbours'))} | {pct(kept(me, 'specificity.other_kinds'))} | "
-                   f"{s['rank']} | {wall:.2f} | {ratio} |")
-    out += ["", ("Base rates: every target 100 % on training and held-out prompts. Neighbours and other kinds: "
-            "out-of-sample prompts where the set has any (an identity's neighbour prompts are all among its "
-            "preserve prompts, so there the figure is in-sample). Wall per patch: `train_patch` with the model "
-            "loaded and an empty reference cache, from the call to the patch file written."), ""]
+    parts = set(args.parts.split(","))
+    if parts & {"1", "2"}:  # ---- 1. one concept per kind, 2. every identity at once
+        trained = {(m, c): train([c], m, c.replace(":", "-")) for m in methods for c in ONE_PER_KIND}
+        print(f"[1/4] trained {len(trained)} patches", file=sys.stderr, flush=True)
+        from patchforge.toyworld import world
 
-    out += [f"### All {len(ids)} identities at once", "",
-            "| patch | " + " | ".join(i.split(':')[1] for i in ids) + " | held-out (pooled) | other kinds, % of base | "
-            "rank | total wall (s) |", "|---|" + "---|" * (len(ids) + 4)]
-    for name, (path, s, wall) in group.items():
-        rep = by_path[str(path)]
-        per = rep.get("by_concept", {})
-        cells = [pct(per.get(i.split(':')[1], {}).get("efficacy", {}).get("patched")) for i in ids]
-        out.append(f"| {name} | " + " | ".join(cells) + f" | {pct(rep['metrics']['generality']['patched'])} | "
-                   f"{pct(kept(rep['metrics'], 'specificity.other_kinds'))} | {s['rank']} | {wall:.1f} |")
-    out += ["", ("Per identity: its rate on its training prompts. The toy world has 4 identities, so none is "
-            "left to retain; other kinds are out-of-sample."), ""]
-    print("[3/4] evaluated", file=sys.stderr, flush=True)
+        ids = [f"identity:{i}" for i in world.IDENTITIES]
+        group = {m: train(ids, m, "all-identities") for m in methods}
+        if "uce" in methods:
+            t0 = time.perf_counter()
+            singles = [train([c], "uce", c.replace(":", "-") + "-single") for c in ids]
+            merged = write_patch(merge_patches([read_patch(p) for p, _, _ in singles]), work / "all-identities.uce-merged.safetensors")
+            group["uce, one per identity, merged"] = (merged, {"rank": read_patch(merged).lora_configs["unet"]["r"]},
+                                                      time.perf_counter() - t0)
+        print("[2/4] trained the identity patches", file=sys.stderr, flush=True)
+        paths = [v[0] for v in trained.values()] + [v[0] for v in group.values()]
+        reports = evaluate(paths, None, seeds=args.seeds, n=args.n, pipe=pipe, progress=quiet)["patches"]
+        by_path = {r["patch"]["path"]: r for r in reports}
 
-    # ---- 3. scaling of one uce patch with the number of concepts
-    out += ["### uce: one patch for N concepts", "", "| N concepts | rank | patch KiB | residual | loaded → written (s) |",
-            "|---|---|---|---|---|"]
-    for k in (1, 2, 4, 8, 16):
-        path, s, wall = train(SCALING[:k], "uce", f"scale-{k}")
-        out.append(f"| {k} | {s['rank']} | {s['bytes'] / 1024:.0f} | {s['solve']['residual']:.2%} | {wall:.2f} |")
-    out += ["", f"Concepts taken in turn from: {', '.join(SCALING)}.", ""]
+        out += ["### One concept per kind", "",
+                ("| method | concept | target, training prompts | held-out paraphrases | neighbours, % of base | "
+                "other kinds, % of base | rank | wall per patch (s) | uce / fmn |"), "|---|---|---|---|---|---|---|---|---|"]
+        for (m, c), (path, s, wall) in trained.items():
+            me = by_path[str(path)]["metrics"]
+            ratio = (f"{wall / trained[('fmn', c)][2]:.3f}×" if m == "uce" and ("fmn", c) in trained else "")
+            out.append(f"| {m} | {c} | {pct(me['efficacy']['patched'])} | {pct(me['generality']['patched'])} | "
+                       f"{pct(kept(me, 'specificity.neighbours'))} | {pct(kept(me, 'specificity.other_kinds'))} | "
+                       f"{s['rank']} | {wall:.2f} | {ratio} |")
+        out += ["", ("Base rates: every target 100 % on training and held-out prompts. Neighbours and other kinds: "
+                "out-of-sample prompts where the set has any (an identity's neighbour prompts are all among its "
+                "preserve prompts, so there the figure is in-sample). Wall per patch: `train_patch` with the model "
+                "loaded and an empty reference cache, from the call to the patch file written."), ""]
 
-    # ---- 4. many patches
-    if not args.skip_loading:
+        out += [f"### All {len(ids)} identities at once", "",
+                "| patch | " + " | ".join(i.split(':')[1] for i in ids) + " | held-out (pooled) | other kinds, % of base | "
+                "rank | total wall (s) |", "|---|" + "---|" * (len(ids) + 4)]
+        for name, (path, s, wall) in group.items():
+            rep = by_path[str(path)]
+            per = rep.get("by_concept", {})
+            cells = [pct(per.get(i.split(':')[1], {}).get("efficacy", {}).get("patched")) for i in ids]
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {pct(rep['metrics']['generality']['patched'])} | "
+                       f"{pct(kept(rep['metrics'], 'specificity.other_kinds'))} | {s['rank']} | {wall:.1f} |")
+        out += ["", ("Per identity: its rate on its training prompts. The toy world has 4 identities, so none is "
+                "left to retain; other kinds are out-of-sample."), ""]
+        print("[3/4] evaluated", file=sys.stderr, flush=True)
+
+    if "3" in parts:  # ---- 3. scaling of one uce patch with the number of concepts
+        out += ["### uce: one patch for N concepts", "", "| N concepts | rank | patch KiB | residual | loaded → written (s) |",
+                "|---|---|---|---|---|"]
+        for k in (1, 2, 4, 8, 16):
+            path, s, wall = train(SCALING[:k], "uce", f"scale-{k}")
+            out.append(f"| {k} | {s['rank']} | {s['bytes'] / 1024:.0f} | {s['solve']['residual']:.2%} | {wall:.2f} |")
+        out += ["", f"Concepts taken in turn from: {', '.join(SCALING)}.", ""]
+
+    if "4" in parts:  # ---- 4. many patches
         out += many_patches(pipe, work, args.patches, args.images)
     print("\n".join(out))
     print(f"\n({(time.time() - t_all) / 60:.1f} min)")
@@ -155,6 +154,7 @@ def many_patches(pipe, work: Path, n: int, n_images: int) -> list[str]:
     from patchforge import loading
     from patchforge.evaluation import generate
     from patchforge.patch_format import merge_patches, read_patch, write_patch
+    from patchforge.pipeline_loading import load_pipeline
 
     transformers.logging.set_verbosity_error()  # diffusers' stacked loads list the other adapters as MISSING
     folder = work / "many"
@@ -164,38 +164,45 @@ def many_patches(pipe, work: Path, n: int, n_images: int) -> list[str]:
     theirs = timed(lambda: load_plain_loras(pipe, paths), 3)
     merged = write_patch(merge_patches([read_patch(p) for p in paths]), folder / "merged.safetensors")
     prompts, seeds = ["a red star in stripes style"] * n_images, list(range(n_images))
+    # A second pipeline carries the patches; each variant is timed in turns with the bare base, in CPU
+    # seconds of this process (one torch thread): other jobs on a shared machine move wall time by
+    # more than the few per cent measured here.
+    other = load_pipeline(None, device="cpu")
 
-    def per_image() -> float:  # best of 5: other jobs on a shared machine only ever add time
-        generate(pipe, prompts[:2], seeds[:2])  # warm-up
-        return timed(lambda: _time(lambda: generate(pipe, prompts, seeds)), 5) / n_images
+    def cpu_per_image(p) -> float:
+        t = time.process_time()
+        generate(p, prompts, seeds)
+        return (time.process_time() - t) / n_images
 
-    base = per_image()
+    def paired(rounds: int = 5) -> tuple[float, float]:
+        generate(other, prompts[:2], seeds[:2])  # warm-up
+        base, var = float("inf"), float("inf")
+        for _ in range(rounds):
+            base, var = min(base, cpu_per_image(pipe)), min(var, cpu_per_image(other))
+        return base, var
+
+    rows = []
     for p in paths:
-        loading.load_forget_patch(pipe, p)
-    unfused = per_image()
-    loading.fuse_forget_patches(pipe)
-    fused = per_image()
-    loading.unload_forget_patches(pipe)
-    base = min(base, per_image())  # the base again, between the variants
+        loading.load_forget_patch(other, p)
+    rows.append((f"{n} patches active, unfused", *paired()))
+    loading.fuse_forget_patches(other)
+    rows.append((f"{n} patches fused (`fuse_forget_patches`)", *paired()))
+    loading.unload_forget_patches(other)
     t = time.perf_counter()
-    loading.load_forget_patch(pipe, merged)
+    loading.load_forget_patch(other, merged)
     merged_load = time.perf_counter() - t
-    one = per_image()
-    loading.fuse_forget_patches(pipe)
-    pipe.unload_lora_weights()  # diffusers keeps fused weights and drops the LoRA layers: irreversible
-    baked = per_image()
-    rows = [("base, no patch", base), (f"{n} patches active, unfused", unfused),
-            (f"{n} patches fused (`fuse_forget_patches`)", fused),
-            (f"{n} patches merged into one (rank {read_patch(merged).lora_configs['unet']['r']}), unfused", one),
-            ("the merged patch fused, LoRA layers then dropped (`pipe.unload_lora_weights()`)", baked)]
+    rows.append((f"{n} patches merged into one (rank {read_patch(merged).lora_configs['unet']['r']}), unfused", *paired()))
+    loading.fuse_forget_patches(other)
+    other.unload_lora_weights()  # diffusers keeps the fused weights and drops the LoRA layers: irreversible
+    rows.append(("the merged patch fused, LoRA layers then dropped (`pipe.unload_lora_weights()`)", *paired()))
     lines = [f"### {n} patches", "",
              "| load and activate | seconds |", "|---|---|",
              f"| {n} × `load_forget_patch` (all active) | {ours:.2f} |",
              f"| {n} × diffusers `load_lora_weights` + `set_adapters` | {theirs:.2f} |",
              f"| ratio | {ours / theirs:.2f}× |",
              f"| the merged patch, one `load_forget_patch` | {merged_load:.2f} |", "",
-             "| inference | s / image | overhead |", "|---|---|---|"]
-    lines += [f"| {what} | {s:.4f} | {s / base - 1:+.1%} |" for what, s in rows]
+             "| inference | base, CPU s / image | with patches, CPU s / image | overhead |", "|---|---|---|---|"]
+    lines += [f"| {what} | {b:.4f} | {v:.4f} | {v / b - 1:+.1%} |" for what, b, v in rows]
     lines += ["", (f"Random rank-4 LoRAs on UNet attention and the text encoder (bench_loading.make_patches); "
               f"loading best of 3, inference best of 5 timings of {n_images} images of 20 steps (the base timed "
               f"twice, before and between the variants).")]
