@@ -192,9 +192,8 @@ def many_patches(pipe, work: Path, n: int, n_images: int) -> list[str]:
     loading.load_forget_patch(other, merged)
     merged_load = time.perf_counter() - t
     rows.append((f"{n} patches merged into one (rank {read_patch(merged).lora_configs['unet']['r']}), unfused", *paired()))
-    loading.fuse_forget_patches(other)
-    other.unload_lora_weights()  # diffusers keeps the fused weights and drops the LoRA layers: irreversible
-    rows.append(("the merged patch fused, LoRA layers then dropped (`pipe.unload_lora_weights()`)", *paired()))
+    loading.bake_forget_patches(other)
+    rows.append(("the merged patch baked (`bake_forget_patches`: fused, LoRA layers dropped)", *paired()))
     lines = [f"### {n} patches", "",
              "| load and activate | seconds |", "|---|---|",
              f"| {n} × `load_forget_patch` (all active) | {ours:.2f} |",

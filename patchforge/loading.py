@@ -140,16 +140,22 @@ def _load_adapter(pipe, patch: Patch, name: str) -> None:
     """Hand the already-validated tensors to diffusers' own per-component loaders, with the file's
     LoRA metadata so rank and alpha come back exactly (not guessed from shapes)."""
     import json
+    try:  # what load_lora_weights passes: PEFT then builds the LoRA layers empty instead of initialising
+        # them (the file overwrites them anyway), which is most of the cost of a load
+        from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA as low_mem
+    except ImportError:
+        low_mem = False
     state_dict = patch.flat_state_dict()
     metadata = json.loads(patch.metadata[LORA_METADATA_KEY])
     if "unet" in patch.components:
         pipe.load_lora_into_unet(state_dict, network_alphas=None, unet=pipe.unet, adapter_name=name,
-                                 metadata=metadata, _pipeline=pipe)
+                                 metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=low_mem)
     for comp in ("text_encoder", "text_encoder_2"):
         if comp in patch.components:
             pipe.load_lora_into_text_encoder(state_dict, network_alphas=None, text_encoder=getattr(pipe, comp),
                                              prefix=comp, lora_scale=getattr(pipe, "lora_scale", 1.0),
-                                             adapter_name=name, metadata=metadata, _pipeline=pipe)
+                                             adapter_name=name, metadata=metadata, _pipeline=pipe,
+                                             low_cpu_mem_usage=low_mem)
 
 
 @contextlib.contextmanager
@@ -271,6 +277,16 @@ def fuse_forget_patches(pipe) -> None:
         pipe.fuse_lora(components=comps, lora_scale=1.0)
 
 
+def bake_forget_patches(pipe) -> None:
+    """Fuse the active adapters into the base weights and drop every LoRA layer: from then on the
+    pipeline runs at exactly the base model's cost per image. Irreversible in this pipeline (reload
+    the base to undo); the user's own LoRAs are baked in too."""
+    fuse_forget_patches(pipe)
+    if _adapters(pipe):
+        pipe.unload_lora_weights()  # diffusers keeps fused weights when it removes the layers
+    _registry(pipe).clear()
+
+
 def unfuse_forget_patches(pipe) -> None:
     comps = [c for c, m in _models(pipe) if _tuner_layers(m)]
     if comps:
@@ -286,6 +302,7 @@ METHODS = {
     "unload_forget_patch": unload_forget_patch,
     "unload_forget_patches": unload_forget_patches,
     "fuse_forget_patches": fuse_forget_patches,
+    "bake_forget_patches": bake_forget_patches,
     "unfuse_forget_patches": unfuse_forget_patches,
 }
 
