@@ -129,3 +129,15 @@ def test_cli_concept_file_one_patch_or_one_per_concept(tmp_path, capsys):
         os.chdir(cwd)
     assert len(list((folder_out / "patches").glob("*.uce.safetensors"))) == 3
     assert "3 patches, 3 concepts" in capsys.readouterr().out
+
+
+def test_fmn_warm_start_begins_from_the_uce_edit(tmp_path):
+    from patchforge.patch_format import read_patch
+
+    pipe = tiny_sd1()
+    factors = prepared_uce(pipe).factors
+    cfg = TrainConfig(steps=0, rank=4, progress=False, options={"warm_start": "uce", "ref_steps": 2, "n_refs": 2})
+    path, _ = train_patch(["custom:a photo of a cat"], "fmn", None, cfg, out=tmp_path / "p.safetensors", pipe=pipe)
+    patch = read_patch(path)
+    for name, (u, s, vh) in factors.items():  # no step taken: the LoRA is uce's rank-4 truncation
+        assert torch.allclose(patch.delta("unet", name), (u[:, :4] * s[:4]) @ vh[:4], atol=1e-5), name
