@@ -330,6 +330,11 @@ def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None =
 def _load_adapter(pipe, models, patch: Patch, name: str) -> None:
     """Hand the already-validated tensors to diffusers' own per-component loaders, with a LoRA
     config rebuilt by patchforge (never the file's own) so PEFT creates exactly these layers."""
+    try:  # what load_lora_weights passes: PEFT then builds the LoRA layers empty instead of initialising
+        # them (the file overwrites them anyway), which is most of the cost of a load
+        from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA as low_mem
+    except ImportError:
+        low_mem = False
     state_dict = patch.flat_state_dict()
     metadata = {}
     for comp in patch.components:
@@ -337,12 +342,12 @@ def _load_adapter(pipe, models, patch: Patch, name: str) -> None:
         metadata.update({f"{comp}.{k}": v for k, v in peft_config_kwargs(patch, comp, flat).items()})
     if "unet" in patch.components:
         pipe.load_lora_into_unet(state_dict, network_alphas=None, unet=pipe.unet, adapter_name=name,
-                                 metadata=metadata, _pipeline=pipe)
+                                 metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=low_mem)
     for comp in ("text_encoder", "text_encoder_2"):
         if comp in patch.components:
             pipe.load_lora_into_text_encoder(state_dict, network_alphas=None, text_encoder=getattr(pipe, comp),
                                              prefix=comp, lora_scale=1.0, adapter_name=name, metadata=metadata,
-                                             _pipeline=pipe)
+                                             _pipeline=pipe, low_cpu_mem_usage=low_mem)
 
 
 @contextlib.contextmanager
@@ -485,6 +490,16 @@ def fuse_forget_patches(pipe) -> None:
         pipe.fuse_lora(components=comps, lora_scale=1.0)
 
 
+def bake_forget_patches(pipe) -> None:
+    """Fuse the active adapters into the base weights and drop every LoRA layer: from then on the
+    pipeline runs at exactly the base model's cost per image. Irreversible in this pipeline (reload
+    the base to undo); the user's own LoRAs are baked in too."""
+    fuse_forget_patches(pipe)
+    if _adapters(pipe):
+        pipe.unload_lora_weights()  # diffusers keeps fused weights when it removes the layers
+    _registry(pipe).clear()
+
+
 def unfuse_forget_patches(pipe) -> None:
     """Undo fuse_forget_patches: the kept base weights come back bit for bit."""
     models = _models(pipe)
@@ -503,6 +518,7 @@ METHODS = {
     "unload_forget_patch": unload_forget_patch,
     "unload_forget_patches": unload_forget_patches,
     "fuse_forget_patches": fuse_forget_patches,
+    "bake_forget_patches": bake_forget_patches,
     "unfuse_forget_patches": unfuse_forget_patches,
 }
 
