@@ -495,9 +495,13 @@ def bake_forget_patches(pipe) -> None:
     pipeline runs at exactly the base model's cost per image. Irreversible in this pipeline (reload
     the base to undo); the user's own LoRAs are baked in too."""
     fuse_forget_patches(pipe)
-    if _adapters(pipe):
+    models = _models(pipe)
+    if _adapters(models):
         pipe.unload_lora_weights()  # diffusers keeps fused weights when it removes the layers
-    _registry(pipe).clear()
+    for model in models.values():  # nothing left to unfuse to: drop the kept base weights
+        model.__dict__.pop(KEPT_ATTR, None)
+    _registry(models).clear()
+    _remove_guards(models)
 
 
 def unfuse_forget_patches(pipe) -> None:
