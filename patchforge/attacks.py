@@ -82,23 +82,11 @@ def text_attacks(concept: str, n: int = 4, templates: list[str] | None = None) -
 
 
 # ---------------------------------------------------------------- soft prompts
-def has_lora(pipe) -> bool:
-    return any(getattr(getattr(pipe, c, None), "peft_config", None) for c in ("unet", "text_encoder"))
-
-
-class base_model:
+def base_model(pipe):
     """Context: the pipeline computes what the frozen base does (LoRA adapters off)."""
+    from .loading import patches_suspended
 
-    def __init__(self, pipe):
-        self.pipe, self.on = pipe, has_lora(pipe)
-
-    def __enter__(self):
-        if self.on:
-            self.pipe.disable_lora()
-
-    def __exit__(self, *exc):
-        if self.on:
-            self.pipe.enable_lora()
+    return patches_suspended(pipe)
 
 
 def _guided(unet, x, t, cond, uncond, guidance):

@@ -36,6 +36,7 @@ from .patch_format import (COMPONENTS, TEXT_PREFIX, Patch, base_fingerprint, bas
 REGISTRY_ATTR = "_patchforge_patches"  # on the UNet: adapter name -> LoadedPatch (provenance only)
 KEPT_ATTR = "_patchforge_unfused"  # on each component while fused: module name -> base weight before the fuse
 GUARD_ATTR = "_patchforge_guard"  # on each patched component: the forward pre-hook handle
+SUSPENDED_ATTR = "_patchforge_suspended"  # on the UNet while patches_suspended() runs: the guard stands by
 MAX_WEIGHT = 100.0
 MAX_RELATIVE_DELTA = 10.0  # a patch may change a layer by at most 10x the layer's own norm (at weight 1)
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -127,7 +128,7 @@ def _sync(models, repair: bool = True) -> dict[str, LoadedPatch]:
     """Bring the provenance registry in line with the PEFT layers, and (repair) switch back on any
     patch that something else switched off. Runs before every patchforge call and every forward."""
     reg = _registry(models)
-    if not reg:
+    if not reg or models["unet"].__dict__.get(SUSPENDED_ATTR):
         return reg
     present = _adapters(models)
     gone = [n for n in reg if n not in present]
@@ -150,6 +151,24 @@ def _sync(models, repair: bool = True) -> dict[str, LoadedPatch]:
                       f"patch off with unload_forget_patch or set_forget_patch_weight(name, 0)",
                       PatchesSwitchedWarning, stacklevel=3)
     return reg
+
+
+@contextlib.contextmanager
+def patches_suspended(pipe):
+    """Run the frozen base for a while (every LoRA layer off), said out loud: the guard that switches
+    silently disabled patches back on stands by until the block ends, then every adapter is back."""
+    models = _models(pipe)
+    unet = models["unet"]
+    if not _adapters(models) or unet.__dict__.get(SUSPENDED_ATTR):
+        yield
+        return
+    unet.__dict__[SUSPENDED_ATTR] = True
+    pipe.disable_lora()
+    try:
+        yield
+    finally:
+        pipe.enable_lora()
+        unet.__dict__.pop(SUSPENDED_ATTR, None)
 
 
 def _install_guards(models) -> None:

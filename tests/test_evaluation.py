@@ -188,7 +188,8 @@ def test_destroying_patch_fails_specificity_and_utility_on_toy_model(tmp_path):
     from patchforge.pipeline_loading import load_pipeline
 
     pipe = load_pipeline(None, device="cpu")
-    destroy = make_lora_patch(pipe, tmp_path / "destroy.safetensors", scale=0.5)
+    # scale 0.4: a change up to ~7x each attention layer's own norm (the loader refuses over 10x)
+    destroy = make_lora_patch(pipe, tmp_path / "destroy.safetensors", scale=0.4)
     m = evaluation.evaluate([destroy], pipe=pipe, progress=lambda m: None)["patches"][0]["metrics"]
     # other kinds has only 18 images here: measured 83 % -> 33 %, interval [-83, -17] pt with the
     # 2026-11-23 judges, so "clearly" = the interval stays well clear of 0; neighbours 100 % -> 8 %.

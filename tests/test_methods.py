@@ -51,7 +51,7 @@ def test_methods_run_on_other_families(kind, method, tmp_path):
 
 
 TOY_STEPS = {"fmn": 50, "sa": 30, "aob": 50, "redact": 40, "esd": 60,  # enough to move the rate by more than one image
-             "uce": 0}  # closed form: no steps
+             "uce": None}  # closed form: no steps
 
 
 @pytest.mark.slow
