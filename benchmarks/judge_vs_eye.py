@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from patchforge.evaluation import generate
-from patchforge.judging import ToyJudge
+from patchforge.toyworld.plugin import ToyJudge
 from patchforge.pipeline_loading import load_pipeline
 from patchforge.toyworld import world
 

@@ -8,10 +8,8 @@ with `--to ALTERNATIVE`. `resolve()` turns it into a ConceptSpec holding three p
               those prompts should produce instead, one anchor per target, same order,
   preserve -- prompts whose output must not change (neighbouring concepts, other kinds, general).
 
-Toy-world concepts are built ONLY from the world's canonical training split (canonical names and
-templates). Its aliases and paraphrase templates are held out: they measure whether an erasure
-generalises, so a method must never see them. Real-world concepts come from a small catalog or a
-YAML file close to LECO's prompts file:
+Concept worlds (patchforge.worlds: the toy world) are asked first; real-world concepts come from a
+small catalog or a YAML file close to LECO's prompts file:
 
     - target: "Van Gogh"              # or a list of prompts / templates with {}
       kind: style                     # optional, default custom
@@ -24,41 +22,14 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
+from . import worlds
+from .core.concept import ConceptSpec, mentions
 from .errors import PatchforgeError, UnknownConcept
-from .toyworld import world
 
 KINDS = ("style", "object", "identity", "color", "nudity", "custom")
-TOY_KINDS = ("style", "object", "identity", "color")
-
-N_TARGET = 16  # training prompts per toy concept (the world makes them; cheap)
-N_PRESERVE = 4  # prompts per preserved concept
-
-
-@dataclass
-class ConceptSpec:
-    kind: str
-    name: str
-    target: list[str]
-    anchor: list[str]  # one per target prompt
-    preserve: list[str]
-    to: str | None = None
-    guidance: float = 1.0
-    words: list[str] = field(default_factory=list)  # the words naming the concept (FMN's attention columns)
-    toy: bool = False
-    # one per target prompt: the same prompt naming a neighbour instead (target i -> neighbour i mod n),
-    # or None where there is none. A method may hold the base's prediction there on the *same* noised
-    # latent, so the patch learns what separates the concept from its neighbour, not what they share.
-    contrast: list[str | None] = field(default_factory=list)
-
-    @property
-    def key(self) -> str:
-        return f"{self.kind}:{self.name}" + (f"->{self.to}" if self.to else "")
-
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "name": self.name, "to": self.to}
 
 
 # ---------------------------------------------------------------- built-in real-world catalog
@@ -113,8 +84,7 @@ def parse(text: str) -> tuple[str, str]:
 
 
 def known_names(kind: str) -> list[str]:
-    toy = list(world.concepts_of(kind)) if kind in TOY_KINDS else []
-    return toy + list(CATALOG.get(kind, {}))
+    return worlds.known_names(kind) + list(CATALOG.get(kind, {}))
 
 
 def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0) -> ConceptSpec:
@@ -123,8 +93,9 @@ def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0) -> Co
         return spec
     kind, name = parse(spec)
     key = _norm(name)
-    if kind in TOY_KINDS and name.lower() in world.concepts_of(kind):
-        return _toy(kind, name.lower(), to, seed)
+    found = worlds.resolve(kind, name, to, seed)
+    if found is not None:
+        return found
     if key in CATALOG.get(kind, {}):
         return _catalog(kind, key, to)
     if kind == "custom":  # free text: the name is the concept's words
@@ -139,52 +110,6 @@ def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0) -> Co
 
 def _norm(name: str) -> str:
     return re.sub(r"[\s\-]+", "_", name.strip().lower())
-
-
-# ---------------------------------------------------------------- toy world
-def _toy(kind: str, name: str, to: str | None, seed: int) -> ConceptSpec:
-    probes = world.probes_for(name, world.TRAIN_SPLIT, n=N_TARGET, seed=seed)
-    target = list(dict.fromkeys(p.prompt for p in probes))  # unique, order kept
-    # The alternative: a toy concept of the same kind if --to names one, else free words, else the
-    # concept simply removed (style -> solid; colour/identity -> unnamed; object -> "shape").
-    alt = to
-    if to and to.lower() in world.concepts_of(kind):
-        alt = to.lower()
-    words = [name, name.capitalize()] if kind == "identity" else [name]
-    anchor = [_replace_toy(p, kind, name, alt) for p in target]
-    # Preserve: the neighbours first (what an erasure damages most), then one concept of every
-    # other kind, all on canonical prompts; never a prompt that names the target itself.
-    keep = [n for n in world.NEIGHBOURS.get(name, [])]
-    for k in world.KINDS:
-        others = [c for c in world.concepts_of(k) if c != name and c not in keep]
-        keep += others[:2] if k != kind else others[:1]
-    preserve = []
-    for i, other in enumerate(keep):
-        for p in world.probes_for(other, world.TRAIN_SPLIT, n=N_PRESERVE, seed=seed + 1):
-            if not _mentions(p.prompt, name):
-                preserve.append(p.prompt)
-    near = world.NEIGHBOURS.get(name, [])
-    contrast = [_replace_toy(p, kind, name, near[i % len(near)]) if near else None for i, p in enumerate(target)]
-    return ConceptSpec(kind, name, target, anchor, list(dict.fromkeys(preserve)), to=to, words=words, toy=True,
-                       contrast=contrast)
-
-
-def _mentions(prompt: str, name: str) -> bool:
-    return re.search(rf"\b{re.escape(name)}\b", prompt, re.IGNORECASE) is not None
-
-
-def _replace_toy(prompt: str, kind: str, name: str, alt: str | None) -> str:
-    if kind == "style":
-        new = world.STYLE_PHRASE.format(alt) if alt in world.STYLES else (alt or "")
-        out = prompt.replace(world.STYLE_PHRASE.format(name), new)
-    elif kind == "identity":
-        out = re.sub(rf"\b{name}\b", (alt.capitalize() if alt in world.IDENTITIES else alt) or "a character",
-                     prompt, flags=re.IGNORECASE)
-    elif kind == "object":
-        out = re.sub(rf"\b{name}\b", alt or "shape", prompt)
-    else:  # color
-        out = re.sub(rf"\b{name}\b ?", (alt + " ") if alt else "", prompt)
-    return " ".join(out.split())
 
 
 # ---------------------------------------------------------------- real-world catalog
@@ -283,7 +208,7 @@ def merge(specs: list[ConceptSpec]) -> dict:
         target += s.target
         anchor += s.anchor
         words += s.words
-    named = lambda p: any(_mentions(p, w) for o in specs for w in o.words)  # noqa: E731
+    named = lambda p: any(mentions(p, w) for o in specs for w in o.words)  # noqa: E731
     for s in specs:
         preserve += [p for p in s.preserve if not named(p)]
         pairs = s.contrast if len(s.contrast) == len(s.target) else [None] * len(s.target)

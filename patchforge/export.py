@@ -9,7 +9,6 @@ ComfyUI and A1111 also read it for SDXL).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import torch
 
 from .atomic import atomic_path
 from .errors import PatchforgeError
-from .patch_format import (K_BASE_FAMILY, K_CONCEPT, K_METHOD, K_PREDICTION, Patch, TEXT_PREFIX, _pattern_value,
-                           read_patch)
+from .patch_format import (K_BASE_FAMILY, K_CONCEPT, K_METHOD, K_PREDICTION, TEXT_COMPONENTS, TEXT_PREFIX, Patch,
+                           pattern_value, read_patch)
 
 
 def kohya_state_dict(patch: Patch) -> dict[str, torch.Tensor]:
@@ -28,13 +27,13 @@ def kohya_state_dict(patch: Patch) -> dict[str, torch.Tensor]:
     for comp in patch.components:
         cfg = patch.lora_configs[comp]
         for module in patch.modules(comp):
-            name = module if comp == "unet" else TEXT_PREFIX + module.removeprefix(TEXT_PREFIX)
+            name = TEXT_PREFIX + module.removeprefix(TEXT_PREFIX) if comp in TEXT_COMPONENTS else module
             key = prefixes[comp] + name.replace(".", "_")
             a = patch.state_dicts[comp][f"{module}.lora_A.weight"]
             rank = a.shape[0]
             # kohya scales by alpha / rank; PEFT by lora_alpha / r (or / sqrt(r) with rsLoRA)
             alpha = patch.scale(comp, module) * rank
-            if not math.isclose(rank, _pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", rank))):
+            if not math.isclose(rank, pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", rank))):
                 raise PatchforgeError(f"{comp}.{module} has rank {rank} but its config says otherwise: re-save the patch")
             out[f"{key}.lora_down.weight"] = a.contiguous()
             out[f"{key}.lora_up.weight"] = patch.state_dicts[comp][f"{module}.lora_B.weight"].contiguous()

@@ -18,8 +18,9 @@ import types
 import warnings
 from dataclasses import dataclass
 
+from .backbones import for_pipe
 from .errors import PatchforgeError, PatchFormatError
-from .patch_format import COMPONENTS, LORA_METADATA_KEY, TEXT_PREFIX, Patch, check_base, read_patch
+from .patch_format import COMPONENTS, LORA_METADATA_KEY, TEXT_COMPONENTS, TEXT_PREFIX, Patch, check_base, read_patch
 
 REGISTRY_ATTR = "_patchforge_patches"
 
@@ -35,10 +36,11 @@ class LoadedPatch:
 
 
 def _registry(pipe) -> dict[str, LoadedPatch]:
-    reg = getattr(pipe.unet, REGISTRY_ATTR, None)
+    denoiser = for_pipe(pipe).denoiser
+    reg = getattr(denoiser, REGISTRY_ATTR, None)
     if reg is None:
         reg = {}
-        setattr(pipe.unet, REGISTRY_ATTR, reg)
+        setattr(denoiser, REGISTRY_ATTR, reg)
     return reg
 
 
@@ -140,16 +142,8 @@ def _load_adapter(pipe, patch: Patch, name: str) -> None:
     """Hand the already-validated tensors to diffusers' own per-component loaders, with the file's
     LoRA metadata so rank and alpha come back exactly (not guessed from shapes)."""
     import json
-    state_dict = patch.flat_state_dict()
-    metadata = json.loads(patch.metadata[LORA_METADATA_KEY])
-    if "unet" in patch.components:
-        pipe.load_lora_into_unet(state_dict, network_alphas=None, unet=pipe.unet, adapter_name=name,
-                                 metadata=metadata, _pipeline=pipe)
-    for comp in ("text_encoder", "text_encoder_2"):
-        if comp in patch.components:
-            pipe.load_lora_into_text_encoder(state_dict, network_alphas=None, text_encoder=getattr(pipe, comp),
-                                             prefix=comp, lora_scale=getattr(pipe, "lora_scale", 1.0),
-                                             adapter_name=name, metadata=metadata, _pipeline=pipe)
+    for_pipe(pipe).load_lora(patch.flat_state_dict(), name, json.loads(patch.metadata[LORA_METADATA_KEY]),
+                             patch.components)
 
 
 @contextlib.contextmanager
@@ -180,7 +174,7 @@ def _check_modules(patch: Patch, pipe) -> None:
                                    f"own base model")
         flat = not hasattr(model, "text_model")  # transformers >= 5 dropped the text_model wrapper
         for module in patch.modules(comp):
-            name = module.removeprefix(TEXT_PREFIX) if comp != "unet" and flat else module
+            name = module.removeprefix(TEXT_PREFIX) if comp in TEXT_COMPONENTS and flat else module
             try:
                 target = model.get_submodule(name)
             except AttributeError:

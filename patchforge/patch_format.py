@@ -21,18 +21,22 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
+from .backbones import all_components, for_pipe, text_components
 from .errors import BaseModelMismatch, PatchFormatError, PatchforgeError
 
 FORMAT_VERSION = "1"
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers looks for in a folder
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = all_components()  # every family's LoRA-carrying components (patchforge.backbones)
+TEXT_COMPONENTS = text_components()
 TEXT_PREFIX = "text_model."  # canonical text-encoder module prefix (transformers < 5 layout)
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors itself refuses larger headers
 
 # patchforge.* metadata keys; every value is a string (safetensors metadata is str -> str)
 K_VERSION = "patchforge.format_version"
 K_CONCEPT = "patchforge.concept"
+K_CONCEPTS = "patchforge.concepts"  # JSON list of {"kind", "name", "to"}: what eval and attacks read back
+K_SEED = "patchforge.seed"
 K_METHOD = "patchforge.method"
 K_HPARAMS = "patchforge.hyperparameters"
 K_BASE_ID = "patchforge.base_model"
@@ -74,8 +78,8 @@ class Patch:
     def scale(self, component: str, module: str) -> float:
         """The factor PEFT puts in front of B @ A for this module (alpha / r, or alpha / sqrt(r))."""
         cfg = self.lora_configs[component]
-        r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8))
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r))
+        r = pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8))
+        alpha = pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r))
         return alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
 
     def delta(self, component: str, module: str) -> torch.Tensor:
@@ -88,7 +92,7 @@ class Patch:
         return {f"{c}.{k}": v for c in self.components for k, v in self.state_dicts[c].items()}
 
 
-def _pattern_value(pattern: dict, module: str, default):
+def pattern_value(pattern: dict, module: str, default):
     # PEFT matches rank_pattern / alpha_pattern keys as module-name suffixes
     for key, value in pattern.items():
         if module == key or module.endswith("." + key):
@@ -131,24 +135,19 @@ def base_fingerprint(pipe) -> dict[str, str]:
 
 
 def _model_id(pipe) -> str:
+    from .pipeline_loading import model_id
+
     name = str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "")
-    from .pipeline_loading import TOY_MODEL_DIR, TOY_MODEL_ID
-    if name and Path(name).exists() and Path(name).resolve().is_relative_to(TOY_MODEL_DIR.resolve()):
-        return TOY_MODEL_ID
-    return name or "unknown"
+    return model_id(name) if name else "unknown"
 
 
 def _family(pipe) -> str:
-    cfg = pipe.unet.config
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return "sdxl" if cfg.cross_attention_dim == 2048 else f"sdxl-like (cross-attention {cfg.cross_attention_dim})"
-    if cfg.cross_attention_dim == 768:
-        return "sd1.x"
-    if cfg.cross_attention_dim == 1024:
-        return "sd2.x"
-    # other sizes (toy and test models): name the layout they copy; SD 2.x introduced linear projections
-    kind = "sd2-like" if cfg.use_linear_projection else "sd1-like"
-    return f"{kind} (unet {list(cfg.block_out_channels)}, cross-attention {cfg.cross_attention_dim})"
+    return for_pipe(pipe).family_name()
+
+
+def model_key(pipe) -> str:
+    """A short stable id of the base weights: reference images and Fisher are cached under it."""
+    return base_fingerprint(pipe)[K_BASE_WEIGHTS].split(":")[-1][:16]
 
 
 def family_of(metadata: dict[str, str]) -> str:
@@ -186,7 +185,7 @@ def lora_config_dict(config) -> dict:
 
 
 def save_patch_from_pipeline(pipe, path, *, adapter_name: str, metadata: dict[str, str]) -> Path:
-    """Write adapter `adapter_name` of pipe.unet / text_encoder / text_encoder_2 as a forget patch.
+    """Write adapter `adapter_name` of the pipeline's denoiser and text encoders as a forget patch.
 
     `path` is a .safetensors file or a folder (then DEFAULT_WEIGHT_NAME inside it). `metadata` holds
     the trainer's patchforge.* keys; the base fingerprint and format keys are added here."""
@@ -198,7 +197,7 @@ def save_patch_from_pipeline(pipe, path, *, adapter_name: str, metadata: dict[st
         if model is None or adapter_name not in (getattr(model, "peft_config", None) or {}):
             continue
         sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
-        if comp != "unet":
+        if comp in TEXT_COMPONENTS:
             sd = {k if k.startswith(TEXT_PREFIX) else TEXT_PREFIX + k: v for k, v in sd.items()}
         state_dicts[comp] = {k: v.detach().to("cpu").clone().contiguous() for k, v in sd.items()}
         configs[comp] = lora_config_dict(model.peft_config[adapter_name])
@@ -260,7 +259,7 @@ def parse_patch(data: bytes, path: Path | None = None) -> Patch:
     for key, value in tensors.items():
         comp, _, rest = key.partition(".")
         if comp not in COMPONENTS or not rest:
-            raise PatchFormatError(f"{where} has tensor '{key}' outside unet/text_encoder/text_encoder_2: "
+            raise PatchFormatError(f"{where} has tensor '{key}' outside {'/'.join(COMPONENTS)}: "
                                    f"not a forget patch, or a damaged one")
         state_dicts.setdefault(comp, {})[rest] = value
     configs = {}
@@ -379,7 +378,7 @@ def merge_patches(patches: list[Patch], weights: list[float] | None = None) -> P
             sd[f"{module}.lora_B.weight"] = torch.cat(b_cat, dim=1).contiguous()
         cfg = dict(members[0][0].lora_configs[comp])
         cfg.update(r=total, lora_alpha=total, rank_pattern={}, alpha_pattern={}, use_rslora=False,
-                   target_modules=[m.removeprefix(TEXT_PREFIX) if comp != "unet" else m for m in modules])
+                   target_modules=[m.removeprefix(TEXT_PREFIX) if comp in TEXT_COMPONENTS else m for m in modules])
         state_dicts[comp], configs[comp] = sd, cfg
     first = patches[0].metadata
     md = {k: v for k, v in first.items() if k.startswith("patchforge.base")}

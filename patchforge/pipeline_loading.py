@@ -12,7 +12,7 @@ TOY_MODEL_ID = "patchforge/toy-sd"  # the name the embedded default goes by in m
 
 def resolve_model(model: str | None) -> str:
     """None or 'toy' -> the embedded default's folder; anything else is passed to diffusers."""
-    if model in (None, "toy", TOY_MODEL_ID):
+    if model in (None, "toy", TOY_MODEL_ID):  # by name (a folder inside it is passed to diffusers as is)
         path = TOY_MODEL_DIR / "pipeline"
         if not (path / "model_index.json").exists():
             raise FileNotFoundError(f"the embedded toy model is missing at {path}; rebuild it with `patchforge toy train`")
@@ -21,7 +21,15 @@ def resolve_model(model: str | None) -> str:
 
 
 def model_id(model: str | None) -> str:
-    return TOY_MODEL_ID if model in (None, "toy", TOY_MODEL_ID) else str(model)
+    return TOY_MODEL_ID if is_toy(model) else str(model)
+
+
+def is_toy(model: str | None) -> bool:
+    """The embedded toy model, by name or by its folder: the one place that decides."""
+    if model in (None, "toy", TOY_MODEL_ID):
+        return True
+    path = Path(str(model)).expanduser()
+    return path.exists() and path.resolve().is_relative_to(TOY_MODEL_DIR.resolve())
 
 
 def toy_judge_path() -> Path:

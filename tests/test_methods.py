@@ -150,7 +150,8 @@ def test_fmn_contrast_and_projection_keeping(tmp_path):
     """contrast rows name a neighbour on the target rows' own latents; the keep penalty is
     ||dW h||^2 / ||W h||^2 over the preserve tokens."""
     from patchforge.concepts import resolve
-    from patchforge.training import ADAPTER, inject_lora, lora_delta
+    from patchforge.core.lora import ADAPTER, lora_delta
+    from patchforge.training import inject_lora
 
     pipe = BUILDERS["sd1"]()
     specs = [resolve("style:vangogh")]  # a catalog concept with neighbours (Monet, Cezanne)

@@ -334,21 +334,29 @@ def probes_for(name: str, split: str = TRAIN_SPLIT, n: int = 8, seed: int = 0) -
         # keep the asked-for attribute in the prompt: no dropping of it
         while True:
             text = caption(scene, rng, split=split, drop=0.0 if kind != "object" else 0.3)
-            if _mentions(text, scene, kind):
+            if mentions(text, scene, kind):
                 break
-        expect = {k: scene.label(k) for k in KINDS if scene.label(k) != NONE and _mentions(text, scene, k)}
+        expect = {k: scene.label(k) for k in KINDS if scene.label(k) != NONE and mentions(text, scene, k)}
         out.append(Probe(text, expect))
     return out
 
 
-def _mentions(text: str, scene: Scene, kind: str) -> bool:
-    label = scene.label(kind)
-    if label in (NONE, SOLID):
-        return False
-    table = {"object": OBJECTS, "color": COLORS, "style": STYLES, "identity": IDENTITIES}[kind]
-    aliases = table[label][1] if isinstance(table[label], tuple) else table[label]
+def aliases(name: str) -> list[str]:
+    """A concept's held-out aliases (synonyms, descriptions without its name)."""
+    entry = {"object": OBJECTS, "color": COLORS, "style": STYLES, "identity": IDENTITIES}[kind_of(name)][name]
+    return list(entry[1] if isinstance(entry, tuple) else entry)
+
+
+def names_concept(text: str, name: str) -> bool:
+    """The text names the concept or one of its aliases."""
     t = text.lower()
-    return any(w in t for w in [label] + list(aliases))
+    return any(w in t for w in [name, *aliases(name)])
+
+
+def mentions(text: str, scene: Scene, kind: str) -> bool:
+    """The caption names the scene's concept of this kind."""
+    label = scene.label(kind)
+    return label not in (NONE, SOLID) and names_concept(text, label)
 
 
 def vocabulary() -> list[str]:
