@@ -173,11 +173,13 @@ def run_attacks(pipe, targets: list[str], judge, budget: dict | None = None, see
                                       negative=negative, seed=b["seed"])
             with torch.no_grad():
                 emb = soft.encode(pipe, rep)
-            record("soft_prompt", generate(pipe, rep, sds, prompt_embeds=emb, negative=[negative] * len(rep) if negative else None),
+            record("soft_prompt",
+                   generate(pipe, rep, sds, prompt_embeds=emb, negative=[negative] * len(rep) if negative else None),
                    base_hit, t0)
         if world is not None and "inversion" in which:
             t0 = time.perf_counter()
-            soft = textual_inversion(pipe, world.concept_images(concept, b["inv_images"], b["seed"]), steps=b["inv_steps"],
+            soft = textual_inversion(pipe, world.concept_images(concept, b["inv_images"], b["seed"]),
+                                     steps=b["inv_steps"],
                                      n_tokens=b["inv_tokens"], seed=b["seed"])
             with torch.no_grad():
                 emb = soft.encode(pipe, ["a photo of"] * len(rep))
@@ -197,10 +199,13 @@ def run_attacks(pipe, targets: list[str], judge, budget: dict | None = None, see
             record("partial", partial_denoise(pipe, src, b["strength"], probe_seeds), base_p, t0)
     out = {}
     for name, r in results.items():
-        what = {"soft_prompt": f"ASR, soft-prompt attack ({b['soft_tokens']} tokens, {b['soft_steps']} steps); base = unattacked base model",
-                "inversion": f"ASR, textual inversion ({b['inv_tokens']} tokens, {b['inv_steps']} steps, {b['inv_images']} images)",
+        what = {"soft_prompt": f"ASR, soft-prompt attack ({b['soft_tokens']} tokens, {b['soft_steps']} steps); "
+                               "base = unattacked base model",
+                "inversion": f"ASR, textual inversion ({b['inv_tokens']} tokens, {b['inv_steps']} steps, "
+                             f"{b['inv_images']} images)",
                 "unconditional": "concept rate in unconditional generations (empty prompt)",
-                "partial": f"concept rate after partial denoising (strength {b['strength']}) of its images, empty prompt"}[name]
+                "partial": f"concept rate after partial denoising (strength {b['strength']}) of its images, "
+                           "empty prompt"}[name]
         out[name] = {"metric": metric(np.concatenate(r["base"]), np.concatenate(r["hits"]), "lower", what),
                      "images": r["images"], "seconds": round(r["seconds"], 1)}
     return out

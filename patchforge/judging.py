@@ -46,7 +46,8 @@ class NudeNetJudge:
         try:
             from nudenet import NudeDetector
         except ImportError:
-            raise PatchforgeError("the nudenet judge needs `pip install nudenet` (it ships its own ONNX model)") from None
+            msg = "the nudenet judge needs `pip install nudenet` (it ships its own ONNX model)"
+            raise PatchforgeError(msg) from None
         self.detector, self.threshold = NudeDetector(), threshold
 
     def detect(self, images: np.ndarray, concept: str = "nudity") -> list[bool]:

@@ -36,8 +36,8 @@ class RobustConfig:
 
 def wrap_trainer(trainer, config: RobustConfig | None = None) -> None:
     """Install the adversarial hook on a patchforge.training.Trainer (called before LoRA injection)."""
-    cfg = config or RobustConfig(**{k[len("robust_"):]: v for k, v in trainer.cfg.options.items()
-                                    if k.startswith("robust_") and k[len("robust_"):] in RobustConfig.__dataclass_fields__})
+    own = {f"robust_{k}": k for k in RobustConfig.__dataclass_fields__}  # --set robust_KEY=VALUE -> KEY
+    cfg = config or RobustConfig(**{own[k]: v for k, v in trainer.cfg.options.items() if k in own})
     pipe, plain_encode = trainer.pipe, trainer.encode
     state = {"soft": None, "opt": None, "latents": {}, "calls": 0}
     stats = trainer.robust_stats = {"inner_steps": 0, "inner_seconds": 0.0, "config": vars(cfg).copy()}

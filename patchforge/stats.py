@@ -60,4 +60,5 @@ def frechet_metric(fb: np.ndarray, fp: np.ndarray, real: np.ndarray) -> dict:
             "ci_patched": [float(x) for x in np.percentile(boots[:, 0], [2.5, 97.5])],
             "ci_change": [float(x) for x in np.percentile(boots[:, 1], [2.5, 97.5])], "n": int(len(fb)),
             "better": "lower",
-            "what": f"Fréchet distance to real toy images, judge features, top {FRECHET_DIMS} principal components (general prompts)"}
+            "what": f"Fréchet distance to real toy images, judge features, top {FRECHET_DIMS} principal components "
+                    "(general prompts)"}

@@ -24,7 +24,8 @@ import importlib
 
 PLUGINS = {"toy": "patchforge.toyworld.plugin:ToyWorld"}
 # CLI verb -> ("module:register" declaring it on the subparsers, one-line help): the worlds' own verbs
-COMMANDS = {"toy": ("patchforge.toyworld.commands:register", "the embedded toy text-to-image world: rebuild or measure it")}
+COMMANDS = {"toy": ("patchforge.toyworld.commands:register",
+                    "the embedded toy text-to-image world: rebuild or measure it")}
 _loaded: dict[str, object] = {}
 
 

@@ -81,8 +81,8 @@ def test_robust_training_runs(tmp_path, monkeypatch):
 def test_soft_prompt_beats_a_weak_patch_and_finds_no_absent_concept():
     """The attack works: the shipped stripes patch at weight 0.8 is a weak defence (stripes gone from
     these 8 images: 0 %; at 0.7 it leaves 50 %, at 0.9 12.5 %), and the soft suffix brings stripes back
-    (75 %; at full weight it brings back none). (A negative prompt "in stripes style" was the weak defence here until the
-    2026-11-23 rebuilds; those models ignore it: stripes stay at 100 %.)"""
+    (75 %; at full weight it brings back none). (A negative prompt "in stripes style" was the weak defence here until
+    the 2026-11-23 rebuilds; those models ignore it: stripes stay at 100 %.)"""
     from patchforge.toyworld.plugin import ToyJudge
     from patchforge.loading import load_forget_patch, unload_forget_patch
     from patchforge.pipeline_loading import load_pipeline

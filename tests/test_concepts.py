@@ -55,8 +55,8 @@ def test_unknown_concepts_suggest_close_matches():
 
 def test_concept_file_and_merge(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text('- target: "Van Gogh"\n  kind: style\n  anchor: "impressionist painting"\n  preserve: ["Claude Monet"]\n'
-                 '  guidance: 2.0\n- target: "object:star"\n')
+    f.write_text('- target: "Van Gogh"\n  kind: style\n  anchor: "impressionist painting"\n'
+                 '  preserve: ["Claude Monet"]\n  guidance: 2.0\n- target: "object:star"\n')
     a, b = load_concept_file(f)
     assert a.name == "Van Gogh" and a.target[0] == "Van Gogh" and a.anchor[1] == "a photo of impressionist painting"
     assert a.guidance == 2.0 and a.preserve == ["Claude Monet"]

@@ -84,7 +84,8 @@ def test_reports_have_stable_keys_and_compare_table(tiny, tmp_path):
     for m in js["metrics"].values():
         assert {"base", "patched", "change", "ci_patched", "ci_change", "n", "better", "what"} == set(m)
     assert {"efficacy", "generality", "specificity.neighbours", "specificity.other_kinds", "specificity.compositional",
-            "specificity.image_distance", "utility.frechet", "utility.alignment", "robustness.misspelling"} <= set(js["metrics"])
+            "specificity.image_distance", "utility.frechet", "utility.alignment",
+            "robustness.misspelling"} <= set(js["metrics"])
     assert {"patch_bytes", "training_seconds", "load_seconds", "inference_overhead"} <= set(js["cost"])
     table = (tmp_path / "compare.eval.md").read_text()
     assert "noop.safetensors" in table and "destroy.safetensors" in table
@@ -136,7 +137,8 @@ def _tiny_clip_folder(path):
     from tiny_pipelines import _text_config, _tokenizer
 
     cfg = CLIPConfig(text_config=_text_config(32).to_dict(),  # the tiny pipelines' text encoder
-                     vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                     vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                        num_hidden_layers=2,
                                         image_size=32, patch_size=8),
                      projection_dim=16)
     torch.manual_seed(0)

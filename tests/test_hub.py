@@ -16,7 +16,8 @@ from tiny_pipelines import BUILDERS, cached_patches, run
 def fake_hub(monkeypatch, tmp_path):
     with FakeHub() as server:
         monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.url + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
         monkeypatch.setenv("HF_TOKEN", "hf_fake")
@@ -65,6 +66,7 @@ def test_offline_load_from_seeded_cache(monkeypatch, tmp_path):
 def test_model_card_eval_table():
     from patchforge.patch_format import read_patch
     p = read_patch(cached_patches("sd1")[0])
-    p.metadata["patchforge.eval"] = '{"efficacy": {"before": 0.9, "after": 0.05}, "fid": {"before": 10.0, "after": 11.5}}'
+    p.metadata["patchforge.eval"] = ('{"efficacy": {"before": 0.9, "after": 0.05}, '
+                                     '"fid": {"before": 10.0, "after": 11.5}}')
     card = hub.model_card(p, "me/x", image="before_after.png")
     assert "| efficacy | 0.9 | 0.05 |" in card and "![before and after](before_after.png)" in card

@@ -51,7 +51,8 @@ class SDUNet:
 
     def text_attention(self) -> list[tuple[str, torch.nn.Module]]:
         """The cross-attention blocks (attn2): where the image attends to the prompt's tokens."""
-        return [(n, m) for n, m in self.pipe.unet.named_modules() if n.endswith("attn2") and hasattr(m, "set_processor")]
+        return [(n, m) for n, m in self.pipe.unet.named_modules()
+                if n.endswith("attn2") and hasattr(m, "set_processor")]
 
     def text_kv(self) -> list[tuple[str, torch.nn.Module]]:
         """The key and value projections of the text attention: the only layers that see text tokens."""
@@ -65,7 +66,8 @@ class SDUNet:
         """The readable family written into patch metadata (sd1.x, sd2.x, sdxl, or the layout copied)."""
         cfg = self.pipe.unet.config
         if self.sdxl:
-            return "sdxl" if cfg.cross_attention_dim == 2048 else f"sdxl-like (cross-attention {cfg.cross_attention_dim})"
+            xdim = cfg.cross_attention_dim
+            return "sdxl" if xdim == 2048 else f"sdxl-like (cross-attention {xdim})"
         if cfg.cross_attention_dim == 768:
             return "sd1.x"
         if cfg.cross_attention_dim == 1024:

@@ -53,10 +53,12 @@ def base_model_report(model: str | None = None, seeds: int = 8) -> dict:
 
 
 def format_report(r: dict) -> str:
-    lines = ["| kind | judge accuracy (held-out real images) | base rate, training prompts | base rate, held-out paraphrases |",
+    lines = ["| kind | judge accuracy (held-out real images) | base rate, training prompts "
+             "| base rate, held-out paraphrases |",
              "|---|---|---|---|"]
     for k in world.KINDS:
-        lines.append(f"| {k} | {r['judge_accuracy_real'][k]:.1%} | {r['by_kind']['train'][k]:.1%} | {r['by_kind']['heldout'][k]:.1%} |")
+        lines.append(f"| {k} | {r['judge_accuracy_real'][k]:.1%} | {r['by_kind']['train'][k]:.1%} "
+                     f"| {r['by_kind']['heldout'][k]:.1%} |")
     lines += ["", "| concept | training prompts | held-out paraphrases |", "|---|---|---|"]
     for k in world.KINDS:
         for n in world.concepts_of(k):

@@ -100,7 +100,8 @@ class ToyWorld:
 
     def general_prompts(self) -> list[str]:
         """One canonical prompt of every toy concept."""
-        return [world.probes_for(n, world.TRAIN_SPLIT, 1, 0)[0].prompt for k in world.KINDS for n in world.concepts_of(k)]
+        return [world.probes_for(n, world.TRAIN_SPLIT, 1, 0)[0].prompt
+                for k in world.KINDS for n in world.concepts_of(k)]
 
     # ---- evaluation and attacks
     def eval_rows(self, targets: list[str], n: int = 6) -> list:
