@@ -28,7 +28,7 @@ from . import worlds
 from .atomic import write_text
 from .backbones import for_pipe
 from .errors import PatchforgeError
-from .generate import GUIDANCE, SEED0, STEPS, empty_embeds, generate
+from .generate import GUIDANCE, SEED0, STEPS, empty_embeds, generate, generate_latents
 from .rows import Row, load_patch, patch_concepts, run_rows, unload_patch
 from .soft_tokens import SoftPrompt, invert_latents
 from .stats import metric
@@ -68,10 +68,9 @@ def guided(backbone, x, t, cond, uncond, guidance):
 
 def concept_latents(pipe, prompts: list[str], seed: int = 0) -> torch.Tensor:
     """Base-model generations of the plain target prompts, as clean latents (what the concept looks like)."""
-    gens = [torch.Generator("cpu").manual_seed(seed * 7919 + i) for i in range(len(prompts))]
-    with base_model(pipe), torch.no_grad():
-        return pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=gens,
-                    output_type="latent").images.float()
+    with base_model(pipe):
+        latents = generate_latents(pipe, prompts, [seed * 7919 + i for i in range(len(prompts))], batch=len(prompts))
+    return latents.to(pipe.device)
 
 
 def soft_prompt_attack(pipe, prompts: list[str], steps: int = 30, n_tokens: int = 4, lr: float | None = None,
@@ -89,9 +88,7 @@ def soft_prompt_attack(pipe, prompts: list[str], steps: int = 30, n_tokens: int 
         empty = empty_embeds(pipe, len(prompts))
         neg = empty_embeds(pipe, len(prompts), [negative] * len(prompts)) if negative else empty
     for _ in range(steps):
-        t = torch.randint(0, backbone.num_timesteps(), (len(prompts),), generator=g).to(latents.device)
-        noise = torch.randn(latents.shape, generator=g).to(latents.device)
-        x_t = backbone.add_noise(latents, noise, t)
+        x_t, t, _ = backbone.noised(latents, g)
         with base_model(pipe), torch.no_grad():
             target = guided(backbone, x_t, t, plain, empty, GUIDANCE)
         pred = guided(backbone, x_t, t, soft.encode(pipe, prompts), neg, GUIDANCE)

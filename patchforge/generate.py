@@ -40,6 +40,21 @@ def generate(pipe, prompts: list[str], seeds: list[int], negative: list[str] | N
     return np.concatenate(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
 
 
+def generate_latents(pipe, prompts: list[str], seeds: list[int], steps: int | None = None,
+                     guidance: float | None = None, size: int | None = None, batch: int = 16) -> torch.Tensor:
+    """Clean latents of generations, one per (prompt, seed), float32 on the CPU: what methods train on
+    and attacks start from. `size`: pixels of the image side (default: the pipeline's)."""
+    steps, guidance = steps or STEPS, GUIDANCE if guidance is None else guidance
+    side = {"height": size, "width": size} if size else {}
+    out = []
+    for i in range(0, len(seeds), batch):
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch]]
+        with torch.no_grad():
+            out.append(pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                            output_type="latent", **side).images.float().cpu())
+    return torch.cat(out)
+
+
 def empty_embeds(pipe, n: int, texts: list[str] | None = None) -> torch.Tensor:
     """Text-encoder output of "" (or of `texts`): the unconditional branch of guidance."""
     from .backbones import for_pipe

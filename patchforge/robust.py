@@ -60,10 +60,8 @@ def wrap_trainer(trainer, config: RobustConfig | None = None) -> None:
         with torch.no_grad():
             plain = trainer.embed(prompts, role="anchor", base=True)
         for _ in range(cfg.inner_steps):
-            t = torch.randint(0, trainer.backbone.num_timesteps(), (len(prompts),), generator=g)
-            noise = torch.randn(x0.shape, generator=g)
-            x_t = trainer.backbone.add_noise(x0, noise, t).to(trainer.device, trainer.backbone.dtype)
-            t = t.to(trainer.device)
+            x_t, t, _ = trainer.backbone.noised(x0, g)
+            x_t, t = x_t.to(trainer.device, trainer.backbone.dtype), t.to(trainer.device)
             target = trainer.eps(x_t, t, plain, base=True)
             pred = trainer.eps(x_t, t, Cond(soft.encode(pipe, prompts)))
             (grad,) = torch.autograd.grad(F.mse_loss(pred, target), [soft.vectors])

@@ -71,10 +71,9 @@ def invert_latents(pipe, latents: torch.Tensor, steps: int = 40, n_tokens: int =
     g = torch.Generator("cpu").manual_seed(seed + 1)
     prompts = [template] * len(latents)
     for _ in range(steps):
-        t = torch.randint(0, backbone.num_timesteps(), (len(latents),), generator=g).to(latents.device)
-        noise = torch.randn(latents.shape, generator=g).to(latents.device)
+        x_t, t, noise = backbone.noised(latents, g)
         target = backbone.training_target(latents, noise, t)
-        pred = backbone.predict(backbone.add_noise(latents, noise, t), t, Cond(soft.encode(pipe, prompts)))
+        pred = backbone.predict(x_t, t, Cond(soft.encode(pipe, prompts)))
         (grad,) = torch.autograd.grad(F.mse_loss(pred.float(), target.float()), [soft.vectors])
         soft.vectors.grad = grad
         opt.step()

@@ -34,6 +34,7 @@ from .core.cache import cache_dir
 from .core.cond import Cond
 from .core.lora import ADAPTER, adapters_off
 from .errors import PatchforgeError
+from .generate import generate_latents
 from .patch_format import (K_BASE_ID, K_CONCEPT, K_CONCEPTS, K_DEVICE, K_HPARAMS, K_METHOD, K_SECONDS, K_SEED,
                            model_key)
 
@@ -119,18 +120,9 @@ class Trainer:
 
 
     # ---- noise
-    def timesteps(self, n: int, low: int = 0, high: int | None = None) -> torch.Tensor:
-        high = high or self.backbone.num_timesteps()
-        return torch.randint(low, high, (n,), generator=self.gen).to(self.device)
-
-    def noise_like(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.randn(x.shape, generator=self.gen, dtype=torch.float32).to(x.device, x.dtype)
-
-    def noised(self, x0: torch.Tensor, n: int | None = None):
-        """Random t and noise for clean latents x0 -> (x_t, t, noise)."""
-        t = self.timesteps(x0.shape[0])
-        noise = self.noise_like(x0)
-        return self.backbone.add_noise(x0, noise, t), t, noise
+    def noised(self, x0: torch.Tensor):
+        """Random t and noise for clean latents x0 -> (x_t, t, noise), from the run's seeded generator."""
+        return self.backbone.noised(x0, self.gen)
 
     def target(self, x0, noise, t) -> torch.Tensor:
         """The denoising loss target: epsilon, v, or a flow velocity, as the backbone was trained."""
@@ -153,15 +145,8 @@ class Trainer:
             return load_file(str(path))["latents"].to(self.device, self.backbone.dtype)
         all_prompts = [p for p in prompts for _ in range(per_prompt)]
         seeds = [self.cfg.seed * 100003 + i for i in range(len(all_prompts))]
-        out = []
-        size = self.backbone.native_size()
-        for i in range(0, len(all_prompts), 16):
-            gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + 16]]
-            with adapters_off(self.backbone.models().values()):
-                lat = self.pipe(all_prompts[i:i + 16], num_inference_steps=steps, guidance_scale=guidance,
-                                generator=gens, output_type="latent", height=size, width=size).images
-            out.append(lat.float().cpu())
-        latents = torch.cat(out)
+        with adapters_off(self.backbone.models().values()):
+            latents = generate_latents(self.pipe, all_prompts, seeds, steps, guidance, size=self.backbone.native_size())
         with atomic_path(path) as tmp:
             save_file({"latents": latents.contiguous()}, str(tmp), metadata={"prompts": json.dumps(all_prompts)})
         return latents.to(self.device, self.backbone.dtype)

@@ -10,6 +10,7 @@ the first registered family whose `matches(pipe)` is true.
     TARGETS            LoRA target patterns by key: text-attention K/V, text attention, none
     encode()           prompts -> Cond (the pipeline's own prompt encoding)
     add_noise()        x0, noise, t -> x_t (the forward process the family was trained with)
+    noised()           x0, a seeded generator -> (x_t, t, noise) at random timesteps
     training_target()  what the denoiser predicts: epsilon, v, or a flow-matching velocity
     predict()          the denoiser call, with every extra input the family needs
     text_attention()   the attention blocks that read the text (what attention-hooking methods hook)

@@ -97,6 +97,13 @@ class SDUNet:
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.pipe.scheduler.add_noise(x0, noise, t)
 
+    def noised(self, x0: torch.Tensor, generator: torch.Generator):
+        """x0 noised at random timesteps -> (x_t, t, noise). Timesteps, then noise, are drawn from the CPU
+        `generator`, so a seed gives the same draws on every device."""
+        t = torch.randint(0, self.num_timesteps(), (len(x0),), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+        return self.add_noise(x0, noise, t), t, noise
+
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the denoiser learnt to predict: epsilon, or v for v-prediction bases (SD 2.x 768)."""
         if self.pipe.scheduler.config.prediction_type == "v_prediction":

@@ -83,9 +83,7 @@ class SelectiveAmnesia(Method):
         for i in range(self.hp.fisher_samples):  # per-sample squared gradients
             j = i % len(prompts)
             x0 = latents[j:j + 1]
-            t = torch.randint(0, tr.backbone.num_timesteps(), (1,), generator=gen).to(tr.device)
-            noise = torch.randn(x0.shape, generator=gen).to(x0)
-            x_t = tr.backbone.add_noise(x0, noise, t)
+            x_t, t, noise = tr.backbone.noised(x0, gen)
             loss = F.mse_loss(tr.eps(x_t, t, tr.embed([prompts[j]], base=True)), tr.target(x0, noise, t))
             grads = torch.autograd.grad(loss, list(weights.values()))
             for (n, _), g in zip(weights.items(), grads):
