@@ -104,8 +104,7 @@ def textual_inversion(pipe, images: np.ndarray, steps: int = 40, n_tokens: int =
                       seed: int = 0, template: str = "a photo of") -> SoftPrompt:
     """Learn K token embeddings that make the (patched) model denoise images of the concept:
     the plain diffusion loss ||eps_theta(x_t, "a photo of <v>") - eps||^2, as in textual inversion."""
-    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    latents = for_pipe(pipe).encode_images(x)
+    latents = for_pipe(pipe).encode_images(np.asarray(images))
     return invert_latents(pipe, latents, steps=steps, n_tokens=n_tokens, lr=lr, seed=seed, template=template)
 
 
@@ -119,8 +118,7 @@ def partial_denoise(pipe, images: np.ndarray, strength: float, seeds: list[int],
     sched.set_timesteps(STEPS)
     start = int(STEPS * (1 - strength))
     timesteps = sched.timesteps[start:]
-    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    lat = backbone.encode_images(x)
+    lat = backbone.encode_images(np.asarray(images))
     noise = torch.stack([torch.randn(lat.shape[1:], generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
     x_t = sched.add_noise(lat, noise.to(lat.device, lat.dtype), timesteps[:1].repeat(len(lat)))
     cond = empty_embeds(pipe, len(lat), [prompt] * len(lat))
@@ -128,8 +126,7 @@ def partial_denoise(pipe, images: np.ndarray, strength: float, seeds: list[int],
     for t in timesteps:
         eps = guided(backbone, x_t, t, cond, uncond, GUIDANCE)
         x_t = sched.step(eps, t, x_t).prev_sample
-    out = backbone.decode(x_t)
-    return ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return backbone.decode(x_t)
 
 
 # ---------------------------------------------------------------- running attacks

@@ -168,9 +168,8 @@ class Trainer:
             side = min(im.size)
             left, top = (im.width - side) // 2, (im.height - side) // 2
             arr.append(np.asarray(im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)))
-        x = torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         # in chunks: a folder of a few hundred SD-sized images must not fill memory
-        return self.backbone.encode_images(x).to(self.backbone.dtype)
+        return self.backbone.encode_images(np.stack(arr)).to(self.backbone.dtype)
 
 
 # ---------------------------------------------------------------- LoRA injection

@@ -122,17 +122,21 @@ class SDUNet:
         return self.pipe.unet(x_t, t, encoder_hidden_states=cond.emb, **kwargs).sample
 
     # ---- images
-    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] (N, 3, H, W) -> clean latents (VAE mean, scaled), 8 at a time."""
+    def encode_images(self, images) -> torch.Tensor:
+        """uint8 images (N, H, W, 3) -> clean latents (VAE mean, scaled), 8 at a time."""
         vae = self.pipe.vae
+        x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         with torch.no_grad():
             lat = torch.cat([vae.encode(x[i:i + 8].to(vae.device, vae.dtype)).latent_dist.mean
                              for i in range(0, len(x), 8)])
         return lat * vae.config.scaling_factor
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor):
+        """Clean latents -> uint8 images (N, H, W, 3) as a numpy array."""
         vae = self.pipe.vae
-        return vae.decode(latents / vae.config.scaling_factor).sample
+        with torch.no_grad():
+            out = vae.decode(latents / vae.config.scaling_factor).sample
+        return ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
     # ---- patches
     def load_lora(self, state_dict: dict, adapter_name: str, metadata: dict, components) -> None:
