@@ -64,17 +64,21 @@ class SDUNet:
 
     def family_name(self) -> str:
         """The readable family written into patch metadata (sd1.x, sd2.x, sdxl, or the layout copied)."""
-        cfg = self.pipe.unet.config
-        if self.sdxl:
-            xdim = cfg.cross_attention_dim
+        return self.family_from_config(dict(self.pipe.unet.config), self.sdxl)
+
+    @staticmethod
+    def family_from_config(config: dict, sdxl: bool) -> str:
+        """The family of a UNet config (also before loading, from the folder's unet/config.json)."""
+        xdim = config.get("cross_attention_dim")
+        if sdxl:
             return "sdxl" if xdim == 2048 else f"sdxl-like (cross-attention {xdim})"
-        if cfg.cross_attention_dim == 768:
+        if xdim == 768:
             return "sd1.x"
-        if cfg.cross_attention_dim == 1024:
+        if xdim == 1024:
             return "sd2.x"
         # other sizes (toy and test models): name the layout they copy; SD 2.x introduced linear projections
-        kind = "sd2-like" if cfg.use_linear_projection else "sd1-like"
-        return f"{kind} (unet {list(cfg.block_out_channels)}, cross-attention {cfg.cross_attention_dim})"
+        kind = "sd2-like" if config.get("use_linear_projection") else "sd1-like"
+        return f"{kind} (unet {list(config.get('block_out_channels', []))}, cross-attention {xdim})"
 
     # ---- text
     def encode(self, prompts: list[str], device) -> Cond:
