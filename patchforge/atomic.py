@@ -2,7 +2,9 @@
 
 Every file patchforge writes -- patches, reference caches, judges, pictures, reports -- goes through
 `atomic_path`: the content is written to a temporary file in the same folder, then renamed over the
-target in one step (`os.replace` is atomic on POSIX and Windows within one file system).
+target in one step (`os.replace` is atomic on POSIX and Windows within one file system). The data
+is fsynced before the rename and the folder after it, so a power cut leaves the old file or the new
+one, never an empty one.
 """
 from __future__ import annotations
 
@@ -28,9 +30,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files owner-only; ours are meant to be shared
+        _fsync(tmp)  # the data on disk before the name points at it
         os.replace(tmp, path)
+        _fsync(path.parent, folder=True)  # and the rename itself
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path, folder: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+    except OSError:
+        if folder:  # Windows cannot open folders; its rename is already durable
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -152,8 +152,12 @@ def load_concept_file(path: str | Path) -> list[ConceptSpec]:
     import yaml
 
     path = Path(path)
+    if not path.is_file():
+        raise PatchforgeError(f"--concept-file '{path}' is not a file: give a YAML file (see docs/training.md)")
     try:
         data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise PatchforgeError(f"{path}: cannot read it ({type(err).__name__})") from None
     except yaml.YAMLError as err:
         raise PatchforgeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     entries = data if isinstance(data, list) else [data]

@@ -81,9 +81,9 @@ def run_command(args) -> int:
     from .errors import PatchforgeError
     from .pipeline_loading import load_pipeline
 
-    pipe = load_pipeline(args.model, device=args.device)
-    if args.weight and len(args.weight) != len(args.patch):
+    if args.weight and len(args.weight) != len(args.patch):  # before the model loads
         raise PatchforgeError(f"{len(args.weight)} --weight values for {len(args.patch)} --patch files: give one per patch or none")
+    pipe = load_pipeline(args.model, device=args.device)
     if args.patch:
         from .loading import load_forget_patch
 

@@ -4,21 +4,29 @@ HF_HUB_OFFLINE, HF_TOKEN and the cache work as users expect)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 from .errors import PatchforgeError
-from .patch_format import (DEFAULT_WEIGHT_NAME, K_BASE_FAMILY, K_BASE_ID, K_CONCEPT, K_EVAL, K_HPARAMS, K_METHOD,
-                           K_SECONDS, K_DEVICE, Patch, read_patch)
+from .patch_format import (DEFAULT_WEIGHT_NAME, K_BASE_FAMILY, K_BASE_ID, K_BASE_REPO_ID, K_CONCEPT, K_DEVICE, K_EVAL,
+                           K_HPARAMS, K_METHOD, K_SECONDS, Patch, one_line, read_patch)
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # looks like a repo id (then huggingface_hub validates it)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 IMAGE_NAMES = ("before_after.png", "before_after.jpg")  # shown in the card when found beside the patch
 
 
 def resolve_patch_file(src, *, weight_name: str | None = None, subfolder: str | None = None,
                        revision: str | None = None, token: str | None = None, cache_dir: str | None = None) -> Path:
     """A local patch file for `src`: a file, a folder (weight_name or the default name inside), or a
-    Hub repo id fetched through the Hub cache (works offline once cached)."""
+    Hub repo id fetched through the Hub cache (works offline once cached).
+
+    `weight_name`, `subfolder` and `revision` are checked before any I/O: relative, no `..`, no
+    backslash or control character, so nothing is read or written outside the folder or the cache."""
+    check_relative(weight_name, "weight_name")
+    check_relative(subfolder, "subfolder")
+    check_relative(revision, "revision")
     path = Path(src)
     if path.is_file():
         return path
@@ -34,10 +42,36 @@ def resolve_patch_file(src, *, weight_name: str | None = None, subfolder: str | 
         raise PatchforgeError(f"'{folder}' holds {len(found)} .safetensors files and no {DEFAULT_WEIGHT_NAME}: "
                               f"pass weight_name=")
     if not REPO_ID.match(str(src)):
-        raise PatchforgeError(f"no patch at '{src}': give a .safetensors file, a folder holding one, or a Hub repo "
-                              f"id (owner/name)")
+        raise PatchforgeError(f"no patch at '{one_line(src)}': give a .safetensors file, a folder holding one, or a Hub "
+                              f"repo id (owner/name)")
+    check_repo_id(str(src))
     return _download(str(src), weight_name or DEFAULT_WEIGHT_NAME, subfolder=subfolder, revision=revision,
                      token=token, cache_dir=cache_dir)
+
+
+def check_repo_id(repo_id: str) -> None:
+    """huggingface_hub's own rules (`me/..` and `a/b.git` pass a simple regex but not these)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        if not isinstance(repo_id, str) or "/" not in repo_id:
+            raise HFValidationError("use owner/name")
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise PatchforgeError(f"'{one_line(repo_id)}' is not a Hub repo id: use owner/name (letters, digits, "
+                              f"'-', '_', '.'; no '..', not ending in .git)") from None
+
+
+def check_relative(value: str | None, what: str) -> None:
+    """A file name, folder or revision that must stay a relative path below where it is used."""
+    if value is None:
+        return
+    parts = value.split("/") if isinstance(value, str) else []
+    if not isinstance(value, str) or not value or len(value) > 255 or "\\" in value or \
+            not value.isprintable() or any(p in ("", ".", "..") for p in parts):
+        raise PatchforgeError(f"{what} {one_line(value, 60)!r} is not allowed: give a relative name without '..', "
+                              f"empty parts, backslashes or control characters")
 
 
 def _download(repo_id: str, filename: str, **kwargs) -> Path:
@@ -50,67 +84,120 @@ def _download(repo_id: str, filename: str, **kwargs) -> Path:
         raise PatchforgeError(f"no Hub repo '{repo_id}' (or it is private and no token was given): check the id, "
                               f"or log in with `hf auth login`") from None
     except e.RevisionNotFoundError:
-        raise PatchforgeError(f"Hub repo '{repo_id}' has no revision '{kwargs.get('revision')}': check the "
+        raise PatchforgeError(f"Hub repo '{repo_id}' has no revision '{one_line(kwargs.get('revision'))}': check the "
                               f"branch, tag or commit") from None
     except e.LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
         raise PatchforgeError(f"'{repo_id}' is not in the local Hub cache and the Hub cannot be reached (offline?): "
                               f"run `patchforge pull {repo_id}` while online") from None
     except e.EntryNotFoundError:
-        raise PatchforgeError(f"Hub repo '{repo_id}' has no file '{filename}': pass weight_name= (and subfolder=) "
+        raise PatchforgeError(f"Hub repo '{repo_id}' has no file '{one_line(filename)}': pass weight_name= (and subfolder=) "
                               f"naming the patch file") from None
     except e.HfHubHTTPError as err:
-        raise PatchforgeError(f"the Hub refused '{repo_id}' ({str(err).splitlines()[0][:120]}): check the id and "
-                              f"your token") from None
+        raise PatchforgeError(f"the Hub refused '{repo_id}' ({one_line(str(err).splitlines()[0] if str(err) else err, 120)}): "
+                              f"check the id and your token") from None
+    except ValueError as err:  # huggingface_hub's own path checks (HFValidationError is one)
+        raise PatchforgeError(f"'{repo_id}' / '{one_line(filename)}' was refused by huggingface_hub "
+                              f"({one_line(str(err), 120)})") from None
 
 
 # ----------------------------------------------------------------------------- model card
 
+TAGS = ["lora", "concept-erasure", "patchforge", "text-to-image", "diffusers", "stable-diffusion"]
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#!|~])")
+
+
+def md_text(value, limit: int = 200) -> str:
+    """Text from a patch file, safe inside one markdown line or table cell: one line, HTML and
+    markdown syntax (links, images, code, emphasis, table bars) escaped."""
+    text = one_line(value, limit).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def base_repo_id(metadata: dict[str, str]) -> str | None:
+    """The base's Hub repo id when the patch records a valid one (never a local path or free text)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    value = metadata.get(K_BASE_REPO_ID)
+    try:
+        validate_repo_id(value)
+    except (HFValidationError, TypeError):
+        return None
+    return value
+
+
 def model_card(patch: Patch, repo_id: str, image: str | None = None) -> str:
     """README.md in Hub conventions for LoRA repos, so the Hub links the base model and shows the
-    repo as an adapter of it."""
+    repo as an adapter of it. The YAML comes from huggingface_hub's ModelCardData; every text taken
+    from the patch is escaped (a patch's metadata is untrusted)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     md = patch.metadata
-    base, concept, method = md.get(K_BASE_ID, "unknown"), md.get(K_CONCEPT, "?"), md.get(K_METHOD, "?")
-    tags = ["lora", "concept-erasure", "patchforge", "text-to-image", "diffusers", "stable-diffusion"]
-    if md.get(K_BASE_FAMILY, "").startswith("sdxl"):
-        tags.append("stable-diffusion-xl")
-    lines = ["---", "library_name: diffusers", f"base_model: {base}", "base_model_relation: adapter", "tags:"]
-    lines += [f"- {t}" for t in tags] + ["license: other", "---", "",
-                                         f"# Forget patch: {concept}", "",
-                                         f"A patchforge forget patch for [{base}](https://huggingface.co/{base}): a LoRA "
-                                         f"adapter that makes the model forget **{concept}**.", "",
-                                         "| | |", "|---|---|", f"| Concept | {concept} |", f"| Method | {method} |",
-                                         f"| Base model | {base} ({md.get(K_BASE_FAMILY, '?')}) |",
-                                         f"| Components | {', '.join(patch.components)} |"]
-    if md.get(K_SECONDS):
-        lines.append(f"| Training | {float(md[K_SECONDS]):.0f} s on {md.get(K_DEVICE, '?')} |")
-    if md.get(K_HPARAMS):
-        lines.append(f"| Hyperparameters | `{md[K_HPARAMS]}` |")
+    base = base_repo_id(md)
+    tags = TAGS + (["stable-diffusion-xl"] if md.get(K_BASE_FAMILY, "").startswith("sdxl") else [])
+    data = ModelCardData(library_name="diffusers", base_model=base, base_model_relation="adapter",
+                         tags=tags, license="other", pipeline_tag="text-to-image")
+    concept, method = md_text(md.get(K_CONCEPT, "?")), md_text(md.get(K_METHOD, "?"))
+    base_text = f"[{base}](https://huggingface.co/{base})" if base else md_text(md.get(K_BASE_ID, "unknown"))
+    lines = [f"# Forget patch: {concept}", "",
+             f"A patchforge forget patch for {base_text}: a LoRA adapter that makes the model forget **{concept}**.", "",
+             "| | |", "|---|---|", f"| Concept | {concept} |", f"| Method | {method} |",
+             f"| Base model | {base_text} ({md_text(md.get(K_BASE_FAMILY, '?'))}) |",
+             f"| Components | {', '.join(patch.components)} |"]
+    seconds = _number(md.get(K_SECONDS))
+    if seconds is not None:
+        lines.append(f"| Training | {seconds:.0f} s on {md_text(md.get(K_DEVICE, '?'), 40)} |")
+    lines += _hparam_rows(md.get(K_HPARAMS))
     lines += ["", "## Evaluation", ""] + _eval_table(md.get(K_EVAL))
     if image:
         lines += ["", "## Before / after", "", f"![before and after]({image})"]
     lines += ["", "## Use", "", "```python", "import patchforge", "", "patchforge.enable(pipe)  # opt-in, once per pipeline",
               f'pipe.load_forget_patch("{repo_id}", weight=1.0)', "```", "",
-              "Plain diffusers also works: `pipe.load_lora_weights(\"" + repo_id + "\")` (no stacking registry).", ""]
-    return "\n".join(lines)
+              "Plain diffusers also works: `pipe.load_lora_weights(\"" + repo_id + "\")` (no stacking registry).", "",
+              "A LoRA patch changes what this pipeline generates; anyone holding the weights can remove it.", ""]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _number(raw) -> float | None:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _hparam_rows(raw: str | None) -> list[str]:
+    if not raw:
+        return []
+    try:
+        hparams = json.loads(raw)
+    except (ValueError, RecursionError):
+        hparams = None
+    if not isinstance(hparams, dict):
+        return [f"| Hyperparameters | {md_text(raw)} |"]
+    return [f"| {md_text(k, 60)} | {md_text(json.dumps(v) if not isinstance(v, str) else v, 120)} |"
+            for k, v in list(hparams.items())[:40]]
 
 
 def _eval_table(raw: str | None) -> list[str]:
     try:
         summary = json.loads(raw) if raw else None
-    except ValueError:
+    except (ValueError, RecursionError):
         summary = None
     if not isinstance(summary, dict) or not summary:
         return ["No evaluation was recorded with this patch."]
-    rows = [(k, v) for k, v in summary.items()]
+    rows = list(summary.items())[:60]
     if all(isinstance(v, dict) for _, v in rows):  # {metric: {"before": x, "after": y, ...}}
-        cols = list(dict.fromkeys(c for _, v in rows for c in v))
-        out = ["| Metric | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        return out + [f"| {k} | " + " | ".join(_fmt(v.get(c)) for c in cols) + " |" for k, v in rows]
-    return ["| Metric | Value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
+        cols = list(dict.fromkeys(c for _, v in rows for c in v))[:8]
+        out = ["| Metric | " + " | ".join(md_text(c, 40) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        return out + [f"| {md_text(k, 60)} | " + " | ".join(_fmt(v.get(c)) for c in cols) + " |" for k, v in rows]
+    return ["| Metric | Value |", "|---|---|"] + [f"| {md_text(k, 60)} | {_fmt(v)} |" for k, v in rows]
 
 
 def _fmt(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return "" if v is None else md_text(v if isinstance(v, (str, int)) else json.dumps(v), 60)
 
 
 # ----------------------------------------------------------------------------- push / pull
@@ -122,12 +209,13 @@ def push_patch(patch_path, repo_id: str, *, private: bool = False, token: str | 
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub import errors as e
 
+    check_repo_id(repo_id)
     patch = read_patch(patch_path)  # never publish a file that does not validate
-    if not REPO_ID.match(repo_id):
-        raise PatchforgeError(f"'{repo_id}' is not a Hub repo id: use owner/name")
     if image is None:
         image = next((str(patch.path.parent / n) for n in IMAGE_NAMES if (patch.path.parent / n).is_file()), None)
-    image_name = Path(image).name if image else None
+    if image and (Path(image).suffix.lower() not in IMAGE_SUFFIXES or not Path(image).is_file()):
+        raise PatchforgeError(f"--image '{one_line(image)}' is not a {'/'.join(IMAGE_SUFFIXES)} file")
+    image_name = "before_after" + Path(image).suffix.lower() if image else None  # our name, not the user's
     ops = [CommitOperationAdd(DEFAULT_WEIGHT_NAME, str(patch.path)),
            CommitOperationAdd("README.md", model_card(patch, repo_id, image_name).encode())]
     if image:
@@ -135,7 +223,7 @@ def push_patch(patch_path, repo_id: str, *, private: bool = False, token: str | 
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.create_commit(repo_id, ops, commit_message=commit_message or f"Forget patch: {patch.concept}")
+        info = api.create_commit(repo_id, ops, commit_message=commit_message or f"Forget patch: {one_line(patch.concept)}")
     except e.HfHubHTTPError as err:
         raise PatchforgeError(f"push to '{repo_id}' failed ({str(err).splitlines()[0][:120]}): check the repo id "
                               f"and that your token may write to it") from None
@@ -145,9 +233,15 @@ def push_patch(patch_path, repo_id: str, *, private: bool = False, token: str | 
 def pull_patch(repo_id: str, *, revision: str | None = None, weight_name: str | None = None,
                subfolder: str | None = None, token: str | None = None) -> Path:
     """Download a patch into the Hub cache (for later offline loads) and check it reads; returns the path."""
+    return _pull(repo_id, revision=revision, weight_name=weight_name, subfolder=subfolder, token=token).path
+
+
+def _pull(repo_id: str, *, revision=None, weight_name=None, subfolder=None, token=None) -> Patch:
+    check_repo_id(repo_id)
+    for value, what in ((revision, "revision"), (weight_name, "weight_name"), (subfolder, "subfolder")):
+        check_relative(value, what)
     path = _download(repo_id, weight_name or DEFAULT_WEIGHT_NAME, revision=revision, subfolder=subfolder, token=token)
-    read_patch(path)
-    return path
+    return read_patch(path)  # read once: the caller gets the checked patch, not a path to read again
 
 
 def run_push(args) -> int:
@@ -156,7 +250,7 @@ def run_push(args) -> int:
 
 
 def run_pull(args) -> int:
-    path = pull_patch(args.repo_id, revision=args.revision, weight_name=args.weight_name)
-    patch = read_patch(path)
-    print(f"{args.repo_id}: forget '{patch.concept}' ({patch.method}) for {patch.metadata.get(K_BASE_ID, '?')} -> {path}")
+    patch = _pull(args.repo_id, revision=args.revision, weight_name=args.weight_name)
+    print(f"{args.repo_id}: forget '{one_line(patch.concept)}' ({one_line(patch.method)}) for "
+          f"{one_line(patch.metadata.get(K_BASE_ID, '?'))} -> {patch.path}")
     return 0

@@ -1,11 +1,19 @@
 """Putting forget patches into diffusers pipelines, and stacking them.
 
 diffusers loads each LoRA as a PEFT adapter and then activates only the newest one (diffusers
-#10392); it keeps no record of adapter weights. So patchforge keeps its own registry of loaded
-patches (name -> weight), stored on the UNet (it travels with the component when a pipeline is
-rebuilt with from_pipe), and after every change re-activates, layer by layer: the user's own
-LoRAs that were active (their scales untouched, so whatever weights they set are kept) plus every
-patch at its registered weight.
+#10392); `pipe.set_adapters`, `load_lora_weights` and `disable_lora` switch adapters off the same
+way. The pipeline's PEFT layers are the only record of what is loaded, active and at which weight:
+patchforge reads them, and beside them keeps only where each patch came from (concept, method,
+source, content digest), on the UNet so it travels with the component into `from_pipe` pipelines.
+
+Patches fail closed: a forward pre-hook on every patched component checks, before each forward
+pass, that every patch still loaded is active; one switched off behind patchforge's back is switched
+back on with a loud warning. A patch removed with diffusers' own delete/unload calls is dropped from
+the listing with a warning.
+
+Fusing keeps a copy of the base weights it changes and unfusing puts them back, so fuse / unfuse /
+unload return the base bit for bit (PEFT alone unmerges by subtraction and drifts). A failed load
+restores the module tree and the touched weights as they were, then checks the base fingerprint.
 
 Pipelines gain methods only by explicit opt-in: `patchforge.enable(pipe)` binds the functions
 below to that one pipeline object; nothing is patched into diffusers classes.
@@ -13,16 +21,29 @@ below to that one pipeline object; nothing is patched into diffusers classes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import re
 import types
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from .backbones import for_pipe
 from .errors import PatchforgeError, PatchFormatError
-from .patch_format import COMPONENTS, LORA_METADATA_KEY, TEXT_COMPONENTS, TEXT_PREFIX, Patch, check_base, read_patch
+from .patch_format import (TEXT_COMPONENTS, TEXT_PREFIX, Patch, base_fingerprint, base_parameters, check_base,
+                           delta_norm, peft_config_kwargs, read_patch)
 
-REGISTRY_ATTR = "_patchforge_patches"
+REGISTRY_ATTR = "_patchforge_patches"  # on the denoiser: adapter name -> LoadedPatch (provenance only)
+KEPT_ATTR = "_patchforge_unfused"  # on each component while fused: module name -> base weight before the fuse
+GUARD_ATTR = "_patchforge_guard"  # on each patched component: the forward pre-hook handle
+MAX_WEIGHT = 100.0
+MAX_RELATIVE_DELTA = 10.0  # a patch may change a layer by at most 10x the layer's own norm (at weight 1)
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class PatchesSwitchedWarning(UserWarning):
+    """Forget patches were switched off or removed by something other than patchforge."""
 
 
 @dataclass
@@ -33,54 +54,55 @@ class LoadedPatch:
     weight: float
     source: str
     components: tuple[str, ...]
+    active: bool = True
+    digest: str = ""
 
 
-def _registry(pipe) -> dict[str, LoadedPatch]:
-    denoiser = for_pipe(pipe).denoiser
-    reg = getattr(denoiser, REGISTRY_ATTR, None)
+def _models(pipe) -> dict:
+    """component name -> module for the components this pipeline has; the backbone lists the denoiser first."""
+    return for_pipe(pipe).models()
+
+
+def _registry(models) -> dict[str, LoadedPatch]:
+    denoiser = next(iter(models.values()))
+    reg = denoiser.__dict__.get(REGISTRY_ATTR)
     if reg is None:
         reg = {}
-        setattr(denoiser, REGISTRY_ATTR, reg)
+        denoiser.__dict__[REGISTRY_ATTR] = reg
     return reg
 
 
-def _models(pipe):
-    for comp in COMPONENTS:
-        model = getattr(pipe, comp, None)
-        if model is not None:
-            yield comp, model
-
-
-def _tuner_layers(model):
+def _tuner_layers(model, named: bool = False):
     from peft.tuners.tuners_utils import BaseTunerLayer
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    return layers if named else [m for _, m in layers]
 
 
-def _adapters(pipe) -> set[str]:
+def _adapters(models) -> set[str]:
     names = set()
-    for _, model in _models(pipe):
+    for model in models.values():
         names.update(getattr(model, "peft_config", None) or {})
     return names
 
 
-def _active(pipe) -> dict[str, list[str]]:
+def _active(models) -> dict[str, list[str]]:
     """Active adapters per component, read from the layers (diffusers has no other record)."""
     out = {}
-    for comp, model in _models(pipe):
+    for comp, model in models.items():
         layers = _tuner_layers(model)
         if layers:
             out[comp] = list(layers[0].active_adapters)
     return out
 
 
-def _is_fused(pipe) -> bool:
-    return any(layer.merged for _, model in _models(pipe) for layer in _tuner_layers(model))
+def _is_fused(models) -> bool:
+    return any(layer.merged for model in models.values() for layer in _tuner_layers(model))
 
 
-def _activate(pipe, active_before: dict[str, list[str]]) -> None:
-    """Make active: the user's adapters that were active before, plus every patch at its weight."""
-    reg = _registry(pipe)
-    for comp, model in _models(pipe):
+def _activate(models, active_before: dict[str, list[str]]) -> None:
+    """Make active: the user's adapters that were active before, plus every patch (scales untouched)."""
+    reg = _registry(models)
+    for comp, model in models.items():
         layers = _tuner_layers(model)
         if not layers:
             continue
@@ -88,62 +110,233 @@ def _activate(pipe, active_before: dict[str, list[str]]) -> None:
         names = [n for n in active_before.get(comp, []) if n not in reg and n in present]
         names += [n for n in reg if n in present]
         for layer in layers:
+            if layer.disable_adapters:
+                layer.enable_adapters(True)
             layer.set_adapter(names)
-            for name in reg:
-                layer.set_scale(name, reg[name].weight)  # no-op in layers the patch does not touch
+
+
+def _switched_off(models, names) -> list[str]:
+    off = []
+    for model in models.values():
+        for layer in _tuner_layers(model):
+            for n in names:
+                if n in getattr(layer, "lora_A", {}) and n not in off and (layer.disable_adapters or n not in layer.active_adapters):
+                    off.append(n)
+    return off
+
+
+def _sync(models, repair: bool = True) -> dict[str, LoadedPatch]:
+    """Bring the provenance registry in line with the PEFT layers, and (repair) switch back on any
+    patch that something else switched off. Runs before every patchforge call and every forward."""
+    reg = _registry(models)
+    if not reg:
+        return reg
+    present = _adapters(models)
+    gone = [n for n in reg if n not in present]
+    for n in gone:
+        del reg[n]
+    if gone:
+        warnings.warn(f"forget patch(es) {', '.join(gone)} were removed outside patchforge (delete_adapters / "
+                      f"unload_lora_weights): they no longer apply", PatchesSwitchedWarning, stacklevel=3)
+    fused = _is_fused(models)
+    if not fused:
+        _restore_base(models)  # copies left by a fuse that diffusers (not patchforge) undid
+    if not reg:
+        _remove_guards(models)
+        return reg
+    off = [] if fused else _switched_off(models, reg)
+    if off and repair:
+        _activate(models, _active(models))
+        warnings.warn(f"forget patch(es) {', '.join(off)} had been switched off (pipe.set_adapters, load_lora_weights "
+                      f"and disable_lora keep only the adapters they name); patchforge switched them back on. Turn a "
+                      f"patch off with unload_forget_patch or set_forget_patch_weight(name, 0)",
+                      PatchesSwitchedWarning, stacklevel=3)
+    return reg
+
+
+def _install_guards(models) -> None:
+    def guard(module, args) -> None:  # returns None: a pre-hook's return value would replace the inputs
+        _sync(models)
+
+    for model in models.values():
+        if _tuner_layers(model) and model.__dict__.get(GUARD_ATTR) is None:
+            model.__dict__[GUARD_ATTR] = model.register_forward_pre_hook(guard)
+
+
+def _remove_guards(models) -> None:
+    for model in models.values():
+        handle = model.__dict__.pop(GUARD_ATTR, None)
+        if handle is not None:
+            handle.remove()
+
+
+def _peft_weight(models, entry: LoadedPatch) -> float:
+    """The weight PEFT applies to a patch, read from its first layer (set_scale stores weight * alpha / r)."""
+    for model in models.values():
+        for layer in _tuner_layers(model):
+            if entry.adapter_name in getattr(layer, "scaling", {}):
+                n = entry.adapter_name
+                base = layer.lora_alpha[n] / (math.sqrt(layer.r[n]) if layer.use_rslora.get(n) else layer.r[n])
+                # the weight patchforge set, unless someone changed the scale since (then what PEFT holds)
+                return entry.weight if entry.weight * base == layer.scaling[n] else layer.scaling[n] / base
+    return entry.weight
+
+
+def _check_weight(weight) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or \
+            abs(weight) > MAX_WEIGHT:
+        raise PatchforgeError(f"a patch weight must be a finite number between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}, "
+                              f"got {weight!r}")
+    return float(weight)
+
+
+# ----------------------------------------------------------------------------- exact fuse / unfuse
+
+def _keep_base(models) -> None:
+    """Before a fuse: copy the base weight of every layer the fuse will change."""
+    for model in models.values():
+        kept = {}
+        for name, layer in _tuner_layers(model, named=True):
+            if set(layer.active_adapters) & set(getattr(layer, "lora_A", {})):
+                kept[name] = layer.get_base_layer().weight.detach().clone()
+        if kept:
+            model.__dict__[KEPT_ATTR] = kept
+
+
+def _restore_base(models) -> None:
+    """After an unfuse: put the kept base weights back, bit for bit (PEFT's subtraction leaves ~1e-8)."""
+    import torch
+    for model in models.values():
+        kept = model.__dict__.pop(KEPT_ATTR, None)
+        if not kept:
+            continue
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for name, weight in kept.items():
+                layer = modules.get(name)
+                if layer is not None and hasattr(layer, "get_base_layer"):
+                    layer.get_base_layer().weight.copy_(weight)
+
+
+# ----------------------------------------------------------------------------- rollback
+
+class _Snapshot:
+    """Everything a load may change, to put back if it fails: every module's attributes (children,
+    parameters, buffers, hooks, PEFT bookkeeping: containers copied one level deep) and the values
+    of the base weights the patch touches."""
+
+    CONTAINERS = (dict, OrderedDict, list, set)
+
+    def __init__(self, pipe, models, patch: Patch):
+        objs = [pipe] + [m for comp in patch.components for m in models[comp].modules()]  # what a load can touch
+        self.attrs = [(o, {k: (type(v)(v) if type(v) in self.CONTAINERS else v) for k, v in vars(o).items()})
+                      for o in objs]
+        self.models, self.params = models, _base_params(models)
+        self.weights = []
+        for comp in patch.components:
+            for module in patch.modules(comp):
+                target = _target(models[comp], comp, module)
+                for p in (target.parameters(recurse=True) if target is not None else []):
+                    self.weights.append((p, p.detach().clone()))
+
+    def base_unchanged(self) -> bool:
+        """After a load: the same base parameters under the same names (no module wrapped or
+        replaced) and the touched weights bit for bit as they were."""
+        import torch
+        return _base_params(self.models) == self.params and all(torch.equal(p, saved) for p, saved in self.weights)
+
+    def restore(self) -> None:
+        import torch
+        for obj, attrs in self.attrs:
+            obj.__dict__.clear()
+            obj.__dict__.update(attrs)
+        with torch.no_grad():
+            for p, saved in self.weights:
+                p.copy_(saved)
+
+
+def _base_params(models) -> list[tuple[str, int]]:
+    return [(f"{comp}.{name}", id(p)) for comp, model in models.items() for name, p in base_parameters(model)]
+
+
+def _target(model, comp: str, module: str):
+    flat = not hasattr(model, "text_model")  # transformers >= 5 dropped the text_model wrapper
+    name = module.removeprefix(TEXT_PREFIX) if comp in TEXT_COMPONENTS and flat else module
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 # ----------------------------------------------------------------------------- public API
 
 def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None = None, *, weight_name: str | None = None,
                       subfolder: str | None = None, revision: str | None = None, strict: bool = False,
-                      token: str | None = None, cache_dir: str | None = None) -> str:
+                      token: str | None = None, cache_dir: str | None = None, allow_duplicate: bool = False) -> str:
     """Load a forget patch (file, folder or Hub repo id) into `pipe` beside what is already loaded.
 
-    Returns the adapter name. Raises PatchFormatError (bad file), BaseModelMismatch (other base
-    architecture; other checkpoint with strict=True) or PatchforgeError, leaving `pipe` unchanged."""
+    Returns the adapter name. Raises PatchFormatError (bad file), BaseModelMismatch (other or unknown
+    base architecture; other checkpoint with strict=True) or PatchforgeError (among others: the same
+    patch already loaded, unless allow_duplicate=True), leaving `pipe` unchanged."""
     from .hub import resolve_patch_file
 
+    weight = _check_weight(weight)
+    if adapter_name is not None and not (isinstance(adapter_name, str) and ADAPTER_NAME.match(adapter_name)):
+        raise PatchforgeError(f"adapter_name {str(adapter_name)[:40]!r} is not allowed: use 1-64 letters, digits, _ or -")
+    models = _models(pipe)
+    reg = _sync(models)
     path = resolve_patch_file(src, weight_name=weight_name, subfolder=subfolder, revision=revision, token=token,
                               cache_dir=cache_dir)
     patch = read_patch(path)
-    if _is_fused(pipe):
+    if _is_fused(models):
         raise PatchforgeError("the pipeline has fused LoRAs: call unfuse_forget_patches(pipe) (or pipe.unfuse_lora()) "
                               "before loading another patch")
-    warning = check_base(patch, pipe, strict=strict)
-    if warning:
-        warnings.warn(warning, stacklevel=2)
-    _check_modules(patch, pipe)
-    existing = _adapters(pipe)
+    fingerprint = base_fingerprint(pipe)
+    warning = check_base(patch, pipe, strict=strict, fingerprint=fingerprint)
+    _check_modules(patch, models)
+    twin = next((e.adapter_name for e in reg.values() if e.digest == patch.digest), None)
+    if twin and not allow_duplicate:
+        raise PatchforgeError(f"{path} is already loaded as '{twin}' (loading it again would double its strength): "
+                              f"use set_forget_patch_weight, or pass allow_duplicate=True")
+    existing = _adapters(models)
     name = adapter_name or _free_name(patch.concept, existing)
     if name in existing:
         raise PatchforgeError(f"an adapter named '{name}' is already loaded: pass another adapter_name or unload it "
                               f"first")
-    active_before = _active(pipe)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
+    active_before = _active(models)
+    snapshot = _Snapshot(pipe, models, patch)
     try:
         with _quiet():
-            _load_adapter(pipe, patch, name)
-    except Exception as err:  # undo a half-done load so the pipeline is as it was
-        if name in _adapters(pipe):
-            pipe.delete_adapters(name)
-        if not existing:
-            pipe.unload_lora_weights()
-        else:
-            _activate(pipe, active_before)
-        raise PatchFormatError(f"{path} could not be loaded into this pipeline ({str(err).splitlines()[0][:160]}): "
+            _load_adapter(pipe, models, patch, name)
+        if not snapshot.base_unchanged():
+            raise RuntimeError("the load changed the base model")
+    except Exception as err:  # put everything back so the pipeline is as it was
+        snapshot.restore()
+        if base_fingerprint(pipe) != fingerprint:
+            raise PatchforgeError(f"loading {path} failed and the pipeline could not be restored: reload the "
+                                  f"pipeline") from err
+        raise PatchFormatError(f"{path} could not be loaded into this pipeline ({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}): "
                                f"check it was made for this base model") from err
-    _registry(pipe)[name] = LoadedPatch(name, patch.concept, patch.method, float(weight), str(src),
-                                        tuple(patch.components))
-    _activate(pipe, active_before)
+    reg[name] = LoadedPatch(name, patch.concept, patch.method, weight, str(src), tuple(patch.components),
+                            digest=patch.digest)
+    for model in models.values():
+        for layer in _tuner_layers(model):
+            layer.set_scale(name, weight)  # no-op in layers the patch does not touch
+    _activate(models, active_before)
+    _install_guards(models)
     return name
 
 
-def _load_adapter(pipe, patch: Patch, name: str) -> None:
-    """Hand the already-validated tensors to diffusers' own per-component loaders, with the file's
-    LoRA metadata so rank and alpha come back exactly (not guessed from shapes)."""
-    import json
-    for_pipe(pipe).load_lora(patch.flat_state_dict(), name, json.loads(patch.metadata[LORA_METADATA_KEY]),
-                             patch.components)
+def _load_adapter(pipe, models, patch: Patch, name: str) -> None:
+    """Hand the already-validated tensors to diffusers' own per-component loaders (through the backbone),
+    with a LoRA config rebuilt by patchforge (never the file's own) so PEFT creates exactly these layers."""
+    metadata = {}
+    for comp in patch.components:
+        flat = not hasattr(models[comp], "text_model")
+        metadata.update({f"{comp}.{k}": v for k, v in peft_config_kwargs(patch, comp, flat).items()})
+    for_pipe(pipe).load_lora(patch.flat_state_dict(), name, metadata, patch.components)
 
 
 @contextlib.contextmanager
@@ -163,34 +356,37 @@ def _quiet():
         transformers.logging.enable_progress_bar()
 
 
-def _check_modules(patch: Patch, pipe) -> None:
-    """Every patched module exists in the pipeline with matching shapes (before anything is loaded)."""
+def _check_modules(patch: Patch, models) -> None:
+    """Every patched module exists in the pipeline with matching shapes, and the patch changes it by
+    a sane amount (before anything is loaded)."""
     import torch
     where = patch.path or "the patch"
     for comp in patch.components:
-        model = getattr(pipe, comp, None)
+        model = models.get(comp)
         if model is None:
             raise PatchFormatError(f"{where} has {comp} weights but this pipeline has no {comp}: load it on its "
                                    f"own base model")
-        flat = not hasattr(model, "text_model")  # transformers >= 5 dropped the text_model wrapper
         for module in patch.modules(comp):
-            name = module.removeprefix(TEXT_PREFIX) if comp in TEXT_COMPONENTS and flat else module
-            try:
-                target = model.get_submodule(name)
-            except AttributeError:
-                raise PatchFormatError(f"{where} patches {comp}.{module}, which this pipeline does not have: wrong "
-                                       f"keys, or a patch for another model") from None
+            target = _target(model, comp, module)
+            if target is None:
+                raise PatchFormatError(f"{where} patches {comp}.{module[:80]}, which this pipeline does not have: "
+                                       f"wrong keys, or a patch for another model")
             target = getattr(target, "base_layer", target)
             a = patch.state_dicts[comp][f"{module}.lora_A.weight"]
             b = patch.state_dicts[comp][f"{module}.lora_B.weight"]
             w = getattr(target, "weight", None)
-            ok = isinstance(w, torch.Tensor) and (
+            ok = isinstance(target, (torch.nn.Linear, torch.nn.Conv2d)) and isinstance(w, torch.Tensor) and (
                 (w.dim() == 2 and a.dim() == 2 and a.shape[1] == w.shape[1] and b.shape[0] == w.shape[0]) or
                 (w.dim() == 4 and a.dim() == 4 and a.shape[1] == w.shape[1] and b.shape[0] == w.shape[0]))
             if not ok:
-                raise PatchFormatError(f"{where}: LoRA shapes at {comp}.{module} (A {tuple(a.shape)}, B "
+                raise PatchFormatError(f"{where}: LoRA shapes at {comp}.{module[:80]} (A {tuple(a.shape)}, B "
                                        f"{tuple(b.shape)}) do not fit the layer {tuple(w.shape) if w is not None else '?'}:"
                                        f" a patch for another model or a damaged file")
+            limit = MAX_RELATIVE_DELTA * float(torch.linalg.vector_norm(w.detach().float()))
+            if not delta_norm(patch, comp, module) <= limit:
+                raise PatchFormatError(f"{where}: the change at {comp}.{module[:80]} is {delta_norm(patch, comp, module):.3g}"
+                                       f", over {MAX_RELATIVE_DELTA:g}x the layer's own size: the patch would break the "
+                                       f"model")
 
 
 def _free_name(concept: str, taken: set[str]) -> str:
@@ -201,74 +397,95 @@ def _free_name(concept: str, taken: set[str]) -> str:
     return name
 
 
-def _get(pipe, name: str) -> LoadedPatch:
-    reg = _registry(pipe)
+def _get(models, name: str) -> LoadedPatch:
+    reg = _sync(models)
     if name not in reg:
         loaded = ", ".join(reg) or "none"
-        raise PatchforgeError(f"no forget patch named '{name}' is loaded (loaded: {loaded}): "
+        raise PatchforgeError(f"no forget patch named '{str(name)[:64]}' is loaded (loaded: {loaded}): "
                               f"see list_forget_patches(pipe)")
     return reg[name]
 
 
 def list_forget_patches(pipe) -> list[LoadedPatch]:
-    """The loaded patches in load order, with concept, method, weight and source."""
-    return list(_registry(pipe).values())
+    """The loaded patches in load order, as the pipeline's PEFT layers have them: weight and active
+    state are read from the layers (a patch switched off behind patchforge's back is switched back
+    on first, with a warning; one deleted with diffusers is gone from the list)."""
+    models = _models(pipe)
+    reg = _sync(models)
+    off = set(_switched_off(models, reg)) if not _is_fused(models) else set()
+    return [dataclasses.replace(e, weight=_peft_weight(models, e), active=e.adapter_name not in off)
+            for e in reg.values()]
 
 
 def set_forget_patch_weight(pipe, adapter_name: str, weight: float) -> None:
     """Change one patch's weight (negative re-amplifies the concept); others are unchanged."""
-    entry = _get(pipe, adapter_name)
-    if _is_fused(pipe):
+    weight = _check_weight(weight)
+    models = _models(pipe)
+    entry = _get(models, adapter_name)
+    if _is_fused(models):
         raise PatchforgeError("the patches are fused: call unfuse_forget_patches(pipe) before changing a weight")
-    active_before = _active(pipe)
-    entry.weight = float(weight)
-    _activate(pipe, active_before)
+    entry.weight = weight
+    for model in models.values():
+        for layer in _tuner_layers(model):
+            layer.set_scale(adapter_name, weight)
 
 
 def unload_forget_patch(pipe, adapter_name: str) -> None:
     """Remove one patch; the others and the user's LoRAs stay as they were (re-fused if fused)."""
-    _get(pipe, adapter_name)
-    fused = _is_fused(pipe)
+    models = _models(pipe)
+    _get(models, adapter_name)
+    fused = _is_fused(models)
     if fused:
         unfuse_forget_patches(pipe)
-    _remove(pipe, [adapter_name])
-    if fused and _adapters(pipe):
+    _remove(pipe, models, [adapter_name])
+    if fused and _adapters(models):
         fuse_forget_patches(pipe)
 
 
 def unload_forget_patches(pipe) -> None:
     """Remove every patch. With no other LoRAs loaded, the LoRA layers go too and the pipeline
-    computes exactly what the base does."""
-    if _is_fused(pipe):
+    computes exactly what the base does, fused before or not."""
+    models = _models(pipe)
+    reg = _sync(models)
+    if _is_fused(models):
         unfuse_forget_patches(pipe)
-    _remove(pipe, list(_registry(pipe)))
+    _remove(pipe, models, list(reg))
 
 
-def _remove(pipe, names: list[str]) -> None:
-    active_before = _active(pipe)
-    reg = _registry(pipe)
+def _remove(pipe, models, names: list[str]) -> None:
+    active_before = _active(models)
+    reg = _registry(models)
     if names:
         pipe.delete_adapters(names)
     for n in names:
         reg.pop(n, None)
-    if not _adapters(pipe):
+    if not _adapters(models):
         pipe.unload_lora_weights()  # drop the wrappers: bit-identical base forward
     else:
-        _activate(pipe, active_before)
+        _activate(models, active_before)
+    if not reg:
+        _remove_guards(models)
 
 
 def fuse_forget_patches(pipe) -> None:
     """Bake the active adapters (patches at their weights, and the user's active LoRAs, which PEFT
-    would otherwise skip once a layer is merged) into the base weights, for speed."""
-    comps = [c for c, m in _models(pipe) if _tuner_layers(m)]
-    if comps and not _is_fused(pipe):
+    would otherwise skip once a layer is merged) into the base weights, for speed. The base weights
+    it changes are kept, so unfusing restores them exactly."""
+    models = _models(pipe)
+    _sync(models)
+    comps = [c for c, m in models.items() if _tuner_layers(m)]
+    if comps and not _is_fused(models):
+        _keep_base(models)
         pipe.fuse_lora(components=comps, lora_scale=1.0)
 
 
 def unfuse_forget_patches(pipe) -> None:
-    comps = [c for c, m in _models(pipe) if _tuner_layers(m)]
+    """Undo fuse_forget_patches: the kept base weights come back bit for bit."""
+    models = _models(pipe)
+    comps = [c for c, m in models.items() if _tuner_layers(m)]
     if comps:
         pipe.unfuse_lora(components=comps)
+    _restore_base(models)
 
 
 # ----------------------------------------------------------------------------- opt-in

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,18 @@ COMPONENTS = all_components()  # every family's LoRA-carrying components (patchf
 TEXT_COMPONENTS = text_components()
 TEXT_PREFIX = "text_model."  # canonical text-encoder module prefix (transformers < 5 layout)
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors itself refuses larger headers
+MAX_PATCH_BYTES = 2**30  # a rank-64 SDXL UNet + text-encoder LoRA in fp32 is ~700 MiB; forget patches are far smaller
+MAX_TENSORS = 50_000
+MAX_RANK = 4096
+MAX_ALPHA = 1e6
+MAX_DELTA_NORM = 1e4  # |scale * B @ A|_F of one module; the loader also holds it to 10x the layer's own norm
+SAMPLE_PER_TENSOR = 4096  # values per tensor in the v2 weights fingerprint
+DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+# LoRA config keys a patch file may set, and bookkeeping keys that change nothing at inference
+LORA_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora")
+LORA_IGNORED_KEYS = frozenset({"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                               "revision", "inference_mode", "lora_dropout", "fan_in_fan_out", "megatron_core",
+                               "qalora_group_size"})
 
 # patchforge.* metadata keys; every value is a string (safetensors metadata is str -> str)
 K_VERSION = "patchforge.format_version"
@@ -43,6 +56,8 @@ K_BASE_ID = "patchforge.base_model"
 K_BASE_FAMILY = "patchforge.base_family"
 K_BASE_ARCH = "patchforge.base_architecture"
 K_BASE_WEIGHTS = "patchforge.base_weights"
+K_BASE_WEIGHTS_V2 = "patchforge.base_weights_v2"
+K_BASE_REPO_ID = "patchforge.base_repo_id"  # the base's Hub repo id, only when the base came from the Hub
 K_PREDICTION = "patchforge.base_prediction_type"
 K_TARGETS = "patchforge.targets"
 K_SECONDS = "patchforge.training_seconds"
@@ -59,6 +74,7 @@ class Patch:
     lora_configs: dict[str, dict]
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
+    digest: str = ""  # SHA-256 of the tensor bytes as read (spots the same patch loaded twice)
 
     @property
     def concept(self) -> str:
@@ -102,7 +118,7 @@ def pattern_value(pattern: dict, module: str, default):
 
 # ----------------------------------------------------------------------------- base fingerprint
 
-def _params(model: torch.nn.Module):
+def base_parameters(model: torch.nn.Module):
     """Base parameters under names that do not depend on LoRA wrapping or the transformers version."""
     for name, p in model.named_parameters():
         if "lora_" in name:
@@ -113,25 +129,48 @@ def _params(model: torch.nn.Module):
 
 def base_fingerprint(pipe) -> dict[str, str]:
     """Which base a pipeline is: a readable family, a hash of its architecture (parameter names and
-    shapes of UNet and text encoders) and a hash of its weights (16 values sampled from every
-    tensor, rounded to float16 so fp32 and fp16 copies of one checkpoint agree)."""
-    arch, weights = hashlib.sha256(), hashlib.sha256()
+    shapes of UNet and text encoders) and hashes of its weights, rounded to float16 so fp32 and
+    fp16 copies of one checkpoint agree.
+
+    `base_weights_v2` hashes a strided sample of every tensor: up to SAMPLE_PER_TENSOR values, every
+    s-th element with s odd (so both halves of any alternating pattern are in it) and a starting
+    offset drawn from the tensor's own content. An edit that touches more than a sliver of a tensor
+    changes it; keeping it while changing the weights takes deliberate work (it is a guard against
+    wrong bases, not a signature). `base_weights` is the older 16-values-per-tensor hash, kept so
+    patches written before v2 still check (and for cache keys)."""
+    arch, legacy, weights = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
     for comp in COMPONENTS:
         model = getattr(pipe, comp, None)
         if model is None:
             continue
         arch.update(f"{comp}:{type(model).__name__};".encode())
-        for name, p in sorted(_params(model), key=lambda t: t[0]):
+        for name, p in sorted(base_parameters(model), key=lambda t: t[0]):
             arch.update(f"{name}{tuple(p.shape)};".encode())
             flat = p.detach().reshape(-1)
-            # integer arithmetic: a float32 linspace rounds past the end of tensors over 2^24 elements
-            k = min(16, flat.numel())
-            idx = (torch.arange(k, device=flat.device) * (flat.numel() - 1)) // max(k - 1, 1)
-            weights.update(flat[idx].to(torch.float16).cpu().numpy().tobytes())
+            legacy.update(_legacy_sample(flat))
+            weights.update(f"{name};".encode())
+            weights.update(_strided_sample(flat))
     scheduler = getattr(pipe, "scheduler", None)
     prediction = getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
     return {K_BASE_ID: _model_id(pipe), K_BASE_FAMILY: _family(pipe), K_BASE_ARCH: arch.hexdigest()[:16],
-            K_BASE_WEIGHTS: weights.hexdigest()[:16], K_PREDICTION: prediction}
+            K_BASE_WEIGHTS: legacy.hexdigest()[:16], K_BASE_WEIGHTS_V2: weights.hexdigest()[:32],
+            K_PREDICTION: prediction}
+
+
+def _legacy_sample(flat: torch.Tensor) -> bytes:
+    # integer arithmetic: a float32 linspace rounds past the end of tensors over 2^24 elements
+    k = min(16, flat.numel())
+    idx = (torch.arange(k, device=flat.device) * (flat.numel() - 1)) // max(k - 1, 1)
+    return flat[idx].to(torch.float16).cpu().numpy().tobytes()
+
+
+def _strided_sample(flat: torch.Tensor) -> bytes:
+    n = flat.numel()
+    if n <= SAMPLE_PER_TENSOR:
+        return flat.to(torch.float16).cpu().numpy().tobytes()
+    stride = -(-n // SAMPLE_PER_TENSOR) | 1  # odd
+    offset = int.from_bytes(hashlib.sha256(_legacy_sample(flat)).digest()[:8], "little") % stride
+    return flat[offset::stride].to(torch.float16).cpu().numpy().tobytes()
 
 
 def _model_id(pipe) -> str:
@@ -150,22 +189,34 @@ def model_key(pipe) -> str:
     return base_fingerprint(pipe)[K_BASE_WEIGHTS].split(":")[-1][:16]
 
 
+def one_line(text, limit: int = 80) -> str:
+    """Text from a file, safe to put in a one-line message: control characters become spaces."""
+    text = "".join(c if c.isprintable() else " " for c in str(text))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def family_of(metadata: dict[str, str]) -> str:
-    return f"{metadata.get(K_BASE_FAMILY, '?')} '{metadata.get(K_BASE_ID, '?')}'"
+    return f"{one_line(metadata.get(K_BASE_FAMILY, '?'))} '{one_line(metadata.get(K_BASE_ID, '?'))}'"
 
 
 def check_base(patch: Patch, pipe, strict: bool = False, fingerprint: dict | None = None) -> str | None:
-    """Raise BaseModelMismatch if the patch was made for another architecture; for another checkpoint
-    of the same architecture return a warning text (raise with strict=True)."""
+    """Raise BaseModelMismatch if the patch was made for another architecture (or does not say which);
+    for another checkpoint of the same architecture return a warning text (raise with strict=True)."""
     fp = fingerprint or base_fingerprint(pipe)
     md, where = patch.metadata, patch.path or "the patch"
-    if md.get(K_BASE_ARCH) and md[K_BASE_ARCH] != fp[K_BASE_ARCH]:
+    arch = md.get(K_BASE_ARCH, "")
+    if not arch:
+        raise BaseModelMismatch(f"{where} records no base architecture, so nothing says it fits this pipeline: "
+                                f"ask its author for a patch saved by patchforge")
+    if arch != fp[K_BASE_ARCH]:
         raise BaseModelMismatch(
-            f"{where} was made for {family_of(md)} (architecture {md[K_BASE_ARCH]}) but this pipeline is "
+            f"{where} was made for {family_of(md)} (architecture {one_line(arch, 20)}) but this pipeline is "
             f"{family_of(fp)} (architecture {fp[K_BASE_ARCH]}): load it on its own base model")
-    if md.get(K_BASE_WEIGHTS) and md[K_BASE_WEIGHTS] != fp[K_BASE_WEIGHTS]:
-        text = (f"{where} was made for '{md.get(K_BASE_ID, '?')}' and this pipeline ('{fp[K_BASE_ID]}') has the same "
-                f"architecture but other weights (a fine-tune?): the erasure may be weaker")
+    key = K_BASE_WEIGHTS_V2 if md.get(K_BASE_WEIGHTS_V2) else K_BASE_WEIGHTS  # patches from before v2: the old hash
+    if md.get(key) != fp[key]:
+        other = "other weights (a fine-tune?)" if md.get(key) else "weights the patch records no fingerprint of"
+        text = (f"{where} was made for '{one_line(md.get(K_BASE_ID, '?'))}' and this pipeline ('{one_line(fp[K_BASE_ID])}') "
+                f"has the same architecture but {other}: the erasure may be weaker")
         if strict:
             raise BaseModelMismatch(text + "; pass strict=False to load it anyway")
         return text
@@ -217,6 +268,10 @@ def write_patch(patch: Patch, path) -> Path:
     path = Path(path)
     if path.is_dir() or not path.suffix:
         path = path / DEFAULT_WEIGHT_NAME
+    # the written config is the allow-listed one: plain diffusers users get no PEFT option we refuse
+    patch.lora_configs = {c: clean_lora_config(patch.lora_configs[c], c, {k: (v.shape or [0])[0] for k, v in
+                                                                         patch.state_dicts[c].items()})
+                          for c in patch.components}
     validate(patch)
     md = {k: str(v) for k, v in patch.metadata.items() if not k.startswith("patchforge.") or v is not None}
     md[K_VERSION] = FORMAT_VERSION
@@ -231,102 +286,275 @@ def write_patch(patch: Patch, path) -> Path:
 
 # ----------------------------------------------------------------------------- reading
 
-def read_patch(path) -> Patch:
-    """Read and validate a patch file. Anything wrong -> PatchFormatError with what to do."""
+def read_patch(path, max_bytes: int | None = None) -> Patch:
+    """Read and validate a patch file. Anything wrong -> PatchFormatError with what to do.
+
+    The file is checked before its tensors are read: its size (at most `max_bytes`, default
+    MAX_PATCH_BYTES), the header (dtypes, shapes and byte ranges that fit the file) and the patch
+    metadata. Then the tensor bytes are read once, into one buffer the tensors share."""
     path = Path(path)
     if path.is_dir():
         path = path / DEFAULT_WEIGHT_NAME
     if not path.is_file():
         raise PatchFormatError(f"no patch file at '{path}': give the .safetensors file or the folder holding it")
-    return parse_patch(path.read_bytes(), path)
+    where, size = f"'{path}'", path.stat().st_size
+    _check_size(size, max_bytes, where)
+    with open(path, "rb") as f:
+        head = f.read(min(size, 10))
+        n = _header_length(head, size, where)
+        f.seek(8)
+        header = _parse_header(f.read(n), size - 8 - n, where)
+        layout = _layout(header, where)  # metadata, LoRA configs, ranks: all before a tensor byte is read
+        buf = bytearray(size - 8 - n)
+        if f.readinto(buf) != len(buf):
+            raise PatchFormatError(f"{where} changed while it was read: copy it again")
+    return _build(layout, buf, path, where)
 
 
-def parse_patch(data: bytes, path: Path | None = None) -> Patch:
+def parse_patch(data: bytes, path: Path | None = None, max_bytes: int | None = None) -> Patch:
+    """read_patch for bytes already in memory (same checks)."""
     where = f"'{path}'" if path else "the patch"
-    metadata, tensors = _parse_safetensors(data, where)
+    _check_size(len(data), max_bytes, where)
+    n = _header_length(data[:10], len(data), where)
+    layout = _layout(_parse_header(data[8:8 + n], len(data) - 8 - n, where), where)
+    return _build(layout, bytearray(data[8 + n:]), path, where)
+
+
+def _check_size(size: int, max_bytes: int | None, where: str) -> None:
+    limit = MAX_PATCH_BYTES if max_bytes is None else max_bytes
+    if size > limit:
+        raise PatchFormatError(f"{where} is {size / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB limit for a forget "
+                               f"patch: pass max_bytes= if you trust it")
+
+
+def _header_length(head: bytes, size: int, where: str) -> int:
+    # A safetensors file is an 8-byte header length, then the JSON header. Sniff pickles only when that
+    # does not hold: a real header length can start with 0x80 or spell "PK" (one patch in 256 did).
+    looks_safetensors = len(head) >= 10 and head[8:9] == b"{"
+    if not looks_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):  # torch.save zip / raw pickle
+        raise PatchFormatError(f"{where} is a pickle (torch.save) file; patchforge never unpickles: "
+                               f"ask for the .safetensors version")
+    if size < 10:
+        raise PatchFormatError(f"{where} is empty or truncated ({size} bytes): download or copy it again")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > min(MAX_HEADER_BYTES, size - 8):
+        raise PatchFormatError(f"{where} is truncated or not safetensors (header length {n}, file "
+                               f"{size} bytes): download or copy it again")
+    return n
+
+
+def _parse_header(raw: bytes, data_len: int, where: str) -> dict:
+    """The JSON header, checked entry by entry against the data that follows it: only float dtypes
+    a LoRA uses, shapes of at most 4 dims, byte ranges that match the shapes, tile the data exactly
+    and never overlap. Nothing is allocated from a declared size that the file does not back."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        assert isinstance(header, dict)
+        metadata = header.pop("__metadata__", None) or {}
+        assert isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    except (ValueError, UnicodeDecodeError, AssertionError, RecursionError):
+        raise PatchFormatError(f"{where} has a corrupt safetensors header: download or copy it again") from None
+    if len(header) > MAX_TENSORS:
+        raise PatchFormatError(f"{where} holds {len(header)} tensors, more than a forget patch ever has ({MAX_TENSORS})")
+    spans = []
+    for key, entry in header.items():
+        ok = isinstance(entry, dict) and isinstance(entry.get("shape"), list) and isinstance(entry.get("data_offsets"), list)
+        shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if ok else (None, None)
+        ok = ok and len(shape) <= 4 and all(type(d) is int and 0 <= d < 2**40 for d in shape) \
+            and len(offsets) == 2 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_len
+        if not ok:
+            raise PatchFormatError(f"{where} has a corrupt header entry for '{str(key)[:80]}': download or copy it again")
+        if entry.get("dtype") not in DTYPES:
+            raise PatchFormatError(f"{where} holds tensor '{key[:80]}' of dtype {str(entry.get('dtype'))[:16]}; forget "
+                                   f"patches hold F16, BF16, F32 or F64 LoRA weights")
+        if math.prod(shape) * DTYPES[entry["dtype"]].itemsize != offsets[1] - offsets[0]:
+            raise PatchFormatError(f"{where}: tensor '{key[:80]}' has shape {shape} but {offsets[1] - offsets[0]} bytes: "
+                                   f"the file is damaged, download or copy it again")
+        spans.append(offsets)
+    end = 0
+    for begin, stop in sorted(spans):
+        if begin != end:
+            raise PatchFormatError(f"{where} has overlapping or gapped tensor data: the file is damaged")
+        end = stop
+    if end != data_len:
+        raise PatchFormatError(f"{where} has {data_len - end} bytes after its tensors: truncated, padded or damaged")
+    header["__metadata__"] = metadata
+    return header
+
+
+def _patch_metadata(header: dict, where: str) -> tuple[dict[str, str], dict]:
+    metadata = header["__metadata__"]
     if K_VERSION not in metadata:
         raise PatchFormatError(f"{where} is a safetensors file but not a forget patch (no patchforge metadata): "
                                f"load ordinary LoRAs with pipe.load_lora_weights")
     if metadata[K_VERSION] != FORMAT_VERSION:
-        raise PatchFormatError(f"{where} has patch format {metadata[K_VERSION]!r}, this patchforge reads "
+        raise PatchFormatError(f"{where} has patch format {metadata[K_VERSION][:16]!r}, this patchforge reads "
                                f"{FORMAT_VERSION!r}: upgrade patchforge")
     try:
         lora_md = json.loads(metadata.get(LORA_METADATA_KEY) or "{}")
         assert isinstance(lora_md, dict)
-    except (ValueError, AssertionError):
+    except (ValueError, AssertionError, RecursionError):
         raise PatchFormatError(f"{where} has unreadable '{LORA_METADATA_KEY}' metadata: re-save the patch") from None
-    state_dicts: dict[str, dict] = {}
-    for key, value in tensors.items():
+    return metadata, lora_md
+
+
+def _layout(header: dict, where: str) -> tuple[dict, dict, dict]:
+    """From the header alone: metadata, header entries per component, allow-listed LoRA configs."""
+    metadata, lora_md = _patch_metadata(header, where)
+    entries: dict[str, dict] = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
         comp, _, rest = key.partition(".")
         if comp not in COMPONENTS or not rest:
-            raise PatchFormatError(f"{where} has tensor '{key}' outside {'/'.join(COMPONENTS)}: "
+            raise PatchFormatError(f"{where} has tensor '{one_line(key)}' outside {'/'.join(COMPONENTS)}: "
                                    f"not a forget patch, or a damaged one")
-        state_dicts.setdefault(comp, {})[rest] = value
+        entries.setdefault(comp, {})[rest] = entry
     configs = {}
-    for comp in state_dicts:
+    for comp, sd in entries.items():
         cfg = {k.removeprefix(comp + "."): v for k, v in lora_md.items() if k.startswith(comp + ".")}
         if not cfg:
             raise PatchFormatError(f"{where} has {comp} weights but no LoRA config for them in "
                                    f"'{LORA_METADATA_KEY}': re-save the patch with patchforge")
-        configs[comp] = cfg
-    patch = Patch(state_dicts, configs, metadata, path)
+        ranks = {k: (e["shape"] or [0])[0] for k, e in sd.items()}
+        configs[comp] = clean_lora_config(cfg, comp, ranks, where)
+    return metadata, entries, configs
+
+
+def _build(layout: tuple[dict, dict, dict], buf: bytearray, path, where: str) -> Patch:
+    metadata, entries, configs = layout
+    # views into the one buffer: little-endian data as safetensors stores it (a copy only when misaligned)
+    data = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+    state_dicts = {}
+    for comp, sd in entries.items():
+        state_dicts[comp] = {}
+        for key, entry in sd.items():
+            begin, stop = entry["data_offsets"]
+            dtype = DTYPES[entry["dtype"]]
+            raw = data[begin:stop]
+            if begin % dtype.itemsize:
+                raw = raw.clone()
+            state_dicts[comp][key] = raw.view(dtype).reshape(entry["shape"])
+    patch = Patch(state_dicts, configs, metadata, Path(path) if path else None, hashlib.sha256(buf).hexdigest())
     validate(patch, where)
     return patch
 
 
-def _parse_safetensors(data: bytes, where: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    import safetensors.torch
+# ----------------------------------------------------------------------------- LoRA configs from files
 
-    # A safetensors file is an 8-byte header length, then the JSON header. Sniff pickles only when that
-    # does not hold: a real header length can start with 0x80 or spell "PK" (one patch in 256 did).
-    looks_safetensors = len(data) >= 10 and data[8:9] == b"{"
-    if not looks_safetensors and (data[:2] == b"PK" or data[:1] == b"\x80"):  # torch.save zip / raw pickle
-        raise PatchFormatError(f"{where} is a pickle (torch.save) file; patchforge never unpickles: "
-                               f"ask for the .safetensors version")
-    if len(data) < 10:
-        raise PatchFormatError(f"{where} is empty or truncated ({len(data)} bytes): download or copy it again")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > min(MAX_HEADER_BYTES, len(data) - 8):
-        raise PatchFormatError(f"{where} is truncated or not safetensors (header length {n}, file "
-                               f"{len(data)} bytes): download or copy it again")
-    try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-        assert isinstance(header, dict)
-        metadata = header.get("__metadata__") or {}
-        assert isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    except (ValueError, UnicodeDecodeError, AssertionError):
-        raise PatchFormatError(f"{where} has a corrupt safetensors header: download or copy it again") from None
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as err:  # SafetensorError, ValueError, ...: all mean a damaged file
-        msg = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        raise PatchFormatError(f"{where} is corrupt or truncated ({msg}): download or copy it again") from None
-    return metadata, tensors
+def clean_lora_config(raw: dict, comp: str, ranks: dict, where: str = "the patch") -> dict:
+    """The LoRA config a file may carry, rebuilt from an allow-list.
+
+    A config from a file is code-like input: PEFT runs `init_lora_weights` ("pissa", "olora", ...
+    rewrite the base weights in place), `modules_to_save` wraps base modules, DoRA, biases and
+    layer replication change what the adapter computes. Only r, lora_alpha, target_modules,
+    rank_pattern, alpha_pattern and use_rslora are kept; bookkeeping keys are dropped; any other
+    key with a non-default value is refused. The declared ranks must equal the tensors' ranks."""
+    cfg = {}
+    for key, value in raw.items():
+        if key in LORA_KEYS:
+            cfg[key] = value
+        elif key == "init_lora_weights":
+            if value not in (True, False, "gaussian"):
+                raise PatchFormatError(f"{where}: {comp} init_lora_weights={str(value)[:20]!r} would rewrite the base "
+                                       f"model's weights; forget patches are plain LoRA")
+        elif key not in LORA_IGNORED_KEYS and value not in (None, False, "none", [], {}, ""):
+            raise PatchFormatError(f"{where}: {comp} LoRA option '{key[:40]}' = {str(value)[:40]!r} is not allowed in a "
+                                   f"forget patch (plain LoRA only: no DoRA, biases, modules_to_save, layer selection)")
+    if not _is_count(cfg.get("r", 8)):
+        raise PatchFormatError(f"{where}: {comp} rank r={str(cfg.get('r'))[:20]!r} is not a positive integer")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) for k in pattern):
+            raise PatchFormatError(f"{where}: {comp} {key} is not a mapping of module names")
+        cfg[key] = pattern
+    if not all(_is_count(v) for v in cfg["rank_pattern"].values()):
+        raise PatchFormatError(f"{where}: {comp} rank_pattern holds a rank that is not a positive integer")
+    alphas = [cfg.get("lora_alpha", cfg.get("r", 8)), *cfg["alpha_pattern"].values()]
+    if not all(_is_real(a) and abs(a) <= MAX_ALPHA for a in alphas):
+        raise PatchFormatError(f"{where}: {comp} lora_alpha / alpha_pattern must be finite numbers of at most "
+                               f"{MAX_ALPHA:g} in size")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise PatchFormatError(f"{where}: {comp} use_rslora is not true/false")
+    targets = cfg.get("target_modules")
+    if targets is not None and not (isinstance(targets, str) or
+                                    (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise PatchFormatError(f"{where}: {comp} target_modules is not a list of module names")
+    # ranks: {tensor key: first dimension} (from the header when reading, from the tensors when writing)
+    for key, rank in ranks.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            declared = pattern_value(cfg["rank_pattern"], module, cfg.get("r", 8))
+            if declared != rank:
+                raise PatchFormatError(f"{where}: {comp}.{one_line(module)} declares rank {declared} but its tensors have "
+                                       f"rank {rank}: the file is damaged or forged")
+    return cfg
+
+
+def _is_count(v) -> bool:
+    return type(v) is int and 1 <= v <= MAX_RANK
+
+
+def _is_real(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def peft_config_kwargs(patch: Patch, comp: str, flat_text: bool) -> dict:
+    """The LoraConfig keyword arguments handed to diffusers/PEFT: exact module names as targets,
+    each module's scale folded into its alpha (no rsLoRA, no regex patterns from the file), and
+    init_lora_weights=False so PEFT never touches the base weights."""
+    modules = patch.modules(comp)
+    names = {m: (m.removeprefix(TEXT_PREFIX) if comp in TEXT_COMPONENTS and flat_text else m) for m in modules}
+    ranks = {m: patch.state_dicts[comp][f"{m}.lora_A.weight"].shape[0] for m in modules}
+    alphas = {m: patch.scale(comp, m) * ranks[m] for m in modules}
+    r0, a0 = ranks[modules[0]], alphas[modules[0]]
+    # PEFT matches pattern keys as regexes: escape the exact names
+    # one anchored alternation of the exact names: PEFT full-matches a string once per module (a long
+    # list costs it a suffix search per module and per name)
+    targets = "^(?:" + "|".join(re.escape(n) for n in sorted(names.values())) + ")$"
+    return {"r": r0, "lora_alpha": a0, "target_modules": targets,
+            "rank_pattern": {re.escape(names[m]): ranks[m] for m in modules if ranks[m] != r0},
+            "alpha_pattern": {re.escape(names[m]): alphas[m] for m in modules if alphas[m] != a0},
+            "use_rslora": False, "init_lora_weights": False}
 
 
 def validate(patch: Patch, where: str = "the patch") -> None:
-    """Every module has a matching lora_A / lora_B pair of float tensors with consistent ranks."""
+    """Every module has a matching lora_A / lora_B pair of float tensors with consistent ranks, finite
+    values, and a weight change |scale * B @ A| that is finite and not absurdly large."""
     if not patch.components:
         raise PatchFormatError(f"{where} holds no LoRA weights: re-train or re-save it")
     for comp in patch.components:
         sd = patch.state_dicts[comp]
         for key in sd:
             if not (key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight")):
-                raise PatchFormatError(f"{where} has unexpected tensor '{comp}.{key}' (only PEFT lora_A/lora_B "
+                raise PatchFormatError(f"{where} has unexpected tensor '{comp}.{one_line(key)}' (only PEFT lora_A/lora_B "
                                        f"weights allowed; DoRA and biases are not supported)")
         for module in patch.modules(comp):
             a, b = sd.get(f"{module}.lora_A.weight"), sd.get(f"{module}.lora_B.weight")
             if a is None or b is None:
                 raise PatchFormatError(f"{where} lacks the lora_{'A' if a is None else 'B'} weight of "
-                                       f"{comp}.{module}: the file is incomplete, re-save it")
-            if not (a.is_floating_point() and b.is_floating_point()) or a.dim() not in (2, 4) or b.dim() != a.dim() \
-                    or a.shape[0] != b.shape[1] or a.shape[0] == 0 or (a.dim() == 4 and b.shape[2:] != (1, 1)):
-                raise PatchFormatError(f"{where} has inconsistent LoRA shapes at {comp}.{module} (A {tuple(a.shape)},"
-                                       f" B {tuple(b.shape)} {a.dtype}): the file is damaged, re-save it")
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise PatchFormatError(f"{where} has NaN/inf weights at {comp}.{module}: the training diverged")
-        if patch.lora_configs.get(comp, {}).get("use_dora"):
-            raise PatchFormatError(f"{where} is a DoRA adapter; forget patches are plain LoRA")
+                                       f"{comp}.{one_line(module)}: the file is incomplete, re-save it")
+            if a.dtype not in DTYPES.values() or b.dtype not in DTYPES.values() or a.dim() not in (2, 4) \
+                    or b.dim() != a.dim() or a.shape[0] != b.shape[1] or a.shape[0] == 0 or 0 in a.shape or \
+                    0 in b.shape or (a.dim() == 4 and b.shape[2:] != (1, 1)):
+                raise PatchFormatError(f"{where} has inconsistent LoRA shapes at {comp}.{one_line(module)} (A "
+                                       f"{tuple(a.shape)}, B {tuple(b.shape)} {a.dtype}): the file is damaged, re-save it")
+            norm = delta_norm(patch, comp, module)  # NaN/inf anywhere in A or B make it NaN/inf
+            if not math.isfinite(norm):
+                raise PatchFormatError(f"{where} has NaN/inf weights at {comp}.{one_line(module)}: the training diverged")
+            if norm > MAX_DELTA_NORM:
+                raise PatchFormatError(f"{where}: the weight change at {comp}.{one_line(module)} has norm {norm:.3g} "
+                                       f"(limit {MAX_DELTA_NORM:g}): the patch would break the model")
+
+
+def delta_norm(patch: Patch, comp: str, module: str) -> float:
+    """Frobenius norm of scale * B @ A without forming it: |BA|^2 = sum((B^T B) * (A A^T)), r x r.
+    float32 (no copy of fp32 tensors); a NaN or inf anywhere in A or B gives NaN or inf."""
+    sd = patch.state_dicts[comp]
+    a = sd[f"{module}.lora_A.weight"].float().flatten(1)
+    b = sd[f"{module}.lora_B.weight"].float().flatten(1)
+    sq = float(((b.T @ b).double() * (a @ a.T).double()).sum())
+    return abs(patch.scale(comp, module)) * math.sqrt(max(sq, 0.0)) if math.isfinite(sq) else math.inf
 
 
 # ----------------------------------------------------------------------------- merging
@@ -341,6 +569,8 @@ def merge_patches(patches: list[Patch], weights: list[float] | None = None) -> P
     if not patches:
         raise PatchforgeError("nothing to merge: give at least one patch")
     weights = [1.0] * len(patches) if weights is None else [float(w) for w in weights]
+    if not all(math.isfinite(w) for w in weights):
+        raise PatchforgeError(f"merge weights must be finite numbers, got {weights}")
     if len(weights) != len(patches):
         raise PatchforgeError(f"{len(weights)} weights for {len(patches)} patches: give one weight per patch")
     arches = {p.metadata.get(K_BASE_ARCH) for p in patches}
@@ -358,6 +588,12 @@ def merge_patches(patches: list[Patch], weights: list[float] | None = None) -> P
         modules = sorted({m for p, _ in members for m in p.modules(comp)})
         sd = {}
         for module in modules:
+            shapes = {(p.state_dicts[comp][f"{module}.lora_A.weight"].shape[1:],
+                       p.state_dicts[comp][f"{module}.lora_B.weight"].shape[0]) for p, _ in members
+                      if f"{module}.lora_A.weight" in p.state_dicts[comp]}
+            if len(shapes) > 1:
+                raise PatchforgeError(f"the patches disagree on the shape of {comp}.{one_line(module)}: they were made "
+                                      f"for different models and cannot be merged")
             # the module's shapes from any patch that has it; zero blocks where a patch is absent
             a0, b0 = next((p.state_dicts[comp][f"{module}.lora_A.weight"], p.state_dicts[comp][f"{module}.lora_B.weight"])
                           for p, _ in members if f"{module}.lora_A.weight" in p.state_dicts[comp])

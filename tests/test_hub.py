@@ -5,23 +5,11 @@ import pytest
 import torch
 from huggingface_hub import constants
 
-from fake_hub import FakeHub, seed_cache
+from fake_hub import seed_cache
 from patchforge import cli, hub
 from patchforge import loading as pf
 from patchforge.errors import PatchforgeError
 from tiny_pipelines import BUILDERS, cached_patches, run
-
-
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    with FakeHub() as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            server.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-        monkeypatch.setenv("HF_TOKEN", "hf_fake")
-        yield server
 
 
 def test_push_pull_load(fake_hub, tmp_path, capsys):
@@ -66,7 +54,6 @@ def test_offline_load_from_seeded_cache(monkeypatch, tmp_path):
 def test_model_card_eval_table():
     from patchforge.patch_format import read_patch
     p = read_patch(cached_patches("sd1")[0])
-    p.metadata["patchforge.eval"] = ('{"efficacy": {"before": 0.9, "after": 0.05}, '
-                                     '"fid": {"before": 10.0, "after": 11.5}}')
+    p.metadata["patchforge.eval"] = '{"efficacy": {"before": 0.9, "after": 0.05}, "fid": {"before": 10.0, "after": 11.5}}'
     card = hub.model_card(p, "me/x", image="before_after.png")
     assert "| efficacy | 0.9 | 0.05 |" in card and "![before and after](before_after.png)" in card

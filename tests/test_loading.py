@@ -147,5 +147,6 @@ def test_sources_folder_and_weight_name(tmp_path):
     shutil.copy(p1, tmp_path / "sub" / "other.safetensors")
     pipe = BUILDERS["sd1"]()
     patchforge.load_forget_patch(pipe, tmp_path, subfolder="sub")
-    patchforge.load_forget_patch(pipe, tmp_path / "sub", weight_name="other.safetensors", adapter_name="b")
+    patchforge.load_forget_patch(pipe, tmp_path / "sub", weight_name="other.safetensors", adapter_name="b",
+                                allow_duplicate=True)  # the same file twice: refused unless asked
     assert len(patchforge.list_forget_patches(pipe)) == 2

@@ -120,9 +120,8 @@ def test_bad_files_each_give_one_clear_line(tmp_path):
     # a patch whose modules the pipeline lacks: refused before anything is loaded
     pipe = BUILDERS["sd1"]()
     before = run(pipe)
-    odd = dict(md)
-    odd.pop("patchforge.base_architecture")
-    fake = _write(tmp_path / "odd.safetensors", tensors, {**odd, "lora_adapter_metadata": json.dumps({"unet.r": 2})})
+    # (same architecture recorded: a patch that records none is refused as a base mismatch, see test_security)
+    fake = _write(tmp_path / "odd.safetensors", tensors, {**md, "lora_adapter_metadata": json.dumps({"unet.r": 2})})
     with pytest.raises(PatchFormatError, match="does not have"):
         pf.load_forget_patch(pipe, fake)
     assert torch.equal(run(pipe), before) and pipe.get_list_adapters() == {}

@@ -144,7 +144,8 @@ class SDUNet:
 
     # ---- patches
     def load_lora(self, state_dict: dict, adapter_name: str, metadata: dict, components) -> None:
-        """Hand a patch's flat state dict to diffusers' own per-component loaders."""
+        """Hand a patch's flat state dict to diffusers' own per-component loaders; `metadata`: the LoRA
+        config per component ("unet.r", ...), as patchforge rebuilt it."""
         pipe = self.pipe
         if self.denoiser_name in components:
             pipe.load_lora_into_unet(state_dict, network_alphas=None, unet=pipe.unet, adapter_name=adapter_name,
@@ -152,5 +153,5 @@ class SDUNet:
         for comp in self.components[1:]:
             if comp in components:
                 pipe.load_lora_into_text_encoder(state_dict, network_alphas=None, text_encoder=getattr(pipe, comp),
-                                                 prefix=comp, lora_scale=getattr(pipe, "lora_scale", 1.0),
-                                                 adapter_name=adapter_name, metadata=metadata, _pipeline=pipe)
+                                                 prefix=comp, lora_scale=1.0, adapter_name=adapter_name,
+                                                 metadata=metadata, _pipeline=pipe)

@@ -1,0 +1,496 @@
+"""A patch from a stranger must not harm the pipeline, and stacking fails closed.
+
+Every case here was once a working attack or a traceback: a LoRA config that rewrites the base
+weights, a lying rank, NaN scales, a user LoRA that silently switches patches off, a fingerprint
+fooled by negating half the weights, path traversal through `revision`, model-card injection, a
+fuse/unfuse drift. Each must give a one-line error (or work as documented) and leave the pipeline
+bit for bit as it was, fingerprint included. The same cases seed the fuzz test in test_fuzz.py."""
+import hashlib
+import json
+import math
+import os
+import re
+import time
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+from huggingface_hub import constants
+
+from patchforge import cli, hub
+from patchforge import loading as pf
+from patchforge import patch_format as fmt
+from patchforge.errors import BaseModelMismatch, PatchforgeError, PatchFormatError
+from patchforge.loading import PatchesSwitchedWarning
+from tiny_pipelines import cached_patches, run, tiny_sd1
+
+
+# ----------------------------------------------------------------------------- helpers (also used by test_fuzz)
+
+def pipeline_state(pipe) -> tuple:
+    """Everything 'bit for bit' means: module tree, every parameter and buffer's bytes, fingerprint."""
+    h = hashlib.sha256()
+    for comp in ("unet", "text_encoder", "vae"):
+        model = getattr(pipe, comp)
+        for name, module in model.named_modules():
+            h.update(f"{name}:{type(module).__name__};".encode())
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            h.update(name.encode())
+            h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest(), tuple(sorted(fmt.base_fingerprint(pipe).items()))
+
+
+def forge(folder, name, lora=None, meta=None, tensors=None, good=None):
+    """A copy of a good sd1 patch with its LoRA config, metadata or tensors changed by hand (written
+    with safetensors directly, so nothing of patchforge's writer cleans it)."""
+    good = good or cached_patches("sd1")[0]
+    sd = safetensors.torch.load_file(str(good))
+    with safetensors.safe_open(str(good), "pt") as f:
+        md = dict(f.metadata())
+    lora_md = json.loads(md["lora_adapter_metadata"])
+    for key, value in (lora or {}).items():
+        lora_md[key if "." in key else f"unet.{key}"] = value
+    md["lora_adapter_metadata"] = json.dumps(lora_md)
+    for key, value in (meta or {}).items():
+        if value is None:
+            md.pop(key, None)
+        else:
+            md[key] = value
+    if tensors:
+        sd = tensors(sd)
+    path = folder / f"{name}.safetensors"
+    safetensors.torch.save_file(sd, str(path), metadata=md)
+    return path
+
+
+def _scale_b(factor):
+    return lambda sd: {k: v * factor if "lora_B" in k else v for k, v in sd.items()}
+
+
+def _to_float8(sd):
+    return {k: v.to(torch.float8_e4m3fn) for k, v in sd.items()}
+
+
+NAN, INF = float("nan"), float("inf")
+# name -> (forge arguments, must it be refused?)
+REPRODUCTIONS = {
+    # 1: a config that rewrites the base, or wraps / reshapes it
+    "init-pissa": ({"lora": {"init_lora_weights": "pissa"}}, True),
+    "init-olora": ({"lora": {"init_lora_weights": "olora"}}, True),
+    "init-corda": ({"lora": {"init_lora_weights": "corda"}}, True),
+    "init-loftq": ({"lora": {"init_lora_weights": "loftq"}}, True),
+    "layers-to-transform": ({"lora": {"layers_to_transform": [0]}}, True),
+    "exclude-modules": ({"lora": {"exclude_modules": ["to_q"]}}, True),
+    "dora": ({"lora": {"use_dora": True}}, True),
+    "lora-bias": ({"lora": {"lora_bias": True}}, True),
+    "bias-all": ({"lora": {"bias": "all"}}, True),
+    "layer-replication": ({"lora": {"layer_replication": [[0, 1]]}}, True),
+    "unknown-option": ({"lora": {"future_option": {"x": 1}}}, True),
+    # 2: wraps a base module
+    "modules-to-save": ({"lora": {"modules_to_save": ["conv_in"]}}, True),
+    # 4: NaN / inf / huge scales and weights
+    "alpha-nan": ({"lora": {"lora_alpha": NAN}}, True),
+    "alpha-inf": ({"lora": {"lora_alpha": INF}}, True),
+    "alpha-1e38": ({"lora": {"lora_alpha": 1e38}}, True),
+    "alpha-pattern-nan": ({"lora": {"alpha_pattern": {"to_q": NAN}}}, True),
+    "huge-AB": ({"tensors": _scale_b(1e6)}, True),
+    "big-AB": ({"tensors": _scale_b(300.0)}, True),  # finite and under the absolute cap, 10x over the layer
+    # 5: a lying rank
+    "rank-1e6": ({"lora": {"r": 1_000_000}}, True),
+    "rank-pattern-lie": ({"lora": {"rank_pattern": {"to_q": 64}}}, True),
+    # 8: configs merge/export used to trip over
+    "rank-0": ({"lora": {"r": 0}}, True),
+    "rank-string": ({"lora": {"r": "4"}}, True),
+    "rank-bool": ({"lora": {"r": True}}, True),
+    "alpha-string": ({"lora": {"lora_alpha": "2"}}, True),
+    "float8": ({"tensors": _to_float8}, True),
+    "config-not-a-dict": ({"meta": {"lora_adapter_metadata": "[1, 2]"}}, True),
+    # 11: no architecture recorded
+    "arch-empty": ({"meta": {"patchforge.base_architecture": ""}}, True),
+    "arch-missing": ({"meta": {"patchforge.base_architecture": None}}, True),
+    # harmless oddities that must simply load
+    "init-gaussian": ({"lora": {"init_lora_weights": "gaussian"}}, False),
+    "regex-targets": ({"lora": {"target_modules": "(a+)+$"}}, False),
+    "dropout": ({"lora": {"lora_dropout": 0.5}}, False),
+    "newline-metadata": ({"meta": {"patchforge.concept": "cat\n\x1b[31mred", "patchforge.base_repo_id": "x\ny"}}, False),
+}
+
+
+def check_one_line(err):
+    msg = str(err)
+    assert msg and "\n" not in msg and "\r" not in msg, msg
+
+
+# ----------------------------------------------------------------------------- 1, 2, 4, 5, 8, 11: forged files
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd1()
+
+
+@pytest.mark.parametrize("case", sorted(REPRODUCTIONS))
+def test_reproductions_fail_closed(case, pipe, tmp_path):
+    args, refused = REPRODUCTIONS[case]
+    path = forge(tmp_path, case, **args)
+    before, out = pipeline_state(pipe), run(pipe)
+    t0 = time.perf_counter()
+    if refused:
+        with pytest.raises(PatchforgeError) as err:
+            pf.load_forget_patch(pipe, path)
+        check_one_line(err.value)
+    else:
+        pf.load_forget_patch(pipe, path)
+        pf.unload_forget_patches(pipe)
+    assert time.perf_counter() - t0 < 10  # a lying rank used to allocate for minutes
+    assert pipeline_state(pipe) == before and torch.equal(run(pipe), out)
+    assert pf.list_forget_patches(pipe) == [] and pipe.get_list_adapters() == {}
+
+
+def test_after_a_failed_load_valid_patches_still_load(pipe, tmp_path):
+    """The rollback restores the module tree, not just the adapter names: a failure deep inside
+    diffusers (here: the text-encoder half of a load, after the UNet half went in) leaves nothing."""
+    good = cached_patches("sd1")[0]
+    before = pipeline_state(pipe)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    pipe.load_lora_into_text_encoder = broken
+    try:
+        with pytest.raises(PatchFormatError, match="disk on fire") as err:
+            pf.load_forget_patch(pipe, good)
+    finally:
+        del pipe.load_lora_into_text_encoder
+    check_one_line(err.value)
+    assert pipeline_state(pipe) == before
+    name = pf.load_forget_patch(pipe, good, strict=True)  # the fingerprint still matches
+    pf.unload_forget_patch(pipe, name)
+    assert pipeline_state(pipe) == before
+
+
+def test_a_wrapper_slipped_past_the_allow_list_is_undone(pipe, monkeypatch):
+    """Defence in depth: if a config option that wraps base modules ever reached PEFT, the load is
+    undone (base parameters renamed -> rollback) and later patches still load."""
+    good = cached_patches("sd1")[0]
+    before = pipeline_state(pipe)
+    real = pf.peft_config_kwargs
+    monkeypatch.setattr(pf, "peft_config_kwargs", lambda *a: {**real(*a), "modules_to_save": ["conv_in"]})
+    with pytest.raises(PatchforgeError) as err:
+        pf.load_forget_patch(pipe, good)
+    check_one_line(err.value)
+    assert pipeline_state(pipe) == before
+    monkeypatch.setattr(pf, "peft_config_kwargs", real)
+    name = pf.load_forget_patch(pipe, good, strict=True)
+    pf.unload_forget_patch(pipe, name)
+    assert pipeline_state(pipe) == before
+
+
+def test_bad_weights_refused_before_anything_loads(pipe, tmp_path):
+    good = cached_patches("sd1")[0]
+    before = pipeline_state(pipe)
+    for weight in (NAN, INF, -INF, 1e38, "1"):
+        with pytest.raises(PatchforgeError, match="finite number"):
+            pf.load_forget_patch(pipe, good, weight=weight)
+    name = pf.load_forget_patch(pipe, good)
+    with pytest.raises(PatchforgeError, match="finite number"):
+        pf.set_forget_patch_weight(pipe, name, NAN)
+    pf.unload_forget_patches(pipe)
+    with pytest.raises(PatchforgeError, match="not allowed"):
+        pf.load_forget_patch(pipe, good, adapter_name="a.b")
+    assert pipeline_state(pipe) == before
+
+
+def test_generate_refuses_nan_before_loading_a_model(tmp_path, capsys):
+    out, nope = tmp_path / "x.png", str(tmp_path / "nope")
+    for args in (["--weight", "nan", "--patch", "p"], ["--guidance", "nan"], ["--steps", "0"]):
+        with pytest.raises(SystemExit) as exit_:  # refused while parsing: no model is loaded
+            cli.main(["generate", "a cat", "-o", str(out), "--model", nope, *args])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "finite" in err or "at least 1" in err, err
+    assert cli.main(["generate", "a cat", "-o", str(out), "--model", nope, "--patch", "p", "--weight", "1",
+                     "--weight", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "2 --weight values" in err and err.count("\n") == 1, err  # checked before the (missing) model
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- 3: stacking fails closed
+
+def test_user_lora_never_silently_switches_a_patch_off():
+    pipe = tiny_sd1()
+    patch, user = cached_patches("sd1")[0], cached_patches("sd1")[1]
+    name = pf.load_forget_patch(pipe, patch)
+
+    pipe.load_lora_weights(str(user), adapter_name="mine")  # diffusers now has only "mine" active
+    with pytest.warns(PatchesSwitchedWarning, match=name):
+        both = run(pipe)  # the guard switched the patch back on before the forward pass
+    assert sorted(pipe.get_active_adapters()) == sorted([name, "mine"])
+    pipe.set_adapters([name, "mine"], [1.0, 1.0])
+    assert torch.allclose(run(pipe), both, atol=1e-6)  # (another summation order: float error only)
+
+    pipe.set_adapters(["mine"])  # the documented diffusers way to pick adapters
+    with pytest.warns(PatchesSwitchedWarning):
+        listed = pf.list_forget_patches(pipe)
+    assert [(p.adapter_name, p.weight, p.active) for p in listed] == [(name, 1.0, True)]
+    assert torch.allclose(run(pipe), both, atol=1e-6)
+
+    pipe.set_adapters([name, "mine"], [0.4, 1.0])  # a weight set through diffusers is what the listing shows
+    assert pf.list_forget_patches(pipe)[0].weight == pytest.approx(0.4)
+
+    pipe.disable_lora()
+    with pytest.warns(PatchesSwitchedWarning):
+        run(pipe)
+    assert name in pipe.get_active_adapters()
+
+    pipe.delete_adapters(name)  # removed through diffusers: the listing follows the pipeline, loudly
+    with pytest.warns(PatchesSwitchedWarning, match="removed outside"):
+        assert pf.list_forget_patches(pipe) == []
+    name = pf.load_forget_patch(pipe, patch)
+    pipe.unload_lora_weights()
+    with pytest.warns(PatchesSwitchedWarning, match="removed outside"):
+        assert pf.list_forget_patches(pipe) == []
+    with pytest.raises(PatchforgeError, match="no forget patch named"):
+        pf.set_forget_patch_weight(pipe, name, 0.5)
+    base = run(tiny_sd1())
+    assert torch.equal(run(pipe), base)
+    pf.load_forget_patch(pipe, patch)
+    pipe.unload_lora_weights()  # this time the guard notices during the forward pass itself
+    with pytest.warns(PatchesSwitchedWarning, match="removed outside"):
+        assert torch.equal(run(pipe), base)
+    assert pf.list_forget_patches(pipe) == []
+
+
+# ----------------------------------------------------------------------------- 10: exact unload after fuse
+
+def test_fuse_unfuse_unload_cycles_are_bit_exact():
+    pipe = tiny_sd1()
+    patches = cached_patches("sd1")[:2]  # random A and B (a zero B would test nothing), UNet + text encoder
+    base_state, base_out = pipeline_state(pipe), run(pipe)
+    for cycle in range(12):  # (200 cycles: benchmarks/bench_security.py cycles)
+        names = [pf.load_forget_patch(pipe, p, weight=0.5 + 0.1 * i) for i, p in enumerate(patches)]
+        pf.set_forget_patch_weight(pipe, names[0], -0.3 + 0.05 * cycle)
+        pf.fuse_forget_patches(pipe)
+        pf.unfuse_forget_patches(pipe)
+        pf.unload_forget_patches(pipe)
+        assert pipeline_state(pipe) == base_state, cycle
+    assert torch.equal(run(pipe), base_out)
+    # control: PEFT's own unfuse (a subtraction) does move the base, so the test above can fail
+    pipe.load_lora_weights(str(patches[0]), adapter_name="x")
+    pipe.fuse_lora()
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    assert pipeline_state(pipe) != base_state
+
+
+def test_unfuse_through_diffusers_is_made_exact_too():
+    pipe = tiny_sd1()
+    base = pipeline_state(pipe)
+    pf.load_forget_patch(pipe, cached_patches("sd1")[0])
+    pf.fuse_forget_patches(pipe)
+    pipe.unfuse_lora()  # diffusers' own unfuse; the kept copy is put back at the next patchforge step
+    pf.unload_forget_patches(pipe)
+    assert pipeline_state(pipe) == base
+
+
+# ----------------------------------------------------------------------------- 11: fingerprint
+
+def test_fingerprint_sees_half_the_weights_negated():
+    """The old fingerprint hashed 16 values per tensor: negate every other weight, keep those 16,
+    and a strict load passed. The v2 hash samples every s-th value (s odd) from a content-derived
+    offset, so it sees the change."""
+    pipe, forged = tiny_sd1(), tiny_sd1()
+    with torch.no_grad():
+        for _, p in fmt.base_parameters(forged.unet):
+            flat = p.view(-1)
+            k = min(16, flat.numel())
+            idx = (torch.arange(k) * (flat.numel() - 1)) // max(k - 1, 1)
+            kept = flat[idx].clone()
+            flat[1::2] *= -1
+            flat[idx] = kept
+    a, b = fmt.base_fingerprint(pipe), fmt.base_fingerprint(forged)
+    assert a[fmt.K_BASE_WEIGHTS] == b[fmt.K_BASE_WEIGHTS]  # the old hash is fooled
+    assert a[fmt.K_BASE_WEIGHTS_V2] != b[fmt.K_BASE_WEIGHTS_V2]
+    with pytest.raises(BaseModelMismatch, match="other weights"):
+        pf.load_forget_patch(forged, cached_patches("sd1")[0], strict=True)
+
+
+def test_fingerprint_sample_on_a_tensor_over_2_24_elements():
+    n = 2**24 + 1001
+    flat = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    sample = fmt._strided_sample(flat)
+    seconds = time.perf_counter() - t0
+    assert len(sample) == 2 * (-(-n // (-(-n // fmt.SAMPLE_PER_TENSOR) | 1)))  # fp16 values, ~SAMPLE_PER_TENSOR of them
+    tail = flat.clone()
+    tail[2**24:] *= -1  # only values past 2^24 change
+    assert fmt._strided_sample(tail) != sample
+    odd = flat.clone()
+    odd[1::2] *= -1
+    assert fmt._strided_sample(odd) != sample
+    assert fmt._strided_sample(flat.half()) == sample  # an fp16 copy of the checkpoint agrees
+    assert seconds < 0.5, seconds
+
+
+# ----------------------------------------------------------------------------- 12, 13: size, reads, writes, twins
+
+def test_size_and_header_are_checked_before_the_tensors(tmp_path):
+    good = cached_patches("sd1")[0]
+    with pytest.raises(PatchFormatError, match="limit"):
+        fmt.read_patch(good, max_bytes=1000)
+    # a header that promises a 4 GiB tensor the file does not hold: refused, nothing allocated
+    data = good.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["shape"] = [2**30]
+    raw = json.dumps(header).encode()
+    path = tmp_path / "lie.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    with pytest.raises(PatchFormatError, match="shape") as err:
+        fmt.read_patch(path)
+    check_one_line(err.value)
+
+
+def test_writes_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    from patchforge import atomic
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: calls.append("replace") or real_replace(a, b))
+    atomic.write_text(tmp_path / "x.txt", "hello")
+    assert calls == ["fsync", "replace", "fsync"] and (tmp_path / "x.txt").read_text() == "hello"
+
+
+def test_the_same_patch_twice_is_refused_unless_asked(pipe, tmp_path):
+    import shutil
+    good = cached_patches("sd1")[0]
+    copy = tmp_path / "renamed.safetensors"
+    shutil.copy(good, copy)
+    name = pf.load_forget_patch(pipe, good)
+    state = pipeline_state(pipe)
+    with pytest.raises(PatchforgeError, match="already loaded as .*double") as err:
+        pf.load_forget_patch(pipe, copy)  # another name, the same tensors
+    check_one_line(err.value)
+    assert pipeline_state(pipe) == state
+    second = pf.load_forget_patch(pipe, copy, allow_duplicate=True)
+    assert [p.adapter_name for p in pf.list_forget_patches(pipe)] == [name, second]
+    pf.unload_forget_patches(pipe)
+
+
+# ----------------------------------------------------------------------------- 6, 7, 8: the Hub
+
+BAD_PATHS = ["../../../../x", "../x", "a/../../x", "..", ".", "a//b", "a\\..\\b", "x\ny", "", "a/", "\x00"]
+
+
+def _files(root):
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def test_no_write_outside_the_cache(fake_hub, monkeypatch, tmp_path):
+    deep = tmp_path / "a" / "b" / "c" / "d" / "e" / "f"
+    cache = deep / "cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    patch = cached_patches("sd1")[0]
+    fake_hub.repos["me/p"] = {"sha": "1" * 40, "files": {"pytorch_lora_weights.safetensors": patch.read_bytes(),
+                                                         "sub/pytorch_lora_weights.safetensors": patch.read_bytes()}}
+    pipe = tiny_sd1()
+    before = pipeline_state(pipe)
+    absolute = str(tmp_path / "abs")
+    for bad in BAD_PATHS + [absolute, "/" + absolute.lstrip("/")]:
+        for kwargs in ({"revision": bad}, {"subfolder": bad}, {"weight_name": bad}):
+            with pytest.raises(PatchforgeError) as err:
+                pf.load_forget_patch(pipe, "me/p", **kwargs)
+            check_one_line(err.value)
+            with pytest.raises(PatchforgeError):
+                hub.pull_patch("me/p", **kwargs)
+    for bad_id in ("me/..", "a/b.git", "me/x\n"):
+        with pytest.raises(PatchforgeError, match="not a Hub repo id") as err:
+            pf.load_forget_patch(pipe, bad_id)
+        check_one_line(err.value)
+    assert pipeline_state(pipe) == before
+    # what is allowed still works: a revision, a subfolder; everything written lies in the cache
+    pf.load_forget_patch(pipe, "me/p", revision="main")
+    pf.unload_forget_patches(pipe)
+    pf.load_forget_patch(pipe, "me/p", subfolder="sub", revision="refs/pr/1")
+    pf.unload_forget_patches(pipe)
+    outside = [p for p in _files(tmp_path) if not p.is_relative_to(cache)]
+    assert outside == [], outside
+
+
+def test_pull_reads_the_patch_once(fake_hub, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    fake_hub.repos["me/p"] = {"sha": "1" * 40,
+                              "files": {"pytorch_lora_weights.safetensors": cached_patches("sd1")[0].read_bytes()}}
+    reads = []
+    real = hub.read_patch
+    monkeypatch.setattr(hub, "read_patch", lambda *a, **k: reads.append(a) or real(*a, **k))
+    assert cli.main(["pull", "me/p"]) == 0
+    assert len(reads) == 1 and "concept 0" in capsys.readouterr().out
+
+
+def test_model_card_cannot_be_injected(tmp_path):
+    from huggingface_hub import ModelCard
+
+    evil = "x\ntags:\n- nsfw\nlicense: mit\n---"
+    path = forge(tmp_path, "evil", meta={
+        "patchforge.base_repo_id": evil, "patchforge.base_model": evil,
+        "patchforge.concept": "cat](http://evil) <script>alert(1)</script> | x",
+        "patchforge.hyperparameters": json.dumps({"lr`": "`) ![x](http://evil)", "rank": 4}),
+        "patchforge.training_seconds": "fast", "patchforge.eval": json.dumps({"a|b": {"before": "<b>", "after": 1.0}})})
+    patch = fmt.read_patch(path)
+    card = hub.model_card(patch, "me/forget")
+    data = ModelCard(card).data
+    assert data.license == "other" and "nsfw" not in data.tags and getattr(data, "base_model", None) is None
+    assert set(data.tags) >= {"lora", "text-to-image", "diffusers", "stable-diffusion"}
+    assert data.library_name == "diffusers" and data.base_model_relation == "adapter"
+    body = card.split("---", 2)[2]
+    assert "<script>" not in body and "](http://evil)" not in body
+    assert re.search(r"^\| Concept \|[^|]*(\\\|[^|]*)*\|$", body, re.M)  # the concept's bar is escaped: one cell
+    assert "&lt;script&gt;" in body and "Training |" not in body  # a non-numeric time is left out, no traceback
+    # a real Hub id of the base becomes base_model
+    good = fmt.read_patch(forge(tmp_path, "ok", meta={"patchforge.base_repo_id": "stabilityai/sd-turbo"}))
+    assert ModelCard(hub.model_card(good, "me/forget")).data.base_model == "stabilityai/sd-turbo"
+
+
+# ----------------------------------------------------------------------------- 8: merge, export, concept files
+
+def test_merge_and_export_errors_are_one_line(tmp_path):
+    from patchforge.concepts import load_concept_file
+    from tiny_pipelines import tiny_sd2_vpred, make_patch
+
+    other = make_patch(tiny_sd2_vpred(), tmp_path / "sd2.safetensors", "dog", text=False)
+    sd1 = fmt.read_patch(cached_patches("sd1")[0])
+    sd2 = fmt.read_patch(other)
+    sd2.metadata["patchforge.base_architecture"] = sd1.metadata["patchforge.base_architecture"]  # lie to get past it
+    with pytest.raises(PatchforgeError, match="disagree on the shape") as err:
+        fmt.merge_patches([sd1, sd2])
+    check_one_line(err.value)
+    for case in ("rank-0", "rank-string", "alpha-string", "float8"):
+        path = forge(tmp_path, case, **REPRODUCTIONS[case][0])
+        for argv in (["merge", str(path), "-o", str(tmp_path / "m.safetensors")], ["export", str(path)]):
+            assert cli.main(argv) == 2
+    with pytest.raises(PatchforgeError, match="not a file"):
+        load_concept_file(tmp_path)
+
+
+# ----------------------------------------------------------------------------- 14: determinism end to end
+
+def test_same_seed_same_patch_with_timing_out_of_the_tensors(tmp_path, monkeypatch):
+    from patchforge.training import TrainConfig, train_patch
+
+    monkeypatch.setenv("PATCHFORGE_CACHE", str(tmp_path / "cache"))
+    cfg = TrainConfig(steps=2, batch=2, progress=False, options={"ref_steps": 2, "n_refs": 2}, lr=1e-2)
+    paths = []
+    for i in range(2):
+        torch.manual_seed(1000 + i)  # whatever the global generator held before must not matter
+        pipe = tiny_sd1()  # a fresh pipeline each time
+        path, _ = train_patch(["custom:a photo of a cat"], "fmn", None, cfg, out=tmp_path / f"{i}.safetensors", pipe=pipe)
+        paths.append(path)
+    a, b = (fmt.read_patch(p) for p in paths)
+    assert a.digest == b.digest  # every tensor byte identical
+    seconds = {"patchforge.training_seconds"}
+    assert {k: v for k, v in a.metadata.items() if k not in seconds} == \
+        {k: v for k, v in b.metadata.items() if k not in seconds}
+    assert math.isfinite(float(a.metadata["patchforge.training_seconds"]))
