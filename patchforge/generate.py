@@ -35,7 +35,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], negative: list[str] | N
             if negative:
                 kw["negative_prompt"] = negative[i:i + batch]
         with torch.no_grad():
-            images = pipe(num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np", **kw).images
+            images = pipe(num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np",
+                          **kw).images
         out.append((images * 255).round().astype(np.uint8))
     return np.concatenate(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
 
@@ -82,7 +83,8 @@ def run_command(args) -> int:
     from .pipeline_loading import load_pipeline
 
     if args.weight and len(args.weight) != len(args.patch):  # before the model loads
-        raise PatchforgeError(f"{len(args.weight)} --weight values for {len(args.patch)} --patch files: give one per patch or none")
+        raise PatchforgeError(f"{len(args.weight)} --weight values for {len(args.patch)} --patch files: give one per "
+                              "patch or none")
     pipe = load_pipeline(args.model, device=args.device)
     if args.patch:
         from .loading import load_forget_patch

@@ -120,7 +120,8 @@ def _switched_off(models, names) -> list[str]:
     for model in models.values():
         for layer in _tuner_layers(model):
             for n in names:
-                if n in getattr(layer, "lora_A", {}) and n not in off and (layer.disable_adapters or n not in layer.active_adapters):
+                inactive = layer.disable_adapters or n not in layer.active_adapters
+                if n in getattr(layer, "lora_A", {}) and n not in off and inactive:
                     off.append(n)
     return off
 
@@ -270,7 +271,8 @@ def _target(model, comp: str, module: str):
 
 # ----------------------------------------------------------------------------- public API
 
-def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None = None, *, weight_name: str | None = None,
+def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None = None, *,
+                      weight_name: str | None = None,
                       subfolder: str | None = None, revision: str | None = None, strict: bool = False,
                       token: str | None = None, cache_dir: str | None = None, allow_duplicate: bool = False) -> str:
     """Load a forget patch (file, folder or Hub repo id) into `pipe` beside what is already loaded.
@@ -282,7 +284,8 @@ def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None =
 
     weight = _check_weight(weight)
     if adapter_name is not None and not (isinstance(adapter_name, str) and ADAPTER_NAME.match(adapter_name)):
-        raise PatchforgeError(f"adapter_name {str(adapter_name)[:40]!r} is not allowed: use 1-64 letters, digits, _ or -")
+        raise PatchforgeError(f"adapter_name {str(adapter_name)[:40]!r} is not allowed: "
+                              "use 1-64 letters, digits, _ or -")
     models = _models(pipe)
     reg = _sync(models)
     path = resolve_patch_file(src, weight_name=weight_name, subfolder=subfolder, revision=revision, token=token,
@@ -317,7 +320,8 @@ def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None =
         if base_fingerprint(pipe) != fingerprint:
             raise PatchforgeError(f"loading {path} failed and the pipeline could not be restored: reload the "
                                   f"pipeline") from err
-        raise PatchFormatError(f"{path} could not be loaded into this pipeline ({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}): "
+        raise PatchFormatError(f"{path} could not be loaded into this pipeline "
+                               f"({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}): "
                                f"check it was made for this base model") from err
     reg[name] = LoadedPatch(name, patch.concept, patch.method, weight, str(src), tuple(patch.components),
                             digest=patch.digest)
@@ -380,13 +384,15 @@ def _check_modules(patch: Patch, models) -> None:
                 (w.dim() == 4 and a.dim() == 4 and a.shape[1] == w.shape[1] and b.shape[0] == w.shape[0]))
             if not ok:
                 raise PatchFormatError(f"{where}: LoRA shapes at {comp}.{module[:80]} (A {tuple(a.shape)}, B "
-                                       f"{tuple(b.shape)}) do not fit the layer {tuple(w.shape) if w is not None else '?'}:"
+                                       f"{tuple(b.shape)}) do not fit the layer "
+                                       f"{tuple(w.shape) if w is not None else '?'}:"
                                        f" a patch for another model or a damaged file")
             limit = MAX_RELATIVE_DELTA * float(torch.linalg.vector_norm(w.detach().float()))
             if not delta_norm(patch, comp, module) <= limit:
-                raise PatchFormatError(f"{where}: the change at {comp}.{module[:80]} is {delta_norm(patch, comp, module):.3g}"
-                                       f", over {MAX_RELATIVE_DELTA:g}x the layer's own size: the patch would break the "
-                                       f"model")
+                raise PatchFormatError(f"{where}: the change at {comp}.{module[:80]} is "
+                                       f"{delta_norm(patch, comp, module):.3g}"
+                                       f", over {MAX_RELATIVE_DELTA:g}x the layer's own size: the patch would break "
+                                       f"the model")
 
 
 def _free_name(concept: str, taken: set[str]) -> str:

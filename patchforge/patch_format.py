@@ -215,7 +215,8 @@ def check_base(patch: Patch, pipe, strict: bool = False, fingerprint: dict | Non
     key = K_BASE_WEIGHTS_V2 if md.get(K_BASE_WEIGHTS_V2) else K_BASE_WEIGHTS  # patches from before v2: the old hash
     if md.get(key) != fp[key]:
         other = "other weights (a fine-tune?)" if md.get(key) else "weights the patch records no fingerprint of"
-        text = (f"{where} was made for '{one_line(md.get(K_BASE_ID, '?'))}' and this pipeline ('{one_line(fp[K_BASE_ID])}') "
+        text = (f"{where} was made for '{one_line(md.get(K_BASE_ID, '?'))}' and this pipeline "
+                f"('{one_line(fp[K_BASE_ID])}') "
                 f"has the same architecture but {other}: the erasure may be weaker")
         if strict:
             raise BaseModelMismatch(text + "; pass strict=False to load it anyway")
@@ -323,8 +324,8 @@ def parse_patch(data: bytes, path: Path | None = None, max_bytes: int | None = N
 def _check_size(size: int, max_bytes: int | None, where: str) -> None:
     limit = MAX_PATCH_BYTES if max_bytes is None else max_bytes
     if size > limit:
-        raise PatchFormatError(f"{where} is {size / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB limit for a forget "
-                               f"patch: pass max_bytes= if you trust it")
+        raise PatchFormatError(f"{where} is {size / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB limit for a "
+                               f"forget patch: pass max_bytes= if you trust it")
 
 
 def _header_length(head: bytes, size: int, where: str) -> int:
@@ -355,21 +356,24 @@ def _parse_header(raw: bytes, data_len: int, where: str) -> dict:
     except (ValueError, UnicodeDecodeError, AssertionError, RecursionError):
         raise PatchFormatError(f"{where} has a corrupt safetensors header: download or copy it again") from None
     if len(header) > MAX_TENSORS:
-        raise PatchFormatError(f"{where} holds {len(header)} tensors, more than a forget patch ever has ({MAX_TENSORS})")
+        raise PatchFormatError(f"{where} holds {len(header)} tensors, more than a forget patch ever has "
+                               f"({MAX_TENSORS})")
     spans = []
     for key, entry in header.items():
-        ok = isinstance(entry, dict) and isinstance(entry.get("shape"), list) and isinstance(entry.get("data_offsets"), list)
+        ok = (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
+              and isinstance(entry.get("data_offsets"), list))
         shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if ok else (None, None)
         ok = ok and len(shape) <= 4 and all(type(d) is int and 0 <= d < 2**40 for d in shape) \
             and len(offsets) == 2 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_len
         if not ok:
-            raise PatchFormatError(f"{where} has a corrupt header entry for '{str(key)[:80]}': download or copy it again")
+            raise PatchFormatError(f"{where} has a corrupt header entry for '{str(key)[:80]}': download or copy it "
+                                   "again")
         if entry.get("dtype") not in DTYPES:
             raise PatchFormatError(f"{where} holds tensor '{key[:80]}' of dtype {str(entry.get('dtype'))[:16]}; forget "
                                    f"patches hold F16, BF16, F32 or F64 LoRA weights")
         if math.prod(shape) * DTYPES[entry["dtype"]].itemsize != offsets[1] - offsets[0]:
-            raise PatchFormatError(f"{where}: tensor '{key[:80]}' has shape {shape} but {offsets[1] - offsets[0]} bytes: "
-                                   f"the file is damaged, download or copy it again")
+            raise PatchFormatError(f"{where}: tensor '{key[:80]}' has shape {shape} but {offsets[1] - offsets[0]} "
+                                   f"bytes: the file is damaged, download or copy it again")
         spans.append(offsets)
     end = 0
     for begin, stop in sorted(spans):
@@ -459,8 +463,9 @@ def clean_lora_config(raw: dict, comp: str, ranks: dict, where: str = "the patch
                 raise PatchFormatError(f"{where}: {comp} init_lora_weights={str(value)[:20]!r} would rewrite the base "
                                        f"model's weights; forget patches are plain LoRA")
         elif key not in LORA_IGNORED_KEYS and value not in (None, False, "none", [], {}, ""):
-            raise PatchFormatError(f"{where}: {comp} LoRA option '{key[:40]}' = {str(value)[:40]!r} is not allowed in a "
-                                   f"forget patch (plain LoRA only: no DoRA, biases, modules_to_save, layer selection)")
+            raise PatchFormatError(f"{where}: {comp} LoRA option '{key[:40]}' = {str(value)[:40]!r} is not allowed "
+                                   "in a forget patch (plain LoRA only: no DoRA, biases, modules_to_save, layer "
+                                   "selection)")
     if not _is_count(cfg.get("r", 8)):
         raise PatchFormatError(f"{where}: {comp} rank r={str(cfg.get('r'))[:20]!r} is not a positive integer")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -486,8 +491,8 @@ def clean_lora_config(raw: dict, comp: str, ranks: dict, where: str = "the patch
             module = key[: -len(".lora_A.weight")]
             declared = pattern_value(cfg["rank_pattern"], module, cfg.get("r", 8))
             if declared != rank:
-                raise PatchFormatError(f"{where}: {comp}.{one_line(module)} declares rank {declared} but its tensors have "
-                                       f"rank {rank}: the file is damaged or forged")
+                raise PatchFormatError(f"{where}: {comp}.{one_line(module)} declares rank {declared} but its tensors "
+                                       f"have rank {rank}: the file is damaged or forged")
     return cfg
 
 
@@ -527,8 +532,8 @@ def validate(patch: Patch, where: str = "the patch") -> None:
         sd = patch.state_dicts[comp]
         for key in sd:
             if not (key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight")):
-                raise PatchFormatError(f"{where} has unexpected tensor '{comp}.{one_line(key)}' (only PEFT lora_A/lora_B "
-                                       f"weights allowed; DoRA and biases are not supported)")
+                raise PatchFormatError(f"{where} has unexpected tensor '{comp}.{one_line(key)}' (only PEFT "
+                                       "lora_A/lora_B weights allowed; DoRA and biases are not supported)")
         for module in patch.modules(comp):
             a, b = sd.get(f"{module}.lora_A.weight"), sd.get(f"{module}.lora_B.weight")
             if a is None or b is None:
@@ -538,10 +543,12 @@ def validate(patch: Patch, where: str = "the patch") -> None:
                     or b.dim() != a.dim() or a.shape[0] != b.shape[1] or a.shape[0] == 0 or 0 in a.shape or \
                     0 in b.shape or (a.dim() == 4 and b.shape[2:] != (1, 1)):
                 raise PatchFormatError(f"{where} has inconsistent LoRA shapes at {comp}.{one_line(module)} (A "
-                                       f"{tuple(a.shape)}, B {tuple(b.shape)} {a.dtype}): the file is damaged, re-save it")
+                                       f"{tuple(a.shape)}, B {tuple(b.shape)} {a.dtype}): the file is damaged, "
+                                       "re-save it")
             norm = delta_norm(patch, comp, module)  # NaN/inf anywhere in A or B make it NaN/inf
             if not math.isfinite(norm):
-                raise PatchFormatError(f"{where} has NaN/inf weights at {comp}.{one_line(module)}: the training diverged")
+                raise PatchFormatError(f"{where} has NaN/inf weights at {comp}.{one_line(module)}: the training "
+                                       "diverged")
             if norm > MAX_DELTA_NORM:
                 raise PatchFormatError(f"{where}: the weight change at {comp}.{one_line(module)} has norm {norm:.3g} "
                                        f"(limit {MAX_DELTA_NORM:g}): the patch would break the model")
@@ -595,7 +602,8 @@ def merge_patches(patches: list[Patch], weights: list[float] | None = None) -> P
                 raise PatchforgeError(f"the patches disagree on the shape of {comp}.{one_line(module)}: they were made "
                                       f"for different models and cannot be merged")
             # the module's shapes from any patch that has it; zero blocks where a patch is absent
-            a0, b0 = next((p.state_dicts[comp][f"{module}.lora_A.weight"], p.state_dicts[comp][f"{module}.lora_B.weight"])
+            a0, b0 = next((p.state_dicts[comp][f"{module}.lora_A.weight"],
+                           p.state_dicts[comp][f"{module}.lora_B.weight"])
                           for p, _ in members if f"{module}.lora_A.weight" in p.state_dicts[comp])
             a_shape, b_shape = a0.shape[1:], (b0.shape[0], *b0.shape[2:])
             a_cat, b_cat = [], []
