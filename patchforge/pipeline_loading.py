@@ -15,7 +15,8 @@ def resolve_model(model: str | None) -> str:
     if model in (None, "toy", TOY_MODEL_ID):  # by name (a folder inside it is passed to diffusers as is)
         path = TOY_MODEL_DIR / "pipeline"
         if not (path / "model_index.json").exists():
-            raise FileNotFoundError(f"the embedded toy model is missing at {path}; rebuild it with `patchforge toy train`")
+            raise FileNotFoundError(f"the embedded toy model is missing at {path}; "
+                                    "rebuild it with `patchforge toy train`")
         return str(path)
     return model
 

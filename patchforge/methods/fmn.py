@@ -62,7 +62,8 @@ class FMNConfig(MethodConfig):
     attn_weight: float = 1.0
     preserve_weight: float = 3.0  # tuned on the toy model, docs/training.md
     map_weight: float = 2.0
-    away: float = 1.0  # eta (tuned, docs/training.md): map onto eps*(anchor) - eta * (eps*(target) - eps*(anchor)), away from the concept
+    # eta (tuned, docs/training.md): map onto eps*(anchor) - eta * (eps*(target) - eps*(anchor)), away from the concept
+    away: float = 1.0
     # preserve rows noised from "concept" images (free) or from the base's "own" images of each preserve
     # prompt (one generation per prompt, cached): the teacher is then asked where those prompts live
     preserve_on: str = "concept"
