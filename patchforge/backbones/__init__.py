@@ -23,21 +23,67 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import PatchforgeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..core.cond import Cond
 
 FAMILIES: list[type] = []
 _discovered: list[bool] = []
 
 
 class Backbone(Protocol):
-    denoiser_name: str
-    components: tuple[str, ...]
-    TARGETS: dict[str, str | None]
+    """What every family module implements (sd_unet.SDUNet is the reference)."""
+    denoiser_name: str  # the pipeline attribute of the denoiser
+    components: tuple[str, ...]  # LoRA-carrying pipeline attributes, denoiser first
+    TARGETS: dict[str, str | None]  # "xattn", "xattn-kv", "none" -> peft target regex
+
+    def __init__(self, pipe) -> None: ...
 
     @classmethod
     def matches(cls, pipe) -> bool: ...
+
+    @property
+    def denoiser(self) -> torch.nn.Module: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def text_encoders(self) -> list: ...
+
+    def models(self) -> dict[str, torch.nn.Module]: ...
+
+    def target_pattern(self, key: str | None) -> str | None: ...
+
+    def text_attention(self) -> list[tuple[str, torch.nn.Module]]: ...
+
+    def text_kv(self) -> list[tuple[str, torch.nn.Module]]: ...
+
+    def native_size(self) -> int: ...
+
+    def family_name(self) -> str: ...
+
+    def encode(self, prompts: list[str], device) -> Cond: ...
+
+    def num_timesteps(self) -> int: ...
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    def noised(self, x0: torch.Tensor, generator: torch.Generator): ...
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, size: int | None = None) -> torch.Tensor: ...
+
+    def encode_images(self, images) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor): ...
+
+    def load_lora(self, state_dict: dict, adapter_name: str, metadata: dict, components) -> None: ...
 
 
 def register(cls):

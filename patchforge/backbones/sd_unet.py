@@ -91,10 +91,6 @@ class SDUNet:
         return Cond(emb)
 
     # ---- diffusion
-    @property
-    def scheduler(self):
-        return self.pipe.scheduler
-
     def num_timesteps(self) -> int:
         return self.pipe.scheduler.config.num_train_timesteps
 
