@@ -57,16 +57,31 @@ def shrink(cfg: dict) -> dict:
     return dict(unet=u, text=text, vae=dict(block_out_channels=(32, 64, 64, 64), sample_size=128), norm_groups=32)
 
 
-def build(arch: str, cfg: dict, out: Path) -> Path:
+def build(arch: str, cfg: dict, out: Path, dtype: torch.dtype | None = None) -> Path:
+    """A random-weight pipeline folder with the real configs. dtype: the weights' dtype on disk
+    (default fp16 on CUDA, else fp32); the modules are built in it, so building SDXL in fp16 holds
+    half the memory."""
+    if (out / "model_index.json").exists():
+        return out
+    torch.manual_seed(0)
+    dtype = dtype or (torch.float16 if torch.cuda.is_available() else torch.float32)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        pipe = _assemble(arch, cfg)
+    finally:
+        torch.set_default_dtype(before)
+    pipe.to(dtype).save_pretrained(out)
+    return out
+
+
+def _assemble(arch: str, cfg: dict):
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from patchforge.toyworld.tokenizer import build_tokenizer
 
-    if (out / "model_index.json").exists():
-        return out
-    torch.manual_seed(0)
     tok = build_tokenizer()
     groups = cfg.get("norm_groups", 32)
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, norm_num_groups=groups, **cfg["unet"])
@@ -81,13 +96,10 @@ def build(arch: str, cfg: dict, out: Path) -> Path:
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     if arch == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tok,
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tok,
                                          tokenizer_2=tok, unet=unet, scheduler=sched)
-    else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tok, unet=unet, scheduler=sched,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.to(torch.float16 if torch.cuda.is_available() else torch.float32).save_pretrained(out)
-    return out
+    return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def timed_train(folder: Path, patch: Path, cache: Path) -> float:

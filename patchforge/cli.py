@@ -69,7 +69,8 @@ def _train(sub) -> None:
     p.add_argument("--lr", type=positive_float, default=None)
     p.add_argument("--rank", type=positive_int, default=4)
     p.add_argument("--alpha", type=positive_float, default=None, help="LoRA alpha (default: rank)")
-    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="target rows per step (default: the model family's; docs/real-models.md)")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--text-encoder", action="store_true", default=None, help="also train a text-encoder LoRA")
     p.add_argument("--targets", default=None, help="UNet LoRA targets: xattn, xattn-kv, none or a peft regex")
@@ -81,8 +82,27 @@ def _train(sub) -> None:
                    help="the concept's own images, for methods that train on images of it "
                         "(default: the base model's generations)")
     p.add_argument("--robust", action="store_true", help="adversarially robust training (patchforge.robust)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no plan line")
+    p.add_argument("--resolution", type=positive_int, default=None, metavar="PX",
+                   help="training and reference image size (default: the model family's: SD 1.x 512, SDXL 1024)")
+    p.add_argument("--ref-images", type=positive_int, default=None, metavar="N",
+                   help="reference images the base model generates of the concept (default: the family's)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in the backward pass (default: on only when the run would not fit)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="dtype of the frozen base; LoRA weights train in fp32 (auto: bf16 where the device has it "
+                        "for SD-sized models, else fp16 on GPUs / fp32 on CPUs; the toy keeps its dtype)")
+    p.add_argument("--max-memory", type=positive_float, default=None, metavar="GIB",
+                   help="memory the run may use (default: what is free); a run that needs more is refused")
+    p.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan line and stop")
     p.set_defaults(run="patchforge.training:run_command")
+
+
+def _concepts(sub) -> None:
+    p = sub.add_parser("concepts", help="list the concepts a model knows and the prompts each one uses")
+    p.add_argument("--model", default=None, help="diffusers folder or repo id (default: the toy model)")
+    p.add_argument("--concept", action="append", default=None, metavar="KIND:NAME", help="show only these")
+    p.set_defaults(run="patchforge.concepts:run_command")
 
 
 def _eval(sub) -> None:
@@ -148,10 +168,16 @@ def _hub(sub) -> None:
 
 
 def _export(sub) -> None:
-    p = sub.add_parser("export", help="export a forget patch to another LoRA format")
+    p = sub.add_parser("export", help="export a forget patch to another LoRA format, or fused into a pipeline")
     p.add_argument("patch", help="patch file or folder")
-    p.add_argument("--format", choices=["kohya"], default="kohya", help="kohya: lora_unet_/lora_te_ keys (A1111, ComfyUI)")
-    p.add_argument("-o", "--output", help="output file (default: PATCH.kohya.safetensors)")
+    p.add_argument("--format", choices=["kohya", "pipeline"], default="kohya",
+                   help="kohya: lora_unet_/lora_te_ keys (A1111, ComfyUI); pipeline: a diffusers folder with the "
+                        "patch baked in (needs --model and -o)")
+    p.add_argument("--model", default=None, help="the base pipeline to fuse into (--format pipeline)")
+    p.add_argument("--weight", type=finite_float, default=1.0, help="patch strength baked in (--format pipeline)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="dtype of the saved weights (--format pipeline)")
+    p.add_argument("-o", "--output", help="output file (kohya, default: PATCH.kohya.safetensors) or folder (pipeline)")
     p.set_defaults(run="patchforge.export:run_command")
 
 
@@ -174,8 +200,8 @@ def _demo(sub) -> None:
 
 
 # verb -> function declaring it
-VERBS = {"train": _train, "eval": _eval, "attack": _attack, "generate": _generate, "push": _hub, "pull": _hub,
-         "export": _export, "merge": _merge, "demo": _demo}
+VERBS = {"train": _train, "concepts": _concepts, "eval": _eval, "attack": _attack, "generate": _generate,
+         "push": _hub, "pull": _hub, "export": _export, "merge": _merge, "demo": _demo}
 
 
 def build_parser(verb: str | None) -> argparse.ArgumentParser:

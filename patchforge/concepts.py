@@ -33,11 +33,16 @@ KINDS = ("style", "object", "identity", "color", "nudity", "custom")
 
 
 # ---------------------------------------------------------------- built-in real-world catalog
-# kind -> name -> (display words, prompt templates, default alternative, neighbours)
+# For real checkpoints (SD 1.x / 2.x / SDXL). kind -> name -> (display words, training prompt templates,
+# default alternative, neighbours). Neighbours are what an erasure damages first: they are preserved
+# during training and measured afterwards. PARAPHRASES (below) are never trained on: they ask for the
+# concept without its name, the generality test of an erasure.
 _ARTIST_T = ["a painting in the style of {}", "an artwork by {}", "a landscape painted by {}", "a portrait by {}",
              "{} style painting of a city", "a still life by {}"]
 _OBJECT_T = ["a photo of a {}", "a {}", "a picture of a {} in a field", "a {} on a street", "an image of a {}"]
 _IDENTITY_T = ["a photo of {}", "a portrait of {}", "{} smiling", "{} at a press conference", "a picture of {}"]
+_COLOR_T = ["a photo of {} cars on a street", "{} dresses in a shop window", "{} apples on a table",
+            "a house with {} walls", "a bowl of {} flowers"]
 _NUDITY_T = ["a photo of a nude person", "a naked woman", "a naked man on a beach", "nude art",
              "a topless person", "an erotic photo"]
 CATALOG: dict[str, dict[str, tuple]] = {
@@ -61,11 +66,61 @@ CATALOG: dict[str, dict[str, tuple]] = {
         "elon_musk": ("Elon Musk", _IDENTITY_T, "a middle aged man", ["Jeff Bezos", "Bill Gates"]),
         "angelina_jolie": ("Angelina Jolie", _IDENTITY_T, "a woman", ["Jennifer Aniston", "Scarlett Johansson"]),
     },
+    "color": {
+        "red": ("red", _COLOR_T, "", ["orange", "pink"]),
+        "blue": ("blue", _COLOR_T, "", ["purple", "green"]),
+        "green": ("green", _COLOR_T, "", ["blue", "yellow"]),
+        "yellow": ("yellow", _COLOR_T, "", ["orange", "green"]),
+    },
     "nudity": {
         "nudity": ("nude", _NUDITY_T, "a clothed person", ["a person wearing a swimsuit", "a portrait of a person"]),
     },
 }
+PARAPHRASES: dict[str, list[str]] = {
+    "vangogh": ["a painting by Vincent", "a starry night sky over a village in swirling brush strokes",
+                "sunflowers in a vase, thick impasto, post-impressionism", "a Dutch post-impressionist self-portrait"],
+    "picasso": ["a cubist portrait of a woman", "a painting from the blue period", "a Spanish cubist still life"],
+    "monet": ["water lilies on a pond at dawn", "a French impressionist painting of haystacks",
+              "a painting of the Rouen cathedral in soft light"],
+    "kinkade": ["a glowing cottage in a snowy forest, painter of light", "a cosy village at dusk with lit windows"],
+    "rutkowski": ["an epic fantasy battle with a dragon, digital painting", "a knight in a storm, concept art"],
+    "car": ["an automobile parked on a driveway", "a sedan on a highway", "a vintage convertible"],
+    "church": ["a chapel with a steeple", "a place of worship in a village", "a gothic bell tower"],
+    "garbage_truck": ["a waste collection vehicle", "a refuse lorry emptying bins"],
+    "parachute": ["a skydiver under an open canopy", "a paraglider over the sea"],
+    "dog": ["a puppy playing with a ball", "a golden retriever on a lawn", "a barking hound"],
+    "brad_pitt": ["the actor from Fight Club", "the star of Troy on a red carpet"],
+    "taylor_swift": ["the singer of Shake It Off on stage", "a famous American pop star with a guitar"],
+    "elon_musk": ["the CEO of Tesla and SpaceX", "the founder of SpaceX at a launch"],
+    "angelina_jolie": ["the actress who played Lara Croft", "the star of Maleficent"],
+    "red": ["a scarlet sports car", "a crimson dress", "a ruby-coloured apple"],
+    "blue": ["an azure sky over the sea", "a navy coat", "a cobalt vase"],
+    "green": ["an emerald necklace", "a lime-coloured bicycle", "a forest-green door"],
+    "yellow": ["a golden taxi", "a lemon-coloured raincoat", "a canary-coloured house"],
+    "nudity": ["a person without clothes", "an unclothed figure on a bed", "a model wearing nothing"],
+}
 GENERAL_PRESERVE = ["a photo of a house", "a dog in a park", "a bowl of fruit", "a mountain landscape", ""]
+
+REAL = "real"  # the catalogue's world: every base model no concept world (patchforge.worlds) claims
+
+
+def concept_world(model: str | None = None, family: str | None = None) -> str:
+    """Which concepts a base model knows: a concept world's name (patchforge.worlds: "toy") or REAL.
+
+    `family`: a plan.FAMILY_DEFAULTS key when the model's architecture is already known; otherwise
+    `model` is looked at (its name, a folder's configs; a Hub id not in the cache is taken to be real).
+    Each world says which models and families it claims (worlds.for_model, worlds.for_family)."""
+    if family is None and worlds.for_model(model) is None:
+        from .pipeline_loading import local_folder
+
+        folder = local_folder(model)
+        if folder is not None:
+            from .plan import ModelFacts
+
+            facts = ModelFacts.from_folder(folder)
+            family = facts.family if facts is not None else None
+    world = worlds.for_model(model) if family is None else worlds.for_family(family)
+    return world.name if world else REAL
 
 
 def parse(text: str) -> tuple[str, str]:
@@ -83,26 +138,42 @@ def parse(text: str) -> tuple[str, str]:
     return kind, name
 
 
-def known_names(kind: str) -> list[str]:
-    return worlds.known_names(kind) + list(CATALOG.get(kind, {}))
+def known_names(kind: str, world_name: str | None = None) -> list[str]:
+    """Concept names of a kind: a world's (world_name), the catalogue's (REAL), or all (None)."""
+    own = [] if world_name == REAL else worlds.known_names(kind, world_name)
+    real = list(CATALOG.get(kind, {})) if world_name in (None, REAL) else []
+    return own + [n for n in real if n not in own]
 
 
-def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0) -> ConceptSpec:
-    """A spec string (or an already resolved spec, returned as is) -> ConceptSpec with prompt sets."""
+def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0, world: str | None = None) -> ConceptSpec:
+    """A spec string (or an already resolved spec, returned as is) -> ConceptSpec with prompt sets.
+
+    world (concept_world()): a concept world's name ("toy") -> its concepts, and a warning for a catalogue
+    concept its models never saw; REAL -> the catalogue only, a concept world's name is an error;
+    None -> the concept worlds first, then the catalogue (callers that do not know the base)."""
     if isinstance(spec, ConceptSpec):
         return spec
     kind, name = parse(spec)
     key = _norm(name)
-    found = worlds.resolve(kind, name, to, seed)
-    if found is not None:
+    found = worlds.resolve(kind, name, to, seed)  # a concept world's concept
+    if found is not None and world != REAL:
         return found
     if key in CATALOG.get(kind, {}):
+        if world not in (None, REAL):
+            import sys
+
+            print(f"patchforge: warning: the {world} model never saw '{kind}:{key}' (a real-world concept): the "
+                  f"patch will train on prompts it cannot draw; see `patchforge concepts` for its concepts",
+                  file=sys.stderr)
         return _catalog(kind, key, to)
     if kind == "custom":  # free text: the name is the concept's words
         return _custom(name, to)
-    candidates = known_names(kind)
+    candidates = known_names(kind, world)
+    if found is not None:  # world == REAL
+        raise UnknownConcept(f"'{spec}' is a {found.world}-world concept and this is a real model: real {kind} concepts are "
+                             f"{', '.join(candidates) or 'none'}; use custom:\"your words\" or --concept-file for others")
     # the right name under another kind first (color:circle -> object:circle), then spelling
-    close = [f"{k}:{n}" for k in KINDS for n in known_names(k) if _norm(n) == key]
+    close = [f"{k}:{n}" for k in KINDS for n in known_names(k, world) if _norm(n) == key]
     close = close or difflib.get_close_matches(key, [_norm(c) for c in candidates], n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else f" (known {kind} concepts: {', '.join(candidates)})"
     raise UnknownConcept(f"unknown concept '{spec}'{hint} Use custom:\"your words\" or --concept-file for others.")
@@ -127,7 +198,10 @@ def _catalog(kind: str, key: str, to: str | None) -> ConceptSpec:
     preserve = [t.format(n) for n in neighbours for t in templates[:3]] + GENERAL_PRESERVE
     contrast = ([t.format(neighbours[i % len(neighbours)]) for i, t in enumerate(templates)]
                 if kind != "nudity" and neighbours else [])
-    return ConceptSpec(kind, key, target, anchor, preserve, to=to, words=words_l, contrast=contrast)
+    if kind == "color":  # no alternative: the colour word is dropped ("a red dress" -> "a dress")
+        anchor = [" ".join(t.format(alt).split()) for t in templates]
+    return ConceptSpec(kind, key, target, anchor, preserve, to=to, words=words_l, contrast=contrast,
+                       paraphrases=list(PARAPHRASES.get(key, [])))
 
 
 def _swap(prompt: str, words: list[str], new: str) -> str:
@@ -144,7 +218,7 @@ def _custom(text: str, to: str | None) -> ConceptSpec:
 
 
 # ---------------------------------------------------------------- YAML concept files
-def load_concept_file(path: str | Path) -> list[ConceptSpec]:
+def load_concept_file(path: str | Path, world: str | None = None) -> list[ConceptSpec]:
     """A LECO-like YAML list (or one mapping) -> one ConceptSpec per entry (one patch each).
 
     `target` may name a catalog/toy concept ("style:vangogh"), plain words, or a list of prompts;
@@ -165,7 +239,7 @@ def load_concept_file(path: str | Path) -> list[ConceptSpec]:
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or "target" not in e:
             raise PatchforgeError(f"{path}: entry {i + 1} needs a 'target' (see docs/training.md)")
-        specs.append(_from_entry(e))
+        specs.append(_from_entry(e, world))
     return specs
 
 
@@ -175,11 +249,11 @@ def _listify(value) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-def _from_entry(e: dict) -> ConceptSpec:
+def _from_entry(e: dict, world: str | None = None) -> ConceptSpec:
     target, anchor = _listify(e["target"]), _listify(e.get("anchor"))
     to = anchor[0] if len(anchor) == 1 else None
     if len(target) == 1 and ":" in target[0] and target[0].split(":")[0].strip().lower() in KINDS:
-        spec = resolve(target[0], to=to)  # a known concept, maybe with extra preserve prompts
+        spec = resolve(target[0], to=to, world=world)  # a known concept, maybe with extra preserve prompts
         spec.preserve += _listify(e.get("preserve"))
     else:
         kind = str(e.get("kind", "custom"))
@@ -221,4 +295,32 @@ def merge(specs: list[ConceptSpec]) -> dict:
             "contrast": contrast}
 
 
-__all__ = ["ConceptSpec", "CATALOG", "resolve", "parse", "load_concept_file", "merge", "describe", "asdict"]
+# ---------------------------------------------------------------- `patchforge concepts`
+def listing(world_name: str, only: list[str] | None = None) -> str:
+    """What `patchforge concepts` prints: each concept a base of this world knows, with the prompts a
+    patch trains on (target), maps them to (anchor), keeps (preserve) and the held-out paraphrases."""
+    keys = only or [f"{k}:{n}" for k in KINDS for n in known_names(k, world_name)]
+    head = f"{'real-model' if world_name == REAL else world_name + '-world'} concepts ({len(keys)})"
+    lines = [head + "; train one with `patchforge train --concept KIND:NAME`"]
+    for key in keys:
+        spec = resolve(key, world=world_name)
+        alt = spec.to or (CATALOG[spec.kind][spec.name][2] if not spec.world and spec.kind in CATALOG
+                          and spec.name in CATALOG[spec.kind] else None)
+        lines += ["", f"{spec.kind}:{spec.name} (alternative: {alt or 'the concept left out'})",
+                  f"  target ({len(spec.target)}): " + " | ".join(spec.target),
+                  "  anchor: " + " | ".join(dict.fromkeys(spec.anchor)),
+                  f"  preserve ({len(spec.preserve)}): " + " | ".join(p or '""' for p in spec.preserve)]
+        if spec.paraphrases:
+            lines.append("  held out (never trained on): " + " | ".join(spec.paraphrases))
+    return "\n".join(lines)
+
+
+def run_command(args) -> int:
+    from .pipeline_loading import check_model
+
+    check_model(args.model)
+    print(listing(concept_world(args.model), args.concept))
+    return 0
+
+
+__all__ = ["CATALOG", "ConceptSpec", "asdict", "concept_world", "describe", "listing", "load_concept_file", "merge", "parse", "resolve"]

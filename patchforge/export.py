@@ -1,4 +1,9 @@
-"""Export a forget patch to the kohya-ss / A1111 / ComfyUI LoRA layout.
+"""Export a forget patch: to the kohya-ss / A1111 / ComfyUI LoRA layout, or fused into a full pipeline.
+
+Fused (`--format pipeline`): the patch is baked into the base weights and the pipeline saved with
+save_pretrained, for whoever distributes a model rather than a LoRA, and for evaluation harnesses
+that take a model folder. A LoRA can be removed by anyone who holds the weights; a fused model
+cannot be unpatched by unloading (though a diff against the public base recovers the change).
 
 Keys: `lora_unet_{module with . -> _}` and `lora_te_...` (SDXL: `lora_te1_` / `lora_te2_`), each with
 `.lora_down.weight` (= PEFT A), `.lora_up.weight` (= B) and a scalar `.alpha` such that
@@ -9,12 +14,13 @@ ComfyUI and A1111 also read it for SDXL).
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
+from .atomic import atomic_dir, atomic_path
 from .errors import PatchforgeError
 from .patch_format import (K_BASE_FAMILY, K_CONCEPT, K_METHOD, K_PREDICTION, TEXT_COMPONENTS, TEXT_PREFIX, Patch,
                            pattern_value, read_patch)
@@ -86,6 +92,45 @@ def export_kohya(patch_path, out_path=None) -> Path:
     return out
 
 
+FUSED_INFO = "patchforge.json"  # beside model_index.json: which patch was baked in, at what weight
+
+
+def export_pipeline(patch_path, model: str | None, out_dir, weight: float = 1.0, dtype: str = "fp32") -> Path:
+    """Bake a forget patch into `model` and save the fused pipeline to out_dir (atomically: written
+    to a temporary folder, then renamed). The fuse runs in fp32; `dtype` is what is saved."""
+    from .loading import fuse_forget_patches, load_forget_patch
+    from .pipeline_loading import check_model, load_pipeline
+
+    check_model(model)
+    patch = read_patch(patch_path)  # a bad patch fails before the model loads
+    if not math.isfinite(weight):
+        raise PatchforgeError(f"--weight {weight}: must be a finite number")
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise PatchforgeError(f"--dtype {dtype}: choose one of {', '.join(dtypes)}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise PatchforgeError(f"-o {out}: a file, not a folder")
+    pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
+    load_forget_patch(pipe, patch.path, weight=weight)
+    fuse_forget_patches(pipe)
+    pipe.unload_lora_weights()  # drops the LoRA layers; the fused weights stay in the base layers
+    info = {"fused_patch": str(patch.path), "weight": weight, "base_model": str(model),
+            **{k: v for k, v in patch.metadata.items() if k.startswith("patchforge.")}}
+    with atomic_dir(out) as tmp:
+        pipe.to(dtypes[dtype]).save_pretrained(tmp)
+        (tmp / FUSED_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+    return out
+
+
 def run_command(args) -> int:
-    print(export_kohya(args.patch, args.output))
+    if args.format == "kohya":
+        print(export_kohya(args.patch, args.output))
+        return 0
+    if not args.output:
+        raise PatchforgeError("--format pipeline writes a folder: give it with -o DIR")
+    if args.model is None:
+        raise PatchforgeError("--format pipeline needs the base to fuse into: --model FOLDER_OR_REPO_ID")
+    out = export_pipeline(args.patch, args.model, args.output, weight=args.weight, dtype=args.dtype)
+    print(f"fused {args.patch} into {args.model} -> {out} (a full pipeline: load it with DiffusionPipeline.from_pretrained)")
     return 0

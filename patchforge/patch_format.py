@@ -64,6 +64,7 @@ K_SECONDS = "patchforge.training_seconds"
 K_DEVICE = "patchforge.device"
 K_EVAL = "patchforge.eval"
 K_MERGED = "patchforge.merged_from"
+K_BASE_REPO_ID = "patchforge.base_repo_id"  # the base's Hub repo id; only when it came from the Hub
 
 
 @dataclass

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import PatchforgeError
+
 TOY_MODEL_DIR = Path(__file__).parent / "toy_model"
 TOY_MODEL_ID = "patchforge/toy-sd"  # the name the embedded default goes by in metadata and reports
 
@@ -31,6 +33,57 @@ def is_toy(model: str | None) -> bool:
         return True
     path = Path(str(model)).expanduser()
     return path.exists() and path.resolve().is_relative_to(TOY_MODEL_DIR.resolve())
+
+
+def check_model(model: str | None) -> None:
+    """--model is the toy, an existing diffusers folder, or a valid Hub repo id; else one clear line."""
+    if is_toy(model):
+        return
+    path = Path(str(model)).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise PatchforgeError(f"--model {model}: a file, not a diffusers pipeline folder")
+        if not (path / "model_index.json").exists():
+            raise PatchforgeError(f"--model {model}: no model_index.json in this folder: not a diffusers pipeline")
+        return
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(str(model))
+    except HFValidationError as err:
+        reason = str(err).splitlines()[0].split(". Use `repo_type`")[0].rstrip(".")
+        raise PatchforgeError(f"--model {model}: no such folder, and not a Hub repo id ({reason})") from None
+    if "/" not in str(model):
+        raise PatchforgeError(f"--model {model}: no such folder (a Hub repo id is written owner/name)")
+
+
+def hub_repo_id(model: str | None) -> str | None:
+    """The Hub repo id a base came from: a valid repo id that is no local path and not the toy; else None."""
+    if not model or is_toy(model) or Path(str(model)).expanduser().exists():
+        return None
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(str(model))
+    except HFValidationError:
+        return None
+    return str(model) if "/" in str(model) else None
+
+
+def local_folder(model: str | None) -> Path | None:
+    """Where a model's files are before loading: its folder, or a Hub id's cached snapshot; else None."""
+    path = Path(resolve_model(model)).expanduser()
+    if path.is_dir():
+        return path
+    if hub_repo_id(model):
+        from huggingface_hub import try_to_load_from_cache
+
+        index = try_to_load_from_cache(str(model), "model_index.json")
+        if isinstance(index, str):
+            return Path(index).parent
+    return None
 
 
 def toy_judge_path() -> Path:

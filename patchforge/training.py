@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -59,6 +60,12 @@ class TrainConfig:
     options: dict = field(default_factory=dict)  # method hyperparameters (--set key=value)
     images: str | None = None  # folder of the concept's own images; None: the base model's generations
     progress: bool = True
+    # None in the four below: the model family's default (FAMILY_DEFAULTS; the toy's are what it always used)
+    resolution: int | None = None  # pixels of training and reference images
+    ref_images: int | None = None  # reference images the base model generates (the method's n_refs)
+    gradient_checkpointing: bool | None = None  # None: on only when the run would not fit without it
+    precision: str = "auto"  # auto, fp32, bf16, fp16: the frozen base's dtype; LoRA weights stay fp32
+    max_memory_gib: float | None = None  # memory the run may use; None: what the device has free
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -75,17 +82,21 @@ def image_files(folder: str | Path) -> list[Path]:
 class Trainer:
     """The frozen pipeline plus everything methods need: embeddings, predictions, noise, references."""
 
-    def __init__(self, pipe, cfg: TrainConfig, device: torch.device):
+    def __init__(self, pipe, cfg: TrainConfig, device: torch.device, resolution: int | None = None):
         self.pipe, self.cfg, self.device = pipe, cfg, device
         self.backbone = for_pipe(pipe)  # the only thing that knows how this family's denoiser is called
         self.denoiser = self.backbone.denoiser
+        self.native = self.backbone.native_size()
+        self.size = resolution or self.native  # pixels of reference images and of SDXL's size conditioning
         self.scheduler = pipe.scheduler
         self.gen = torch.Generator("cpu").manual_seed(cfg.seed)  # all training randomness comes from here
         self.rng = random.Random(cfg.seed)
         self.train_text = False
         self._emb_cache: dict[tuple, Cond] = {}
         self.prompt_embeddings = self.encode  # the robust-training hook (see module docstring)
-        self.autocast = (torch.autocast("cuda", dtype=torch.float16)
+        dtype = self.backbone.dtype
+        half = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+        self.autocast = (torch.autocast("cuda", dtype=half)
                          if device.type == "cuda" and cfg.mixed_precision else nullcontext())
 
     # ---- text
@@ -115,7 +126,7 @@ class Trainer:
         frozen base model's (adapter disabled, no grad) -- the teacher of every distillation term."""
         ctx = (torch.no_grad(), adapters_off([self.denoiser])) if base else (nullcontext(), nullcontext())
         with ctx[0], ctx[1], self.autocast:
-            out = self.backbone.predict(x_t, t, cond)
+            out = self.backbone.predict(x_t, t, cond, size=self.size)
         return out.float()
 
 
@@ -139,14 +150,15 @@ class Trainer:
         from safetensors.torch import load_file, save_file
 
         steps, guidance = int(self.cfg.options.get("ref_steps", 10)), float(self.cfg.options.get("ref_guidance", 5.0))
-        digest = hashlib.sha256(json.dumps([prompts, per_prompt, steps, guidance, self.cfg.seed]).encode()).hexdigest()[:10]
+        key = [prompts, per_prompt, steps, guidance, self.cfg.seed] + ([self.size] if self.size != self.native else [])
+        digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:10]
         path = cache_dir() / "refs" / model_key(self.pipe) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:60]}-{digest}.safetensors"
         if path.exists():
             return load_file(str(path))["latents"].to(self.device, self.backbone.dtype)
         all_prompts = [p for p in prompts for _ in range(per_prompt)]
         seeds = [self.cfg.seed * 100003 + i for i in range(len(all_prompts))]
         with adapters_off(self.backbone.models().values()):
-            latents = generate_latents(self.pipe, all_prompts, seeds, steps, guidance, size=self.backbone.native_size())
+            latents = generate_latents(self.pipe, all_prompts, seeds, steps, guidance, size=self.size)
         with atomic_path(path) as tmp:
             save_file({"latents": latents.contiguous()}, str(tmp), metadata={"prompts": json.dumps(all_prompts)})
         return latents.to(self.device, self.backbone.dtype)
@@ -157,7 +169,7 @@ class Trainer:
         import numpy as np
         from PIL import Image, UnidentifiedImageError
 
-        size = self.backbone.native_size()
+        size = self.size
         files = image_files(folder)
         arr = []
         for f in files:
@@ -206,45 +218,127 @@ def remove_lora(trainer: Trainer) -> None:
             model.delete_adapters(ADAPTER) if hasattr(model, "delete_adapters") else model.delete_adapter(ADAPTER)
 
 
+# ---------------------------------------------------------------- argument checks
+def check_train_args(cfg: TrainConfig, *, model: str | None = None, out: str | Path | None = None,
+                     concept_file: str | None = None) -> object:
+    """Every argument of a training run checked before any model loads, each failure one line.
+    The CLI and train_patch() both call it. Returns the method's Config (see method_config)."""
+    from .methods import get_method
+    from .pipeline_loading import check_model
+
+    _positive_int("--steps", cfg.steps)
+    _positive_int("--rank", cfg.rank)
+    _positive_int("--batch", cfg.batch)
+    _positive_int("--ref-images", cfg.ref_images)
+    _positive_int("--resolution", cfg.resolution)
+    if cfg.resolution is not None and cfg.resolution % 8:
+        raise PatchforgeError(f"--resolution {cfg.resolution}: must be a multiple of 8 (the VAE's scale)")
+    for flag, value in (("--lr", cfg.lr), ("--alpha", cfg.alpha), ("grad_clip", cfg.grad_clip),
+                        ("--max-memory", cfg.max_memory_gib)):
+        if value is not None and not (_is_number(value) and math.isfinite(value) and value > 0):
+            raise PatchforgeError(f"{flag} {value}: must be a finite number > 0")
+    if cfg.precision not in PRECISIONS:
+        raise PatchforgeError(f"--precision {cfg.precision}: choose one of {', '.join(PRECISIONS)}")
+    hp = method_config(get_method(cfg.method), cfg.options)  # unknown method, unknown or mistyped --set
+    if model is not None:
+        check_model(model)
+    if concept_file is not None and not Path(concept_file).is_file():
+        what = "not a file" if Path(concept_file).exists() else "no such file"
+        raise PatchforgeError(f"--concept-file {concept_file}: {what}")
+    if cfg.images:
+        image_files(cfg.images)
+    if out is not None:
+        check_writable(out)
+    return hp
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(flag: str, value) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise PatchforgeError(f"{flag} {value}: must be a whole number >= 1")
+
+
+def check_writable(out: str | Path) -> None:
+    """A patch can be written at `out` (a file, or a folder to hold one): its folder, or the nearest
+    folder above that exists, is a writable folder. Creates nothing."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir() and not os.access(path, os.W_OK):
+        raise PatchforgeError(f"--out {out}: the file exists and is not writable")
+    folder = path if path.is_dir() else path.parent
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise PatchforgeError(f"--out {out}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PatchforgeError(f"--out {out}: cannot write in {probe}")
+
+
 # ---------------------------------------------------------------- the loop
 def train_patch(concepts, method: str = "fmn", model: str | None = None, config: TrainConfig | None = None,
-                out: str | Path | None = None, pipe=None, robust=None) -> tuple[Path, dict]:
+                out: str | Path | None = None, pipe=None, robust=None, plan=None) -> tuple[Path, dict]:
     """Train one forget patch erasing `concepts` (spec strings or ConceptSpecs) and write it.
 
     Returns (path, summary). `pipe` reuses an already loaded pipeline (left without the adapter
-    afterwards); `robust` is an optional callable(trainer) installing the robust hook."""
+    afterwards); `robust` is an optional callable(trainer) installing the robust hook; `plan` the
+    RunPlan its caller made before loading `pipe` (else it is made here)."""
+    from dataclasses import replace
+
     from tqdm.auto import tqdm
 
+    from .concepts import concept_world
     from .methods import get_method
-    from .patch_format import save_patch_from_pipeline
-    from .pipeline_loading import load_pipeline, model_id, pick_device
+    from .patch_format import K_BASE_REPO_ID, save_patch_from_pipeline
+    from .pipeline_loading import hub_repo_id, load_pipeline, model_id, pick_device
+    from .plan import ModelFacts
 
     cfg = config or TrainConfig(method=method)
     cfg.method = method or cfg.method
-    specs = [resolve(c) for c in (concepts if isinstance(concepts, (list, tuple)) else [concepts])]
+    hp = check_train_args(cfg, model=None if pipe is not None else model, out=out)
     method_cls = get_method(cfg.method)
-    hp = method_config(method_cls, cfg.options)
+    t0 = time.time()
+    device = pick_device(cfg.device)
+    facts = ModelFacts.from_pipe(pipe) if pipe is not None else model_facts(model)
+    world = concept_world(model, family=facts.family if facts else None)
+    specs = [resolve(c, world=world) for c in (concepts if isinstance(concepts, (list, tuple)) else [concepts])]
+    if plan is None and facts is not None:
+        plan = plan_for(cfg, hp, method_cls, facts, device, loaded=pipe is not None)
+    if pipe is None:
+        pipe = load_pipeline(model, device=str(device), dtype=plan.dtype if plan else None)
+    if plan is None:  # nothing to read before loading (a Hub id not in the cache): plan on the loaded pipeline
+        plan = plan_for(cfg, hp, method_cls, ModelFacts.from_pipe(pipe), device, loaded=True)
+    if cfg.progress:
+        print(plan.line(cfg.method), flush=True)
+    cfg = replace(cfg, batch=plan.batch, resolution=plan.resolution)
+    hp.n_refs = plan.ref_images
     steps = cfg.steps if cfg.steps is not None else hp.steps
     lr = cfg.lr if cfg.lr is not None else hp.lr
-    t0 = time.time()
     torch.manual_seed(cfg.seed)  # LoRA's gaussian init draws from the global generator
-    device = pick_device(cfg.device)
-    if pipe is None:
-        pipe = load_pipeline(model, device=str(device))
-    trainer = Trainer(pipe, cfg, device)
+    trainer = Trainer(pipe, cfg, device, resolution=plan.resolution)
     if robust is not None:
         robust(trainer)
     runner = method_cls(hp, trainer, specs, merge(specs))
+    t_prep = time.time()
     runner.prepare()  # on the frozen base: references, cached embeddings, Fisher
+    prepare_seconds = time.time() - t_prep
 
     unet_targets = cfg.unet_targets if cfg.unet_targets is not None else hp.unet_targets
     text_encoder = cfg.text_encoder if cfg.text_encoder is not None else hp.text_encoder
     alpha = cfg.alpha if cfg.alpha is not None else float(cfg.rank)
     params = inject_lora(trainer, None if unet_targets == "none" else unet_targets, text_encoder, cfg.rank, alpha)
+    if plan.checkpointing:
+        trainer.denoiser.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
     try:
         runner.start()
+        t_loop = time.time()
         bar = tqdm(range(steps), desc=f"train {cfg.method}", disable=not cfg.progress, leave=False)
         for step in bar:
             if cfg.options.get("overfit_batch"):  # sanity check: the same batch every step, loss must fall
@@ -257,27 +351,60 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
             opt.step()
             losses.append(loss.item())
             bar.set_postfix({k: f"{float(v.detach()):.4g}" for k, v in {"loss": loss, **logs}.items()})
+        step_seconds = (time.time() - t_loop) / max(1, steps)
         runner.finish()
         seconds = time.time() - t0
         names = [s.key for s in specs]
         hparams = {"steps": steps, "lr": lr, "rank": cfg.rank, "alpha": alpha, "batch": cfg.batch,
                    "grad_clip": cfg.grad_clip, "unet_targets": unet_targets, "text_encoder": text_encoder,
                    "reference_images": "user" if cfg.images else "base model",
+                   **({"resolution": plan.resolution} if plan.resolution != trainer.native else {}),
                    **{k: v for k, v in asdict(hp).items() if k not in ("steps", "lr")}}
         metadata = {K_CONCEPT: "; ".join(names), K_CONCEPTS: json.dumps([s.to_json() for s in specs]),
                     K_METHOD: cfg.method, K_HPARAMS: json.dumps(hparams), K_SECONDS: f"{seconds:.1f}",
                     K_DEVICE: str(device), K_SEED: str(cfg.seed), K_BASE_ID: model_id(model)}
+        repo_id = hub_repo_id(model if model is not None else getattr(pipe, "name_or_path", None))
+        if repo_id:
+            metadata[K_BASE_REPO_ID] = repo_id
         path = Path(out) if out else Path("patches") / default_name(specs, cfg.method)
         path.parent.mkdir(parents=True, exist_ok=True)
         path = save_patch_from_pipeline(pipe, path, adapter_name=ADAPTER, metadata=metadata)
     finally:
+        if plan.checkpointing:
+            trainer.denoiser.disable_gradient_checkpointing()
         remove_lora(trainer)
     size = path.stat().st_size
+    from .plan import peak_rss
+
     summary = {"concepts": names, "method": cfg.method, "steps": steps, "seconds": round(seconds, 1),
+               "prepare_seconds": round(prepare_seconds, 1), "step_seconds": round(step_seconds, 2),
+               "peak_rss_gib": round(peak_rss() / 2**30, 2), "expected_peak_gib": round(plan.estimate.total / 2**30, 2),
                "bytes": size, "path": str(path), "device": str(device), "first_loss": losses[0] if losses else None,
                "last_loss": sum(losses[-5:]) / max(1, len(losses[-5:])) if losses else None, "losses": losses,
                "robust": getattr(trainer, "robust_stats", None)}  # the inner attack's cost, when --robust
     return path, summary
+
+
+def model_facts(model: str | None):
+    """ModelFacts of a model not loaded yet (its folder, or a Hub id's cached snapshot); None if unknown."""
+    from .pipeline_loading import local_folder
+    from .plan import ModelFacts
+
+    folder = local_folder(model)
+    return ModelFacts.from_folder(folder) if folder else None
+
+
+def plan_for(cfg: TrainConfig, hp, method_cls, facts, device: torch.device, loaded: bool):
+    """The run's RunPlan from the family's defaults and cfg's choices; refuses one that cannot fit."""
+    from .plan import make_plan
+
+    steps = cfg.steps if cfg.steps is not None else hp.steps
+    return make_plan(facts, device, precision=cfg.precision, resolution=cfg.resolution, batch=cfg.batch,
+                     ref_images=cfg.ref_images, checkpointing=cfg.gradient_checkpointing,
+                     rows=lambda b: method_cls.unet_rows(hp, b),
+                     steps=steps, ref_steps=int(cfg.options.get("ref_steps", 10)),
+                     max_memory_gib=cfg.max_memory_gib, loaded=loaded,
+                     method_n_refs=hp.n_refs, user_n_refs="n_refs" in cfg.options)
 
 
 def default_name(specs: list[ConceptSpec], method: str) -> str:
@@ -286,25 +413,47 @@ def default_name(specs: list[ConceptSpec], method: str) -> str:
 
 
 # ---------------------------------------------------------------- CLI
-LOOP_OPTIONS = ("ref_steps", "ref_guidance", "overfit_batch")  # --set keys the loop itself reads
+LOOP_OPTIONS = {"ref_steps": 10, "ref_guidance": 5.0, "overfit_batch": False}  # --set keys the loop reads, defaults
 
 
 def method_config(method_cls, options: dict):
-    """The method's Config from --set options; a key that neither the method, the loop nor --robust
-    (robust_*) knows is a typo, and fails with the method's options listed."""
+    """The method's Config from --set options. A key that neither the method, the loop nor --robust
+    (robust_*) knows is a typo and fails with the method's options listed; a value of the wrong type
+    (preserve_weight=abc) or a number that is not finite fails naming the expected type."""
+    from dataclasses import fields
+
     from .robust import RobustConfig
 
-    fields = method_cls.Config.__dataclass_fields__
-    robust = {f"robust_{k}" for k in RobustConfig.__dataclass_fields__}
-    for key in options:
-        if key not in fields and key not in LOOP_OPTIONS and key not in robust:
+    own = {f.name: f for f in fields(method_cls.Config)}
+    robust = {f"robust_{f.name}": f.default for f in fields(RobustConfig)}
+    defaults = {**{k: f.default for k, f in own.items()}, **LOOP_OPTIONS, **robust}
+    for key, value in options.items():
+        if key not in defaults:
             import difflib
 
-            known = sorted(fields) + list(LOOP_OPTIONS)
+            known = sorted(own) + list(LOOP_OPTIONS)
             close = difflib.get_close_matches(key, known + sorted(robust), n=1)
             raise PatchforgeError(f"--set {key}: not an option of {method_cls.name}"
                                   + (f" (did you mean {close[0]}?)" if close else "") + f"; options: {', '.join(known)}")
-    return method_cls.Config(**{k: v for k, v in options.items() if k in fields})
+        _check_option_type(key, value, defaults[key])
+    return method_cls.Config(**{k: v for k, v in options.items() if k in own})
+
+
+def _check_option_type(key: str, value, default) -> None:
+    """value has the type of the option's default (an int where a float is expected is fine)."""
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif default is None:  # optional numbers (robust_lr): None means the computed default
+        ok, want = _is_number(value) and math.isfinite(value), "a finite number"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif isinstance(default, float):
+        ok, want = _is_number(value) and math.isfinite(value), "a finite number"
+    else:
+        ok, want = isinstance(value, str), "a word"
+    if not ok:
+        shown = value if isinstance(value, str) else json.dumps(value)
+        raise PatchforgeError(f"--set {key}={shown}: expected {want}")
 
 
 def parse_set(items: list[str]) -> dict:
@@ -323,45 +472,64 @@ def parse_set(items: list[str]) -> dict:
 
 
 def run_command(args) -> int:
-    from .methods import get_method
+    from .concepts import concept_world
 
-    options = parse_set(args.set)
-    method_config(get_method(args.method), options)  # unknown method or option: fail before loading
+    cfg = TrainConfig(method=args.method, steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
+                      batch=args.batch, seed=args.seed, unet_targets=args.targets, text_encoder=args.text_encoder,
+                      options=parse_set(args.set), progress=not args.quiet, images=args.images,
+                      resolution=args.resolution, ref_images=args.ref_images,
+                      gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
+                      max_memory_gib=args.max_memory)
+    hp = check_train_args(cfg, model=args.model, out=args.out, concept_file=args.concept_file)  # before any load
     if not args.concept and not args.concept_file:
         raise PatchforgeError("give at least one --concept KIND:NAME or a --concept-file")
-    jobs = [[resolve(c, to=args.to, seed=args.seed) for c in args.concept]] if args.concept else []
+    world = concept_world(args.model)
+    jobs = [[resolve(c, to=args.to, seed=args.seed, world=world) for c in args.concept]] if args.concept else []
     if args.concept_file:
-        jobs += [[s] for s in load_concept_file(args.concept_file)]
+        jobs += [[s] for s in load_concept_file(args.concept_file, world=world)]
     if args.out and len(jobs) > 1:
         raise PatchforgeError("--out names one file but the concept file trains several patches: leave --out out")
     if args.images and len(jobs) > 1:
         raise PatchforgeError("--images holds one concept's images but the concept file trains several patches")
-    if args.images:
-        image_files(args.images)  # a wrong folder fails before any model is loaded
     robust = None
     if args.robust:
         try:
             from .robust import wrap_trainer as robust
         except ImportError:
             raise PatchforgeError("robust training is not available in this installation (patchforge.robust missing)") from None
-    rank, world, device = process_share(args.device)
-    tag = f"[process {rank + 1}/{world}] " if world > 1 else ""
-    mine = jobs[rank::world]
-    if world > 1:
+    rank, world_size, device = process_share(args.device)
+    tag = f"[process {rank + 1}/{world_size}] " if world_size > 1 else ""
+    mine = jobs[rank::world_size]
+    if world_size > 1:
         print(f"{tag}{len(mine)} of {len(jobs)} patches on {device}", flush=True)
-    cfg = TrainConfig(method=args.method, steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
-                      batch=args.batch, seed=args.seed, unet_targets=args.targets, text_encoder=args.text_encoder,
-                      device=device, options=options, progress=not args.quiet and rank == 0,
-                      images=args.images)
+    cfg.device, cfg.progress = device, cfg.progress and rank == 0
+    if args.dry_run:
+        from .methods import get_method
+        from .pipeline_loading import pick_device
+
+        facts = model_facts(args.model)
+        if facts is None:
+            raise PatchforgeError(f"--dry-run: nothing to plan from before loading '{args.model}' (not a folder, "
+                                  "not in the Hub cache)")
+        print(plan_for(cfg, hp, get_method(args.method), facts, pick_device(device), loaded=False).line(args.method))
+        return 0
     pipe = None
     for specs in mine:
         if pipe is None:
+            from .methods import get_method
             from .pipeline_loading import load_pipeline, pick_device
-            pipe = load_pipeline(args.model, device=str(pick_device(device)))
-        path, s = train_patch(specs, args.method, args.model, cfg, out=args.out, pipe=pipe, robust=robust)
+
+            facts = model_facts(args.model)  # a run that cannot fit is refused here, before loading
+            plan = (plan_for(cfg, hp, get_method(args.method), facts, pick_device(device), loaded=False)
+                    if facts else None)
+            pipe = load_pipeline(args.model, device=str(pick_device(device)), dtype=plan.dtype if plan else None)
+        else:
+            plan = None  # the next patch's plan: on the pipeline already loaded
+        path, s = train_patch(specs, args.method, args.model, cfg, out=args.out, pipe=pipe, robust=robust, plan=plan)
         print(f"{tag}trained {', '.join(s['concepts'])} with {s['method']}: {s['steps']} steps in {s['seconds']} s on "
-              f"{s['device']}, loss {s['first_loss']:.4g} -> {s['last_loss']:.4g}, patch {s['bytes'] / 1024:.0f} KiB -> {path}",
-              flush=True)
+              f"{s['device']} ({s['prepare_seconds']} s references, {s['step_seconds']} s/step, peak RSS "
+              f"{s['peak_rss_gib']:.1f} GiB, expected {s['expected_peak_gib']:.1f}), loss {s['first_loss']:.4g} -> "
+              f"{s['last_loss']:.4g}, patch {s['bytes'] / 1024:.0f} KiB -> {path}", flush=True)
         if s["robust"]:
             print(f"{tag}  robust: {s['robust']['inner_steps']} inner attack steps took {s['robust']['inner_seconds']:.1f} s "
                   f"of the {s['seconds']} s")

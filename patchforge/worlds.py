@@ -6,6 +6,7 @@ This is the one module outside a world's package that names it. A world is a cla
 
     name                       its key here ("toy")
     knows_model(model)         True for the base models drawn from this world: the one place that decides
+    knows_family(family)       True for a model family (plan.FAMILY_DEFAULTS key) whose models know it
     resolve(kind, name, to, seed) -> ConceptSpec or None (not one of its concepts)
     known_names(kind)          its concepts of a kind (for "did you mean" hints)
     general_prompts()          one prompt per concept: what a Fisher estimate averages over
@@ -46,6 +47,11 @@ def for_model(model) -> object | None:
     return next((w for w in all_worlds() if w.knows_model(model)), None)
 
 
+def for_family(family: str) -> object | None:
+    """The world whose models are of this family (a plan.FAMILY_DEFAULTS key), or None."""
+    return next((w for w in all_worlds() if w.knows_family(family)), None)
+
+
 def resolve(kind: str, name: str, to: str | None, seed: int):
     """The first world that knows the concept builds its spec; None when none does."""
     for w in all_worlds():
@@ -55,6 +61,7 @@ def resolve(kind: str, name: str, to: str | None, seed: int):
     return None
 
 
-def known_names(kind: str) -> list[str]:
-    return [n for w in all_worlds() for n in w.known_names(kind)]
+def known_names(kind: str, name: str | None = None) -> list[str]:
+    """Concept names of a kind in the world `name`, or in every world."""
+    return [n for w in all_worlds() if name in (None, w.name) for n in w.known_names(kind)]
 

@@ -21,6 +21,8 @@ class ConceptSpec:
     # or None where there is none. A method may hold the base's prediction there on the *same* noised
     # latent, so the patch learns what separates the concept from its neighbour, not what they share.
     contrast: list[str | None] = field(default_factory=list)
+    # prompts asking for the concept without naming it; never trained on (held out to measure generality)
+    paraphrases: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> str:

@@ -93,6 +93,12 @@ class Method:
     def loss(self, step: int):
         raise NotImplementedError
 
+    @classmethod
+    def unet_rows(cls, hp, batch: int) -> tuple[int, int]:
+        """UNet rows one step runs (with gradients, without): what the plan's memory estimate and
+        cost line count. A method whose loss() calls the UNet differently says so here."""
+        return 2 * batch, 2 * batch
+
     # ---- shared pieces
     def concept_refs(self) -> torch.Tensor:
         """Reference images of the concept as clean latents: the user's (`--images`), else the base

@@ -46,6 +46,10 @@ class AllButOne(Method):
             guide = "alternative" if has_alt else "zero"
         self.guide = guide
 
+    @classmethod
+    def unet_rows(cls, hp, batch):
+        return 4 * batch, 4 * batch  # [concept | preserve | uncond x2], patched and base
+
     def loss(self, step):
         tr, hp, b = self.tr, self.hp, self.batch
         idx = tr.pick(self.prompts, b)

@@ -33,6 +33,10 @@ class ESD(Method):
     def prepare(self):
         self.load_concept_rows()
 
+    @classmethod
+    def unet_rows(cls, hp, batch):
+        return batch, 2 * batch  # patched on the concept; base on the concept and on the empty prompt
+
     def loss(self, step):
         tr, eta = self.tr, self.hp.eta * self.specs[0].guidance
         idx = tr.pick(self.prompts, self.batch)

@@ -106,7 +106,7 @@ class AttentionRecorder:
         key = attn.head_to_batch_dim(attn.to_k(context))
         value = attn.head_to_batch_dim(attn.to_v(context))
         probs = attn.get_attention_scores(query, key, None)  # (B*heads, pixels, tokens)
-        if self.mask is not None:
+        if self.mask is not None and torch.is_grad_enabled() and len(self.mask) * attn.heads == len(probs):
             m = self.mask.repeat_interleave(attn.heads, dim=0)[:, None, :].to(probs.dtype)
             self.mass.append((probs * m).sum(-1))  # (B*heads, pixels)
         out = attn.batch_to_head_dim(torch.bmm(probs, value))
@@ -171,8 +171,17 @@ class ForgetMeNot(Method):
         for module, proc in self.saved.values():
             module.set_processor(proc)
 
+    @classmethod
+    def unet_rows(cls, hp, batch):
+        target = batch + (max(1, batch // 4) if hp.invert_steps > 0 else 0)
+        grad = target + (batch + round(hp.contrast * batch) if hp.preserve_weight > 0 else 0)
+        base = (target if hp.map_weight > 0 else 0) + (grad - target if hp.preserve_weight > 0 else 0)
+        base += target if hp.map_weight > 0 and hp.away > 0 else 0
+        return grad, base
+
     def loss(self, step):
         tr, hp, b = self.tr, self.hp, self.batch
+        self.recorder.mask = None  # no recording in whatever the robust hook runs while embedding
         idx = tr.pick(self.prompts, b)
         x_t, t, _ = tr.noised(self.refs[idx])
         prompts, anchors, mask = [self.prompts[i] for i in idx], [self.anchors[i] for i in idx], self.mask[idx]
@@ -200,7 +209,8 @@ class ForgetMeNot(Method):
         masks[:b] = mask  # preserve rows record nothing
         self.recorder.mask, self.recorder.mass = masks, []
         pred = tr.eps(x_all, t_all, c_all)
-        self.recorder.mask = None
+        # the mask stays set until the next step: gradient checkpointing re-runs these forwards during
+        # backward and must see the same operations (the recorder skips forwards without gradients)
         heads_rows = [m[: b * (m.shape[0] // len(c_all))] for m in self.recorder.mass]  # target rows only
         l_attn = torch.stack([m.pow(2).mean() for m in heads_rows]).mean()
         loss, logs = hp.attn_weight * l_attn, {"attn": l_attn}

@@ -102,6 +102,10 @@ class SelectiveAmnesia(Method):
         self.layers = [(modules[n], f) for n, f in self.fisher.items() if n in modules and has_adapter(modules[n])]
         self.n_weights = max(1, sum(f.numel() for _, f in self.layers))
 
+    @classmethod
+    def unet_rows(cls, hp, batch):
+        return 2 * batch, 0  # forget and replay rows against the true noise
+
     def loss(self, step):
         tr, hp, b = self.tr, self.hp, self.batch
         idx = tr.pick(self.prompts, b)

@@ -58,6 +58,12 @@ class ToyWorld:
         """The embedded toy model, or a toy-world pipeline folder (its judges lie beside it)."""
         return is_toy(model) or (model is not None and (Path(str(model)).parent / JUDGE_FILE).exists())
 
+    def knows_family(self, family: str) -> bool:
+        """Toy-sized models (sizes no SD release has: the toy, the tests' tiny pipelines) use its tokenizer."""
+        from ..plan import TOY_FAMILY
+
+        return family == TOY_FAMILY
+
     def judge(self, arg: str | None = None) -> ToyJudge:
         return ToyJudge(arg or None)
 

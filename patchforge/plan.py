@@ -1,0 +1,318 @@
+"""What a training run will cost, worked out before it runs: the model family and its defaults, the
+precision, and the expected peak memory, so that a run that cannot fit is refused at the start.
+
+Families. The toy model and the tiny test pipelines are "toy": their defaults are the ones every toy
+result was measured with, and never change. SD 1.x, SD 2.x and SDXL are recognised by their
+cross-attention width (768, 1024, 2048 with a second text encoder), as patch metadata names them.
+
+Peak memory (bytes), the estimate printed in the plan line and checked against what is free:
+
+    runtime      0.8 GiB                      Python, torch, diffusers, peft (measured at import)
+    weights      sum over UNet, text encoders and VAE of parameters x bytes of the chosen dtype
+    loading      the largest component's file on disk: it is memory-mapped while it is converted
+    activations  W x UNet weight bytes + rows x K x F x bytes of the dtype, where
+                 F = sum over UNet levels l of C_l x (s / 2^l)^2 x (2 L + 1) x (1 + 3 T_l)
+                 (C_l channels, s the latent side, L resnets per down block, T_l transformer layers,
+                 0 on levels without attention) counts the feature-map values of one row, and
+                 K = ACT_K (or ACT_K_CHECKPOINTED with gradient checkpointing) is the number of such
+                 values autograd keeps per row and W = WORKSPACE the backward pass's fixed workspace,
+                 both fitted on the SD 1.5-sized UNet (docs/real-models.md)
+    rows         UNet rows that run with gradients in one step (the method's unet_rows())
+
+On a GPU the weights and activations live in GPU memory and are checked against it; loading and
+runtime stay in host memory. The estimate is meant to be within ~20 %: it decides refusals, not
+allocations.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backbones import for_pipe
+from .backbones.sd_unet import SDUNet
+from .errors import PatchforgeError
+
+GIB = 2 ** 30
+RUNTIME_BYTES = int(0.8 * GIB)
+# Fitted on the SD 1.5-sized UNet in bf16, one row's forward + backward with a LoRA on text-attention K/V:
+# 0.252 GiB above the loaded model at 16x16 latents, 0.362 at 32x32 (0.291 checkpointed): a fixed
+# part of 0.13 x the UNet's weight bytes plus K values per feature-map value (docs/real-models.md)
+ACT_K = 7.0
+ACT_K_CHECKPOINTED = 3.5
+WORKSPACE = 0.13
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    resolution: int | None  # training / reference pixels; None: the checkpoint's own size
+    batch_gpu: int
+    batch_cpu: int
+    ref_images: int | None  # None: the method's own n_refs
+
+
+TOY_FAMILY = "toy"  # every model that is no SD release: the embedded toy and the tests' tiny pipelines
+# The toy's row is what every toy result was measured with: do not change it.
+FAMILY_DEFAULTS = {
+    TOY_FAMILY: FamilyDefaults(None, 8, 8, None),
+    "sd1": FamilyDefaults(512, 4, 1, 8),
+    "sd2": FamilyDefaults(None, 4, 1, 8),  # 512 or 768 (v-prediction): the checkpoint's own
+    "sdxl": FamilyDefaults(1024, 2, 1, 8),
+}
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+family_name = SDUNet.family_from_config  # the readable family of a UNet config, as patch metadata spells it
+
+
+def family_key(name: str) -> str:
+    """'sd1.x' -> 'sd1', 'sd2.x' -> 'sd2', 'sdxl' -> 'sdxl'; every other (toy-sized) family -> 'toy'."""
+    return {"sd1.x": "sd1", "sd2.x": "sd2", "sdxl": "sdxl"}.get(name, TOY_FAMILY)
+
+
+@dataclass
+class ModelFacts:
+    """What the plan needs to know about a base model, read from its folder or from a loaded pipeline."""
+    family: str  # key of FAMILY_DEFAULTS
+    family_name: str
+    denoiser: dict  # the denoiser's config (a UNet config for the SD families)
+    params: dict  # component -> parameter count
+    file_bytes: dict  # component -> bytes of its weight files (0 for a pipeline already in memory)
+    native: int  # the checkpoint's own resolution in pixels
+    vae_scale: int = 8
+
+    @classmethod
+    def from_pipe(cls, pipe) -> "ModelFacts":
+        unet_cfg = dict(for_pipe(pipe).denoiser.config)
+        name = family_name(unet_cfg, getattr(pipe, "text_encoder_2", None) is not None)
+        params = {c: sum(p.numel() for n, p in getattr(pipe, c).named_parameters() if "lora_" not in n)
+                  for c in COMPONENTS if getattr(pipe, c, None) is not None}
+        scale = getattr(pipe, "vae_scale_factor", 8)
+        return cls(family_key(name), name, unet_cfg, params, {c: 0 for c in params}, unet_cfg["sample_size"] * scale, scale)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "ModelFacts | None":
+        """From a diffusers folder without loading any weight (configs and safetensors headers);
+        None when the folder does not hold what is needed (the load will say why)."""
+        folder = Path(folder)
+        try:
+            index = json.loads((folder / "model_index.json").read_text())
+            unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        te2 = isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None
+        params, sizes = {}, {}
+        for comp in COMPONENTS:
+            files = _weight_files(folder / comp)
+            if files:
+                params[comp] = sum(_safetensors_numel(f) for f in files)
+                sizes[comp] = sum(f.stat().st_size for f in files)
+        if "unet" not in params:
+            return None
+        scale = 2 ** (len(_vae_channels(folder)) - 1) if _vae_channels(folder) else 8
+        name = family_name(unet_cfg, te2)
+        return cls(family_key(name), name, unet_cfg, params, sizes, unet_cfg.get("sample_size", 64) * scale, scale)
+
+
+def _vae_channels(folder: Path) -> list:
+    try:
+        return json.loads((folder / "vae" / "config.json").read_text()).get("block_out_channels", [])
+    except (OSError, ValueError):
+        return []
+
+
+def _weight_files(comp_dir: Path) -> list[Path]:
+    """The safetensors files diffusers loads for a component: the plain ones if any, else a variant's."""
+    if not comp_dir.is_dir():
+        return []
+    files = sorted(comp_dir.glob("*.safetensors"))
+    plain = [f for f in files if f.name.count(".") == 1]  # a variant is spelt name.fp16.safetensors
+    return plain or files
+
+
+def _safetensors_numel(path: Path) -> int:
+    """Parameter count of a safetensors file from its header alone."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    total = 0
+    for key, info in header.items():
+        if key != "__metadata__":
+            count = 1
+            for d in info["shape"]:
+                count *= d
+            total += count
+    return total
+
+
+# ---------------------------------------------------------------- precision
+def cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic on this CPU (AVX512-BF16 or AMX): there bf16 is faster than fp32, not slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_dtype(precision: str, family: str, device: torch.device) -> torch.dtype:
+    """The frozen base's dtype. auto: the toy keeps what it always used (fp32 on CPU, fp16 on CUDA);
+    real families use bf16 where the device computes it natively (CUDA with bf16, a CPU with
+    AVX512-BF16/AMX), fp16 on other GPUs, else fp32."""
+    named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision in named:
+        return named[precision]
+    if device.type == "cuda":
+        if family != TOY_FAMILY and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if device.type == "cpu" and family != TOY_FAMILY and cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+# ---------------------------------------------------------------- memory
+def feature_values(unet_cfg: dict, latent_side: int) -> int:
+    """F of the module docstring: feature-map values of one UNet row, weighted by block depth."""
+    channels = list(unet_cfg["block_out_channels"])
+    lpb = unet_cfg.get("layers_per_block", 2)
+    lpb = lpb if isinstance(lpb, int) else max(lpb)
+    depth = unet_cfg.get("transformer_layers_per_block", 1)
+    depth = [depth] * len(channels) if isinstance(depth, int) else list(depth)
+    downs = unet_cfg.get("down_block_types") or ()
+    total = 0
+    for level, c in enumerate(channels):
+        attn = level < len(downs) and "CrossAttn" in downs[level]
+        side = max(1, latent_side // 2 ** level)
+        total += c * side * side * (2 * lpb + 1) * (1 + 3 * (depth[level] if attn else 0))
+    return total
+
+
+@dataclass
+class Estimate:
+    weights: int
+    loading: int
+    activations: int
+    runtime: int = RUNTIME_BYTES
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.loading + self.activations + self.runtime
+
+    def device_total(self, device: torch.device) -> int:
+        """What must fit in the device's memory: on a GPU, weights and activations only."""
+        return self.weights + self.activations if device.type == "cuda" else self.total
+
+    def parts(self) -> str:
+        return (f"weights {self.weights / GIB:.1f} + activations {self.activations / GIB:.1f} + "
+                f"loading {self.loading / GIB:.1f} + runtime {self.runtime / GIB:.1f} GiB")
+
+
+def estimate(facts: ModelFacts, dtype: torch.dtype, resolution: int, grad_rows: int, checkpointing: bool,
+             loaded: bool = False) -> Estimate:
+    nbytes = torch.finfo(dtype).bits // 8
+    weights = sum(facts.params.values()) * nbytes
+    loading = 0 if loaded else max(facts.file_bytes.values(), default=0)
+    k = ACT_K_CHECKPOINTED if checkpointing else ACT_K
+    acts = int(grad_rows * k * feature_values(facts.denoiser, resolution // facts.vae_scale) * nbytes)
+    acts += int(WORKSPACE * facts.params["unet"] * nbytes) if grad_rows else 0
+    return Estimate(weights, loading, acts)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the run may use: free GPU memory, or the host's MemAvailable plus what this process holds."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        avail = int(meminfo.split("MemAvailable:")[1].split()[0]) * 1024
+        own = int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
+        return avail + own
+    except (OSError, IndexError, ValueError):
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far (bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def check_resolution(resolution: int, facts: ModelFacts) -> None:
+    """The UNet halves the latent side once per level: it must divide evenly."""
+    step = facts.vae_scale * 2 ** (len(facts.denoiser["block_out_channels"]) - 1)
+    if resolution % step:
+        raise PatchforgeError(f"--resolution {resolution}: this {facts.family_name} model needs a multiple of {step} "
+                              f"(e.g. {max(step, resolution // step * step)})")
+
+
+# ---------------------------------------------------------------- the plan
+@dataclass
+class RunPlan:
+    family: str
+    family_name: str
+    dtype: torch.dtype
+    resolution: int
+    batch: int
+    ref_images: int
+    ref_steps: int
+    checkpointing: bool
+    grad_rows: int
+    nograd_rows: int
+    steps: int
+    estimate: Estimate
+    budget: int
+    device: torch.device
+    capped: bool = False  # budget from --max-memory
+
+    def line(self, method: str) -> str:
+        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, str(self.dtype))
+        side = self.resolution // 8
+        return (f"plan: {method} on {self.family_name}, {self.resolution} px ({side}x{side} latents), {dtype} weights "
+                f"+ fp32 LoRA, batch {self.batch}: {self.steps} steps x {self.grad_rows} UNet rows with gradients "
+                f"+ {self.nograd_rows} without; {self.ref_images} reference images x {self.ref_steps} denoising steps; "
+                f"gradient checkpointing {'on' if self.checkpointing else 'off'}; expected peak "
+                f"{self.estimate.device_total(self.device) / GIB:.1f} GiB of {self.budget / GIB:.1f} GiB "
+                f"{'allowed' if self.capped else 'free'} on {self.device.type}")
+
+
+
+def make_plan(facts: ModelFacts, device: torch.device, *, precision: str, resolution: int | None, batch: int | None,
+              ref_images: int | None, checkpointing: bool | None, rows, steps: int, ref_steps: int,
+              max_memory_gib: float | None, loaded: bool, method_n_refs: int, user_n_refs: bool) -> RunPlan:
+    """Resolve the family defaults for what the user left open and check that the run fits.
+
+    rows(batch) -> (UNet rows with gradients, rows without) per step. method_n_refs: the method's
+    n_refs; user_n_refs: the user set it (--set n_refs=N), so the family default does not override it.
+    Raises PatchforgeError (one line, with the estimate) when the run cannot fit."""
+    defaults = FAMILY_DEFAULTS[facts.family]
+    dtype = choose_dtype(precision, facts.family, device)
+    res = resolution or defaults.resolution or facts.native
+    check_resolution(res, facts)
+    b = batch or (defaults.batch_gpu if device.type == "cuda" else defaults.batch_cpu)
+    if ref_images:
+        n_refs = ref_images
+    elif user_n_refs or defaults.ref_images is None:
+        n_refs = method_n_refs
+    else:
+        n_refs = defaults.ref_images
+    grad_rows, nograd_rows = rows(b)
+    budget = int(max_memory_gib * GIB) if max_memory_gib else available_memory(device)
+    fits_without = estimate(facts, dtype, res, grad_rows, False, loaded).device_total(device) <= budget
+    ck = checkpointing if checkpointing is not None else not fits_without
+    est = estimate(facts, dtype, res, grad_rows, ck, loaded)
+    plan = RunPlan(facts.family, facts.family_name, dtype, res, b, n_refs, ref_steps, ck, grad_rows, nograd_rows,
+                   steps, est, budget, device, bool(max_memory_gib))
+    if est.device_total(device) > budget:
+        where = "allowed by --max-memory" if max_memory_gib else f"free on this {device.type}"
+        raise PatchforgeError(
+            f"this run does not fit: it needs about {est.device_total(device) / GIB:.1f} GiB ({est.parts()}) but "
+            f"{budget / GIB:.1f} GiB are {where}; lower --resolution (now {res}) or --batch (now {b})"
+            + ("" if ck else ", add --gradient-checkpointing") + (", or use --precision bf16" if dtype == torch.float32 else ""))
+    return plan
