@@ -39,6 +39,29 @@ def make_patches(pipe, folder: Path, n: int) -> list[Path]:
     return paths
 
 
+def load_patches(pipe, paths) -> float:
+    """Seconds to load every patch with load_forget_patch, all active (then unloaded again)."""
+    t = time.perf_counter()
+    for p in paths:
+        loading.load_forget_patch(pipe, p)
+    dt = time.perf_counter() - t
+    assert len(pipe.get_active_adapters()) == len(paths)
+    loading.unload_forget_patches(pipe)
+    return dt
+
+
+def load_plain_loras(pipe, paths) -> float:
+    """diffusers alone: the same files loaded one after another with load_lora_weights, then
+    set_adapters once so all are active (then unloaded again)."""
+    t = time.perf_counter()
+    for i, p in enumerate(paths):
+        pipe.load_lora_weights(str(p), adapter_name=f"plain{i}")
+    pipe.set_adapters([f"plain{i}" for i in range(len(paths))])
+    dt = time.perf_counter() - t
+    pipe.unload_lora_weights()
+    return dt
+
+
 def timed(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -66,28 +89,8 @@ def main() -> None:
         pipe.unload_lora_weights()
         return dt
 
-    def patches(n: int):
-        def run() -> float:
-            t = time.perf_counter()
-            for p in paths[:n]:
-                loading.load_forget_patch(pipe, p)
-            dt = time.perf_counter() - t
-            assert len(pipe.get_active_adapters()) == n
-            loading.unload_forget_patches(pipe)
-            return dt
-        return run
-
-    def plain_stack(n: int):
-        # diffusers alone, for context: n LoRAs loaded one after another, then set_adapters once
-        def run() -> float:
-            t = time.perf_counter()
-            for i, p in enumerate(paths[:n]):
-                pipe.load_lora_weights(str(p), adapter_name=f"plain{i}")
-            pipe.set_adapters([f"plain{i}" for i in range(n)])
-            dt = time.perf_counter() - t
-            pipe.unload_lora_weights()
-            return dt
-        return run
+    patches = lambda n: lambda: load_patches(pipe, paths[:n])  # noqa: E731
+    plain_stack = lambda n: lambda: load_plain_loras(pipe, paths[:n])  # noqa: E731
 
     base = timed(plain, args.repeats)
     rows = [("1 plain LoRA (diffusers `load_lora_weights`)", 1, base)]

@@ -15,6 +15,7 @@ _LAZY = {
     "unload_forget_patches": "patchforge.loading",
     "fuse_forget_patches": "patchforge.loading",
     "unfuse_forget_patches": "patchforge.loading",
+    "bake_forget_patches": "patchforge.loading",
     "save_patch_from_pipeline": "patchforge.patch_format",
     "read_patch": "patchforge.patch_format",
     "merge_patches": "patchforge.patch_format",

@@ -62,8 +62,10 @@ def _train(sub) -> None:
                    help="concept to erase: style|object|identity|color|nudity|custom:NAME "
                         "(repeat for several in one patch)")
     p.add_argument("--concept-file", default=None, help="YAML concept file (LECO-like); one patch per entry")
+    p.add_argument("--one-patch", action="store_true",
+                   help="one patch erasing every concept of --concept-file (and --concept) instead of one per entry")
     p.add_argument("--to", default=None, help="alternative the concept maps to (e.g. \"impressionist painting\")")
-    p.add_argument("--method", default="fmn", help="fmn (default), sa, aob, redact, esd")
+    p.add_argument("--method", default="fmn", help="fmn (default), sa, aob, redact, esd, uce (closed form, no steps)")
     p.add_argument("--model", default=None, help="diffusers SD 1.x/2.x/SDXL folder or repo id (default: the toy model)")
     p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--lr", type=positive_float, default=None)

@@ -103,6 +103,9 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
         sub = subset(base, idx, seeds)
         patch = read_patch(path)
         rep = _report(judge, rows, seeds, sub, patched, real, white_box)
+        rep["metrics"].update(_out_of_sample(rows, seeds, sub, patched, trained_prompts(path)))
+        if len(targets) > 1:
+            rep["by_concept"] = _by_concept(rows, seeds, sub, patched)
         rep["patch"] = {"path": str(path), "concepts": targets, "method": patch.method,
                         "bytes": path.stat().st_size, "base_model": patch.metadata.get(K_BASE_ID)}
         rep["cost"] = {"patch_bytes": path.stat().st_size,
@@ -126,6 +129,51 @@ def _float(x):
         return float(x)
     except (TypeError, ValueError):
         return None
+
+
+def trained_prompts(path) -> set[str] | None:
+    """Every prompt the patch's method saw (targets, anchors, preserve), rebuilt from its metadata
+    the way training built them; None when its concepts cannot be resolved here (custom files)."""
+    from .concepts import merge, resolve
+    from .errors import UnknownConcept
+    from .patch_format import K_CONCEPTS, K_SEED, read_patch
+
+    md = read_patch(path).metadata
+    try:
+        seed = int(md.get(K_SEED, 0))
+        tos = {c["name"]: c.get("to") for c in json.loads(md.get(K_CONCEPTS) or "[]")}
+        specs = [resolve(c, to=tos.get(c.split(":", 1)[-1]), seed=seed) for c in patch_concepts(path, qualified=True)]
+    except (UnknownConcept, ValueError):
+        return None
+    sets = merge(specs)
+    return set(sets["target"]) | set(sets["anchor"]) | set(sets["preserve"]) | {c for c in sets["contrast"] if c}
+
+
+def _out_of_sample(rows, seeds, base: Generated, patched: Generated, trained: set[str] | None) -> dict:
+    """Neighbour and other-kind retention on the prompts the method never trained to hold (the
+    plain specificity metrics include prompts that are also in its preserve set)."""
+    if trained is None:
+        return {}
+    expanded = [r for r in rows for _ in range(seeds)]
+    out = {}
+    for key, what in (("neighbour", "specificity.neighbours"), ("other_kind", "specificity.other_kinds")):
+        m = np.array([r.set == key and r.prompt not in trained for r in expanded])
+        out[f"{what}.out_of_sample"] = metric(base.scores["hit"][m], patched.scores["hit"][m], "higher",
+                                              SETS[what][3] + ", prompts not among those the patch trained on")
+    return out
+
+
+def _by_concept(rows, seeds, base: Generated, patched: Generated) -> dict:
+    """Efficacy and generality of each concept a multi-concept patch erases (its own rows of the run)."""
+    expanded = [r for r in rows for _ in range(seeds)]
+    out = {}
+    for c in dict.fromkeys(r.concept for r in rows if r.set == "efficacy"):
+        out[c] = {}
+        for key in ("efficacy", "generality"):
+            s, fld, better, what = SETS[key]
+            m = np.array([r.set == s and r.concept == c for r in expanded])
+            out[c][key] = metric(base.scores[fld][m], patched.scores[fld][m], better, what)
+    return out
 
 
 def _report(judge, rows, seeds, base: Generated, patched: Generated, real, white_box) -> dict:

@@ -485,6 +485,17 @@ def fuse_forget_patches(pipe) -> None:
         pipe.fuse_lora(components=comps, lora_scale=1.0)
 
 
+def bake_forget_patches(pipe) -> None:
+    """Fuse the active adapters into the base weights and drop every LoRA layer: from then on the
+    pipeline runs at exactly the base model's cost per image. Irreversible in this pipeline (reload
+    the base to undo); the user's own LoRAs are baked in too."""
+    fuse_forget_patches(pipe)
+    models = _models(pipe)
+    if _adapters(models):
+        pipe.unload_lora_weights()  # diffusers keeps fused weights when it removes the layers
+    _registry(models).clear()
+
+
 def unfuse_forget_patches(pipe) -> None:
     """Undo fuse_forget_patches: the kept base weights come back bit for bit."""
     models = _models(pipe)
@@ -503,6 +514,7 @@ METHODS = {
     "unload_forget_patch": unload_forget_patch,
     "unload_forget_patches": unload_forget_patches,
     "fuse_forget_patches": fuse_forget_patches,
+    "bake_forget_patches": bake_forget_patches,
     "unfuse_forget_patches": unfuse_forget_patches,
 }
 

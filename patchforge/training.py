@@ -330,14 +330,20 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
 
     unet_targets = cfg.unet_targets if cfg.unet_targets is not None else hp.unet_targets
     text_encoder = cfg.text_encoder if cfg.text_encoder is not None else hp.text_encoder
-    alpha = cfg.alpha if cfg.alpha is not None else float(cfg.rank)
-    params = inject_lora(trainer, None if unet_targets == "none" else unet_targets, text_encoder, cfg.rank, alpha)
+    closed = runner.closed_form  # solved, not trained: its rank comes from the solution, no steps
+    rank = runner.lora_rank() or cfg.rank
+    if closed:
+        steps, unet_targets, text_encoder = 0, hp.unet_targets, False
+    alpha = cfg.alpha if cfg.alpha is not None else float(rank)
+    params = inject_lora(trainer, None if unet_targets == "none" else unet_targets, text_encoder, rank, alpha)
     if plan.checkpointing:
         trainer.denoiser.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses = []
+    losses, solved = [], {}
     try:
         runner.start()
+        if closed:
+            solved = runner.solve(alpha / rank)
         t_loop = time.time()
         bar = tqdm(range(steps), desc=f"train {cfg.method}", disable=not cfg.progress, leave=False)
         for step in bar:
@@ -355,11 +361,12 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
         runner.finish()
         seconds = time.time() - t0
         names = [s.key for s in specs]
-        hparams = {"steps": steps, "lr": lr, "rank": cfg.rank, "alpha": alpha, "batch": cfg.batch,
+        hparams = {"steps": steps, "lr": lr, "rank": rank, "alpha": alpha, "batch": cfg.batch,
                    "grad_clip": cfg.grad_clip, "unet_targets": unet_targets, "text_encoder": text_encoder,
                    "reference_images": "user" if cfg.images else "base model",
                    **({"resolution": plan.resolution} if plan.resolution != trainer.native else {}),
-                   **{k: v for k, v in asdict(hp).items() if k not in ("steps", "lr")}}
+                   **{k: v for k, v in asdict(hp).items() if k not in ("steps", "lr")},
+                   **{f"solve_{k}": v for k, v in solved.items()}}  # closed form: rank and residual error
         metadata = {K_CONCEPT: "; ".join(names), K_CONCEPTS: json.dumps([s.to_json() for s in specs]),
                     K_METHOD: cfg.method, K_HPARAMS: json.dumps(hparams), K_SECONDS: f"{seconds:.1f}",
                     K_DEVICE: str(device), K_SEED: str(cfg.seed), K_BASE_ID: model_id(model)}
@@ -373,12 +380,14 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
         if plan.checkpointing:
             trainer.denoiser.disable_gradient_checkpointing()
         remove_lora(trainer)
+    written = time.time() - t0  # with a loaded pipe: from model loaded to patch written
     size = path.stat().st_size
     from .plan import peak_rss
 
     summary = {"concepts": names, "method": cfg.method, "steps": steps, "seconds": round(seconds, 1),
                "prepare_seconds": round(prepare_seconds, 1), "step_seconds": round(step_seconds, 2),
                "peak_rss_gib": round(peak_rss() / 2**30, 2), "expected_peak_gib": round(plan.estimate.total / 2**30, 2),
+               "seconds_to_written": round(written, 3), "rank": rank, "solve": solved or None,
                "bytes": size, "path": str(path), "device": str(device), "first_loss": losses[0] if losses else None,
                "last_loss": sum(losses[-5:]) / max(1, len(losses[-5:])) if losses else None, "losses": losses,
                "robust": getattr(trainer, "robust_stats", None)}  # the inner attack's cost, when --robust
@@ -487,6 +496,8 @@ def run_command(args) -> int:
     jobs = [[resolve(c, to=args.to, seed=args.seed, world=world) for c in args.concept]] if args.concept else []
     if args.concept_file:
         jobs += [[s] for s in load_concept_file(args.concept_file, world=world)]
+    if args.one_patch:
+        jobs = [[s for job in jobs for s in job]]
     if args.out and len(jobs) > 1:
         raise PatchforgeError("--out names one file but the concept file trains several patches: leave --out out")
     if args.images and len(jobs) > 1:
@@ -513,7 +524,7 @@ def run_command(args) -> int:
                                   "not in the Hub cache)")
         print(plan_for(cfg, hp, get_method(args.method), facts, pick_device(device), loaded=False).line(args.method))
         return 0
-    pipe = None
+    pipe, t_all, written = None, time.time(), []
     for specs in mine:
         if pipe is None:
             from .methods import get_method
@@ -526,14 +537,28 @@ def run_command(args) -> int:
         else:
             plan = None  # the next patch's plan: on the pipeline already loaded
         path, s = train_patch(specs, args.method, args.model, cfg, out=args.out, pipe=pipe, robust=robust, plan=plan)
-        print(f"{tag}trained {', '.join(s['concepts'])} with {s['method']}: {s['steps']} steps in {s['seconds']} s on "
-              f"{s['device']} ({s['prepare_seconds']} s references, {s['step_seconds']} s/step, peak RSS "
-              f"{s['peak_rss_gib']:.1f} GiB, expected {s['expected_peak_gib']:.1f}), loss {s['first_loss']:.4g} -> "
-              f"{s['last_loss']:.4g}, patch {s['bytes'] / 1024:.0f} KiB -> {path}", flush=True)
+        print(f"{tag}{summary_line(s)} -> {path}", flush=True)
+        written.append(s)
         if s["robust"]:
             print(f"{tag}  robust: {s['robust']['inner_steps']} inner attack steps took {s['robust']['inner_seconds']:.1f} s "
                   f"of the {s['seconds']} s")
+    if len(written) > 1:
+        print(f"{tag}{len(written)} patches, {sum(len(s['concepts']) for s in written)} concepts in "
+              f"{time.time() - t_all:.1f} s (one model load; {sum(s['bytes'] for s in written) / 1024:.0f} KiB)")
     return 0
+
+
+def summary_line(s: dict) -> str:
+    """One line for a written patch: steps and loss, or the closed form's rank and residual."""
+    if s["solve"]:
+        how = (f"solved in closed form in {s['seconds_to_written']:.2f} s on {s['device']}: rank {s['rank']}, "
+               f"residual {s['solve']['residual']:.2%} of the exact edit")
+    else:
+        how = (f"{s['steps']} steps in {s['seconds']} s on {s['device']} ({s['prepare_seconds']} s references, "
+               f"{s['step_seconds']} s/step, peak RSS {s['peak_rss_gib']:.1f} GiB, expected "
+               f"{s['expected_peak_gib']:.1f}), loss "
+               + (f"{s['first_loss']:.4g} -> {s['last_loss']:.4g}" if s["losses"] else "n/a"))
+    return f"trained {', '.join(s['concepts'])} with {s['method']}: {how}, patch {s['bytes'] / 1024:.0f} KiB"
 
 
 def process_share(device: str | None) -> tuple[int, int, str | None]:

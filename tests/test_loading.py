@@ -150,3 +150,20 @@ def test_sources_folder_and_weight_name(tmp_path):
     patchforge.load_forget_patch(pipe, tmp_path / "sub", weight_name="other.safetensors", adapter_name="b",
                                 allow_duplicate=True)  # the same file twice: refused unless asked
     assert len(patchforge.list_forget_patches(pipe)) == 2
+
+
+def test_bake_keeps_the_stack_and_drops_the_lora_layers():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    pipe = BUILDERS["sd1"]()
+    p1, p2, _ = cached_patches("sd1")
+    patchforge.load_forget_patch(pipe, p1)
+    patchforge.load_forget_patch(pipe, p2, weight=0.5)
+    stacked = run(pipe)
+    patchforge.bake_forget_patches(pipe)
+    assert torch.allclose(run(pipe), stacked, atol=1e-4)  # the same images ...
+    assert not any(isinstance(m, BaseTunerLayer) for c in (pipe.unet, pipe.text_encoder) for m in c.modules())
+    assert patchforge.list_forget_patches(pipe) == []  # ... from plain layers, nothing left to unload
+    with pytest.warns(UserWarning, match="other weights"):  # baked weights are no longer the base's
+        patchforge.load_forget_patch(pipe, p1)
+    assert len(patchforge.list_forget_patches(pipe)) == 1

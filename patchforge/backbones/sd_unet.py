@@ -142,12 +142,17 @@ class SDUNet:
     def load_lora(self, state_dict: dict, adapter_name: str, metadata: dict, components) -> None:
         """Hand a patch's flat state dict to diffusers' own per-component loaders; `metadata`: the LoRA
         config per component ("unet.r", ...), as patchforge rebuilt it."""
+        try:  # what load_lora_weights passes: PEFT then builds the LoRA layers empty instead of initialising
+            # them (the file overwrites them anyway), which is most of the cost of a load
+            from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA as low_mem
+        except ImportError:
+            low_mem = False
         pipe = self.pipe
         if self.denoiser_name in components:
             pipe.load_lora_into_unet(state_dict, network_alphas=None, unet=pipe.unet, adapter_name=adapter_name,
-                                     metadata=metadata, _pipeline=pipe)
+                                     metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=low_mem)
         for comp in self.components[1:]:
             if comp in components:
                 pipe.load_lora_into_text_encoder(state_dict, network_alphas=None, text_encoder=getattr(pipe, comp),
                                                  prefix=comp, lora_scale=1.0, adapter_name=adapter_name,
-                                                 metadata=metadata, _pipeline=pipe)
+                                                 metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=low_mem)

@@ -8,6 +8,10 @@ with four hooks the shared loop (patchforge/training.py) calls:
     loss(step)  -> (scalar loss, {name: value} to show in the progress bar)
     finish()    undo what start() did
 
+A closed-form method (closed_form = True, e.g. uce) has no loss: after prepare() it names the LoRA
+rank it needs (lora_rank()), and the loop calls solve(scale) once, which writes the LoRA weights and
+returns what to report, instead of running steps.
+
 Methods never own a loop, never save files and never look at a judge.
 """
 from __future__ import annotations
@@ -73,6 +77,7 @@ class MethodConfig:
 class Method:
     Config = MethodConfig
     name = "?"
+    closed_form = False  # True: lora_rank() and solve() replace the training steps
 
     def __init__(self, hp, trainer, specs, prompts: dict):
         self.hp, self.tr, self.specs = hp, trainer, specs
@@ -98,6 +103,14 @@ class Method:
         """UNet rows one step runs (with gradients, without): what the plan's memory estimate and
         cost line count. A method whose loss() calls the UNet differently says so here."""
         return 2 * batch, 2 * batch
+
+    def lora_rank(self) -> int | None:
+        """A closed-form method's LoRA rank, known after prepare(); None: the loop's --rank."""
+        return None
+
+    def solve(self, scale: float) -> dict:
+        """Closed form: write the LoRA weights (B·A·scale is the edit) and return what to report."""
+        raise NotImplementedError
 
     # ---- shared pieces
     def concept_refs(self) -> torch.Tensor:

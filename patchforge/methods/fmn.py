@@ -80,6 +80,10 @@ class FMNConfig(MethodConfig):
     # <v> columns re-steered and mapped like the name's. 0 = off. SD 1.x / 2.x.
     invert_steps: int = 0
     invert_tokens: int = 2
+    # warm start: "uce" sets the LoRA to the rank-r truncation of uce's closed-form edit of the same
+    # concepts (methods/uce.py) before the first step, so the steps refine an erasure instead of
+    # starting from none; "" = the usual start (B = 0)
+    warm_start: str = ""
 
 
 class AttentionRecorder:
@@ -159,6 +163,8 @@ class ForgetMeNot(Method):
         return Cond(emb), mask
 
     def start(self):
+        if self.hp.warm_start:
+            self.warm_start()
         kept = self.preserve + [c for c in dict.fromkeys(self.contrast_prompts) if c]
         self.keeper = ProjectionKeeper.build(self.tr, kept) if self.hp.keep_weight > 0 else None
         # record only in the text attention (cross-attention); self-attention keeps its fast processor
@@ -166,6 +172,24 @@ class ForgetMeNot(Method):
         for name, module in self.tr.backbone.text_attention():
             self.saved[name] = (module, module.processor)
             module.set_processor(self.recorder)
+
+    def warm_start(self):
+        from ..core.lora import ADAPTER, adapters_off, has_adapter
+        from .uce import UCE
+
+        if self.hp.warm_start != "uce":
+            raise PatchforgeError(f"fmn warm_start must be 'uce' or empty, not {self.hp.warm_start!r}")
+        prompts = {"target": self.target, "anchor": self.anchor, "preserve": self.preserve, "words": self.words}
+        uce = UCE(UCE.Config(), self.tr, self.specs, prompts)
+        with adapters_off([self.tr.denoiser]):
+            uce.prepare()
+        layers = [m for _, m in self.tr.backbone.text_kv()]
+        if not layers or not all(has_adapter(m) for m in layers):
+            raise PatchforgeError("fmn warm_start=uce needs the LoRA on the text K/V projections "
+                                  "(--targets xattn-kv or xattn)")
+        lora = layers[0]
+        uce.rank = lora.lora_A[ADAPTER].weight.shape[0]  # as many of its directions as this LoRA holds
+        uce.solve(lora.scaling[ADAPTER])
 
     def finish(self):
         for module, proc in self.saved.values():

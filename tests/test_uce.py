@@ -1,0 +1,145 @@
+"""uce, the closed-form method: a valid patch that loads and changes output, an SVD factoring that
+reproduces the exact edit within the error it reports, and the edit being the least-squares optimum."""
+import json
+
+import pytest
+import torch
+
+from patchforge.training import TrainConfig, train_patch
+from tiny_pipelines import run, tiny_sd1, tiny_sd2_vpred
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCHFORGE_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+
+
+def prepared_uce(pipe, options: dict | None = None, concepts=("custom:a photo of a cat",)):
+    """A uce runner after prepare() (the exact deltas and their SVD), as train_patch builds it."""
+    from patchforge.concepts import merge, resolve
+    from patchforge.methods import get_method
+    from patchforge.training import Trainer
+
+    cls = get_method("uce")
+    specs = [resolve(c) for c in concepts]
+    runner = cls(cls.Config(**(options or {})), Trainer(pipe, TrainConfig(progress=False), torch.device("cpu")),
+                 specs, merge(specs))
+    runner.prepare()
+    return runner
+
+
+def test_uce_writes_a_patch_that_loads_and_changes_output(tmp_path):
+    from patchforge.loading import load_forget_patch, unload_forget_patches
+    from patchforge.patch_format import read_patch
+
+    pipe = tiny_sd1()
+    path, s = train_patch(["custom:a photo of a cat"], "uce", None, TrainConfig(progress=False),
+                          out=tmp_path / "p.safetensors", pipe=pipe)
+    patch = read_patch(path)  # validates
+    hp = json.loads(patch.metadata["patchforge.hyperparameters"])
+    cfg = patch.lora_configs["unet"]
+    assert patch.method == "uce" and s["steps"] == 0 and s["losses"] == []
+    assert hp["rank"] == cfg["r"] == s["rank"] and hp["alpha"] == cfg["lora_alpha"]
+    assert 0 <= hp["solve_residual"] < 0.05 and hp["solve_rank"] == s["rank"]
+    assert all(m.endswith(("attn2.to_k", "attn2.to_v")) for m in patch.modules("unet"))
+    assert not getattr(pipe.unet, "peft_config", None) or "forget" not in pipe.unet.peft_config  # pipe left clean
+    before = run(pipe)
+    load_forget_patch(pipe, path)
+    assert not torch.allclose(before, run(pipe))
+    unload_forget_patches(pipe)
+    assert torch.equal(before, run(pipe))
+
+
+@pytest.mark.parametrize("alpha", [None, 3.0])
+def test_svd_factoring_reproduces_the_exact_edit_within_the_reported_error(tmp_path, alpha):
+    from patchforge.patch_format import read_patch
+
+    pipe = tiny_sd2_vpred()
+    options = {"energy": 0.9, "max_rank": 3}  # truncate hard, so there is an error to report
+    exact = prepared_uce(pipe, options).deltas
+    cfg = TrainConfig(progress=False, alpha=alpha, options=options)
+    path, s = train_patch(["custom:a photo of a cat"], "uce", None, cfg, out=tmp_path / "p.safetensors", pipe=pipe)
+    patch = read_patch(path)
+    num = den = worst = 0.0
+    for name, delta in exact.items():
+        err = float((patch.delta("unet", name) - delta).norm())
+        num, den, worst = num + err ** 2, den + float(delta.norm()) ** 2, max(worst, err / float(delta.norm()))
+    assert s["rank"] <= 3 and set(exact) == set(patch.modules("unet"))
+    assert (num / den) ** 0.5 == pytest.approx(s["solve"]["residual"], rel=1e-3, abs=1e-6)
+    assert worst == pytest.approx(s["solve"]["residual_max_layer"], rel=1e-3, abs=1e-6)
+    assert s["solve"]["residual"] > 1e-4  # the truncation did leave something, and it was measured
+    full = train_patch(["custom:a photo of a cat"], "uce", None, TrainConfig(progress=False, options={"energy": 1.0, "max_rank": 64}),
+                       out=tmp_path / "full.safetensors", pipe=pipe)[1]
+    assert full["solve"]["residual"] < 1e-4  # all of the spectrum: the exact edit
+
+
+def test_uce_edit_is_the_ridge_least_squares_optimum():
+    """The gradient of  sum_e |W c_e - v*_e|^2 + pw sum_p |W c_p - W0 c_p|^2 + lam |W - W0|^2  vanishes."""
+    pipe = tiny_sd1()
+    opts = {"preserve_weight": 2.0, "away": 0.5, "ridge": 0.05}
+    runner = prepared_uce(pipe, opts)
+    tr = runner.tr
+    c = tr.embed(runner.target, base=True).emb.double().flatten(0, 1)
+    a = tr.embed(runner.anchor, base=True).emb.double().flatten(0, 1)
+    p = tr.embed(list(dict.fromkeys(runner.preserve + [""])), base=True).emb.double().flatten(0, 1)
+    cov = c.T @ c + 2.0 * p.T @ p
+    lam = 0.05 * float(cov.diagonal().mean())
+    modules = dict(pipe.unet.named_modules())
+    for name, delta in runner.deltas.items():
+        w0 = modules[name].weight.detach().double()
+        w = w0 + delta.double()
+        goal = a @ w0.T - 0.5 * (c @ w0.T - a @ w0.T)
+        grad = (c @ w.T - goal).T @ c + 2.0 * (p @ (w - w0).T).T @ p + lam * (w - w0)
+        scale = float(((c @ w0.T - goal).T @ c).norm())
+        assert float(grad.norm()) < 1e-4 * scale, name
+
+
+def test_uce_rank_comes_from_the_spectrum_and_respects_the_cap():
+    pipe = tiny_sd1()
+    loose, tight = prepared_uce(pipe, {"energy": 0.5}), prepared_uce(pipe, {"energy": 0.9999})
+    assert 1 <= loose.lora_rank() < tight.lora_rank()
+    assert prepared_uce(pipe, {"energy": 0.9999, "max_rank": 2}).lora_rank() == 2
+
+
+def test_cli_concept_file_one_patch_or_one_per_concept(tmp_path, capsys):
+    from patchforge.cli import main
+    from patchforge.patch_format import read_patch
+
+    folder = tmp_path / "tiny"
+    tiny_sd1().save_pretrained(folder)
+    roster = tmp_path / "roster.yaml"
+    roster.write_text('- target: "a cat"\n- target: "a dog"\n- target: "a horse"\n')
+    out = tmp_path / "one.safetensors"
+    base = ["train", "--concept-file", str(roster), "--model", str(folder), "--method", "uce", "--quiet", "--device", "cpu"]
+    assert main(base + ["--one-patch", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "solved in closed form" in text and "residual" in text
+    assert len(json.loads(read_patch(out).metadata["patchforge.concepts"])) == 3
+    assert main(base + ["--out", str(out)]) == 2  # three patches cannot share one --out
+    capsys.readouterr()
+    folder_out = tmp_path / "each"
+    folder_out.mkdir()
+    import os
+    cwd = os.getcwd()
+    os.chdir(folder_out)
+    try:
+        assert main(base) == 0
+    finally:
+        os.chdir(cwd)
+    assert len(list((folder_out / "patches").glob("*.uce.safetensors"))) == 3
+    assert "3 patches, 3 concepts" in capsys.readouterr().out
+
+
+def test_fmn_warm_start_begins_from_the_uce_edit(tmp_path):
+    from patchforge.patch_format import read_patch
+
+    pipe = tiny_sd1()
+    factors = prepared_uce(pipe).factors
+    # one step at a negligible learning rate (steps must be >= 1): AdamW moves each weight by ~lr
+    cfg = TrainConfig(steps=1, lr=1e-12, rank=4, progress=False,
+                      options={"warm_start": "uce", "ref_steps": 2, "n_refs": 2})
+    path, _ = train_patch(["custom:a photo of a cat"], "fmn", None, cfg, out=tmp_path / "p.safetensors", pipe=pipe)
+    patch = read_patch(path)
+    for name, (u, s, vh) in factors.items():  # (almost) no step taken: the LoRA is uce's rank-4 truncation
+        assert torch.allclose(patch.delta("unet", name), (u[:, :4] * s[:4]) @ vh[:4], atol=1e-5), name
