@@ -150,7 +150,8 @@ def _generate(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--guidance", type=finite_float, default=5.0)
     p.add_argument("--batch", type=positive_int, default=1, help="images, seeds seed, seed+1, ...")
-    p.add_argument("--grid", type=nonnegative_int, default=0, help="columns of the output grid (default: all in one row)")
+    p.add_argument("--grid", type=nonnegative_int, default=0,
+                   help="columns of the output grid (default: all in one row)")
     p.add_argument("--device", default=None)
     p.set_defaults(run="patchforge.generate:run_command")
 
@@ -207,7 +208,8 @@ VERBS = {"train": _train, "concepts": _concepts, "eval": _eval, "attack": _attac
 
 
 def build_parser(verb: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="patchforge", description="Forget patches for text-to-image diffusion models.")
+    parser = argparse.ArgumentParser(prog="patchforge",
+                                     description="Forget patches for text-to-image diffusion models.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for declare in dict.fromkeys(VERBS.values()):
         declare(sub)

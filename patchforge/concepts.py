@@ -170,8 +170,9 @@ def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0, world
         return _custom(name, to)
     candidates = known_names(kind, world)
     if found is not None:  # world == REAL
-        raise UnknownConcept(f"'{spec}' is a {found.world}-world concept and this is a real model: real {kind} concepts are "
-                             f"{', '.join(candidates) or 'none'}; use custom:\"your words\" or --concept-file for others")
+        raise UnknownConcept(f"'{spec}' is a {found.world}-world concept and this is a real model: "
+                             f"real {kind} concepts are {', '.join(candidates) or 'none'}; "
+                             "use custom:\"your words\" or --concept-file for others")
     # the right name under another kind first (color:circle -> object:circle), then spelling
     close = [f"{k}:{n}" for k in KINDS for n in known_names(k, world) if _norm(n) == key]
     close = close or difflib.get_close_matches(key, [_norm(c) for c in candidates], n=3, cutoff=0.5)
@@ -323,4 +324,5 @@ def run_command(args) -> int:
     return 0
 
 
-__all__ = ["CATALOG", "ConceptSpec", "asdict", "concept_world", "describe", "listing", "load_concept_file", "merge", "parse", "resolve"]
+__all__ = ["CATALOG", "ConceptSpec", "asdict", "concept_world", "describe", "listing", "load_concept_file", "merge",
+           "parse", "resolve"]

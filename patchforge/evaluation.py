@@ -115,7 +115,8 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
                        "inference_seconds_per_image_patched": round(patched.seconds / max(1, len(patched.images)), 4),
                        "inference_overhead": round(patched.seconds / max(sub.seconds, 1e-9) - 1, 3)}
         rep["settings"] = {"model": model_id(model), "judge": judge.name, "seeds": seeds, "prompts_per_set": n,
-                           "steps": generation.STEPS, "guidance": generation.GUIDANCE, "image_seeds": [SEED0 + s for s in range(seeds)],
+                           "steps": generation.STEPS, "guidance": generation.GUIDANCE,
+                           "image_seeds": [SEED0 + s for s in range(seeds)],
                            "bootstrap": N_BOOT}
         rep["images"] = {"rows": rows, "base": sub.images, "patched": patched.images,
                          "attacked": {k: v.pop("images", None) for k, v in white_box.items()}}
@@ -187,7 +188,8 @@ def _report(judge, rows, seeds, base: Generated, patched: Generated, real, white
     m = np.isin(sets, ["other_kind", "general"])
     dist = np.abs(base.images[m].astype(np.float64) - patched.images[m].astype(np.float64)).mean((1, 2, 3)) / 255
     metrics["specificity.image_distance"] = metric(np.zeros_like(dist), dist, "lower",
-                                                    "same-seed mean abs pixel difference base vs patched, unrelated prompts (0-1)")
+                                                    "same-seed mean abs pixel difference base vs patched, unrelated "
+                                                    "prompts (0-1)")
     gen = sets == "general"
     if real is not None and gen.sum() > 2:
         metrics["utility.frechet"] = frechet_metric(judge.features(base.images[gen]),
@@ -246,9 +248,9 @@ def markdown(reports: list[dict], command: str | None = None) -> str:
                   "| metric | base | patched | change | 95% CI of change | n | better | what |",
                   "|---|---|---|---|---|---|---|---|"]
         for key, m in first["metrics"].items():
+            ci = _ci_raw(m) if key in RAW_CI else _fmt_ci(m["ci_change"], key)
             lines.append(f"| {key} | {_fmt(m['base'], key)} | {_fmt(m['patched'], key)} | {_change(m, key)} | "
-                         f"{_fmt_ci(m['ci_change'], key) if key not in ('utility.frechet', 'specificity.image_distance') else _ci_raw(m)} "
-                         f"| {m['n']} | {m['better']} | {m['what']} |")
+                         f"{ci} | {m['n']} | {m['better']} | {m['what']} |")
     else:
         names = [Path(r["patch"]["path"]).name for r in reports]
         lines += ["# Evaluation: " + ", ".join(f"`{n}`" for n in names), "",
@@ -258,7 +260,8 @@ def markdown(reports: list[dict], command: str | None = None) -> str:
         for key in keys:
             ms = [r["metrics"].get(key) for r in reports]
             base = next((m["base"] for m in ms if m), None)
-            cells = [f"{_fmt(m['patched'], key)} ({_change(m, key)}, {_ci_raw(m) if key in ('utility.frechet', 'specificity.image_distance') else _fmt_ci(m['ci_change'], key)})"
+            cells = [f"{_fmt(m['patched'], key)} ({_change(m, key)}, "
+                     f"{_ci_raw(m) if key in RAW_CI else _fmt_ci(m['ci_change'], key)})"
                      if m else "n/a" for m in ms]
             lines.append(f"| {key} | {_fmt(base, key)} | " + " | ".join(cells) + " |")
     lines += ["", "| cost | " + " | ".join(Path(r["patch"]["path"]).name for r in reports) + " |",
@@ -271,6 +274,9 @@ def markdown(reports: list[dict], command: str | None = None) -> str:
     if command:
         lines += ["", f"Command: `{command}`"]
     return "\n".join(lines) + "\n"
+
+
+RAW_CI = ("utility.frechet", "specificity.image_distance")  # intervals shown as numbers, not percentages
 
 
 def _ci_raw(m: dict) -> str:

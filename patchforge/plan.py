@@ -90,7 +90,8 @@ class ModelFacts:
         params = {c: sum(p.numel() for n, p in getattr(pipe, c).named_parameters() if "lora_" not in n)
                   for c in COMPONENTS if getattr(pipe, c, None) is not None}
         scale = getattr(pipe, "vae_scale_factor", 8)
-        return cls(family_key(name), name, unet_cfg, params, {c: 0 for c in params}, unet_cfg["sample_size"] * scale, scale)
+        return cls(family_key(name), name, unet_cfg, params, {c: 0 for c in params}, unet_cfg["sample_size"] * scale,
+                   scale)
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelFacts | None":
@@ -314,5 +315,6 @@ def make_plan(facts: ModelFacts, device: torch.device, *, precision: str, resolu
         raise PatchforgeError(
             f"this run does not fit: it needs about {est.device_total(device) / GIB:.1f} GiB ({est.parts()}) but "
             f"{budget / GIB:.1f} GiB are {where}; lower --resolution (now {res}) or --batch (now {b})"
-            + ("" if ck else ", add --gradient-checkpointing") + (", or use --precision bf16" if dtype == torch.float32 else ""))
+            + ("" if ck else ", add --gradient-checkpointing")
+            + (", or use --precision bf16" if dtype == torch.float32 else ""))
     return plan

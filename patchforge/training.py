@@ -152,7 +152,8 @@ class Trainer:
         steps, guidance = int(self.cfg.options.get("ref_steps", 10)), float(self.cfg.options.get("ref_guidance", 5.0))
         key = [prompts, per_prompt, steps, guidance, self.cfg.seed] + ([self.size] if self.size != self.native else [])
         digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:10]
-        path = cache_dir() / "refs" / model_key(self.pipe) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:60]}-{digest}.safetensors"
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60]
+        path = cache_dir() / "refs" / model_key(self.pipe) / f"{stem}-{digest}.safetensors"
         if path.exists():
             return load_file(str(path))["latents"].to(self.device, self.backbone.dtype)
         all_prompts = [p for p in prompts for _ in range(per_prompt)]
@@ -192,8 +193,9 @@ def inject_lora(trainer: Trainer, unet_targets: str | None, text_encoder: bool, 
     params = []
     denoiser = trainer.denoiser
     if unet_targets:
-        denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                        target_modules=trainer.backbone.target_pattern(unet_targets)), adapter_name=ADAPTER)
+        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                            target_modules=trainer.backbone.target_pattern(unet_targets))
+        denoiser.add_adapter(config, adapter_name=ADAPTER)
         denoiser.set_adapters(ADAPTER) if hasattr(denoiser, "set_adapters") else None
     if text_encoder:
         for te in trainer.text_encoders():
@@ -443,7 +445,8 @@ def method_config(method_cls, options: dict):
             known = sorted(own) + list(LOOP_OPTIONS)
             close = difflib.get_close_matches(key, known + sorted(robust), n=1)
             raise PatchforgeError(f"--set {key}: not an option of {method_cls.name}"
-                                  + (f" (did you mean {close[0]}?)" if close else "") + f"; options: {', '.join(known)}")
+                                  + (f" (did you mean {close[0]}?)" if close else "")
+                                  + f"; options: {', '.join(known)}")
         _check_option_type(key, value, defaults[key])
     return method_cls.Config(**{k: v for k, v in options.items() if k in own})
 
@@ -507,7 +510,8 @@ def run_command(args) -> int:
         try:
             from .robust import wrap_trainer as robust
         except ImportError:
-            raise PatchforgeError("robust training is not available in this installation (patchforge.robust missing)") from None
+            raise PatchforgeError("robust training is not available in this installation (patchforge.robust "
+                                  "missing)") from None
     rank, world_size, device = process_share(args.device)
     tag = f"[process {rank + 1}/{world_size}] " if world_size > 1 else ""
     mine = jobs[rank::world_size]
@@ -540,8 +544,8 @@ def run_command(args) -> int:
         print(f"{tag}{summary_line(s)} -> {path}", flush=True)
         written.append(s)
         if s["robust"]:
-            print(f"{tag}  robust: {s['robust']['inner_steps']} inner attack steps took {s['robust']['inner_seconds']:.1f} s "
-                  f"of the {s['seconds']} s")
+            print(f"{tag}  robust: {s['robust']['inner_steps']} inner attack steps took "
+                  f"{s['robust']['inner_seconds']:.1f} s of the {s['seconds']} s")
     if len(written) > 1:
         print(f"{tag}{len(written)} patches, {sum(len(s['concepts']) for s in written)} concepts in "
               f"{time.time() - t_all:.1f} s (one model load; {sum(s['bytes'] for s in written) / 1024:.0f} KiB)")
