@@ -493,7 +493,10 @@ def bake_forget_patches(pipe) -> None:
     models = _models(pipe)
     if _adapters(models):
         pipe.unload_lora_weights()  # diffusers keeps fused weights when it removes the layers
+    for model in models.values():  # nothing left to unfuse to: drop the kept base weights
+        model.__dict__.pop(KEPT_ATTR, None)
     _registry(models).clear()
+    _remove_guards(models)
 
 
 def unfuse_forget_patches(pipe) -> None:

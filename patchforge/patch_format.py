@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .atomic import atomic_path
@@ -130,8 +131,8 @@ def base_parameters(model: torch.nn.Module):
 
 def base_fingerprint(pipe) -> dict[str, str]:
     """Which base a pipeline is: a readable family, a hash of its architecture (parameter names and
-    shapes of UNet and text encoders) and hashes of its weights, rounded to float16 so fp32 and
-    fp16 copies of one checkpoint agree.
+    shapes of UNet and text encoders) and hashes of its weights: v2 hashes sign bits, so fp32, fp16
+    and bf16 copies of one checkpoint agree (the legacy hash rounds to float16: fp32 and fp16 only).
 
     `base_weights_v2` hashes a strided sample of every tensor: up to SAMPLE_PER_TENSOR values, every
     s-th element with s odd (so both halves of any alternating pattern are in it) and a starting
@@ -166,12 +167,20 @@ def _legacy_sample(flat: torch.Tensor) -> bytes:
 
 
 def _strided_sample(flat: torch.Tensor) -> bytes:
+    # Sign bits only: rounding to fp16 or bf16 never changes a sign bit (an underflow keeps it, as -0.0),
+    # so fp32, fp16 and bf16 copies of one checkpoint give the same hash (a patch trained in bf16 checks
+    # against an fp16 pipeline), while another checkpoint or a fine-tune flips many of the sampled signs.
     n = flat.numel()
-    if n <= SAMPLE_PER_TENSOR:
-        return flat.to(torch.float16).cpu().numpy().tobytes()
-    stride = -(-n // SAMPLE_PER_TENSOR) | 1  # odd
-    offset = int.from_bytes(hashlib.sha256(_legacy_sample(flat)).digest()[:8], "little") % stride
-    return flat[offset::stride].to(torch.float16).cpu().numpy().tobytes()
+    if n > SAMPLE_PER_TENSOR:
+        stride = -(-n // SAMPLE_PER_TENSOR) | 1  # odd
+        head = (torch.arange(64, device=flat.device) * (n - 1)) // 63
+        offset = int.from_bytes(hashlib.sha256(_sign_bits(flat[head])).digest()[:8], "little") % stride
+        flat = flat[offset::stride]
+    return _sign_bits(flat)
+
+
+def _sign_bits(values: torch.Tensor) -> bytes:
+    return np.packbits(torch.signbit(values.detach()).cpu().numpy()).tobytes()
 
 
 def _model_id(pipe) -> str:

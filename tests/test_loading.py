@@ -164,6 +164,9 @@ def test_bake_keeps_the_stack_and_drops_the_lora_layers():
     assert torch.allclose(run(pipe), stacked, atol=1e-4)  # the same images ...
     assert not any(isinstance(m, BaseTunerLayer) for c in (pipe.unet, pipe.text_encoder) for m in c.modules())
     assert patchforge.list_forget_patches(pipe) == []  # ... from plain layers, nothing left to unload
+    from patchforge.loading import KEPT_ATTR
+
+    assert not any(KEPT_ATTR in c.__dict__ for c in (pipe.unet, pipe.text_encoder))  # no copies of the base kept
     with pytest.warns(UserWarning, match="other weights"):  # baked weights are no longer the base's
         patchforge.load_forget_patch(pipe, p1)
     assert len(patchforge.list_forget_patches(pipe)) == 1

@@ -295,3 +295,27 @@ def test_fused_export_matches_the_loaded_patch(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope.safetensors"), "--format", "pipeline", "--model", str(base),
                  "-o", str(out)]) == 2  # a failed export leaves the folder as it was
     assert (out / FUSED_INFO).exists()
+
+
+def test_fingerprint_agrees_across_fp32_fp16_and_bf16_copies():
+    """A patch trained on a bf16 copy (the plan's choice on capable devices) must not be reported as
+    made for other weights when loaded into the fp32 or fp16 copy of the same checkpoint."""
+    import copy
+
+    from patchforge.patch_format import K_BASE_WEIGHTS_V2, base_fingerprint
+    from tiny_pipelines import BUILDERS
+
+    pipe = BUILDERS["sd1"]()
+    with torch.no_grad():  # values a float16 grid cannot hold exactly, as trained checkpoints have
+        for p in pipe.unet.parameters():
+            p.mul_(1.0 + 1e-3)
+    fps = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        other = copy.deepcopy(pipe)
+        for comp in ("unet", "text_encoder"):
+            getattr(other, comp).to(dtype)
+        fps[dtype] = base_fingerprint(other)[K_BASE_WEIGHTS_V2]
+    assert len(set(fps.values())) == 1, fps
+    with torch.no_grad():
+        next(pipe.unet.parameters()).neg_()  # another checkpoint still differs
+    assert base_fingerprint(pipe)[K_BASE_WEIGHTS_V2] != fps[torch.float32]

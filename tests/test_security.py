@@ -323,14 +323,16 @@ def test_fingerprint_sample_on_a_tensor_over_2_24_elements():
     t0 = time.perf_counter()
     sample = fmt._strided_sample(flat)
     seconds = time.perf_counter() - t0
-    assert len(sample) == 2 * (-(-n // (-(-n // fmt.SAMPLE_PER_TENSOR) | 1)))  # fp16 values, ~SAMPLE_PER_TENSOR of them
+    count = -(-n // (-(-n // fmt.SAMPLE_PER_TENSOR) | 1))  # ~SAMPLE_PER_TENSOR values sampled
+    assert len(sample) == -(-count // 8)  # one sign bit each
     tail = flat.clone()
     tail[2**24:] *= -1  # only values past 2^24 change
     assert fmt._strided_sample(tail) != sample
     odd = flat.clone()
     odd[1::2] *= -1
     assert fmt._strided_sample(odd) != sample
-    assert fmt._strided_sample(flat.half()) == sample  # an fp16 copy of the checkpoint agrees
+    assert fmt._strided_sample(flat.half()) == sample  # fp16 and bf16 copies of the checkpoint agree
+    assert fmt._strided_sample(flat.bfloat16()) == sample
     assert seconds < 0.5, seconds
 
 
