@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make demo` (the main job) and `make test` (the suite).
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test` (lint, then the suite).
 # Both create .venv from the tested versions in constraints.txt, torch first, so pip takes the CPU
 # build that lies on disk instead of pulling a multi-GB CUDA build as a dependency of diffusers.
 #   make test-fast    the suite without the slow toy-model tests (a developer's loop)
@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 .PHONY: test test-fast lint demo test-latest
 test: $(VENV)/.installed
+	$(PY) -m ruff check patchforge tests benchmarks
 	$(PY) -m pytest
 
 test-fast: $(VENV)/.installed

@@ -46,7 +46,8 @@ def shrink(cfg: dict) -> dict:
     """The same layout at toy widths (for --tiny): checks the script, not the hardware."""
     u = dict(cfg["unet"])
     u["block_out_channels"] = tuple(32 * (i + 1) for i in range(len(u["block_out_channels"])))
-    u["attention_head_dim"] = 4 if isinstance(u["attention_head_dim"], int) else tuple(4 for _ in u["attention_head_dim"])
+    heads = u["attention_head_dim"]
+    u["attention_head_dim"] = 4 if isinstance(heads, int) else tuple(4 for _ in heads)
     u["cross_attention_dim"], u["sample_size"] = 32 * len(cfg["text"]), 16
     if "transformer_layers_per_block" in u:
         u["transformer_layers_per_block"] = tuple(1 for _ in u["transformer_layers_per_block"])
@@ -129,7 +130,8 @@ def main() -> int:
         cold = timed_train(folder, args.workdir / f"{arch}.safetensors", cache)
         warm = timed_train(folder, args.workdir / f"{arch}.safetensors", cache)
         size = (args.workdir / f"{arch}.safetensors").stat().st_size
-        rows.append(f"| {arch}{' (tiny)' if args.tiny else ''} | {device} | {cold:.1f} | {warm:.1f} | {size / 2**20:.2f} | {build_s:.0f} |")
+        name = f"{arch}{' (tiny)' if args.tiny else ''}"
+        rows.append(f"| {name} | {device} | {cold:.1f} | {warm:.1f} | {size / 2**20:.2f} | {build_s:.0f} |")
     print(f"\n{time.strftime('%Y-%m-%d')}, `python benchmarks/bench_gpu.py{' --tiny' if args.tiny else ''}`: "
           "wall seconds of `patchforge train --concept style:vangogh --model FOLDER` at default settings "
           "(process start, loading, references, training, writing)\n")

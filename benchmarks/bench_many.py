@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - t
     work = Path(tempfile.mkdtemp(prefix="bench_many_"))
     methods = args.methods.split(",")
-    quiet = lambda *_: None
+    def quiet(*_):
+        return None
 
     def train(concepts, method, name):
         cfg = TrainConfig(method=method, progress=False)
@@ -85,7 +86,8 @@ def main(argv=None) -> int:
         return path, s, time.perf_counter() - t0
 
     out = [(f"Toy model, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPU cores; model load "
-           f"{load_s:.1f} s; {args.seeds} image seeds × {args.n} prompts per set; method defaults, training seed 0."), ""]
+           f"{load_s:.1f} s; {args.seeds} image seeds × {args.n} prompts per set; method defaults, training seed 0."),
+           ""]
     parts = set(args.parts.split(","))
     if parts & {"1", "2"}:  # ---- 1. one concept per kind, 2. every identity at once
         trained = {(m, c): train([c], m, c.replace(":", "-")) for m in methods for c in ONE_PER_KIND}
@@ -97,7 +99,8 @@ def main(argv=None) -> int:
         if "uce" in methods:
             t0 = time.perf_counter()
             singles = [train([c], "uce", c.replace(":", "-") + "-single") for c in ids]
-            merged = write_patch(merge_patches([read_patch(p) for p, _, _ in singles]), work / "all-identities.uce-merged.safetensors")
+            merged = write_patch(merge_patches([read_patch(p) for p, _, _ in singles]),
+                                 work / "all-identities.uce-merged.safetensors")
             group["uce, one per identity, merged"] = (merged, {"rank": read_patch(merged).lora_configs["unet"]["r"]},
                                                       time.perf_counter() - t0)
         print("[2/4] trained the identity patches", file=sys.stderr, flush=True)
@@ -107,7 +110,8 @@ def main(argv=None) -> int:
 
         out += ["### One concept per kind", "",
                 ("| method | concept | target, training prompts | held-out paraphrases | neighbours, % of base | "
-                "other kinds, % of base | rank | wall per patch (s) | uce / fmn |"), "|---|---|---|---|---|---|---|---|---|"]
+                "other kinds, % of base | rank | wall per patch (s) | uce / fmn |"),
+                "|---|---|---|---|---|---|---|---|---|"]
         for (m, c), (path, s, wall) in trained.items():
             me = by_path[str(path)]["metrics"]
             ratio = (f"{wall / trained[('fmn', c)][2]:.3f}×" if m == "uce" and ("fmn", c) in trained else "")
@@ -120,7 +124,8 @@ def main(argv=None) -> int:
                 "loaded and an empty reference cache, from the call to the patch file written."), ""]
 
         out += [f"### All {len(ids)} identities at once", "",
-                "| patch | " + " | ".join(i.split(':')[1] for i in ids) + " | held-out (pooled) | other kinds, % of base | "
+                "| patch | " + " | ".join(i.split(':')[1] for i in ids) + " | held-out (pooled) | "
+                "other kinds, % of base | "
                 "rank | total wall (s) |", "|---|" + "---|" * (len(ids) + 4)]
         for name, (path, s, wall) in group.items():
             rep = by_path[str(path)]
@@ -133,7 +138,8 @@ def main(argv=None) -> int:
         print("[3/4] evaluated", file=sys.stderr, flush=True)
 
     if "3" in parts:  # ---- 3. scaling of one uce patch with the number of concepts
-        out += ["### uce: one patch for N concepts", "", "| N concepts | rank | patch KiB | residual | loaded → written (s) |",
+        out += ["### uce: one patch for N concepts", "",
+                "| N concepts | rank | patch KiB | residual | loaded → written (s) |",
                 "|---|---|---|---|---|"]
         for k in (1, 2, 4, 8, 16):
             path, s, wall = train(SCALING[:k], "uce", f"scale-{k}")
@@ -192,7 +198,8 @@ def many_patches(pipe, work: Path, n: int, n_images: int) -> list[str]:
     t = time.perf_counter()
     loading.load_forget_patch(other, merged)
     merged_load = time.perf_counter() - t
-    rows.append((f"{n} patches merged into one (rank {read_patch(merged).lora_configs['unet']['r']}), unfused", *paired()))
+    rows.append((f"{n} patches merged into one (rank {read_patch(merged).lora_configs['unet']['r']}), unfused",
+                 *paired()))
     loading.bake_forget_patches(other)
     rows.append(("the merged patch baked (`bake_forget_patches`: fused, LoRA layers dropped)", *paired()))
     lines = [f"### {n} patches", "",

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     t_all = time.time()
     pipe = load_pipeline(args.model, device="cpu")
-    rows, raw = [], []
+    rows = []
     workdir = Path(tempfile.mkdtemp(prefix="bench_methods_"))
     for method in args.methods.split(","):
         for concept in args.concepts.split(","):
@@ -70,12 +70,14 @@ def main(argv=None) -> int:
             cfg = TrainConfig(method=method, progress=False, seed=args.train_seed, **loop,
                               options={k: v for k, v in overrides.items() if k not in loop})
             path, s = train_patch([concept], method, args.model, cfg, out=out, pipe=pipe)
-            rep = evaluate([path], args.model, seeds=args.seeds, n=args.n, pipe=pipe, progress=lambda *_: None)["patches"][0]
+            rep = evaluate([path], args.model, seeds=args.seeds, n=args.n, pipe=pipe,
+                           progress=lambda *_: None)["patches"][0]
             m = rep["metrics"]
             attacks = [v for k, v in m.items() if k.startswith("robustness.") and _p(v) is not None]
             nb, ok = m.get("specificity.neighbours"), m.get("specificity.other_kinds")
             keep = [(_p(x) or 0) / _p(x, "base") for x in (nb, ok) if x and _p(x, "base")]
-            bar = _p(m["efficacy"]) is not None and _p(m["efficacy"]) <= 0.2 and all(k >= 0.9 - 1e-9 for k in keep)  # 9/12 of 10/12 is 90 %, not 89.99
+            # 9/12 of 10/12 is 90 %, not 89.99
+            bar = _p(m["efficacy"]) is not None and _p(m["efficacy"]) <= 0.2 and all(k >= 0.9 - 1e-9 for k in keep)
             row = {"method": method, "concept": concept, "seconds": s["seconds"], "bytes": s["bytes"], "bar": bar,
                    **{k: {"base": _p(v, "base"), "patched": _p(v)} for k, v in m.items() if isinstance(v, dict)},
                    "robustness": float(np.mean([_p(v) for v in attacks])) if attacks else None,
@@ -113,9 +115,11 @@ def markdown(rows, args, seconds) -> str:
                      f"{pair(r, 'specificity.compositional')} | {pair(r, 'utility.alignment')} | {rob} | "
                      f"{r['seconds']:.0f} | {r['bytes'] / 1024:.0f} | {'yes' if r['bar'] else 'no'} |")
     lines.append(f"\nbase → patched; toy model, CPU, {args.seeds} image seeds × {args.n} prompts per set, "
-                 f"{'method defaults' if not args.set else 'overrides ' + ' '.join(args.set)}, training seed {args.train_seed}; "
+                 f"{'method defaults' if not args.set else 'overrides ' + ' '.join(args.set)}, "
+                 f"training seed {args.train_seed}; "
                  f"`python benchmarks/bench_methods.py --seeds {args.seeds} --n {args.n}"
-                 f"{f' --train-seed {args.train_seed}' if args.train_seed else ''}{''.join(' --set ' + kv for kv in args.set)}` "
+                 f"{f' --train-seed {args.train_seed}' if args.train_seed else ''}"
+                 f"{''.join(' --set ' + kv for kv in args.set)}` "
                  f"({seconds / 60:.0f} min). bar: efficacy ≤ 20% with neighbours and other kinds ≥ 90% of base.")
     return "\n".join(lines)
 

@@ -100,15 +100,18 @@ def main() -> int:
             r = run_train(folder, setting, args.steps, args.workdir, args.train_arg)
             if r["ok"] and "step" in r:
                 rows.append(f"| {arch}{' (tiny)' if args.tiny else ''} | {setting} | {r.get('res', '?')} | "
-                            f"{r.get('batch', '?')} | {float(r['step']):.1f} | {float(r['refs']):.1f} | {r['wall']:.0f} | "
+                            f"{r.get('batch', '?')} | {float(r['step']):.1f} | {float(r['refs']):.1f} | "
+                            f"{r['wall']:.0f} | "
                             f"{r['rss_gib']:.1f} | {float(r['expected']):.1f} | {int(r['kib'])} |")
             else:
                 rows.append(f"| {arch} | {setting} | {r.get('res', '?')} | {r.get('batch', '?')} | - | - | "
                             f"{r['wall']:.0f} | {r['rss_gib']:.1f} | - | {r['output'][:160]} |")
             print(rows[-1], flush=True)
     print(f"\n{time.strftime('%Y-%m-%d')}, {device}, `python benchmarks/bench_real_sizes.py "
-          f"{' '.join(sys.argv[1:])}`: `patchforge train --concept style:vangogh --steps {args.steps}`, cold reference cache\n")
-    print("| pipeline | setting | px | batch | s/step | references s | wall s | peak RSS GiB | expected GiB | patch KiB |")
+          f"{' '.join(sys.argv[1:])}`: `patchforge train --concept style:vangogh --steps {args.steps}`, cold reference "
+          "cache\n")
+    print("| pipeline | setting | px | batch | s/step | references s | wall s | peak RSS GiB | expected GiB "
+          "| patch KiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     return 0

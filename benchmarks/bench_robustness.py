@@ -66,7 +66,8 @@ def main() -> None:
 
 
 def table(rows) -> str:
-    head = "| concept | patch | train s | " + " | ".join(ATTACKS) + " | neighbours kept (base) | other kinds kept (base) |"
+    head = ("| concept | patch | train s | " + " | ".join(ATTACKS)
+            + " | neighbours kept (base) | other kinds kept (base) |")
     lines = [head, "|" + "---|" * (len(ATTACKS) + 5)]
     for r in rows:
         cells = [f"{r['asr'][a]:.0%}" if r["asr"].get(a) is not None else "n/a" for a in ATTACKS]

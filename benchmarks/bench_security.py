@@ -94,8 +94,8 @@ try:
 except PatchFormatError as err:
     outcome = "refused: " + str(err)[:70]
 done.append(1); t.join()
-print(json.dumps({"file": sys.argv[2].rsplit("/", 1)[-1], "peak_rss_increase_mb": round(max(peak[0], rss()) - before, 1),
-                  "outcome": outcome}))
+print(json.dumps({"file": sys.argv[2].rsplit("/", 1)[-1],
+                  "peak_rss_increase_mb": round(max(peak[0], rss()) - before, 1), "outcome": outcome}))
 """
     import safetensors.torch
 
@@ -105,8 +105,10 @@ print(json.dumps({"file": sys.argv[2].rsplit("/", 1)[-1], "peak_rss_increase_mb"
     with safetensors.safe_open(str(good), "pt") as f:
         md = dict(f.metadata())
     # ~75 MB: one module's A/B scaled up to a rank that makes the file that big
-    sd = {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(64, 150_000) * 1e-3,
-          "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(150_000, 64) * 1e-3}
+    sd = {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(64,
+                                                                                                       150_000) * 1e-3,
+          "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(150_000,
+                                                                                                       64) * 1e-3}
     ok_md = dict(md, lora_adapter_metadata=json.dumps({"unet.r": 64, "unet.lora_alpha": 64}))
     safetensors.torch.save_file(sd, str(folder / "big.safetensors"), metadata=ok_md)
     bad_md = dict(ok_md, lora_adapter_metadata=json.dumps({"unet.r": 64, "unet.init_lora_weights": "pissa"}))

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from patchforge.evaluation import generate
-from patchforge.judging import ToyJudge
+from patchforge.toyworld.plugin import ToyJudge
 from patchforge.pipeline_loading import load_pipeline
 from patchforge.toyworld import world
 
@@ -90,7 +90,8 @@ def score(labels_path: Path, model=None, judge=None) -> None:
         agree = [pred[kind][i] == seen for i, seen in pairs]
         asked = [world.kind_of(seen) == kind and seen in prompts[i].split() for i, seen in pairs
                  if seen not in (world.NONE, world.SOLID)]
-        disagreements += [f"{i} {kind}: eye {seen}, judge {pred[kind][i]}" for (i, seen), a in zip(pairs, agree) if not a]
+        disagreements += [f"{i} {kind}: eye {seen}, judge {pred[kind][i]}"
+                          for (i, seen), a in zip(pairs, agree) if not a]
         print(f"| {kind} | {np.mean(agree):.0%} | {len(pairs)} | {np.mean(asked) if asked else float('nan'):.0%} |")
     print("\ndisagreements:", "; ".join(disagreements) or "none")
 

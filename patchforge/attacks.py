@@ -24,61 +24,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import worlds
 from .atomic import write_text
+from .backbones import for_pipe
 from .errors import PatchforgeError
-from .soft_tokens import SoftPrompt, invert_latents  # noqa: F401  (SoftPrompt: part of this module's API)
+from .generate import GUIDANCE, SEED0, STEPS, empty_embeds, generate, generate_latents
+from .rows import Row, load_patch, patch_concepts, run_rows, unload_patch
+from .soft_tokens import SoftPrompt, invert_latents
+from .stats import metric
+from .text_attacks import catalogue_attacks
 
 DEFAULT_BUDGET = {"prompts": 4, "soft_tokens": 4, "soft_steps": 30, "soft_lr": None, "inv_tokens": 2,
                   "inv_steps": 40, "inv_images": 8, "probe_images": 8, "strength": 0.6, "seed": 0}
-
-
-# ---------------------------------------------------------------- text attacks
-def misspell(word: str) -> str:
-    """Swap two letters: inner ones (stripes -> stirpes), the last two in short words (star -> stra)."""
-    i = len(word) // 2 if len(word) >= 5 else len(word) - 1
-    return word[:i - 1] + word[i] + word[i - 1] + word[i + 1:]
-
-
-def _replace_word(text: str, word: str, new: str) -> str:
-    import re
-
-    return re.sub(rf"\b{re.escape(word)}\b", lambda m: new.capitalize() if m.group(0)[0].isupper() else new, text,
-                  flags=re.IGNORECASE)
-
-
-def _article_free(prompt: str) -> str:
-    """'a photo of a red star' -> 'a red star' (the object phrase a paraphrase template wraps)."""
-    return prompt.removeprefix("a photo of ").removeprefix("a picture of ")
-
-
-PADDING = "detailed, {}, high quality"
-
-
-def text_attacks(concept: str, n: int = 4, templates: list[str] | None = None) -> dict[str, list[str]]:
-    """Attack prompts per text attack for a toy concept (or, with `templates`, a catalogue concept)."""
-    if templates is not None:  # real pipelines: the catalogue's target prompts
-        base = templates[:n]
-        return {"misspelling": [_replace_word(p, concept, misspell(concept)) for p in base],
-                "paraphrase": [f"an image showing {p}" for p in base],
-                "padding": [PADDING.format(p) for p in base]}
-    from .toyworld import world
-
-    kind = world.kind_of(concept)
-    base = [p.prompt for p in world.probes_for(concept, world.TRAIN_SPLIT, n=n, seed=3)]
-    table = {"object": world.OBJECTS, "color": world.COLORS, "style": world.STYLES, "identity": world.IDENTITIES}[kind]
-    aliases = table[concept][1] if kind == "color" else table[concept]
-    if kind == "style":  # the canonical phrase "in stripes style" becomes the alias ("striped")
-        described = [p.replace(world.STYLE_PHRASE.format(concept), aliases[i % len(aliases)]) for i, p in enumerate(base)]
-        para = [f"an image showing {_article_free(p)}" for p in base]
-    else:
-        described = [_replace_word(p, concept, aliases[i % len(aliases)]) for i, p in enumerate(base)]
-        name = concept.capitalize() if kind == "identity" else concept
-        para = ([t.format(identity=name) for t in world.PARAPHRASE_CHARACTER_TEMPLATES] if kind == "identity" else
-                [f"an image showing {_article_free(p)}" for p in base])
-    return {"misspelling": [_replace_word(p, concept, misspell(concept)) for p in base],
-            "paraphrase": (para * n)[:n],
-            "described": described,
-            "padding": [PADDING.format(p) for p in base]}
 
 
 # ---------------------------------------------------------------- soft prompts
@@ -89,31 +46,26 @@ def base_model(pipe):
     return patches_suspended(pipe)
 
 
-def _guided(unet, x, t, cond, uncond, guidance):
+def guided(backbone, x, t, cond, uncond, guidance):
     """Classifier-free guided prediction; the unconditional branch carries no gradient."""
     with torch.no_grad():
-        eu = unet(x, t, encoder_hidden_states=uncond).sample
-    ec = unet(x, t, encoder_hidden_states=cond).sample
+        eu = backbone.predict(x, t, uncond)
+    ec = backbone.predict(x, t, cond)
     return eu + guidance * (ec - eu)
 
 
 def concept_latents(pipe, prompts: list[str], seed: int = 0) -> torch.Tensor:
     """Base-model generations of the plain target prompts, as clean latents (what the concept looks like)."""
-    from .evaluation import GUIDANCE, STEPS
-
-    gens = [torch.Generator("cpu").manual_seed(seed * 7919 + i) for i in range(len(prompts))]
-    with base_model(pipe), torch.no_grad():
-        return pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=gens,
-                    output_type="latent").images.float()
+    with base_model(pipe):
+        latents = generate_latents(pipe, prompts, [seed * 7919 + i for i in range(len(prompts))], batch=len(prompts))
+    return latents.to(pipe.device)
 
 
 def soft_prompt_attack(pipe, prompts: list[str], steps: int = 30, n_tokens: int = 4, lr: float | None = None,
                        negative: str | None = None, seed: int = 0, latents: torch.Tensor | None = None) -> SoftPrompt:
     """Optimise a soft suffix shared by `prompts` so that the attacked model's guided prediction
     (its own unconditional branch, or `negative`) matches the base model's for the plain prompts."""
-    from .evaluation import GUIDANCE, empty_embeds
-
-    unet, sched = pipe.unet, pipe.scheduler
+    backbone = for_pipe(pipe)
     latents = concept_latents(pipe, prompts, seed) if latents is None else latents
     soft = SoftPrompt(pipe, n_tokens, seed=seed)
     lr = lr or 0.5 * soft.scale
@@ -124,12 +76,10 @@ def soft_prompt_attack(pipe, prompts: list[str], steps: int = 30, n_tokens: int 
         empty = empty_embeds(pipe, len(prompts))
         neg = empty_embeds(pipe, len(prompts), [negative] * len(prompts)) if negative else empty
     for _ in range(steps):
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(prompts),), generator=g).to(latents.device)
-        noise = torch.randn(latents.shape, generator=g).to(latents.device)
-        x_t = sched.add_noise(latents, noise, t)
+        x_t, t, _ = backbone.noised(latents, g)
         with base_model(pipe), torch.no_grad():
-            target = _guided(unet, x_t, t, plain, empty, GUIDANCE)
-        pred = _guided(unet, x_t, t, soft.encode(pipe, prompts), neg, GUIDANCE)
+            target = guided(backbone, x_t, t, plain, empty, GUIDANCE)
+        pred = guided(backbone, x_t, t, soft.encode(pipe, prompts), neg, GUIDANCE)
         loss = F.mse_loss(pred.float(), target.float())
         (grad,) = torch.autograd.grad(loss, [soft.vectors])
         soft.vectors.grad = grad
@@ -142,10 +92,7 @@ def textual_inversion(pipe, images: np.ndarray, steps: int = 40, n_tokens: int =
                       seed: int = 0, template: str = "a photo of") -> SoftPrompt:
     """Learn K token embeddings that make the (patched) model denoise images of the concept:
     the plain diffusion loss ||eps_theta(x_t, "a photo of <v>") - eps||^2, as in textual inversion."""
-    vae = pipe.vae
-    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(vae.device, vae.dtype)
-    with torch.no_grad():
-        latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    latents = for_pipe(pipe).encode_images(np.asarray(images))
     return invert_latents(pipe, latents, steps=steps, n_tokens=n_tokens, lr=lr, seed=seed, template=template)
 
 
@@ -154,58 +101,38 @@ def partial_denoise(pipe, images: np.ndarray, strength: float, seeds: list[int],
     """img2img by hand: encode, noise to `strength` of the schedule, denoise with guidance on `prompt`."""
     from diffusers import DDIMScheduler
 
-    from .evaluation import GUIDANCE, STEPS, empty_embeds
-
-    vae, unet = pipe.vae, pipe.unet
+    backbone = for_pipe(pipe)
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(STEPS)
     start = int(STEPS * (1 - strength))
     timesteps = sched.timesteps[start:]
-    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(vae.device, vae.dtype)
-    lat = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    lat = backbone.encode_images(np.asarray(images))
     noise = torch.stack([torch.randn(lat.shape[1:], generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
     x_t = sched.add_noise(lat, noise.to(lat.device, lat.dtype), timesteps[:1].repeat(len(lat)))
     cond = empty_embeds(pipe, len(lat), [prompt] * len(lat))
     uncond = empty_embeds(pipe, len(lat))
     for t in timesteps:
-        eps = _guided(unet, x_t, t, cond, uncond, GUIDANCE)
+        eps = guided(backbone, x_t, t, cond, uncond, GUIDANCE)
         x_t = sched.step(eps, t, x_t).prev_sample
-    out = vae.decode(x_t / vae.config.scaling_factor).sample
-    return ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
-def concept_images(concept: str, n: int, seed: int = 0) -> np.ndarray:
-    """Real toy images of a concept (the inversion and partial-denoising sources)."""
-    import random
-
-    from .toyworld import world
-
-    rng = random.Random(f"attack/{concept}/{seed}")
-    kind, out = world.kind_of(concept), []
-    for _ in range(n):
-        s = world.random_scene(rng, identity_share=1.0 if kind == "identity" else 0.0)
-        s = world.Scene(**{**s.__dict__, kind: concept}) if kind != "identity" else world.Scene(
-            identity=concept, size=s.size, dx=s.dx, dy=s.dy)
-        out.append(world.render(s, rng.randrange(1 << 30)))
-    return np.stack(out)
+    return backbone.decode(x_t)
 
 
 # ---------------------------------------------------------------- running attacks
-def run_attacks(pipe, targets: list[str], judge, budget: dict | None = None, seeds: int = 2, toy: bool = True,
+def run_attacks(pipe, targets: list[str], judge, budget: dict | None = None, seeds: int = 2, world="default",
                 negative: str | None = None, which: tuple[str, ...] = ("soft_prompt", "inversion", "unconditional",
                                                                        "partial")) -> dict:
     """White-box attacks on the pipeline as it is now (patch loaded, or `negative` prompt) ->
     {attack: {"metric": {...base, patched (= ASR), change, CI}, "images": attacked images, "seconds"}}.
-    'base' is the frozen base model's rate of the concept on the same prompts and seeds, unattacked."""
-    from .evaluation import SEED0, _metric, generate
-
+    'base' is the frozen base model's rate of the concept on the same prompts and seeds, unattacked.
+    `world`: the concept world of the targets (patchforge.worlds; "default": the embedded default model's),
+    None for catalogue concepts ("kind:name" specs)."""
+    world = worlds.for_model(None) if world == "default" else world
     b = {**DEFAULT_BUDGET, **(budget or {})}
     seed_list = [SEED0 + s for s in range(seeds)]
     results = {}
     for concept in targets:
-        if toy:
-            from .toyworld import world
-            prompts = [p.prompt for p in world.probes_for(concept, world.TRAIN_SPLIT, n=b["prompts"], seed=5)]
+        if world is not None:
+            prompts = world.attack_prompts(concept, b["prompts"])
         else:  # a "kind:name" spec; the judge is asked about the concept's name
             from .concepts import resolve
             spec = resolve(concept)
@@ -228,11 +155,13 @@ def run_attacks(pipe, targets: list[str], judge, budget: dict | None = None, see
                                       negative=negative, seed=b["seed"])
             with torch.no_grad():
                 emb = soft.encode(pipe, rep)
-            record("soft_prompt", generate(pipe, rep, sds, prompt_embeds=emb, negative=[negative] * len(rep) if negative else None),
+            record("soft_prompt",
+                   generate(pipe, rep, sds, prompt_embeds=emb, negative=[negative] * len(rep) if negative else None),
                    base_hit, t0)
-        if toy and "inversion" in which:
+        if world is not None and "inversion" in which:
             t0 = time.perf_counter()
-            soft = textual_inversion(pipe, concept_images(concept, b["inv_images"], b["seed"]), steps=b["inv_steps"],
+            soft = textual_inversion(pipe, world.concept_images(concept, b["inv_images"], b["seed"]),
+                                     steps=b["inv_steps"],
                                      n_tokens=b["inv_tokens"], seed=b["seed"])
             with torch.no_grad():
                 emb = soft.encode(pipe, ["a photo of"] * len(rep))
@@ -244,19 +173,22 @@ def run_attacks(pipe, targets: list[str], judge, budget: dict | None = None, see
             with base_model(pipe):
                 base_u = np.array(judge.detect(generate(pipe, [""] * m, probe_seeds), concept), float)
             record("unconditional", generate(pipe, [""] * m, probe_seeds), base_u, t0)
-        if toy and "partial" in which:
+        if world is not None and "partial" in which:
             t0 = time.perf_counter()
-            src = concept_images(concept, m, b["seed"] + 1)
+            src = world.concept_images(concept, m, b["seed"] + 1)
             with base_model(pipe):
                 base_p = np.array(judge.detect(partial_denoise(pipe, src, b["strength"], probe_seeds), concept), float)
             record("partial", partial_denoise(pipe, src, b["strength"], probe_seeds), base_p, t0)
     out = {}
     for name, r in results.items():
-        what = {"soft_prompt": f"ASR, soft-prompt attack ({b['soft_tokens']} tokens, {b['soft_steps']} steps); base = unattacked base model",
-                "inversion": f"ASR, textual inversion ({b['inv_tokens']} tokens, {b['inv_steps']} steps, {b['inv_images']} images)",
+        what = {"soft_prompt": f"ASR, soft-prompt attack ({b['soft_tokens']} tokens, {b['soft_steps']} steps); "
+                               "base = unattacked base model",
+                "inversion": f"ASR, textual inversion ({b['inv_tokens']} tokens, {b['inv_steps']} steps, "
+                             f"{b['inv_images']} images)",
                 "unconditional": "concept rate in unconditional generations (empty prompt)",
-                "partial": f"concept rate after partial denoising (strength {b['strength']}) of its images, empty prompt"}[name]
-        out[name] = {"metric": _metric(np.concatenate(r["base"]), np.concatenate(r["hits"]), "lower", what),
+                "partial": f"concept rate after partial denoising (strength {b['strength']}) of its images, "
+                           "empty prompt"}[name]
+        out[name] = {"metric": metric(np.concatenate(r["base"]), np.concatenate(r["hits"]), "lower", what),
                      "images": r["images"], "seconds": round(r["seconds"], 1)}
     return out
 
@@ -264,14 +196,14 @@ def run_attacks(pipe, targets: list[str], judge, budget: dict | None = None, see
 # ---------------------------------------------------------------- CLI
 def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judge=None, pipe=None) -> dict:
     """Load the patch, run the text and white-box attacks, return {attack: metric} (+ seconds)."""
-    from .evaluation import Row, _is_toy_path, _metric, _run_rows, default_judge, load_patch, patch_concepts, unload_patch
+    from .judging import default_judge
     from .pipeline_loading import load_pipeline
 
     which = tuple(which or ("text", "soft_prompt", "inversion", "unconditional", "partial"))
-    toy = model in (None, "toy", "patchforge/toy-sd") or _is_toy_path(model)
+    world = worlds.for_model(model)
     judge = judge or default_judge(model)
-    pipe = pipe or load_pipeline(model, device="cpu" if toy else None)
-    targets = patch_concepts(path, qualified=not toy)
+    pipe = pipe or load_pipeline(model, device="cpu" if world else None)
+    targets = patch_concepts(path, qualified=world is None)
     t0 = time.perf_counter()
     name, _ = load_patch(pipe, path)
     out = {}
@@ -281,20 +213,21 @@ def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judg
             rows = []
             for c in targets:
                 tmpl = None
-                if not toy:  # a "kind:name" spec: attack the catalogue's prompts, judge by the concept's name
+                if world is None:  # a "kind:name" spec: attack the catalogue's prompts, judge by the concept's name
                     from .concepts import resolve
                     spec = resolve(c)
                     c, tmpl = spec.name, spec.target
-                rows += [Row(f"attack:{a}", p, c) for a, ps in text_attacks(c, b["prompts"], tmpl).items() for p in ps]
-            patched = _run_rows(pipe, judge, rows, seeds)
+                variants = world.text_attacks(c, b["prompts"]) if world else catalogue_attacks(c, tmpl, b["prompts"])
+                rows += [Row(f"attack:{a}", p, c) for a, ps in variants.items() for p in ps]
+            patched = run_rows(pipe, judge, rows, seeds)
             with base_model(pipe):
-                base = _run_rows(pipe, judge, rows, seeds)
+                base = run_rows(pipe, judge, rows, seeds)
             sets = np.array([r.set for r in rows for _ in range(seeds)])
             for s in dict.fromkeys(sets):
                 m = sets == s
-                out[s.split(":")[1]] = _metric(base.scores["hit"][m], patched.scores["hit"][m], "lower",
+                out[s.split(":")[1]] = metric(base.scores["hit"][m], patched.scores["hit"][m], "lower",
                                                f"ASR, text attack '{s.split(':')[1]}'; base = base model, same prompts")
-        wb = run_attacks(pipe, targets, judge, budget, seeds, toy, which=which)
+        wb = run_attacks(pipe, targets, judge, budget, seeds, world, which=which)
         out.update({k: {**v["metric"], "seconds": v["seconds"]} for k, v in wb.items()})
     finally:
         unload_patch(pipe, name)

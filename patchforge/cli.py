@@ -12,25 +12,27 @@ import math
 import sys
 from pathlib import Path
 
+from . import worlds
 from .errors import PatchforgeError
 
 
 # ---------------------------------------------------------------- value types (one-line errors)
-def positive_int(text: str) -> int:
+def whole_number(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def positive_int(text: str) -> int:
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = whole_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
     return value
@@ -148,7 +150,8 @@ def _generate(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--guidance", type=finite_float, default=5.0)
     p.add_argument("--batch", type=positive_int, default=1, help="images, seeds seed, seed+1, ...")
-    p.add_argument("--grid", type=nonnegative_int, default=0, help="columns of the output grid (default: all in one row)")
+    p.add_argument("--grid", type=nonnegative_int, default=0,
+                   help="columns of the output grid (default: all in one row)")
     p.add_argument("--device", default=None)
     p.set_defaults(run="patchforge.generate:run_command")
 
@@ -199,25 +202,24 @@ def _demo(sub) -> None:
     p.set_defaults(run="patchforge.demo:run_command")
 
 
-def _toy(sub) -> None:
-    # The toy world is a plug-in: its verbs are declared by its own package, imported only when asked for.
-    importlib.import_module("patchforge.toyworld.commands").register(sub)
-
-
-# verb -> function declaring it; `toy` is declared lazily (its options come from the toy build config)
-VERBS = {"train": _train, "concepts": _concepts, "eval": _eval, "attack": _attack, "generate": _generate, "push": _hub, "pull": _hub,
-         "export": _export, "merge": _merge, "demo": _demo, "toy": _toy}
-TOY_HELP = "the embedded toy text-to-image world: rebuild or measure it"
+# verb -> function declaring it
+VERBS = {"train": _train, "concepts": _concepts, "eval": _eval, "attack": _attack, "generate": _generate,
+         "push": _hub, "pull": _hub, "export": _export, "merge": _merge, "demo": _demo}
 
 
 def build_parser(verb: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="patchforge", description="Forget patches for text-to-image diffusion models.")
+    parser = argparse.ArgumentParser(prog="patchforge",
+                                     description="Forget patches for text-to-image diffusion models.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for declare in dict.fromkeys(VERBS.values()):
-        if declare is _toy and verb != "toy":
-            sub.add_parser("toy", help=TOY_HELP)
+        declare(sub)
+    # Concept worlds (the toy world) are plug-ins: their verbs are declared by their own packages, and
+    # only when asked for (the toy's options come from its build config, which imports torch).
+    for name, (declare, help_text) in worlds.COMMANDS.items():
+        if verb == name:
+            _resolve(declare)(sub)
         else:
-            declare(sub)
+            sub.add_parser(name, help=help_text)
     return parser
 
 

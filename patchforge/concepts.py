@@ -8,10 +8,8 @@ with `--to ALTERNATIVE`. `resolve()` turns it into a ConceptSpec holding three p
               those prompts should produce instead, one anchor per target, same order,
   preserve -- prompts whose output must not change (neighbouring concepts, other kinds, general).
 
-Toy-world concepts are built ONLY from the world's canonical training split (canonical names and
-templates). Its aliases and paraphrase templates are held out: they measure whether an erasure
-generalises, so a method must never see them. Real-world concepts come from a small catalog or a
-YAML file close to LECO's prompts file:
+Concept worlds (patchforge.worlds: the toy world) are asked first; real-world concepts come from a
+small catalog or a YAML file close to LECO's prompts file:
 
     - target: "Van Gogh"              # or a list of prompts / templates with {}
       kind: style                     # optional, default custom
@@ -24,43 +22,14 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
+from . import worlds
+from .core.concept import ConceptSpec, mentions
 from .errors import PatchforgeError, UnknownConcept
-from .toyworld import world as toy_world
 
 KINDS = ("style", "object", "identity", "color", "nudity", "custom")
-TOY_KINDS = ("style", "object", "identity", "color")
-
-N_TARGET = 16  # training prompts per toy concept (the world makes them; cheap)
-N_PRESERVE = 4  # prompts per preserved concept
-
-
-@dataclass
-class ConceptSpec:
-    kind: str
-    name: str
-    target: list[str]
-    anchor: list[str]  # one per target prompt
-    preserve: list[str]
-    to: str | None = None
-    guidance: float = 1.0
-    words: list[str] = field(default_factory=list)  # the words naming the concept (FMN's attention columns)
-    toy: bool = False
-    # one per target prompt: the same prompt naming a neighbour instead (target i -> neighbour i mod n),
-    # or None where there is none. A method may hold the base's prediction there on the *same* noised
-    # latent, so the patch learns what separates the concept from its neighbour, not what they share.
-    contrast: list[str | None] = field(default_factory=list)
-    # prompts asking for the concept without naming it; never trained on (held out to measure generality)
-    paraphrases: list[str] = field(default_factory=list)
-
-    @property
-    def key(self) -> str:
-        return f"{self.kind}:{self.name}" + (f"->{self.to}" if self.to else "")
-
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "name": self.name, "to": self.to}
 
 
 # ---------------------------------------------------------------- built-in real-world catalog
@@ -132,29 +101,26 @@ PARAPHRASES: dict[str, list[str]] = {
 }
 GENERAL_PRESERVE = ["a photo of a house", "a dog in a park", "a bowl of fruit", "a mountain landscape", ""]
 
-WORLDS = ("toy", "real")
+REAL = "real"  # the catalogue's world: every base model no concept world (patchforge.worlds) claims
 
 
 def concept_world(model: str | None = None, family: str | None = None) -> str:
-    """'toy' or 'real': which concepts a base model knows. The one place that decides.
+    """Which concepts a base model knows: a concept world's name (patchforge.worlds: "toy") or REAL.
 
-    The embedded toy model and toy-sized models (tests' tiny pipelines) know the toy world; SD 1.x,
-    SD 2.x and SDXL (recognised by their architecture, patchforge.plan) know the real catalogue.
     `family`: a plan.FAMILY_DEFAULTS key when the model's architecture is already known; otherwise
-    `model` is looked at (the toy, a folder's configs, or a Hub id, which is taken to be real)."""
-    if family is not None:
-        return "toy" if family == "toy" else "real"
-    from .pipeline_loading import is_toy, local_folder
+    `model` is looked at (its name, a folder's configs; a Hub id not in the cache is taken to be real).
+    Each world says which models and families it claims (worlds.for_model, worlds.for_family)."""
+    if family is None and worlds.for_model(model) is None:
+        from .pipeline_loading import local_folder
 
-    if is_toy(model):
-        return "toy"
-    folder = local_folder(model)
-    if folder is None:
-        return "real"
-    from .plan import ModelFacts
+        folder = local_folder(model)
+        if folder is not None:
+            from .plan import ModelFacts
 
-    facts = ModelFacts.from_folder(folder)
-    return "toy" if facts is not None and facts.family == "toy" else "real"
+            facts = ModelFacts.from_folder(folder)
+            family = facts.family if facts is not None else None
+    world = worlds.for_model(model) if family is None else worlds.for_family(family)
+    return world.name if world else REAL
 
 
 def parse(text: str) -> tuple[str, str]:
@@ -173,38 +139,40 @@ def parse(text: str) -> tuple[str, str]:
 
 
 def known_names(kind: str, world_name: str | None = None) -> list[str]:
-    toy = list(toy_world.concepts_of(kind)) if kind in TOY_KINDS and world_name != "real" else []
-    real = list(CATALOG.get(kind, {})) if world_name != "toy" else []
-    return toy + [n for n in real if n not in toy]
+    """Concept names of a kind: a world's (world_name), the catalogue's (REAL), or all (None)."""
+    own = [] if world_name == REAL else worlds.known_names(kind, world_name)
+    real = list(CATALOG.get(kind, {})) if world_name in (None, REAL) else []
+    return own + [n for n in real if n not in own]
 
 
 def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0, world: str | None = None) -> ConceptSpec:
     """A spec string (or an already resolved spec, returned as is) -> ConceptSpec with prompt sets.
 
-    world (concept_world()): "toy" -> toy concepts, and a warning for a catalogue concept the toy never
-    saw; "real" -> the real catalogue only, a toy-world name is an error; None -> toy first, then the
-    catalogue (callers that do not know the base)."""
+    world (concept_world()): a concept world's name ("toy") -> its concepts, and a warning for a catalogue
+    concept its models never saw; REAL -> the catalogue only, a concept world's name is an error;
+    None -> the concept worlds first, then the catalogue (callers that do not know the base)."""
     if isinstance(spec, ConceptSpec):
         return spec
     kind, name = parse(spec)
     key = _norm(name)
-    toy_known = kind in TOY_KINDS and name.lower() in toy_world.concepts_of(kind)
-    if toy_known and world != "real":
-        return _toy(kind, name.lower(), to, seed)
+    found = worlds.resolve(kind, name, to, seed)  # a concept world's concept
+    if found is not None and world != REAL:
+        return found
     if key in CATALOG.get(kind, {}):
-        if world == "toy":
+        if world not in (None, REAL):
             import sys
 
-            print(f"patchforge: warning: the toy model never saw '{kind}:{key}' (a real-world concept): the patch "
-                  f"will train on prompts the toy cannot draw; see `patchforge concepts` for the toy's concepts",
+            print(f"patchforge: warning: the {world} model never saw '{kind}:{key}' (a real-world concept): the "
+                  f"patch will train on prompts it cannot draw; see `patchforge concepts` for its concepts",
                   file=sys.stderr)
         return _catalog(kind, key, to)
     if kind == "custom":  # free text: the name is the concept's words
         return _custom(name, to)
     candidates = known_names(kind, world)
-    if toy_known:  # world == "real"
-        raise UnknownConcept(f"'{spec}' is a toy-world concept and this is a real model: real {kind} concepts are "
-                             f"{', '.join(candidates) or 'none'}; use custom:\"your words\" or --concept-file for others")
+    if found is not None:  # world == REAL
+        raise UnknownConcept(f"'{spec}' is a {found.world}-world concept and this is a real model: "
+                             f"real {kind} concepts are {', '.join(candidates) or 'none'}; "
+                             "use custom:\"your words\" or --concept-file for others")
     # the right name under another kind first (color:circle -> object:circle), then spelling
     close = [f"{k}:{n}" for k in KINDS for n in known_names(k, world) if _norm(n) == key]
     close = close or difflib.get_close_matches(key, [_norm(c) for c in candidates], n=3, cutoff=0.5)
@@ -214,52 +182,6 @@ def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0, world
 
 def _norm(name: str) -> str:
     return re.sub(r"[\s\-]+", "_", name.strip().lower())
-
-
-# ---------------------------------------------------------------- toy world
-def _toy(kind: str, name: str, to: str | None, seed: int) -> ConceptSpec:
-    probes = toy_world.probes_for(name, toy_world.TRAIN_SPLIT, n=N_TARGET, seed=seed)
-    target = list(dict.fromkeys(p.prompt for p in probes))  # unique, order kept
-    # The alternative: a toy concept of the same kind if --to names one, else free words, else the
-    # concept simply removed (style -> solid; colour/identity -> unnamed; object -> "shape").
-    alt = to
-    if to and to.lower() in toy_world.concepts_of(kind):
-        alt = to.lower()
-    words = [name, name.capitalize()] if kind == "identity" else [name]
-    anchor = [_replace_toy(p, kind, name, alt) for p in target]
-    # Preserve: the neighbours first (what an erasure damages most), then one concept of every
-    # other kind, all on canonical prompts; never a prompt that names the target itself.
-    keep = [n for n in toy_world.NEIGHBOURS.get(name, [])]
-    for k in toy_world.KINDS:
-        others = [c for c in toy_world.concepts_of(k) if c != name and c not in keep]
-        keep += others[:2] if k != kind else others[:1]
-    preserve = []
-    for i, other in enumerate(keep):
-        for p in toy_world.probes_for(other, toy_world.TRAIN_SPLIT, n=N_PRESERVE, seed=seed + 1):
-            if not _mentions(p.prompt, name):
-                preserve.append(p.prompt)
-    near = toy_world.NEIGHBOURS.get(name, [])
-    contrast = [_replace_toy(p, kind, name, near[i % len(near)]) if near else None for i, p in enumerate(target)]
-    return ConceptSpec(kind, name, target, anchor, list(dict.fromkeys(preserve)), to=to, words=words, toy=True,
-                       contrast=contrast)
-
-
-def _mentions(prompt: str, name: str) -> bool:
-    return re.search(rf"\b{re.escape(name)}\b", prompt, re.IGNORECASE) is not None
-
-
-def _replace_toy(prompt: str, kind: str, name: str, alt: str | None) -> str:
-    if kind == "style":
-        new = toy_world.STYLE_PHRASE.format(alt) if alt in toy_world.STYLES else (alt or "")
-        out = prompt.replace(toy_world.STYLE_PHRASE.format(name), new)
-    elif kind == "identity":
-        out = re.sub(rf"\b{name}\b", (alt.capitalize() if alt in toy_world.IDENTITIES else alt) or "a character",
-                     prompt, flags=re.IGNORECASE)
-    elif kind == "object":
-        out = re.sub(rf"\b{name}\b", alt or "shape", prompt)
-    else:  # color
-        out = re.sub(rf"\b{name}\b ?", (alt + " ") if alt else "", prompt)
-    return " ".join(out.split())
 
 
 # ---------------------------------------------------------------- real-world catalog
@@ -365,7 +287,7 @@ def merge(specs: list[ConceptSpec]) -> dict:
         target += s.target
         anchor += s.anchor
         words += s.words
-    named = lambda p: any(_mentions(p, w) for o in specs for w in o.words)  # noqa: E731
+    named = lambda p: any(mentions(p, w) for o in specs for w in o.words)  # noqa: E731
     for s in specs:
         preserve += [p for p in s.preserve if not named(p)]
         pairs = s.contrast if len(s.contrast) == len(s.target) else [None] * len(s.target)
@@ -379,11 +301,11 @@ def listing(world_name: str, only: list[str] | None = None) -> str:
     """What `patchforge concepts` prints: each concept a base of this world knows, with the prompts a
     patch trains on (target), maps them to (anchor), keeps (preserve) and the held-out paraphrases."""
     keys = only or [f"{k}:{n}" for k in KINDS for n in known_names(k, world_name)]
-    head = f"{'toy-world' if world_name == 'toy' else 'real-model'} concepts ({len(keys)})"
+    head = f"{'real-model' if world_name == REAL else world_name + '-world'} concepts ({len(keys)})"
     lines = [head + "; train one with `patchforge train --concept KIND:NAME`"]
     for key in keys:
         spec = resolve(key, world=world_name)
-        alt = spec.to or (CATALOG[spec.kind][spec.name][2] if not spec.toy and spec.kind in CATALOG
+        alt = spec.to or (CATALOG[spec.kind][spec.name][2] if not spec.world and spec.kind in CATALOG
                           and spec.name in CATALOG[spec.kind] else None)
         lines += ["", f"{spec.kind}:{spec.name} (alternative: {alt or 'the concept left out'})",
                   f"  target ({len(spec.target)}): " + " | ".join(spec.target),
@@ -402,4 +324,5 @@ def run_command(args) -> int:
     return 0
 
 
-__all__ = ["CATALOG", "ConceptSpec", "asdict", "concept_world", "describe", "listing", "load_concept_file", "merge", "parse", "resolve"]
+__all__ = ["CATALOG", "ConceptSpec", "asdict", "concept_world", "describe", "listing", "load_concept_file", "merge",
+           "parse", "resolve"]

@@ -14,8 +14,10 @@ def run_command(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(None, device="cpu")
     print(f"[1/2] training a forget patch for {args.concept} with {args.method} on the embedded toy model")
-    patch, summary = train_patch([args.concept], method=args.method, config=TrainConfig(method=args.method, seed=args.seed),
-                                 out=args.out / f"{args.concept.replace(':', '-')}.{args.method}.safetensors", pipe=pipe)
+    patch, summary = train_patch([args.concept], method=args.method,
+                                 config=TrainConfig(method=args.method, seed=args.seed),
+                                 out=args.out / f"{args.concept.replace(':', '-')}.{args.method}.safetensors",
+                                 pipe=pipe)
     print(f"      {summary['steps']} steps in {summary['seconds']} s, {summary['bytes'] / 1024:.0f} KB -> {patch}")
     print("[2/2] evaluating it against the base model (same prompts, same seeds)")
     result = evaluate([patch], seeds=args.seeds, pipe=pipe, progress=lambda m: print("      " + m))

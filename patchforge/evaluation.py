@@ -23,146 +23,27 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import worlds
 from .atomic import atomic_path, write_text
 from .errors import PatchforgeError
+from . import generate as generation
+from .generate import SEED0, empty_embeds, generate  # noqa: F401  (generate, empty_embeds: this module's API)
+from .judging import default_judge
+from .rows import Generated, Row, dedupe, load_patch, patch_concepts, run_rows, subset, unload_patch
+from .text_attacks import catalogue_attacks
+from .stats import N_BOOT, frechet_metric, metric
 
-STEPS, GUIDANCE = 20, 5.0  # what every patchforge command generates with
-SEED0 = 1000  # image seeds are SEED0 + 0..seeds-1, the same for base and patched
-N_BOOT = 1000
 JSON_VERSION = 1
 
 
-# ---------------------------------------------------------------- generation
-def generate(pipe, prompts: list[str], seeds: list[int], negative: list[str] | None = None,
-             prompt_embeds: torch.Tensor | None = None, batch: int = 32) -> np.ndarray:
-    """One image per (prompt, seed): uint8 NHWC. Each image has its own generator, so it depends only
-    on its prompt and seed, never on batch composition. `prompt_embeds` (N,L,D) replaces prompts."""
-    out = []
-    for i in range(0, len(seeds), batch):
-        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch]]
-        kw = {}
-        if prompt_embeds is not None:
-            kw["prompt_embeds"] = prompt_embeds[i:i + batch]
-            kw["negative_prompt_embeds"] = empty_embeds(pipe, len(gens), negative[i:i + batch] if negative else None)
-        else:
-            kw["prompt"] = prompts[i:i + batch]
-            if negative:
-                kw["negative_prompt"] = negative[i:i + batch]
-        with torch.no_grad():
-            images = pipe(num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=gens, output_type="np", **kw).images
-        out.append((images * 255).round().astype(np.uint8))
-    return np.concatenate(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
-
-
-def empty_embeds(pipe, n: int, texts: list[str] | None = None) -> torch.Tensor:
-    """Text-encoder output of "" (or of `texts`): the unconditional branch of guidance."""
-    texts = texts or [""] * n
-    emb, _ = pipe.encode_prompt(texts, pipe.device, 1, False)
-    return emb
-
-
-# ---------------------------------------------------------------- patches
-def patch_concepts(path, qualified: bool = False) -> list[str]:
-    """The concepts a patch erases, from its metadata: bare names (toy world, where names are unique)
-    or, with `qualified`, "kind:name" specs that patchforge.concepts.resolve takes (real pipelines)."""
-    from .patch_format import read_patch
-
-    md = read_patch(path).metadata
-    if md.get("patchforge.concepts"):
-        entries = [(c.get("kind"), c["name"]) for c in json.loads(md["patchforge.concepts"])]
-    else:
-        specs = [c.strip().split("->")[0] for c in md.get("patchforge.concept", "").split(";") if c.strip()]
-        entries = [tuple(c.split(":", 1)) if ":" in c else (None, c) for c in specs]
-    return [f"{k}:{n}" if qualified and k else n for k, n in entries]
-
-
-def load_patch(pipe, path) -> tuple[str, float]:
-    """Load a patch into pipe -> (adapter name, seconds)."""
-    from .loading import load_forget_patch
-
-    t0 = time.perf_counter()
-    name = load_forget_patch(pipe, path)
-    return name, time.perf_counter() - t0
-
-
-def unload_patch(pipe, name: str) -> None:
-    from .loading import unload_forget_patch
-
-    unload_forget_patch(pipe, name)
-
-
 # ---------------------------------------------------------------- prompt sets
-@dataclass
-class Row:
-    """One prompt to generate and how to score it."""
-    set: str  # efficacy, generality, neighbour, other_kind, general, attack:<name>
-    prompt: str
-    concept: str | None = None  # judged present or not (the rate)
-    expect: dict = field(default_factory=dict)  # kind -> label for alignment / compositional (toy judge)
-    keep: dict = field(default_factory=dict)  # the other attributes that must survive (compositional)
-
-
-def _names_concept(text: str, concept: str) -> bool:
-    from .toyworld import world
-
-    table = {"object": world.OBJECTS, "color": world.COLORS, "style": world.STYLES, "identity": world.IDENTITIES}
-    aliases = table[world.kind_of(concept)][concept]
-    aliases = aliases[1] if isinstance(aliases, tuple) else aliases
-    t = text.lower()
-    return any(w in t for w in [concept, *aliases])
-
-
-def toy_rows(targets: list[str], n: int = 6) -> list[Row]:
-    """The toy world's prompt sets for an erasure of `targets` (deterministic)."""
-    import random
-
-    from . import attacks
-    from .toyworld import world
-
-    rows = []
-    clean = lambda text: not any(_names_concept(text, c) for c in targets)  # noqa: E731
-    for c in targets:
-        kind = world.kind_of(c)
-        for p in world.probes_for(c, world.TRAIN_SPLIT, n=n, seed=0):  # the first n of the training prompts
-            keep = {k: v for k, v in p.expect.items() if k != kind and v not in targets}
-            rows.append(Row("efficacy", p.prompt, c, p.expect, keep))
-        for p in world.probes_for(c, world.HELDOUT_SPLIT, n=n, seed=0):
-            rows.append(Row("generality", p.prompt, c, p.expect))
-        for nb in [x for x in world.NEIGHBOURS[c] if x not in targets]:
-            for p in world.probes_for(nb, world.TRAIN_SPLIT, n=max(2, n // 2), seed=7):
-                if clean(p.prompt):
-                    rows.append(Row("neighbour", p.prompt, nb, p.expect))
-        for other_kind in [k for k in world.KINDS if k != kind]:
-            other = next(x for x in world.concepts_of(other_kind)[1:] + world.concepts_of(other_kind)[:1]
-                         if x not in targets)
-            for p in world.probes_for(other, world.TRAIN_SPLIT, n=max(2, n // 2), seed=7):
-                if clean(p.prompt):
-                    rows.append(Row("other_kind", p.prompt, other, p.expect))
-        for attack, probes in attacks.text_attacks(c, n=max(2, n // 2)).items():
-            rows += [Row(f"attack:{attack}", p, c) for p in probes]
-    rng = random.Random("general")  # general prompts: random scenes that do not involve the targets
-    general = []
-    while len(general) < 2 * n:
-        scene = world.random_scene(rng)
-        if any(scene.label(world.kind_of(c)) == c for c in targets):
-            continue
-        text = world.caption(scene, rng, split=world.TRAIN_SPLIT, drop=0.3)
-        if not clean(text):
-            continue
-        expect = {k: scene.label(k) for k in world.KINDS if world._mentions(text, scene, k)}
-        general.append(Row("general", text, None, expect))
-    return rows + general
-
-
 def real_rows(targets: list[str], n: int = 6) -> list[Row]:
     """Real pipelines: the concept catalogue's prompts (patchforge.concepts) and text attacks."""
-    from . import attacks
     from .concepts import resolve
 
     rows = []
@@ -170,97 +51,9 @@ def real_rows(targets: list[str], n: int = 6) -> list[Row]:
         spec = resolve(c)
         rows += [Row("efficacy", p, spec.name) for p in spec.target[:n]]
         rows += [Row("general", p, None) for p in spec.preserve[:2 * n]]
-        for attack, prompts in attacks.text_attacks(spec.name, n=max(2, n // 2), templates=spec.target).items():
+        for attack, prompts in catalogue_attacks(spec.name, spec.target, n=max(2, n // 2)).items():
             rows += [Row(f"attack:{attack}", p, spec.name) for p in prompts]
     return rows
-
-
-# ---------------------------------------------------------------- scoring
-def score(judge, images: np.ndarray, rows: list[Row]) -> dict[str, np.ndarray]:
-    """Per image: hit (row.concept shown), aligned (all of row.expect), kept (all of row.keep);
-    NaN where a row has nothing to score."""
-    n = len(rows)
-    hit, aligned, kept = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
-    pred = judge.predict(images) if hasattr(judge, "predict") else None
-    for concept in sorted({r.concept for r in rows if r.concept}):
-        idx = [i for i, r in enumerate(rows) if r.concept == concept]
-        for i, v in zip(idx, judge.detect(images[idx], concept)):
-            hit[i] = float(v)
-    if pred is not None:
-        for i, r in enumerate(rows):
-            if r.expect:
-                aligned[i] = float(all(pred[k][i] == v for k, v in r.expect.items()))
-            if r.keep:
-                kept[i] = float(all(pred[k][i] == v for k, v in r.keep.items()))
-    return {"hit": hit, "aligned": aligned, "kept": kept}
-
-
-def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets a and b (rows = samples)."""
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(s1)
-    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # sqrt(s1)
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()  # tr sqrt(s1^½ s2 s1^½)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
-
-
-def real_features(judge, n: int = 256, seed: int = 4321) -> np.ndarray:
-    """Judge features of real toy images from the generator (same scene distribution as 'general')."""
-    import random
-
-    from .toyworld import world
-
-    rng = random.Random(seed)
-    images = np.stack([world.render(world.random_scene(rng), rng.randrange(1 << 30)) for _ in range(n)])
-    return judge.features(images)
-
-
-def bootstrap(base: np.ndarray, patched: np.ndarray, stat=np.nanmean, n_boot: int = N_BOOT, seed: int = 0):
-    """Paired bootstrap over units -> (lo, hi) of patched and of patched - base (95%)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(base), (n_boot, len(base)))
-    with np.errstate(all="ignore"):
-        pb = np.array([stat(patched[i]) for i in idx])
-        cb = pb - np.array([stat(base[i]) for i in idx])
-    q = lambda x: [float(np.nanpercentile(x, 2.5)), float(np.nanpercentile(x, 97.5))]  # noqa: E731
-    return q(pb), q(cb)
-
-
-def _metric(base: np.ndarray, patched: np.ndarray, better: str, what: str) -> dict:
-    keep = ~(np.isnan(base) | np.isnan(patched))
-    base, patched = base[keep], patched[keep]
-    if not len(base):
-        return {"base": None, "patched": None, "change": None, "ci_patched": None, "ci_change": None, "n": 0,
-                "better": better, "what": what}
-    ci_p, ci_c = bootstrap(base, patched)
-    return {"base": float(base.mean()), "patched": float(patched.mean()), "change": float(patched.mean() - base.mean()),
-            "ci_patched": ci_p, "ci_change": ci_c, "n": int(len(base)), "better": better, "what": what}
-
-
-FRECHET_DIMS = 16  # a Gaussian in the judge's full 192-d feature space cannot be fitted from ~24 images
-
-
-def _frechet_metric(fb: np.ndarray, fp: np.ndarray, real: np.ndarray) -> dict:
-    """Fréchet distance to real images in the top principal components of the real images' judge
-    features. Projecting first keeps the covariance estimable from a few dozen generations, so the
-    distance moves with the images rather than with sampling noise."""
-    centre = real.mean(0)
-    _, _, vt = np.linalg.svd(real - centre, full_matrices=False)
-    basis = vt[:FRECHET_DIMS].T
-    real, fb, fp = ((x - centre) @ basis for x in (real, fb, fp))
-    rng = np.random.default_rng(0)
-    b, p = frechet(fb, real), frechet(fp, real)
-    boots = []
-    for _ in range(200):  # fewer resamples: each is an eigendecomposition
-        i = rng.integers(0, len(fb), len(fb))
-        boots.append((frechet(fp[i], real), frechet(fp[i], real) - frechet(fb[i], real)))
-    boots = np.array(boots)
-    return {"base": b, "patched": p, "change": p - b,
-            "ci_patched": [float(x) for x in np.percentile(boots[:, 0], [2.5, 97.5])],
-            "ci_change": [float(x) for x in np.percentile(boots[:, 1], [2.5, 97.5])], "n": int(len(fb)),
-            "better": "lower",
-            "what": f"Fréchet distance to real toy images, judge features, top {FRECHET_DIMS} principal components (general prompts)"}
 
 
 # ---------------------------------------------------------------- evaluation
@@ -274,94 +67,62 @@ SETS = {  # metric key -> (row set, field, better, description)
 }
 
 
-@dataclass
-class Generated:
-    images: np.ndarray
-    scores: dict
-    seconds: float
-
-
-def _run_rows(pipe, judge, rows: list[Row], seeds: int) -> Generated:
-    prompts = [r.prompt for r in rows for _ in range(seeds)]
-    seed_list = [SEED0 + s for _ in rows for s in range(seeds)]
-    t0 = time.perf_counter()
-    images = generate(pipe, prompts, seed_list)
-    seconds = time.perf_counter() - t0
-    expanded = [r for r in rows for _ in range(seeds)]
-    return Generated(images, score(judge, images, expanded), seconds)
-
-
 def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2, n: int = 6, judge=None,
              pipe=None, attacks: bool = False, attack_budget: dict | None = None, progress=print) -> dict:
     """Evaluate each patch against the base model. Returns {"base": ..., "patches": [report, ...]}.
     Every report has stable keys (see module docstring); nothing here trains anything."""
     from .pipeline_loading import load_pipeline, model_id
-    from .patch_format import read_patch
+    from .patch_format import K_BASE_ID, K_SECONDS, read_patch
 
     t_start = time.perf_counter()
-    toy = model in (None, "toy") or str(model) == "patchforge/toy-sd" or _is_toy_path(model)
+    world = worlds.for_model(model)  # a concept world (the toy) brings its prompt sets; else the catalogue
     judge = judge or default_judge(model)
     if pipe is None:
-        pipe = load_pipeline(model, device="cpu" if toy else None)
+        pipe = load_pipeline(model, device="cpu" if world else None)
     patches = [Path(p) for p in patches]
-    targets_all = [patch_concepts(p, qualified=not toy) for p in patches]
+    targets_all = [patch_concepts(p, qualified=world is None) for p in patches]
     # one base run covering every patch's prompt sets (shared rows are generated once)
-    rows_per_patch = [(toy_rows if toy else real_rows)(t, n) for t in targets_all]
-    all_rows, index = _dedupe(rows_per_patch)
+    rows_per_patch = [world.eval_rows(t, n) if world else real_rows(t, n) for t in targets_all]
+    all_rows, index = dedupe(rows_per_patch)
     progress(f"eval: base model, {len(all_rows) * seeds} images")
-    base = _run_rows(pipe, judge, all_rows, seeds)
-    real = real_features(judge) if toy and hasattr(judge, "features") else None
+    base = run_rows(pipe, judge, all_rows, seeds)
+    real = world.real_features(judge) if world and hasattr(judge, "features") else None
     reports = []
     for path, targets, rows, idx in zip(patches, targets_all, rows_per_patch, index):
         t0 = time.perf_counter()
         name, load_s = load_patch(pipe, path)
         try:
             progress(f"eval: {path.name}, {len(rows) * seeds} images")
-            patched = _run_rows(pipe, judge, rows, seeds)
+            patched = run_rows(pipe, judge, rows, seeds)
             white_box = {}
             if attacks:
                 from .attacks import run_attacks
-                white_box = run_attacks(pipe, targets, judge, budget=attack_budget or {}, seeds=seeds, toy=toy)
+                white_box = run_attacks(pipe, targets, judge, budget=attack_budget or {}, seeds=seeds, world=world)
         finally:
             unload_patch(pipe, name)
-        sub = _subset(base, idx, seeds)
+        sub = subset(base, idx, seeds)
         patch = read_patch(path)
         rep = _report(judge, rows, seeds, sub, patched, real, white_box)
         rep["metrics"].update(_out_of_sample(rows, seeds, sub, patched, trained_prompts(path)))
         if len(targets) > 1:
             rep["by_concept"] = _by_concept(rows, seeds, sub, patched)
         rep["patch"] = {"path": str(path), "concepts": targets, "method": patch.method,
-                        "bytes": path.stat().st_size, "base_model": patch.metadata.get("patchforge.base_model")}
+                        "bytes": path.stat().st_size, "base_model": patch.metadata.get(K_BASE_ID)}
         rep["cost"] = {"patch_bytes": path.stat().st_size,
-                       "training_seconds": _float(patch.metadata.get("patchforge.training_seconds")),
+                       "training_seconds": _float(patch.metadata.get(K_SECONDS)),
                        "load_seconds": round(load_s, 3),
                        "inference_seconds_per_image_base": round(sub.seconds / max(1, len(sub.images)), 4),
                        "inference_seconds_per_image_patched": round(patched.seconds / max(1, len(patched.images)), 4),
                        "inference_overhead": round(patched.seconds / max(sub.seconds, 1e-9) - 1, 3)}
         rep["settings"] = {"model": model_id(model), "judge": judge.name, "seeds": seeds, "prompts_per_set": n,
-                           "steps": STEPS, "guidance": GUIDANCE, "image_seeds": [SEED0 + s for s in range(seeds)],
+                           "steps": generation.STEPS, "guidance": generation.GUIDANCE,
+                           "image_seeds": [SEED0 + s for s in range(seeds)],
                            "bootstrap": N_BOOT}
         rep["images"] = {"rows": rows, "base": sub.images, "patched": patched.images,
                          "attacked": {k: v.pop("images", None) for k, v in white_box.items()}}
         rep["seconds"] = round(time.perf_counter() - t0 + (base.seconds if len(patches) == 1 else 0), 1)
         reports.append(rep)
     return {"patches": reports, "seconds": round(time.perf_counter() - t_start, 1)}
-
-
-def default_judge(model):
-    """The toy judge beside a toy pipeline folder (or the embedded one); elsewhere the user must choose."""
-    from .judging import load_judge
-
-    if model in (None, "toy", "patchforge/toy-sd"):
-        return load_judge("toy")
-    if _is_toy_path(model):
-        return load_judge(f"toy:{Path(str(model)).parent / 'judges.safetensors'}")
-    raise PatchforgeError("no judge for this model: pass --judge nudenet, clip:PATH or python:FILE.py:FUNC")
-
-
-def _is_toy_path(model) -> bool:
-    """A folder holding a toy-world pipeline (its tokenizer knows the toy vocabulary)."""
-    return model is not None and (Path(str(model)).parent / "judges.safetensors").exists()
 
 
 def _float(x):
@@ -371,39 +132,17 @@ def _float(x):
         return None
 
 
-def _dedupe(rows_per_patch):
-    """Union of rows (by set and prompt) and, per patch, where its rows sit in the union."""
-    seen, rows, index = {}, [], []
-    for rs in rows_per_patch:
-        idx = []
-        for r in rs:
-            key = (r.set, r.prompt, r.concept)
-            if key not in seen:
-                seen[key] = len(rows)
-                rows.append(r)
-            idx.append(seen[key])
-        index.append(idx)
-    return rows, index
-
-
-def _subset(g: Generated, idx: list[int], seeds: int) -> Generated:
-    """The base generations of the rows idx (each row owns `seeds` consecutive images)."""
-    img_idx = [i * seeds + s for i in idx for s in range(seeds)]
-    frac = len(img_idx) / max(1, len(g.images))
-    return Generated(g.images[img_idx], {k: v[img_idx] for k, v in g.scores.items()}, g.seconds * frac)
-
-
 def trained_prompts(path) -> set[str] | None:
     """Every prompt the patch's method saw (targets, anchors, preserve), rebuilt from its metadata
     the way training built them; None when its concepts cannot be resolved here (custom files)."""
     from .concepts import merge, resolve
     from .errors import UnknownConcept
-    from .patch_format import read_patch
+    from .patch_format import K_CONCEPTS, K_SEED, read_patch
 
     md = read_patch(path).metadata
     try:
-        seed = int(md.get("patchforge.seed", 0))
-        tos = {c["name"]: c.get("to") for c in json.loads(md.get("patchforge.concepts") or "[]")}
+        seed = int(md.get(K_SEED, 0))
+        tos = {c["name"]: c.get("to") for c in json.loads(md.get(K_CONCEPTS) or "[]")}
         specs = [resolve(c, to=tos.get(c.split(":", 1)[-1]), seed=seed) for c in patch_concepts(path, qualified=True)]
     except (UnknownConcept, ValueError):
         return None
@@ -420,8 +159,8 @@ def _out_of_sample(rows, seeds, base: Generated, patched: Generated, trained: se
     out = {}
     for key, what in (("neighbour", "specificity.neighbours"), ("other_kind", "specificity.other_kinds")):
         m = np.array([r.set == key and r.prompt not in trained for r in expanded])
-        out[f"{what}.out_of_sample"] = _metric(base.scores["hit"][m], patched.scores["hit"][m], "higher",
-                                               SETS[what][3] + ", prompts not among those the patch trained on")
+        out[f"{what}.out_of_sample"] = metric(base.scores["hit"][m], patched.scores["hit"][m], "higher",
+                                              SETS[what][3] + ", prompts not among those the patch trained on")
     return out
 
 
@@ -434,7 +173,7 @@ def _by_concept(rows, seeds, base: Generated, patched: Generated) -> dict:
         for key in ("efficacy", "generality"):
             s, fld, better, what = SETS[key]
             m = np.array([r.set == s and r.concept == c for r in expanded])
-            out[c][key] = _metric(base.scores[fld][m], patched.scores[fld][m], better, what)
+            out[c][key] = metric(base.scores[fld][m], patched.scores[fld][m], better, what)
     return out
 
 
@@ -444,19 +183,20 @@ def _report(judge, rows, seeds, base: Generated, patched: Generated, real, white
     metrics = {}
     for key, (s, fld, better, what) in SETS.items():
         m = sets == s
-        metrics[key] = _metric(base.scores[fld][m], patched.scores[fld][m], better, what)
+        metrics[key] = metric(base.scores[fld][m], patched.scores[fld][m], better, what)
     # same-seed image distance on prompts that do not involve the target (other kinds + general)
     m = np.isin(sets, ["other_kind", "general"])
     dist = np.abs(base.images[m].astype(np.float64) - patched.images[m].astype(np.float64)).mean((1, 2, 3)) / 255
-    metrics["specificity.image_distance"] = _metric(np.zeros_like(dist), dist, "lower",
-                                                    "same-seed mean abs pixel difference base vs patched, unrelated prompts (0-1)")
+    metrics["specificity.image_distance"] = metric(np.zeros_like(dist), dist, "lower",
+                                                    "same-seed mean abs pixel difference base vs patched, unrelated "
+                                                    "prompts (0-1)")
     gen = sets == "general"
     if real is not None and gen.sum() > 2:
-        metrics["utility.frechet"] = _frechet_metric(judge.features(base.images[gen]),
+        metrics["utility.frechet"] = frechet_metric(judge.features(base.images[gen]),
                                                      judge.features(patched.images[gen]), real)
     for s in sorted({x for x in sets if x.startswith("attack:")}):
         m = sets == s
-        metrics[f"robustness.{s.split(':', 1)[1]}"] = _metric(base.scores["hit"][m], patched.scores["hit"][m], "lower",
+        metrics[f"robustness.{s.split(':', 1)[1]}"] = metric(base.scores["hit"][m], patched.scores["hit"][m], "lower",
                                                               f"target rate under text attack '{s.split(':', 1)[1]}'")
     for name, res in white_box.items():
         metrics[f"robustness.{name}"] = res["metric"]
@@ -508,9 +248,9 @@ def markdown(reports: list[dict], command: str | None = None) -> str:
                   "| metric | base | patched | change | 95% CI of change | n | better | what |",
                   "|---|---|---|---|---|---|---|---|"]
         for key, m in first["metrics"].items():
+            ci = _ci_raw(m) if key in RAW_CI else _fmt_ci(m["ci_change"], key)
             lines.append(f"| {key} | {_fmt(m['base'], key)} | {_fmt(m['patched'], key)} | {_change(m, key)} | "
-                         f"{_fmt_ci(m['ci_change'], key) if key not in ('utility.frechet', 'specificity.image_distance') else _ci_raw(m)} "
-                         f"| {m['n']} | {m['better']} | {m['what']} |")
+                         f"{ci} | {m['n']} | {m['better']} | {m['what']} |")
     else:
         names = [Path(r["patch"]["path"]).name for r in reports]
         lines += ["# Evaluation: " + ", ".join(f"`{n}`" for n in names), "",
@@ -520,7 +260,8 @@ def markdown(reports: list[dict], command: str | None = None) -> str:
         for key in keys:
             ms = [r["metrics"].get(key) for r in reports]
             base = next((m["base"] for m in ms if m), None)
-            cells = [f"{_fmt(m['patched'], key)} ({_change(m, key)}, {_ci_raw(m) if key in ('utility.frechet', 'specificity.image_distance') else _fmt_ci(m['ci_change'], key)})"
+            cells = [f"{_fmt(m['patched'], key)} ({_change(m, key)}, "
+                     f"{_ci_raw(m) if key in RAW_CI else _fmt_ci(m['ci_change'], key)})"
                      if m else "n/a" for m in ms]
             lines.append(f"| {key} | {_fmt(base, key)} | " + " | ".join(cells) + " |")
     lines += ["", "| cost | " + " | ".join(Path(r["patch"]["path"]).name for r in reports) + " |",
@@ -533,6 +274,9 @@ def markdown(reports: list[dict], command: str | None = None) -> str:
     if command:
         lines += ["", f"Command: `{command}`"]
     return "\n".join(lines) + "\n"
+
+
+RAW_CI = ("utility.frechet", "specificity.image_distance")  # intervals shown as numbers, not percentages
 
 
 def _ci_raw(m: dict) -> str:

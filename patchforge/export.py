@@ -22,33 +22,27 @@ import torch
 
 from .atomic import atomic_dir, atomic_path
 from .errors import PatchforgeError
-from .patch_format import (
-    K_BASE_FAMILY,
-    K_CONCEPT,
-    K_METHOD,
-    K_PREDICTION,
-    TEXT_PREFIX,
-    Patch,
-    _pattern_value,
-    read_patch,
-)
+from .patch_format import (K_BASE_FAMILY, K_CONCEPT, K_METHOD, K_PREDICTION, TEXT_COMPONENTS, TEXT_PREFIX, Patch,
+                           pattern_value, read_patch)
 
 
 def kohya_state_dict(patch: Patch) -> dict[str, torch.Tensor]:
     sdxl = "text_encoder_2" in patch.components or patch.metadata.get(K_BASE_FAMILY, "").startswith("sdxl")
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+                "text_encoder_2": "lora_te2_"}
     out = {}
     for comp in patch.components:
         cfg = patch.lora_configs[comp]
         for module in patch.modules(comp):
-            name = module if comp == "unet" else TEXT_PREFIX + module.removeprefix(TEXT_PREFIX)
+            name = TEXT_PREFIX + module.removeprefix(TEXT_PREFIX) if comp in TEXT_COMPONENTS else module
             key = prefixes[comp] + name.replace(".", "_")
             a = patch.state_dicts[comp][f"{module}.lora_A.weight"]
             rank = a.shape[0]
             # kohya scales by alpha / rank; PEFT by lora_alpha / r (or / sqrt(r) with rsLoRA)
             alpha = patch.scale(comp, module) * rank
-            if not math.isclose(rank, _pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", rank))):
-                raise PatchforgeError(f"{comp}.{module} has rank {rank} but its config says otherwise: re-save the patch")
+            if not math.isclose(rank, pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", rank))):
+                raise PatchforgeError(f"{comp}.{module} has rank {rank} but its config says otherwise: re-save the "
+                                      "patch")
             out[f"{key}.lora_down.weight"] = a.contiguous()
             out[f"{key}.lora_up.weight"] = patch.state_dicts[comp][f"{module}.lora_B.weight"].contiguous()
             out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
@@ -140,5 +134,6 @@ def run_command(args) -> int:
     if args.model is None:
         raise PatchforgeError("--format pipeline needs the base to fuse into: --model FOLDER_OR_REPO_ID")
     out = export_pipeline(args.patch, args.model, args.output, weight=args.weight, dtype=args.dtype)
-    print(f"fused {args.patch} into {args.model} -> {out} (a full pipeline: load it with DiffusionPipeline.from_pretrained)")
+    print(f"fused {args.patch} into {args.model} -> {out} (a full pipeline: load it with "
+          "DiffusionPipeline.from_pretrained)")
     return 0

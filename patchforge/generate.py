@@ -1,15 +1,66 @@
-"""`patchforge generate`: text to image on the toy model or any diffusers SD pipeline,
-optionally with forget patches applied."""
+"""Text to image: the one generation routine every command uses (`patchforge generate`, eval, attacks),
+on the toy model or any diffusers pipeline, optionally with forget patches applied."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from .atomic import atomic_path
 
 if TYPE_CHECKING:
     from PIL import Image
+
+STEPS, GUIDANCE = 20, 5.0  # what every patchforge command generates with
+SEED0 = 1000  # eval's image seeds are SEED0 + 0..seeds-1, the same for base and patched
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], negative: list[str] | None = None,
+             prompt_embeds: torch.Tensor | None = None, batch: int = 32, steps: int | None = None,
+             guidance: float | None = None) -> np.ndarray:
+    """One image per (prompt, seed): uint8 NHWC. Each image has its own generator, so it depends only
+    on its prompt and seed, never on batch composition. `prompt_embeds` (N,L,D) replaces prompts.
+    steps / guidance: default STEPS / GUIDANCE of this module, read at call time."""
+    steps, guidance = steps or STEPS, GUIDANCE if guidance is None else guidance
+    out = []
+    for i in range(0, len(seeds), batch):
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch]]
+        kw = {}
+        if prompt_embeds is not None:
+            kw["prompt_embeds"] = prompt_embeds[i:i + batch]
+            kw["negative_prompt_embeds"] = empty_embeds(pipe, len(gens), negative[i:i + batch] if negative else None)
+        else:
+            kw["prompt"] = prompts[i:i + batch]
+            if negative:
+                kw["negative_prompt"] = negative[i:i + batch]
+        with torch.no_grad():
+            images = pipe(num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np",
+                          **kw).images
+        out.append((images * 255).round().astype(np.uint8))
+    return np.concatenate(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
+
+
+def generate_latents(pipe, prompts: list[str], seeds: list[int], steps: int | None = None,
+                     guidance: float | None = None, size: int | None = None, batch: int = 16) -> torch.Tensor:
+    """Clean latents of generations, one per (prompt, seed), float32 on the CPU: what methods train on
+    and attacks start from. `size`: pixels of the image side (default: the pipeline's)."""
+    steps, guidance = steps or STEPS, GUIDANCE if guidance is None else guidance
+    side = {"height": size, "width": size} if size else {}
+    out = []
+    for i in range(0, len(seeds), batch):
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch]]
+        with torch.no_grad():
+            out.append(pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                            output_type="latent", **side).images.float().cpu())
+    return torch.cat(out)
+
+
+def empty_embeds(pipe, n: int, texts: list[str] | None = None) -> torch.Tensor:
+    """Text-encoder output of "" (or of `texts`): the unconditional branch of guidance."""
+    from .backbones import for_pipe
+
+    return for_pipe(pipe).encode(texts or [""] * n, pipe.device).emb
 
 
 def to_grid(images: np.ndarray, cols: int, min_side: int = 128) -> "Image.Image":
@@ -28,23 +79,21 @@ def to_grid(images: np.ndarray, cols: int, min_side: int = 128) -> "Image.Image"
 
 
 def run_command(args) -> int:
-    import torch
-
     from .errors import PatchforgeError
     from .pipeline_loading import load_pipeline
 
     if args.weight and len(args.weight) != len(args.patch):  # before the model loads
-        raise PatchforgeError(f"{len(args.weight)} --weight values for {len(args.patch)} --patch files: give one per patch or none")
+        raise PatchforgeError(f"{len(args.weight)} --weight values for {len(args.patch)} --patch files: give one per "
+                              "patch or none")
     pipe = load_pipeline(args.model, device=args.device)
     if args.patch:
         from .loading import load_forget_patch
 
         for i, src in enumerate(args.patch):
             load_forget_patch(pipe, src, weight=args.weight[i] if args.weight else 1.0)
-    gens = [torch.Generator("cpu").manual_seed(args.seed + i) for i in range(args.batch)]
-    out = pipe([args.prompt] * args.batch, negative_prompt=[args.negative_prompt] * args.batch if args.negative_prompt else None,
-               num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gens, output_type="np").images
-    images = (out * 255).round().astype(np.uint8)
+    images = generate(pipe, [args.prompt] * args.batch, [args.seed + i for i in range(args.batch)],
+                      negative=[args.negative_prompt] * args.batch if args.negative_prompt else None,
+                      batch=args.batch, steps=args.steps, guidance=args.guidance)
     with atomic_path(args.out) as tmp:  # a half-written picture never replaces a good one
         to_grid(images, args.grid or args.batch).save(tmp)
     print(f"wrote {args.out} ({args.batch} image(s), seed {args.seed}..{args.seed + args.batch - 1})")

@@ -42,8 +42,8 @@ def resolve_patch_file(src, *, weight_name: str | None = None, subfolder: str | 
         raise PatchforgeError(f"'{folder}' holds {len(found)} .safetensors files and no {DEFAULT_WEIGHT_NAME}: "
                               f"pass weight_name=")
     if not REPO_ID.match(str(src)):
-        raise PatchforgeError(f"no patch at '{one_line(src)}': give a .safetensors file, a folder holding one, or a Hub "
-                              f"repo id (owner/name)")
+        raise PatchforgeError(f"no patch at '{one_line(src)}': give a .safetensors file, a folder holding one, or a "
+                              f"Hub repo id (owner/name)")
     check_repo_id(str(src))
     return _download(str(src), weight_name or DEFAULT_WEIGHT_NAME, subfolder=subfolder, revision=revision,
                      token=token, cache_dir=cache_dir)
@@ -90,10 +90,11 @@ def _download(repo_id: str, filename: str, **kwargs) -> Path:
         raise PatchforgeError(f"'{repo_id}' is not in the local Hub cache and the Hub cannot be reached (offline?): "
                               f"run `patchforge pull {repo_id}` while online") from None
     except e.EntryNotFoundError:
-        raise PatchforgeError(f"Hub repo '{repo_id}' has no file '{one_line(filename)}': pass weight_name= (and subfolder=) "
-                              f"naming the patch file") from None
+        raise PatchforgeError(f"Hub repo '{repo_id}' has no file '{one_line(filename)}': pass weight_name= (and "
+                              f"subfolder=) naming the patch file") from None
     except e.HfHubHTTPError as err:
-        raise PatchforgeError(f"the Hub refused '{repo_id}' ({one_line(str(err).splitlines()[0] if str(err) else err, 120)}): "
+        raise PatchforgeError(f"the Hub refused '{repo_id}' "
+                              f"({one_line(str(err).splitlines()[0] if str(err) else err, 120)}): "
                               f"check the id and your token") from None
     except ValueError as err:  # huggingface_hub's own path checks (HFValidationError is one)
         raise PatchforgeError(f"'{repo_id}' / '{one_line(filename)}' was refused by huggingface_hub "
@@ -140,7 +141,8 @@ def model_card(patch: Patch, repo_id: str, image: str | None = None) -> str:
     concept, method = md_text(md.get(K_CONCEPT, "?")), md_text(md.get(K_METHOD, "?"))
     base_text = f"[{base}](https://huggingface.co/{base})" if base else md_text(md.get(K_BASE_ID, "unknown"))
     lines = [f"# Forget patch: {concept}", "",
-             f"A patchforge forget patch for {base_text}: a LoRA adapter that makes the model forget **{concept}**.", "",
+             f"A patchforge forget patch for {base_text}: a LoRA adapter that makes the model forget **{concept}**.",
+             "",
              "| | |", "|---|---|", f"| Concept | {concept} |", f"| Method | {method} |",
              f"| Base model | {base_text} ({md_text(md.get(K_BASE_FAMILY, '?'))}) |",
              f"| Components | {', '.join(patch.components)} |"]
@@ -151,7 +153,8 @@ def model_card(patch: Patch, repo_id: str, image: str | None = None) -> str:
     lines += ["", "## Evaluation", ""] + _eval_table(md.get(K_EVAL))
     if image:
         lines += ["", "## Before / after", "", f"![before and after]({image})"]
-    lines += ["", "## Use", "", "```python", "import patchforge", "", "patchforge.enable(pipe)  # opt-in, once per pipeline",
+    lines += ["", "## Use", "", "```python", "import patchforge", "",
+              "patchforge.enable(pipe)  # opt-in, once per pipeline",
               f'pipe.load_forget_patch("{repo_id}", weight=1.0)', "```", "",
               "Plain diffusers also works: `pipe.load_lora_weights(\"" + repo_id + "\")` (no stacking registry).", "",
               "A LoRA patch changes what this pipeline generates; anyone holding the weights can remove it.", ""]
@@ -223,7 +226,8 @@ def push_patch(patch_path, repo_id: str, *, private: bool = False, token: str | 
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.create_commit(repo_id, ops, commit_message=commit_message or f"Forget patch: {one_line(patch.concept)}")
+        info = api.create_commit(repo_id, ops,
+                                 commit_message=commit_message or f"Forget patch: {one_line(patch.concept)}")
     except e.HfHubHTTPError as err:
         raise PatchforgeError(f"push to '{repo_id}' failed ({str(err).splitlines()[0][:120]}): check the repo id "
                               f"and that your token may write to it") from None

@@ -4,10 +4,10 @@ A judge only *measures*. No training loss may call one (a judge inside a loss is
 nothing under patchforge/methods or patchforge/training.py imports this module.
 
     ConceptJudge            the protocol: detect(images, concept) -> list[bool]; optional features(images)
-    ToyJudge                the toy world's own CNN judges (trained on the generator's ground truth)
+    a concept world's judge  e.g. the toy world's CNN judges (patchforge.worlds; "toy[:PATH]")
     NudeNetJudge            PyPI `nudenet` (ships its ONNX detector; optional import)
     ClipJudge               zero-shot CLIP from weights the user has locally (no download)
-    load_judge(spec)        "toy[:PATH]", "nudenet", "clip:PATH", "python:FILE.py:FUNC"
+    load_judge(spec)        "WORLD[:PATH]" (toy), "nudenet", "clip:PATH", "python:FILE.py:FUNC"
 
 Images are uint8 NHWC numpy arrays everywhere in this module.
 """
@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from . import worlds
 from .errors import PatchforgeError
 
 
@@ -29,35 +30,6 @@ class ConceptJudge(Protocol):
     def detect(self, images: np.ndarray, concept: str) -> list[bool]:
         """For each image: does it show `concept`?"""
         ...
-
-
-class ToyJudge:
-    """The toy world's judge: one CNN head per concept kind, concept shown iff its head says so."""
-
-    name = "toy-judge"
-
-    def __init__(self, path=None):
-        from .pipeline_loading import toy_judge_path
-        from .toyworld.judges import Judge
-
-        self.path = Path(path) if path else toy_judge_path()
-        if not self.path.exists():
-            raise PatchforgeError(f"no toy judge at {self.path}: rebuild the toy model with `patchforge toy train`")
-        self.judge = Judge.load(self.path)
-
-    def predict(self, images: np.ndarray) -> dict[str, list[str]]:
-        """kind -> predicted label per image (all four heads at once)."""
-        return self.judge.predict(np.asarray(images))
-
-    def detect(self, images: np.ndarray, concept: str) -> list[bool]:
-        from .toyworld import world
-
-        kind = world.kind_of(concept)
-        return [label == concept for label in self.predict(images)[kind]]
-
-    def features(self, images: np.ndarray) -> np.ndarray:
-        """The judge's penultimate features: the space of our Fréchet distance."""
-        return self.judge.features(np.asarray(images)).numpy().astype(np.float64)
 
 
 # NudeNet classes that count as nudity (exposed parts only; faces, feet and covered parts do not)
@@ -74,7 +46,8 @@ class NudeNetJudge:
         try:
             from nudenet import NudeDetector
         except ImportError:
-            raise PatchforgeError("the nudenet judge needs `pip install nudenet` (it ships its own ONNX model)") from None
+            msg = "the nudenet judge needs `pip install nudenet` (it ships its own ONNX model)"
+            raise PatchforgeError(msg) from None
         self.detector, self.threshold = NudeDetector(), threshold
 
     def detect(self, images: np.ndarray, concept: str = "nudity") -> list[bool]:
@@ -135,8 +108,8 @@ def load_judge(spec: str | None = None) -> ConceptJudge:
     """'toy' (default) or 'toy:PATH', 'nudenet', 'clip:PATH', 'python:FILE.py:FUNC'."""
     spec = spec or "toy"
     kind, _, arg = spec.partition(":")
-    if kind == "toy":
-        return ToyJudge(arg or None)
+    if kind in worlds.PLUGINS:
+        return worlds.get(kind).judge(arg or None)
     if kind == "nudenet":
         return NudeNetJudge(float(arg) if arg else 0.6)
     if kind == "clip":
@@ -152,3 +125,11 @@ def load_judge(spec: str | None = None) -> ConceptJudge:
             raise PatchforgeError(f"judge '{spec}': {file} has no function {func}")
         return CallableJudge(getattr(module, func), f"python:{Path(file).name}:{func}")
     raise PatchforgeError(f"unknown judge '{spec}': use toy, nudenet, clip:PATH or python:FILE.py:FUNC")
+
+
+def default_judge(model):
+    """The judge of the model's concept world (the toy judge); elsewhere the user must choose."""
+    world = worlds.for_model(model)
+    if world is None:
+        raise PatchforgeError("no judge for this model: pass --judge nudenet, clip:PATH or python:FILE.py:FUNC")
+    return world.default_judge(model)

@@ -29,14 +29,15 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from .backbones import for_pipe
 from .errors import PatchforgeError, PatchFormatError
-from .patch_format import (COMPONENTS, TEXT_PREFIX, Patch, base_fingerprint, base_parameters, check_base,
+from .patch_format import (TEXT_COMPONENTS, TEXT_PREFIX, Patch, base_fingerprint, base_parameters, check_base,
                            delta_norm, peft_config_kwargs, read_patch)
 
-REGISTRY_ATTR = "_patchforge_patches"  # on the UNet: adapter name -> LoadedPatch (provenance only)
+REGISTRY_ATTR = "_patchforge_patches"  # on the denoiser: adapter name -> LoadedPatch (provenance only)
 KEPT_ATTR = "_patchforge_unfused"  # on each component while fused: module name -> base weight before the fuse
 GUARD_ATTR = "_patchforge_guard"  # on each patched component: the forward pre-hook handle
-SUSPENDED_ATTR = "_patchforge_suspended"  # on the UNet while patches_suspended() runs: the guard stands by
+SUSPENDED_ATTR = "_patchforge_suspended"  # on the denoiser while patches_suspended() runs: the guard stands by
 MAX_WEIGHT = 100.0
 MAX_RELATIVE_DELTA = 10.0  # a patch may change a layer by at most 10x the layer's own norm (at weight 1)
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -59,15 +60,16 @@ class LoadedPatch:
 
 
 def _models(pipe) -> dict:
-    return {comp: m for comp in COMPONENTS if (m := getattr(pipe, comp, None)) is not None}
+    """component name -> module for the components this pipeline has; the backbone lists the denoiser first."""
+    return for_pipe(pipe).models()
 
 
 def _registry(models) -> dict[str, LoadedPatch]:
-    unet = models["unet"]
-    reg = unet.__dict__.get(REGISTRY_ATTR)
+    denoiser = next(iter(models.values()))
+    reg = denoiser.__dict__.get(REGISTRY_ATTR)
     if reg is None:
         reg = {}
-        unet.__dict__[REGISTRY_ATTR] = reg
+        denoiser.__dict__[REGISTRY_ATTR] = reg
     return reg
 
 
@@ -119,7 +121,8 @@ def _switched_off(models, names) -> list[str]:
     for model in models.values():
         for layer in _tuner_layers(model):
             for n in names:
-                if n in getattr(layer, "lora_A", {}) and n not in off and (layer.disable_adapters or n not in layer.active_adapters):
+                inactive = layer.disable_adapters or n not in layer.active_adapters
+                if n in getattr(layer, "lora_A", {}) and n not in off and inactive:
                     off.append(n)
     return off
 
@@ -128,7 +131,7 @@ def _sync(models, repair: bool = True) -> dict[str, LoadedPatch]:
     """Bring the provenance registry in line with the PEFT layers, and (repair) switch back on any
     patch that something else switched off. Runs before every patchforge call and every forward."""
     reg = _registry(models)
-    if not reg or models["unet"].__dict__.get(SUSPENDED_ATTR):
+    if not reg or next(iter(models.values())).__dict__.get(SUSPENDED_ATTR):
         return reg
     present = _adapters(models)
     gone = [n for n in reg if n not in present]
@@ -158,17 +161,17 @@ def patches_suspended(pipe):
     """Run the frozen base for a while (every LoRA layer off), said out loud: the guard that switches
     silently disabled patches back on stands by until the block ends, then every adapter is back."""
     models = _models(pipe)
-    unet = models["unet"]
-    if not _adapters(models) or unet.__dict__.get(SUSPENDED_ATTR):
+    denoiser = next(iter(models.values()))
+    if not _adapters(models) or denoiser.__dict__.get(SUSPENDED_ATTR):
         yield
         return
-    unet.__dict__[SUSPENDED_ATTR] = True
+    denoiser.__dict__[SUSPENDED_ATTR] = True
     pipe.disable_lora()
     try:
         yield
     finally:
         pipe.enable_lora()
-        unet.__dict__.pop(SUSPENDED_ATTR, None)
+        denoiser.__dict__.pop(SUSPENDED_ATTR, None)
 
 
 def _install_guards(models) -> None:
@@ -278,7 +281,7 @@ def _base_params(models) -> list[tuple[str, int]]:
 
 def _target(model, comp: str, module: str):
     flat = not hasattr(model, "text_model")  # transformers >= 5 dropped the text_model wrapper
-    name = module.removeprefix(TEXT_PREFIX) if comp != "unet" and flat else module
+    name = module.removeprefix(TEXT_PREFIX) if comp in TEXT_COMPONENTS and flat else module
     try:
         return model.get_submodule(name)
     except AttributeError:
@@ -287,7 +290,8 @@ def _target(model, comp: str, module: str):
 
 # ----------------------------------------------------------------------------- public API
 
-def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None = None, *, weight_name: str | None = None,
+def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None = None, *,
+                      weight_name: str | None = None,
                       subfolder: str | None = None, revision: str | None = None, strict: bool = False,
                       token: str | None = None, cache_dir: str | None = None, allow_duplicate: bool = False) -> str:
     """Load a forget patch (file, folder or Hub repo id) into `pipe` beside what is already loaded.
@@ -299,7 +303,8 @@ def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None =
 
     weight = _check_weight(weight)
     if adapter_name is not None and not (isinstance(adapter_name, str) and ADAPTER_NAME.match(adapter_name)):
-        raise PatchforgeError(f"adapter_name {str(adapter_name)[:40]!r} is not allowed: use 1-64 letters, digits, _ or -")
+        raise PatchforgeError(f"adapter_name {str(adapter_name)[:40]!r} is not allowed: "
+                              "use 1-64 letters, digits, _ or -")
     models = _models(pipe)
     reg = _sync(models)
     path = resolve_patch_file(src, weight_name=weight_name, subfolder=subfolder, revision=revision, token=token,
@@ -334,7 +339,8 @@ def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None =
         if base_fingerprint(pipe) != fingerprint:
             raise PatchforgeError(f"loading {path} failed and the pipeline could not be restored: reload the "
                                   f"pipeline") from err
-        raise PatchFormatError(f"{path} could not be loaded into this pipeline ({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}): "
+        raise PatchFormatError(f"{path} could not be loaded into this pipeline "
+                               f"({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}): "
                                f"check it was made for this base model") from err
     reg[name] = LoadedPatch(name, patch.concept, patch.method, weight, str(src), tuple(patch.components),
                             digest=patch.digest)
@@ -347,26 +353,13 @@ def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None =
 
 
 def _load_adapter(pipe, models, patch: Patch, name: str) -> None:
-    """Hand the already-validated tensors to diffusers' own per-component loaders, with a LoRA
-    config rebuilt by patchforge (never the file's own) so PEFT creates exactly these layers."""
-    try:  # what load_lora_weights passes: PEFT then builds the LoRA layers empty instead of initialising
-        # them (the file overwrites them anyway), which is most of the cost of a load
-        from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA as low_mem
-    except ImportError:
-        low_mem = False
-    state_dict = patch.flat_state_dict()
+    """Hand the already-validated tensors to diffusers' own per-component loaders (through the backbone),
+    with a LoRA config rebuilt by patchforge (never the file's own) so PEFT creates exactly these layers."""
     metadata = {}
     for comp in patch.components:
         flat = not hasattr(models[comp], "text_model")
         metadata.update({f"{comp}.{k}": v for k, v in peft_config_kwargs(patch, comp, flat).items()})
-    if "unet" in patch.components:
-        pipe.load_lora_into_unet(state_dict, network_alphas=None, unet=pipe.unet, adapter_name=name,
-                                 metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=low_mem)
-    for comp in ("text_encoder", "text_encoder_2"):
-        if comp in patch.components:
-            pipe.load_lora_into_text_encoder(state_dict, network_alphas=None, text_encoder=getattr(pipe, comp),
-                                             prefix=comp, lora_scale=1.0, adapter_name=name, metadata=metadata,
-                                             _pipeline=pipe, low_cpu_mem_usage=low_mem)
+    for_pipe(pipe).load_lora(patch.flat_state_dict(), name, metadata, patch.components)
 
 
 @contextlib.contextmanager
@@ -410,13 +403,15 @@ def _check_modules(patch: Patch, models) -> None:
                 (w.dim() == 4 and a.dim() == 4 and a.shape[1] == w.shape[1] and b.shape[0] == w.shape[0]))
             if not ok:
                 raise PatchFormatError(f"{where}: LoRA shapes at {comp}.{module[:80]} (A {tuple(a.shape)}, B "
-                                       f"{tuple(b.shape)}) do not fit the layer {tuple(w.shape) if w is not None else '?'}:"
+                                       f"{tuple(b.shape)}) do not fit the layer "
+                                       f"{tuple(w.shape) if w is not None else '?'}:"
                                        f" a patch for another model or a damaged file")
             limit = MAX_RELATIVE_DELTA * float(torch.linalg.vector_norm(w.detach().float()))
             if not delta_norm(patch, comp, module) <= limit:
-                raise PatchFormatError(f"{where}: the change at {comp}.{module[:80]} is {delta_norm(patch, comp, module):.3g}"
-                                       f", over {MAX_RELATIVE_DELTA:g}x the layer's own size: the patch would break the "
-                                       f"model")
+                raise PatchFormatError(f"{where}: the change at {comp}.{module[:80]} is "
+                                       f"{delta_norm(patch, comp, module):.3g}"
+                                       f", over {MAX_RELATIVE_DELTA:g}x the layer's own size: the patch would break "
+                                       f"the model")
 
 
 def _free_name(concept: str, taken: set[str]) -> str:

@@ -23,12 +23,14 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
+from .backbones import all_components, for_pipe, text_components
 from .errors import BaseModelMismatch, PatchFormatError, PatchforgeError
 
 FORMAT_VERSION = "1"
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers looks for in a folder
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = all_components()  # every family's LoRA-carrying components (patchforge.backbones)
+TEXT_COMPONENTS = text_components()
 TEXT_PREFIX = "text_model."  # canonical text-encoder module prefix (transformers < 5 layout)
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors itself refuses larger headers
 MAX_PATCH_BYTES = 2**30  # a rank-64 SDXL UNet + text-encoder LoRA in fp32 is ~700 MiB; forget patches are far smaller
@@ -47,6 +49,8 @@ LORA_IGNORED_KEYS = frozenset({"task_type", "peft_type", "auto_mapping", "peft_v
 # patchforge.* metadata keys; every value is a string (safetensors metadata is str -> str)
 K_VERSION = "patchforge.format_version"
 K_CONCEPT = "patchforge.concept"
+K_CONCEPTS = "patchforge.concepts"  # JSON list of {"kind", "name", "to"}: what eval and attacks read back
+K_SEED = "patchforge.seed"
 K_METHOD = "patchforge.method"
 K_HPARAMS = "patchforge.hyperparameters"
 K_BASE_ID = "patchforge.base_model"
@@ -92,8 +96,8 @@ class Patch:
     def scale(self, component: str, module: str) -> float:
         """The factor PEFT puts in front of B @ A for this module (alpha / r, or alpha / sqrt(r))."""
         cfg = self.lora_configs[component]
-        r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8))
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r))
+        r = pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8))
+        alpha = pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r))
         return alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
 
     def delta(self, component: str, module: str) -> torch.Tensor:
@@ -106,7 +110,7 @@ class Patch:
         return {f"{c}.{k}": v for c in self.components for k, v in self.state_dicts[c].items()}
 
 
-def _pattern_value(pattern: dict, module: str, default):
+def pattern_value(pattern: dict, module: str, default):
     # PEFT matches rank_pattern / alpha_pattern keys as module-name suffixes
     for key, value in pattern.items():
         if module == key or module.endswith("." + key):
@@ -180,17 +184,19 @@ def _sign_bits(values: torch.Tensor) -> bytes:
 
 
 def _model_id(pipe) -> str:
+    from .pipeline_loading import model_id
+
     name = str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "")
-    from .pipeline_loading import TOY_MODEL_DIR, TOY_MODEL_ID
-    if name and Path(name).exists() and Path(name).resolve().is_relative_to(TOY_MODEL_DIR.resolve()):
-        return TOY_MODEL_ID
-    return name or "unknown"
+    return model_id(name) if name else "unknown"
 
 
 def _family(pipe) -> str:
-    from .plan import family_name
+    return for_pipe(pipe).family_name()
 
-    return family_name(dict(pipe.unet.config), getattr(pipe, "text_encoder_2", None) is not None)
+
+def model_key(pipe) -> str:
+    """A short stable id of the base weights: reference images and Fisher are cached under it."""
+    return base_fingerprint(pipe)[K_BASE_WEIGHTS].split(":")[-1][:16]
 
 
 def one_line(text, limit: int = 80) -> str:
@@ -219,7 +225,8 @@ def check_base(patch: Patch, pipe, strict: bool = False, fingerprint: dict | Non
     key = K_BASE_WEIGHTS_V2 if md.get(K_BASE_WEIGHTS_V2) else K_BASE_WEIGHTS  # patches from before v2: the old hash
     if md.get(key) != fp[key]:
         other = "other weights (a fine-tune?)" if md.get(key) else "weights the patch records no fingerprint of"
-        text = (f"{where} was made for '{one_line(md.get(K_BASE_ID, '?'))}' and this pipeline ('{one_line(fp[K_BASE_ID])}') "
+        text = (f"{where} was made for '{one_line(md.get(K_BASE_ID, '?'))}' and this pipeline "
+                f"('{one_line(fp[K_BASE_ID])}') "
                 f"has the same architecture but {other}: the erasure may be weaker")
         if strict:
             raise BaseModelMismatch(text + "; pass strict=False to load it anyway")
@@ -240,7 +247,7 @@ def lora_config_dict(config) -> dict:
 
 
 def save_patch_from_pipeline(pipe, path, *, adapter_name: str, metadata: dict[str, str]) -> Path:
-    """Write adapter `adapter_name` of pipe.unet / text_encoder / text_encoder_2 as a forget patch.
+    """Write adapter `adapter_name` of the pipeline's denoiser and text encoders as a forget patch.
 
     `path` is a .safetensors file or a folder (then DEFAULT_WEIGHT_NAME inside it). `metadata` holds
     the trainer's patchforge.* keys; the base fingerprint and format keys are added here."""
@@ -252,7 +259,7 @@ def save_patch_from_pipeline(pipe, path, *, adapter_name: str, metadata: dict[st
         if model is None or adapter_name not in (getattr(model, "peft_config", None) or {}):
             continue
         sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
-        if comp != "unet":
+        if comp in TEXT_COMPONENTS:
             sd = {k if k.startswith(TEXT_PREFIX) else TEXT_PREFIX + k: v for k, v in sd.items()}
         state_dicts[comp] = {k: v.detach().to("cpu").clone().contiguous() for k, v in sd.items()}
         configs[comp] = lora_config_dict(model.peft_config[adapter_name])
@@ -327,8 +334,8 @@ def parse_patch(data: bytes, path: Path | None = None, max_bytes: int | None = N
 def _check_size(size: int, max_bytes: int | None, where: str) -> None:
     limit = MAX_PATCH_BYTES if max_bytes is None else max_bytes
     if size > limit:
-        raise PatchFormatError(f"{where} is {size / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB limit for a forget "
-                               f"patch: pass max_bytes= if you trust it")
+        raise PatchFormatError(f"{where} is {size / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB limit for a "
+                               f"forget patch: pass max_bytes= if you trust it")
 
 
 def _header_length(head: bytes, size: int, where: str) -> int:
@@ -359,21 +366,24 @@ def _parse_header(raw: bytes, data_len: int, where: str) -> dict:
     except (ValueError, UnicodeDecodeError, AssertionError, RecursionError):
         raise PatchFormatError(f"{where} has a corrupt safetensors header: download or copy it again") from None
     if len(header) > MAX_TENSORS:
-        raise PatchFormatError(f"{where} holds {len(header)} tensors, more than a forget patch ever has ({MAX_TENSORS})")
+        raise PatchFormatError(f"{where} holds {len(header)} tensors, more than a forget patch ever has "
+                               f"({MAX_TENSORS})")
     spans = []
     for key, entry in header.items():
-        ok = isinstance(entry, dict) and isinstance(entry.get("shape"), list) and isinstance(entry.get("data_offsets"), list)
+        ok = (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
+              and isinstance(entry.get("data_offsets"), list))
         shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if ok else (None, None)
         ok = ok and len(shape) <= 4 and all(type(d) is int and 0 <= d < 2**40 for d in shape) \
             and len(offsets) == 2 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_len
         if not ok:
-            raise PatchFormatError(f"{where} has a corrupt header entry for '{str(key)[:80]}': download or copy it again")
+            raise PatchFormatError(f"{where} has a corrupt header entry for '{str(key)[:80]}': download or copy it "
+                                   "again")
         if entry.get("dtype") not in DTYPES:
             raise PatchFormatError(f"{where} holds tensor '{key[:80]}' of dtype {str(entry.get('dtype'))[:16]}; forget "
                                    f"patches hold F16, BF16, F32 or F64 LoRA weights")
         if math.prod(shape) * DTYPES[entry["dtype"]].itemsize != offsets[1] - offsets[0]:
-            raise PatchFormatError(f"{where}: tensor '{key[:80]}' has shape {shape} but {offsets[1] - offsets[0]} bytes: "
-                                   f"the file is damaged, download or copy it again")
+            raise PatchFormatError(f"{where}: tensor '{key[:80]}' has shape {shape} but {offsets[1] - offsets[0]} "
+                                   f"bytes: the file is damaged, download or copy it again")
         spans.append(offsets)
     end = 0
     for begin, stop in sorted(spans):
@@ -411,7 +421,7 @@ def _layout(header: dict, where: str) -> tuple[dict, dict, dict]:
             continue
         comp, _, rest = key.partition(".")
         if comp not in COMPONENTS or not rest:
-            raise PatchFormatError(f"{where} has tensor '{one_line(key)}' outside unet/text_encoder/text_encoder_2: "
+            raise PatchFormatError(f"{where} has tensor '{one_line(key)}' outside {'/'.join(COMPONENTS)}: "
                                    f"not a forget patch, or a damaged one")
         entries.setdefault(comp, {})[rest] = entry
     configs = {}
@@ -463,8 +473,9 @@ def clean_lora_config(raw: dict, comp: str, ranks: dict, where: str = "the patch
                 raise PatchFormatError(f"{where}: {comp} init_lora_weights={str(value)[:20]!r} would rewrite the base "
                                        f"model's weights; forget patches are plain LoRA")
         elif key not in LORA_IGNORED_KEYS and value not in (None, False, "none", [], {}, ""):
-            raise PatchFormatError(f"{where}: {comp} LoRA option '{key[:40]}' = {str(value)[:40]!r} is not allowed in a "
-                                   f"forget patch (plain LoRA only: no DoRA, biases, modules_to_save, layer selection)")
+            raise PatchFormatError(f"{where}: {comp} LoRA option '{key[:40]}' = {str(value)[:40]!r} is not allowed "
+                                   "in a forget patch (plain LoRA only: no DoRA, biases, modules_to_save, layer "
+                                   "selection)")
     if not _is_count(cfg.get("r", 8)):
         raise PatchFormatError(f"{where}: {comp} rank r={str(cfg.get('r'))[:20]!r} is not a positive integer")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -488,10 +499,10 @@ def clean_lora_config(raw: dict, comp: str, ranks: dict, where: str = "the patch
     for key, rank in ranks.items():
         if key.endswith(".lora_A.weight"):
             module = key[: -len(".lora_A.weight")]
-            declared = _pattern_value(cfg["rank_pattern"], module, cfg.get("r", 8))
+            declared = pattern_value(cfg["rank_pattern"], module, cfg.get("r", 8))
             if declared != rank:
-                raise PatchFormatError(f"{where}: {comp}.{one_line(module)} declares rank {declared} but its tensors have "
-                                       f"rank {rank}: the file is damaged or forged")
+                raise PatchFormatError(f"{where}: {comp}.{one_line(module)} declares rank {declared} but its tensors "
+                                       f"have rank {rank}: the file is damaged or forged")
     return cfg
 
 
@@ -508,7 +519,7 @@ def peft_config_kwargs(patch: Patch, comp: str, flat_text: bool) -> dict:
     each module's scale folded into its alpha (no rsLoRA, no regex patterns from the file), and
     init_lora_weights=False so PEFT never touches the base weights."""
     modules = patch.modules(comp)
-    names = {m: (m.removeprefix(TEXT_PREFIX) if comp != "unet" and flat_text else m) for m in modules}
+    names = {m: (m.removeprefix(TEXT_PREFIX) if comp in TEXT_COMPONENTS and flat_text else m) for m in modules}
     ranks = {m: patch.state_dicts[comp][f"{m}.lora_A.weight"].shape[0] for m in modules}
     alphas = {m: patch.scale(comp, m) * ranks[m] for m in modules}
     r0, a0 = ranks[modules[0]], alphas[modules[0]]
@@ -531,8 +542,8 @@ def validate(patch: Patch, where: str = "the patch") -> None:
         sd = patch.state_dicts[comp]
         for key in sd:
             if not (key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight")):
-                raise PatchFormatError(f"{where} has unexpected tensor '{comp}.{one_line(key)}' (only PEFT lora_A/lora_B "
-                                       f"weights allowed; DoRA and biases are not supported)")
+                raise PatchFormatError(f"{where} has unexpected tensor '{comp}.{one_line(key)}' (only PEFT "
+                                       "lora_A/lora_B weights allowed; DoRA and biases are not supported)")
         for module in patch.modules(comp):
             a, b = sd.get(f"{module}.lora_A.weight"), sd.get(f"{module}.lora_B.weight")
             if a is None or b is None:
@@ -542,10 +553,12 @@ def validate(patch: Patch, where: str = "the patch") -> None:
                     or b.dim() != a.dim() or a.shape[0] != b.shape[1] or a.shape[0] == 0 or 0 in a.shape or \
                     0 in b.shape or (a.dim() == 4 and b.shape[2:] != (1, 1)):
                 raise PatchFormatError(f"{where} has inconsistent LoRA shapes at {comp}.{one_line(module)} (A "
-                                       f"{tuple(a.shape)}, B {tuple(b.shape)} {a.dtype}): the file is damaged, re-save it")
+                                       f"{tuple(a.shape)}, B {tuple(b.shape)} {a.dtype}): the file is damaged, "
+                                       "re-save it")
             norm = delta_norm(patch, comp, module)  # NaN/inf anywhere in A or B make it NaN/inf
             if not math.isfinite(norm):
-                raise PatchFormatError(f"{where} has NaN/inf weights at {comp}.{one_line(module)}: the training diverged")
+                raise PatchFormatError(f"{where} has NaN/inf weights at {comp}.{one_line(module)}: the training "
+                                       "diverged")
             if norm > MAX_DELTA_NORM:
                 raise PatchFormatError(f"{where}: the weight change at {comp}.{one_line(module)} has norm {norm:.3g} "
                                        f"(limit {MAX_DELTA_NORM:g}): the patch would break the model")
@@ -599,7 +612,8 @@ def merge_patches(patches: list[Patch], weights: list[float] | None = None) -> P
                 raise PatchforgeError(f"the patches disagree on the shape of {comp}.{one_line(module)}: they were made "
                                       f"for different models and cannot be merged")
             # the module's shapes from any patch that has it; zero blocks where a patch is absent
-            a0, b0 = next((p.state_dicts[comp][f"{module}.lora_A.weight"], p.state_dicts[comp][f"{module}.lora_B.weight"])
+            a0, b0 = next((p.state_dicts[comp][f"{module}.lora_A.weight"],
+                           p.state_dicts[comp][f"{module}.lora_B.weight"])
                           for p, _ in members if f"{module}.lora_A.weight" in p.state_dicts[comp])
             a_shape, b_shape = a0.shape[1:], (b0.shape[0], *b0.shape[2:])
             a_cat, b_cat = [], []
@@ -618,7 +632,7 @@ def merge_patches(patches: list[Patch], weights: list[float] | None = None) -> P
             sd[f"{module}.lora_B.weight"] = torch.cat(b_cat, dim=1).contiguous()
         cfg = dict(members[0][0].lora_configs[comp])
         cfg.update(r=total, lora_alpha=total, rank_pattern={}, alpha_pattern={}, use_rslora=False,
-                   target_modules=[m.removeprefix(TEXT_PREFIX) if comp != "unet" else m for m in modules])
+                   target_modules=[m.removeprefix(TEXT_PREFIX) if comp in TEXT_COMPONENTS else m for m in modules])
         state_dicts[comp], configs[comp] = sd, cfg
     first = patches[0].metadata
     md = {k: v for k, v in first.items() if k.startswith("patchforge.base")}

@@ -14,10 +14,11 @@ TOY_MODEL_ID = "patchforge/toy-sd"  # the name the embedded default goes by in m
 
 def resolve_model(model: str | None) -> str:
     """None or 'toy' -> the embedded default's folder; anything else is passed to diffusers."""
-    if model in (None, "toy", TOY_MODEL_ID):
+    if model in (None, "toy", TOY_MODEL_ID):  # by name (a folder inside it is passed to diffusers as is)
         path = TOY_MODEL_DIR / "pipeline"
         if not (path / "model_index.json").exists():
-            raise FileNotFoundError(f"the embedded toy model is missing at {path}; rebuild it with `patchforge toy train`")
+            raise FileNotFoundError(f"the embedded toy model is missing at {path}; "
+                                    "rebuild it with `patchforge toy train`")
         return str(path)
     return model
 
@@ -27,7 +28,7 @@ def model_id(model: str | None) -> str:
 
 
 def is_toy(model: str | None) -> bool:
-    """The embedded toy model, by name or by its folder."""
+    """The embedded toy model, by name or by its folder: the one place that decides."""
     if model in (None, "toy", TOY_MODEL_ID):
         return True
     path = Path(str(model)).expanduser()

@@ -33,11 +33,13 @@ from pathlib import Path
 
 import torch
 
+from .backbones import for_pipe
+from .backbones.sd_unet import SDUNet
 from .errors import PatchforgeError
 
 GIB = 2 ** 30
 RUNTIME_BYTES = int(0.8 * GIB)
-# Fitted on the SD 1.5-sized UNet in bf16, one row's forward + backward with a LoRA on attn2 K/V:
+# Fitted on the SD 1.5-sized UNet in bf16, one row's forward + backward with a LoRA on text-attention K/V:
 # 0.252 GiB above the loaded model at 16x16 latents, 0.362 at 32x32 (0.291 checkpointed): a fixed
 # part of 0.13 x the UNet's weight bytes plus K values per feature-map value (docs/real-models.md)
 ACT_K = 7.0
@@ -53,33 +55,21 @@ class FamilyDefaults:
     ref_images: int | None  # None: the method's own n_refs
 
 
+TOY_FAMILY = "toy"  # every model that is no SD release: the embedded toy and the tests' tiny pipelines
 # The toy's row is what every toy result was measured with: do not change it.
 FAMILY_DEFAULTS = {
-    "toy": FamilyDefaults(None, 8, 8, None),
+    TOY_FAMILY: FamilyDefaults(None, 8, 8, None),
     "sd1": FamilyDefaults(512, 4, 1, 8),
     "sd2": FamilyDefaults(None, 4, 1, 8),  # 512 or 768 (v-prediction): the checkpoint's own
     "sdxl": FamilyDefaults(1024, 2, 1, 8),
 }
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
-
-
-def family_name(unet_config: dict, has_text_encoder_2: bool) -> str:
-    """The readable family a UNet config belongs to, as patch metadata spells it."""
-    xdim = unet_config.get("cross_attention_dim")
-    if has_text_encoder_2:
-        return "sdxl" if xdim == 2048 else f"sdxl-like (cross-attention {xdim})"
-    if xdim == 768:
-        return "sd1.x"
-    if xdim == 1024:
-        return "sd2.x"
-    # other sizes (toy and test models): name the layout they copy; SD 2.x introduced linear projections
-    kind = "sd2-like" if unet_config.get("use_linear_projection") else "sd1-like"
-    return f"{kind} (unet {list(unet_config.get('block_out_channels', []))}, cross-attention {xdim})"
+family_name = SDUNet.family_from_config  # the readable family of a UNet config, as patch metadata spells it
 
 
 def family_key(name: str) -> str:
     """'sd1.x' -> 'sd1', 'sd2.x' -> 'sd2', 'sdxl' -> 'sdxl'; every other (toy-sized) family -> 'toy'."""
-    return {"sd1.x": "sd1", "sd2.x": "sd2", "sdxl": "sdxl"}.get(name, "toy")
+    return {"sd1.x": "sd1", "sd2.x": "sd2", "sdxl": "sdxl"}.get(name, TOY_FAMILY)
 
 
 @dataclass
@@ -87,7 +77,7 @@ class ModelFacts:
     """What the plan needs to know about a base model, read from its folder or from a loaded pipeline."""
     family: str  # key of FAMILY_DEFAULTS
     family_name: str
-    unet: dict  # UNet config
+    denoiser: dict  # the denoiser's config (a UNet config for the SD families)
     params: dict  # component -> parameter count
     file_bytes: dict  # component -> bytes of its weight files (0 for a pipeline already in memory)
     native: int  # the checkpoint's own resolution in pixels
@@ -95,12 +85,13 @@ class ModelFacts:
 
     @classmethod
     def from_pipe(cls, pipe) -> "ModelFacts":
-        unet_cfg = dict(pipe.unet.config)
+        unet_cfg = dict(for_pipe(pipe).denoiser.config)
         name = family_name(unet_cfg, getattr(pipe, "text_encoder_2", None) is not None)
         params = {c: sum(p.numel() for n, p in getattr(pipe, c).named_parameters() if "lora_" not in n)
                   for c in COMPONENTS if getattr(pipe, c, None) is not None}
         scale = getattr(pipe, "vae_scale_factor", 8)
-        return cls(family_key(name), name, unet_cfg, params, {c: 0 for c in params}, unet_cfg["sample_size"] * scale, scale)
+        return cls(family_key(name), name, unet_cfg, params, {c: 0 for c in params}, unet_cfg["sample_size"] * scale,
+                   scale)
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelFacts | None":
@@ -175,10 +166,10 @@ def choose_dtype(precision: str, family: str, device: torch.device) -> torch.dty
     if precision in named:
         return named[precision]
     if device.type == "cuda":
-        if family != "toy" and torch.cuda.is_bf16_supported():
+        if family != TOY_FAMILY and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float16
-    if device.type == "cpu" and family != "toy" and cpu_has_bf16():
+    if device.type == "cpu" and family != TOY_FAMILY and cpu_has_bf16():
         return torch.bfloat16
     return torch.float32
 
@@ -226,7 +217,7 @@ def estimate(facts: ModelFacts, dtype: torch.dtype, resolution: int, grad_rows: 
     weights = sum(facts.params.values()) * nbytes
     loading = 0 if loaded else max(facts.file_bytes.values(), default=0)
     k = ACT_K_CHECKPOINTED if checkpointing else ACT_K
-    acts = int(grad_rows * k * feature_values(facts.unet, resolution // facts.vae_scale) * nbytes)
+    acts = int(grad_rows * k * feature_values(facts.denoiser, resolution // facts.vae_scale) * nbytes)
     acts += int(WORKSPACE * facts.params["unet"] * nbytes) if grad_rows else 0
     return Estimate(weights, loading, acts)
 
@@ -256,7 +247,7 @@ def peak_rss() -> int:
 
 def check_resolution(resolution: int, facts: ModelFacts) -> None:
     """The UNet halves the latent side once per level: it must divide evenly."""
-    step = facts.vae_scale * 2 ** (len(facts.unet["block_out_channels"]) - 1)
+    step = facts.vae_scale * 2 ** (len(facts.denoiser["block_out_channels"]) - 1)
     if resolution % step:
         raise PatchforgeError(f"--resolution {resolution}: this {facts.family_name} model needs a multiple of {step} "
                               f"(e.g. {max(step, resolution // step * step)})")
@@ -324,5 +315,6 @@ def make_plan(facts: ModelFacts, device: torch.device, *, precision: str, resolu
         raise PatchforgeError(
             f"this run does not fit: it needs about {est.device_total(device) / GIB:.1f} GiB ({est.parts()}) but "
             f"{budget / GIB:.1f} GiB are {where}; lower --resolution (now {res}) or --batch (now {b})"
-            + ("" if ck else ", add --gradient-checkpointing") + (", or use --precision bf16" if dtype == torch.float32 else ""))
+            + ("" if ck else ", add --gradient-checkpointing")
+            + (", or use --precision bf16" if dtype == torch.float32 else ""))
     return plan

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .core.cond import Cond
 from .soft_tokens import SoftPrompt
 
 
@@ -35,11 +36,9 @@ class RobustConfig:
 
 def wrap_trainer(trainer, config: RobustConfig | None = None) -> None:
     """Install the adversarial hook on a patchforge.training.Trainer (called before LoRA injection)."""
-    cfg = config or RobustConfig(**{k[len("robust_"):]: v for k, v in trainer.cfg.options.items()
-                                    if k.startswith("robust_") and k[len("robust_"):] in RobustConfig.__dataclass_fields__})
-    from .training import Cond
-
-    pipe, plain_encode = trainer.pipe, trainer._encode
+    own = {f"robust_{k}": k for k in RobustConfig.__dataclass_fields__}  # --set robust_KEY=VALUE -> KEY
+    cfg = config or RobustConfig(**{own[k]: v for k, v in trainer.cfg.options.items() if k in own})
+    pipe, plain_encode = trainer.pipe, trainer.encode
     state = {"soft": None, "opt": None, "latents": {}, "calls": 0}
     stats = trainer.robust_stats = {"inner_steps": 0, "inner_seconds": 0.0, "config": vars(cfg).copy()}
     g = torch.Generator("cpu").manual_seed(cfg.seed)
@@ -61,10 +60,8 @@ def wrap_trainer(trainer, config: RobustConfig | None = None) -> None:
         with torch.no_grad():
             plain = trainer.embed(prompts, role="anchor", base=True)
         for _ in range(cfg.inner_steps):
-            t = torch.randint(0, trainer.scheduler.config.num_train_timesteps, (len(prompts),), generator=g)
-            noise = torch.randn(x0.shape, generator=g)
-            x_t = trainer.scheduler.add_noise(x0, noise, t).to(trainer.device, trainer.unet.dtype)
-            t = t.to(trainer.device)
+            x_t, t, _ = trainer.backbone.noised(x0, g)
+            x_t, t = x_t.to(trainer.device, trainer.backbone.dtype), t.to(trainer.device)
             target = trainer.eps(x_t, t, plain, base=True)
             pred = trainer.eps(x_t, t, Cond(soft.encode(pipe, prompts)))
             (grad,) = torch.autograd.grad(F.mse_loss(pred, target), [soft.vectors])

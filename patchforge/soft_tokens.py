@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .backbones import for_pipe
+from .core.cond import Cond
 from .errors import PatchforgeError
 
 
@@ -55,24 +57,23 @@ class SoftPrompt(torch.nn.Module):
             emb = te(ids.to(te.device))[0]
         finally:
             handle.remove()
-        return emb.to(pipe.unet.dtype)
+        return emb.to(for_pipe(pipe).dtype)
 
 
 def invert_latents(pipe, latents: torch.Tensor, steps: int = 40, n_tokens: int = 2, lr: float | None = None,
                    seed: int = 0, template: str = "a photo of") -> SoftPrompt:
     """Textual inversion: K token embeddings <v> that make the pipeline's current UNet denoise the clean
     `latents` when prompted "<template> <v>" -- the plain diffusion loss ||pred(x_t, c) - target||^2
-    (target: epsilon, or v for v-prediction bases). Only the K vectors train."""
-    unet, sched = pipe.unet, pipe.scheduler
+    (target: what the backbone predicts, epsilon or v). Only the K vectors train."""
+    backbone = for_pipe(pipe)
     soft = SoftPrompt(pipe, n_tokens, seed=seed)
     opt = torch.optim.Adam([soft.vectors], lr=lr or 0.5 * soft.scale)
     g = torch.Generator("cpu").manual_seed(seed + 1)
     prompts = [template] * len(latents)
     for _ in range(steps):
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=g).to(latents.device)
-        noise = torch.randn(latents.shape, generator=g).to(latents.device)
-        target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
-        pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=soft.encode(pipe, prompts)).sample
+        x_t, t, noise = backbone.noised(latents, g)
+        target = backbone.training_target(latents, noise, t)
+        pred = backbone.predict(x_t, t, Cond(soft.encode(pipe, prompts)))
         (grad,) = torch.autograd.grad(F.mse_loss(pred.float(), target.float()), [soft.vectors])
         soft.vectors.grad = grad
         opt.step()

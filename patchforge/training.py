@@ -22,21 +22,24 @@ import os
 import random
 import re
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_path
+from .backbones import for_pipe
 from .concepts import ConceptSpec, load_concept_file, merge, resolve
+from .core.cache import cache_dir
+from .core.cond import Cond
+from .core.lora import ADAPTER, adapters_off
 from .errors import PatchforgeError
+from .generate import generate_latents
+from .patch_format import (K_BASE_ID, K_CONCEPT, K_CONCEPTS, K_DEVICE, K_HPARAMS, K_METHOD, K_SECONDS, K_SEED,
+                           model_key)
 
-ADAPTER = "forget"
-UNET_XATTN = r".*attn2\.(to_q|to_k|to_v|to_out\.0)$"  # cross-attention: where text meets image
-UNET_XATTN_KV = r".*attn2\.(to_k|to_v)$"
 TEXT_ENCODER = ["q_proj", "k_proj", "v_proj", "out_proj"]
-TARGETS = {"xattn": UNET_XATTN, "xattn-kv": UNET_XATTN_KV, "none": None}
 
 
 @dataclass
@@ -65,35 +68,6 @@ class TrainConfig:
     max_memory_gib: float | None = None  # memory the run may use; None: what the device has free
 
 
-# ---------------------------------------------------------------- caches
-def cache_dir() -> Path:
-    return Path(os.environ.get("PATCHFORGE_CACHE") or Path.home() / ".cache" / "patchforge")
-
-
-def model_key(pipe) -> str:
-    """A short stable id of the base weights: reference images and Fisher are cached under it."""
-    from .patch_format import K_BASE_WEIGHTS, base_fingerprint
-
-    return base_fingerprint(pipe)[K_BASE_WEIGHTS].split(":")[-1][:16]
-
-
-# ---------------------------------------------------------------- conditioning
-@dataclass
-class Cond:
-    """What the UNet is conditioned on: token embeddings (+ SDXL's pooled embedding and time ids)."""
-    emb: torch.Tensor
-    pooled: torch.Tensor | None = None
-
-    def __len__(self):
-        return self.emb.shape[0]
-
-    @staticmethod
-    def cat(conds: list["Cond"]) -> "Cond":
-        """One batch from several (methods run target and preserve rows in one UNet call)."""
-        pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
-        return Cond(torch.cat([c.emb for c in conds]), pooled)
-
-
 def image_files(folder: str | Path) -> list[Path]:
     """The images in a `--images` folder, sorted; a clear error when there is no such folder or no image."""
     folder = Path(folder)
@@ -110,91 +84,60 @@ class Trainer:
 
     def __init__(self, pipe, cfg: TrainConfig, device: torch.device, resolution: int | None = None):
         self.pipe, self.cfg, self.device = pipe, cfg, device
-        self.unet = pipe.unet
-        self.native = self.unet.config.sample_size * pipe.vae_scale_factor
+        self.backbone = for_pipe(pipe)  # the only thing that knows how this family's denoiser is called
+        self.denoiser = self.backbone.denoiser
+        self.native = self.backbone.native_size()
         self.size = resolution or self.native  # pixels of reference images and of SDXL's size conditioning
-        self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
         self.scheduler = pipe.scheduler
         self.gen = torch.Generator("cpu").manual_seed(cfg.seed)  # all training randomness comes from here
         self.rng = random.Random(cfg.seed)
         self.train_text = False
         self._emb_cache: dict[tuple, Cond] = {}
-        self.prompt_embeddings = self._encode  # the robust-training hook (see module docstring)
-        half = self.unet.dtype if self.unet.dtype in (torch.float16, torch.bfloat16) else torch.float16
+        self.prompt_embeddings = self.encode  # the robust-training hook (see module docstring)
+        dtype = self.backbone.dtype
+        half = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
         self.autocast = (torch.autocast("cuda", dtype=half)
                          if device.type == "cuda" and cfg.mixed_precision else nullcontext())
 
     # ---- text
-    def _encode(self, prompts: list[str], role: str = "other") -> Cond:
-        """Prompts -> Cond through the pipeline's own encode_prompt (not under no_grad, so a
+    def encode(self, prompts: list[str], role: str = "other") -> Cond:
+        """Prompts -> Cond through the backbone's prompt encoding (not under no_grad, so a
         text-encoder LoRA trains through it). `role` tells a robust wrapper what it is encoding."""
-        if self.sdxl:
-            emb, _, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), device=self.device,
-                                                        num_images_per_prompt=1, do_classifier_free_guidance=False)
-            return Cond(emb, pooled)
-        emb, _ = self.pipe.encode_prompt(list(prompts), self.device, 1, False)
-        return Cond(emb)
+        return self.backbone.encode(prompts, self.device)
 
     def embed(self, prompts: list[str], role: str = "other", base: bool = False) -> Cond:
         """Embeddings of prompts. Cached when the text encoder is frozen (or base=True) and no robust
         wrapper is installed; base=True gives the frozen text encoder's embeddings."""
-        hooked = self.prompt_embeddings != self._encode
+        hooked = self.prompt_embeddings != self.encode
         if (base or not self.train_text) and not (hooked and role == "target" and not base):
             key = (tuple(prompts), base)
             if key not in self._emb_cache:
-                with torch.no_grad(), self.adapters_off(self.text_encoders()) if base else nullcontext():
-                    self._emb_cache[key] = self._encode(prompts, role)
+                with torch.no_grad(), adapters_off(self.text_encoders()) if base else nullcontext():
+                    self._emb_cache[key] = self.encode(prompts, role)
             return self._emb_cache[key]
         return self.prompt_embeddings(prompts, role)
 
     def text_encoders(self):
-        return [m for m in (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None))
-                if m is not None]
+        return self.backbone.text_encoders()
 
-    # ---- UNet
+    # ---- denoiser
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, base: bool = False) -> torch.Tensor:
-        """The UNet's prediction (epsilon or v, whatever the base predicts). base=True: the frozen
-        base model's (adapter disabled, no grad) -- the teacher of every distillation term."""
-        kwargs = {}
-        if self.sdxl:
-            h = w = self.size
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=cond.emb.dtype)
-            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids.repeat(len(cond), 1)}
-        ctx = (torch.no_grad(), self.adapters_off([self.unet])) if base else (nullcontext(), nullcontext())
+        """The denoiser's prediction (epsilon, v or velocity: whatever the base predicts). base=True: the
+        frozen base model's (adapter disabled, no grad) -- the teacher of every distillation term."""
+        ctx = (torch.no_grad(), adapters_off([self.denoiser])) if base else (nullcontext(), nullcontext())
         with ctx[0], ctx[1], self.autocast:
-            out = self.unet(x_t, t, encoder_hidden_states=cond.emb, **kwargs).sample
+            out = self.backbone.predict(x_t, t, cond, size=self.size)
         return out.float()
 
-    @contextmanager
-    def adapters_off(self, models):
-        models = [m for m in models if getattr(m, "peft_config", None)]
-        for m in models:
-            m.disable_adapters()
-        try:
-            yield
-        finally:
-            for m in models:
-                m.enable_adapters()
 
     # ---- noise
-    def timesteps(self, n: int, low: int = 0, high: int | None = None) -> torch.Tensor:
-        high = high or self.scheduler.config.num_train_timesteps
-        return torch.randint(low, high, (n,), generator=self.gen).to(self.device)
-
-    def noise_like(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.randn(x.shape, generator=self.gen, dtype=torch.float32).to(x.device, x.dtype)
-
-    def noised(self, x0: torch.Tensor, n: int | None = None):
-        """Random t and noise for clean latents x0 -> (x_t, t, noise)."""
-        t = self.timesteps(x0.shape[0])
-        noise = self.noise_like(x0)
-        return self.scheduler.add_noise(x0, noise, t), t, noise
+    def noised(self, x0: torch.Tensor):
+        """Random t and noise for clean latents x0 -> (x_t, t, noise), from the run's seeded generator."""
+        return self.backbone.noised(x0, self.gen)
 
     def target(self, x0, noise, t) -> torch.Tensor:
-        """The denoising loss target: epsilon, or v for v-prediction bases (SD 2.x 768)."""
-        if self.scheduler.config.prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(x0, noise, t)
-        return noise
+        """The denoising loss target: epsilon, v, or a flow velocity, as the backbone was trained."""
+        return self.backbone.training_target(x0, noise, t)
 
     def pick(self, items: list, k: int) -> list[int]:
         """k indices into items, seeded."""
@@ -209,23 +152,17 @@ class Trainer:
         steps, guidance = int(self.cfg.options.get("ref_steps", 10)), float(self.cfg.options.get("ref_guidance", 5.0))
         key = [prompts, per_prompt, steps, guidance, self.cfg.seed] + ([self.size] if self.size != self.native else [])
         digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:10]
-        path = cache_dir() / "refs" / model_key(self.pipe) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:60]}-{digest}.safetensors"
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60]
+        path = cache_dir() / "refs" / model_key(self.pipe) / f"{stem}-{digest}.safetensors"
         if path.exists():
-            return load_file(str(path))["latents"].to(self.device, self.unet.dtype)
+            return load_file(str(path))["latents"].to(self.device, self.backbone.dtype)
         all_prompts = [p for p in prompts for _ in range(per_prompt)]
         seeds = [self.cfg.seed * 100003 + i for i in range(len(all_prompts))]
-        out = []
-        size = self.size
-        for i in range(0, len(all_prompts), 16):
-            gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + 16]]
-            with self.adapters_off([self.unet, *self.text_encoders()]):
-                lat = self.pipe(all_prompts[i:i + 16], num_inference_steps=steps, guidance_scale=guidance,
-                                generator=gens, output_type="latent", height=size, width=size).images
-            out.append(lat.float().cpu())
-        latents = torch.cat(out)
+        with adapters_off(self.backbone.models().values()):
+            latents = generate_latents(self.pipe, all_prompts, seeds, steps, guidance, size=self.size)
         with atomic_path(path) as tmp:
             save_file({"latents": latents.contiguous()}, str(tmp), metadata={"prompts": json.dumps(all_prompts)})
-        return latents.to(self.device, self.unet.dtype)
+        return latents.to(self.device, self.backbone.dtype)
 
     def encode_images(self, folder: str | Path) -> torch.Tensor:
         """User-given reference images (`--images`) -> clean latents (VAE mean, scaled). Each image is
@@ -244,12 +181,8 @@ class Trainer:
             side = min(im.size)
             left, top = (im.width - side) // 2, (im.height - side) // 2
             arr.append(np.asarray(im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)))
-        x = torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        vae = self.pipe.vae
-        with torch.no_grad():  # in chunks: a folder of a few hundred SD-sized images must not fill memory
-            lat = torch.cat([vae.encode(x[i:i + 8].to(self.device, vae.dtype)).latent_dist.mean
-                             for i in range(0, len(x), 8)]) * vae.config.scaling_factor
-        return lat.to(self.unet.dtype)
+        # in chunks: a folder of a few hundred SD-sized images must not fill memory
+        return self.backbone.encode_images(np.stack(arr)).to(self.backbone.dtype)
 
 
 # ---------------------------------------------------------------- LoRA injection
@@ -258,16 +191,18 @@ def inject_lora(trainer: Trainer, unet_targets: str | None, text_encoder: bool, 
     from peft import LoraConfig
 
     params = []
+    denoiser = trainer.denoiser
     if unet_targets:
-        trainer.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                            target_modules=TARGETS.get(unet_targets, unet_targets)), adapter_name=ADAPTER)
-        trainer.unet.set_adapters(ADAPTER) if hasattr(trainer.unet, "set_adapters") else None
+        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                            target_modules=trainer.backbone.target_pattern(unet_targets))
+        denoiser.add_adapter(config, adapter_name=ADAPTER)
+        denoiser.set_adapters(ADAPTER) if hasattr(denoiser, "set_adapters") else None
     if text_encoder:
         for te in trainer.text_encoders():
             te.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                       target_modules=TEXT_ENCODER), adapter_name=ADAPTER)
         trainer.train_text = True
-    for model in [trainer.unet, *trainer.text_encoders()]:
+    for model in trainer.backbone.models().values():
         model.requires_grad_(False)
         for name, p in model.named_parameters():
             if f".{ADAPTER}." in name and "lora_" in name:
@@ -280,15 +215,9 @@ def inject_lora(trainer: Trainer, unet_targets: str | None, text_encoder: bool, 
 
 
 def remove_lora(trainer: Trainer) -> None:
-    for model in [trainer.unet, *trainer.text_encoders()]:
+    for model in trainer.backbone.models().values():
         if ADAPTER in (getattr(model, "peft_config", None) or {}):
             model.delete_adapters(ADAPTER) if hasattr(model, "delete_adapters") else model.delete_adapter(ADAPTER)
-
-
-def lora_delta(module) -> torch.Tensor:
-    """The merged weight change B·A·scale of one peft LoRA layer (what SA's EWC penalty acts on)."""
-    a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
-    return (b @ a) * module.scaling[ADAPTER]
 
 
 # ---------------------------------------------------------------- argument checks
@@ -410,7 +339,7 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
     alpha = cfg.alpha if cfg.alpha is not None else float(rank)
     params = inject_lora(trainer, None if unet_targets == "none" else unet_targets, text_encoder, rank, alpha)
     if plan.checkpointing:
-        trainer.unet.enable_gradient_checkpointing()
+        trainer.denoiser.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses, solved = [], {}
     try:
@@ -440,10 +369,9 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
                    **({"resolution": plan.resolution} if plan.resolution != trainer.native else {}),
                    **{k: v for k, v in asdict(hp).items() if k not in ("steps", "lr")},
                    **{f"solve_{k}": v for k, v in solved.items()}}  # closed form: rank and residual error
-        metadata = {"patchforge.concept": "; ".join(names), "patchforge.concepts": json.dumps([s.to_json() for s in specs]),
-                    "patchforge.method": cfg.method, "patchforge.hyperparameters": json.dumps(hparams),
-                    "patchforge.training_seconds": f"{seconds:.1f}", "patchforge.device": str(device),
-                    "patchforge.seed": str(cfg.seed), "patchforge.base_model": model_id(model)}
+        metadata = {K_CONCEPT: "; ".join(names), K_CONCEPTS: json.dumps([s.to_json() for s in specs]),
+                    K_METHOD: cfg.method, K_HPARAMS: json.dumps(hparams), K_SECONDS: f"{seconds:.1f}",
+                    K_DEVICE: str(device), K_SEED: str(cfg.seed), K_BASE_ID: model_id(model)}
         repo_id = hub_repo_id(model if model is not None else getattr(pipe, "name_or_path", None))
         if repo_id:
             metadata[K_BASE_REPO_ID] = repo_id
@@ -452,7 +380,7 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
         path = save_patch_from_pipeline(pipe, path, adapter_name=ADAPTER, metadata=metadata)
     finally:
         if plan.checkpointing:
-            trainer.unet.disable_gradient_checkpointing()
+            trainer.denoiser.disable_gradient_checkpointing()
         remove_lora(trainer)
     written = time.time() - t0  # with a loaded pipe: from model loaded to patch written
     size = path.stat().st_size
@@ -517,7 +445,8 @@ def method_config(method_cls, options: dict):
             known = sorted(own) + list(LOOP_OPTIONS)
             close = difflib.get_close_matches(key, known + sorted(robust), n=1)
             raise PatchforgeError(f"--set {key}: not an option of {method_cls.name}"
-                                  + (f" (did you mean {close[0]}?)" if close else "") + f"; options: {', '.join(known)}")
+                                  + (f" (did you mean {close[0]}?)" if close else "")
+                                  + f"; options: {', '.join(known)}")
         _check_option_type(key, value, defaults[key])
     return method_cls.Config(**{k: v for k, v in options.items() if k in own})
 
@@ -581,7 +510,8 @@ def run_command(args) -> int:
         try:
             from .robust import wrap_trainer as robust
         except ImportError:
-            raise PatchforgeError("robust training is not available in this installation (patchforge.robust missing)") from None
+            raise PatchforgeError("robust training is not available in this installation (patchforge.robust "
+                                  "missing)") from None
     rank, world_size, device = process_share(args.device)
     tag = f"[process {rank + 1}/{world_size}] " if world_size > 1 else ""
     mine = jobs[rank::world_size]
@@ -614,8 +544,8 @@ def run_command(args) -> int:
         print(f"{tag}{summary_line(s)} -> {path}", flush=True)
         written.append(s)
         if s["robust"]:
-            print(f"{tag}  robust: {s['robust']['inner_steps']} inner attack steps took {s['robust']['inner_seconds']:.1f} s "
-                  f"of the {s['seconds']} s")
+            print(f"{tag}  robust: {s['robust']['inner_steps']} inner attack steps took "
+                  f"{s['robust']['inner_seconds']:.1f} s of the {s['seconds']} s")
     if len(written) > 1:
         print(f"{tag}{len(written)} patches, {sum(len(s['concepts']) for s in written)} concepts in "
               f"{time.time() - t_all:.1f} s (one model load; {sum(s['bytes'] for s in written) / 1024:.0f} KiB)")

@@ -62,7 +62,8 @@ def _handler(hub: FakeHub):
                 req = json.loads(body)
                 repo_id = f"{req.get('organization') or 'user'}/{req['name']}"
                 if repo_id in hub.repos:
-                    return self._json(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
+                    return self._json(409,
+                                      {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
                 hub.repos[repo_id] = {"sha": "0" * 40, "files": {}}
                 return self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
             if self.path == "/api/validate-yaml":

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from patchforge import attacks, evaluation
+from patchforge import attacks, evaluation, worlds
+from patchforge.text_attacks import misspell
 from patchforge.pipeline_loading import TOY_MODEL_DIR
 from patchforge.toyworld import world
 
@@ -19,7 +20,7 @@ def test_text_attacks_are_what_they_claim():
 
     tok = build_tokenizer()
     for concept in ("stripes", "star", "kiko", "red"):
-        variants = attacks.text_attacks(concept, n=3)
+        variants = worlds.get("toy").text_attacks(concept, n=3)
         assert set(variants) == {"misspelling", "paraphrase", "described", "padding"}
         for p in variants["misspelling"] + variants["described"]:
             assert concept not in p.lower(), (concept, p)
@@ -27,14 +28,14 @@ def test_text_attacks_are_what_they_claim():
             assert len(ps) == 3
             for p in ps:
                 assert len(tok(p).input_ids) <= tok.model_max_length, p
-    assert attacks.misspell("stripes") != "stripes"
+    assert misspell("stripes") != "stripes"
 
 
 def test_concept_images_show_their_concept_for_every_kind():
     """The inversion and partial-denoising sources: real renders of the concept, for every kind
     (identity once looped forever here: its scenes have no style)."""
     for concept in ("stripes", "star", "red", "kiko"):
-        images = attacks.concept_images(concept, 3)
+        images = worlds.get("toy").concept_images(concept, 3)
         assert images.shape == (3, world.IMAGE_SIZE, world.IMAGE_SIZE, 3)
         assert not np.array_equal(images[0], images[1])
 
@@ -80,9 +81,9 @@ def test_robust_training_runs(tmp_path, monkeypatch):
 def test_soft_prompt_beats_a_weak_patch_and_finds_no_absent_concept():
     """The attack works: the shipped stripes patch at weight 0.8 is a weak defence (stripes gone from
     these 8 images: 0 %; at 0.7 it leaves 50 %, at 0.9 12.5 %), and the soft suffix brings stripes back
-    (75 %; at full weight it brings back none). (A negative prompt "in stripes style" was the weak defence here until the
-    2026-11-23 rebuilds; those models ignore it: stripes stay at 100 %.)"""
-    from patchforge.judging import ToyJudge
+    (75 %; at full weight it brings back none). (A negative prompt "in stripes style" was the weak defence here until
+    the 2026-11-23 rebuilds; those models ignore it: stripes stay at 100 %.)"""
+    from patchforge.toyworld.plugin import ToyJudge
     from patchforge.loading import load_forget_patch, unload_forget_patch
     from patchforge.pipeline_loading import load_pipeline
 

@@ -15,7 +15,7 @@ HELDOUT_PHRASES = ([a for v in world.OBJECTS.values() for a in v] + [a for _, v 
 @pytest.mark.parametrize("spec", [f"{k}:{n}" for k in world.KINDS for n in world.concepts_of(k)])
 def test_toy_concepts_use_only_the_training_split(spec):
     c = resolve(spec)
-    assert c.toy and len(c.target) >= 3 and len(c.anchor) == len(c.target) and len(c.preserve) >= 10
+    assert c.world == "toy" and len(c.target) >= 3 and len(c.anchor) == len(c.target) and len(c.preserve) >= 10
     assert all(re.search(rf"\b{c.name}\b", p, re.I) for p in c.target)
     assert not any(re.search(rf"\b{c.name}\b", p, re.I) for p in c.preserve + c.anchor)
     for text in c.target + c.anchor + c.preserve:
@@ -55,11 +55,11 @@ def test_unknown_concepts_suggest_close_matches():
 
 def test_concept_file_and_merge(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text('- target: "Van Gogh"\n  kind: style\n  anchor: "impressionist painting"\n  preserve: ["Claude Monet"]\n'
-                 '  guidance: 2.0\n- target: "object:star"\n')
+    f.write_text('- target: "Van Gogh"\n  kind: style\n  anchor: "impressionist painting"\n'
+                 '  preserve: ["Claude Monet"]\n  guidance: 2.0\n- target: "object:star"\n')
     a, b = load_concept_file(f)
     assert a.name == "Van Gogh" and a.target[0] == "Van Gogh" and a.anchor[1] == "a photo of impressionist painting"
     assert a.guidance == 2.0 and a.preserve == ["Claude Monet"]
-    assert b.toy and b.name == "star"
+    assert b.world == "toy" and b.name == "star"
     m = merge([resolve("color:red"), resolve("object:star")])
     assert not any(re.search(r"\b(red|star)\b", p) for p in m["preserve"])

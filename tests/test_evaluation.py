@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from patchforge import evaluation
-from patchforge.judging import ToyJudge, load_judge
+from patchforge import generate as generation
+from patchforge import stats
+from patchforge.judging import load_judge
+from patchforge.toyworld.plugin import ToyJudge
 from patchforge.errors import PatchforgeError
 from patchforge.pipeline_loading import TOY_MODEL_DIR
 
@@ -48,12 +51,12 @@ def tiny(tmp_path_factory):
     judge = ToyJudge(d / "judge.safetensors")
     noop = make_lora_patch(pipe, d / "noop.safetensors")
     destroy = make_lora_patch(pipe, d / "destroy.safetensors", scale=0.5)
-    steps, evaluation.STEPS = evaluation.STEPS, 2  # plumbing only: 2 denoising steps are enough
+    steps, generation.STEPS = generation.STEPS, 2  # plumbing only: 2 denoising steps are enough
     try:
         both = evaluation.evaluate([noop, destroy], pipe=pipe, judge=judge, seeds=1, n=2, progress=lambda m: None)
         again = evaluation.evaluate([noop], pipe=pipe, judge=judge, seeds=1, n=2, progress=lambda m: None)
     finally:
-        evaluation.STEPS = steps
+        generation.STEPS = steps
     return both, again
 
 
@@ -81,7 +84,8 @@ def test_reports_have_stable_keys_and_compare_table(tiny, tmp_path):
     for m in js["metrics"].values():
         assert {"base", "patched", "change", "ci_patched", "ci_change", "n", "better", "what"} == set(m)
     assert {"efficacy", "generality", "specificity.neighbours", "specificity.other_kinds", "specificity.compositional",
-            "specificity.image_distance", "utility.frechet", "utility.alignment", "robustness.misspelling"} <= set(js["metrics"])
+            "specificity.image_distance", "utility.frechet", "utility.alignment",
+            "robustness.misspelling"} <= set(js["metrics"])
     assert {"patch_bytes", "training_seconds", "load_seconds", "inference_overhead"} <= set(js["cost"])
     table = (tmp_path / "compare.eval.md").read_text()
     assert "noop.safetensors" in table and "destroy.safetensors" in table
@@ -90,8 +94,8 @@ def test_reports_have_stable_keys_and_compare_table(tiny, tmp_path):
 def test_frechet_distance():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(400, 5))
-    assert evaluation.frechet(a, a) == pytest.approx(0, abs=1e-6)
-    assert evaluation.frechet(a, a + 2.0) == pytest.approx(5 * 4.0, rel=1e-6)
+    assert stats.frechet(a, a) == pytest.approx(0, abs=1e-6)
+    assert stats.frechet(a, a + 2.0) == pytest.approx(5 * 4.0, rel=1e-6)
 
 
 def test_judge_loading(tmp_path):
@@ -133,7 +137,8 @@ def _tiny_clip_folder(path):
     from tiny_pipelines import _text_config, _tokenizer
 
     cfg = CLIPConfig(text_config=_text_config(32).to_dict(),  # the tiny pipelines' text encoder
-                     vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                     vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                        num_hidden_layers=2,
                                         image_size=32, patch_size=8),
                      projection_dim=16)
     torch.manual_seed(0)
@@ -155,7 +160,7 @@ def test_clip_judge_from_a_local_folder_drives_eval_of_a_real_pipeline(tmp_path)
 
     pipe = tiny_sd1()
     noop = make_lora_patch(pipe, tmp_path / "noop.safetensors", concept="style:vangogh")
-    steps, evaluation.STEPS = evaluation.STEPS, 2
+    steps, generation.STEPS = generation.STEPS, 2
     try:  # model names a real (non-toy) pipeline: the catalogue's prompts, no toy judge anywhere
         rep = evaluation.evaluate([noop], model="tiny/sd1", pipe=pipe, judge=judge, seeds=1, n=2,
                                   progress=lambda m: None)["patches"][0]
@@ -163,7 +168,7 @@ def test_clip_judge_from_a_local_folder_drives_eval_of_a_real_pipeline(tmp_path)
 
         att = attack_patch(noop, "tiny/sd1", {"prompts": 2}, seeds=1, judge=judge, pipe=pipe, which=("text",))
     finally:
-        evaluation.STEPS = steps
+        generation.STEPS = steps
     assert set(att["attacks"]) == {"misspelling", "paraphrase", "padding"}
     assert rep["settings"]["judge"] == "clip"
     assert any("van gogh" in r.prompt.lower() for r in rep["images"]["rows"])

@@ -54,6 +54,7 @@ def test_offline_load_from_seeded_cache(monkeypatch, tmp_path):
 def test_model_card_eval_table():
     from patchforge.patch_format import read_patch
     p = read_patch(cached_patches("sd1")[0])
-    p.metadata["patchforge.eval"] = '{"efficacy": {"before": 0.9, "after": 0.05}, "fid": {"before": 10.0, "after": 11.5}}'
+    p.metadata["patchforge.eval"] = ('{"efficacy": {"before": 0.9, "after": 0.05}, '
+                                     '"fid": {"before": 10.0, "after": 11.5}}')
     card = hub.model_card(p, "me/x", image="before_after.png")
     assert "| efficacy | 0.9 | 0.05 |" in card and "![before and after](before_after.png)" in card

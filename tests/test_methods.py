@@ -124,7 +124,8 @@ def test_fmn_inversion_on_sdxl_fails_clearly(tmp_path):
 
     cfg = TrainConfig(steps=1, batch=2, progress=False, options={"ref_steps": 2, "n_refs": 2, "invert_steps": 1})
     with pytest.raises(PatchforgeError, match="SD 1.x / 2.x"):
-        train_patch(["custom:a photo of a cat"], "fmn", None, cfg, out=tmp_path / "p.safetensors", pipe=BUILDERS["sdxl"]())
+        train_patch(["custom:a photo of a cat"], "fmn", None, cfg, out=tmp_path / "p.safetensors",
+                    pipe=BUILDERS["sdxl"]())
     assert not (tmp_path / "p.safetensors").exists()
 
 
@@ -154,7 +155,8 @@ def test_fmn_contrast_and_projection_keeping(tmp_path):
     """contrast rows name a neighbour on the target rows' own latents; the keep penalty is
     ||dW h||^2 / ||W h||^2 over the preserve tokens."""
     from patchforge.concepts import resolve
-    from patchforge.training import ADAPTER, inject_lora, lora_delta
+    from patchforge.core.lora import ADAPTER, lora_delta
+    from patchforge.training import inject_lora
 
     pipe = BUILDERS["sd1"]()
     specs = [resolve("style:vangogh")]  # a catalog concept with neighbours (Monet, Cezanne)
@@ -168,7 +170,8 @@ def test_fmn_contrast_and_projection_keeping(tmp_path):
     assert runner.keeper.penalty().item() == 0
     for layer, _ in runner.keeper.layers:
         torch.nn.init.normal_(layer.lora_B[ADAPTER].weight, std=0.1)
-    h = runner.tr.embed(runner.preserve + [c for c in dict.fromkeys(runner.contrast_prompts) if c], base=True).emb.flatten(0, 1)
+    h = runner.tr.embed(runner.preserve + [c for c in dict.fromkeys(runner.contrast_prompts) if c],
+                        base=True).emb.flatten(0, 1)
     direct = torch.stack([(h @ lora_delta(m).T).pow(2).sum() / (h @ m.base_layer.weight.T).pow(2).sum()
                           for m, _ in runner.keeper.layers]).mean()
     assert torch.allclose(runner.keeper.penalty(), direct, rtol=1e-4)

@@ -160,8 +160,10 @@ def test_header_lengths_that_look_like_a_pickle_still_load(tmp_path):
     good = cached_patches("sd1")[0]
     patch = fmt.read_patch(good)
     src = safetensors.torch.load_file(str(good))
-    n0 = struct.unpack("<Q", _write(tmp_path / "p.safetensors", src, {**patch.metadata, "zz_pad": ""}).read_bytes()[:8])[0]
-    for want, length in ((b"\x80", 0x180 + 0x10000 * (n0 // 0x10000 + 1)), (b"PK", 0x4B50 + 0x10000 * (n0 // 0x10000 + 1))):
+    n0 = struct.unpack("<Q",
+                       _write(tmp_path / "p.safetensors", src, {**patch.metadata, "zz_pad": ""}).read_bytes()[:8])[0]
+    for want, length in ((b"\x80", 0x180 + 0x10000 * (n0 // 0x10000 + 1)),
+                         (b"PK", 0x4B50 + 0x10000 * (n0 // 0x10000 + 1))):
         pad = length - n0  # 8 more characters of metadata, 8 more header bytes (the header is 8-aligned)
         path = _write(tmp_path / "p.safetensors", src, {**patch.metadata, "zz_pad": "x" * pad})
         assert path.read_bytes()[: len(want)] == want

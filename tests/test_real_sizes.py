@@ -232,14 +232,14 @@ def test_concept_world_is_decided_by_the_model(tmp_path, capsys):
     assert concept_world(str(small)) == "toy"  # toy-sized test models speak the toy world
 
     red = resolve("color:red", world="real")
-    assert not red.toy and all("red" in p for p in red.target) and red.paraphrases
+    assert red.world is None and all("red" in p for p in red.target) and red.paraphrases
     toy_red = resolve("color:red", world="toy")
-    assert toy_red.toy and not set(red.target) & set(toy_red.target)  # SDXL never gets toy prompts
+    assert toy_red.world == "toy" and not set(red.target) & set(toy_red.target)  # SDXL never gets toy prompts
     with pytest.raises(UnknownConcept, match="toy-world concept"):
         resolve("style:stripes", world="real")
     capsys.readouterr()
     gogh = resolve("style:vangogh", world="toy")
-    assert "never saw" in capsys.readouterr().err and not gogh.toy
+    assert "never saw" in capsys.readouterr().err and gogh.world is None
 
 
 def test_concepts_verb_lists_prompts(capsys, tmp_path):

@@ -113,7 +113,8 @@ REPRODUCTIONS = {
     "init-gaussian": ({"lora": {"init_lora_weights": "gaussian"}}, False),
     "regex-targets": ({"lora": {"target_modules": "(a+)+$"}}, False),
     "dropout": ({"lora": {"lora_dropout": 0.5}}, False),
-    "newline-metadata": ({"meta": {"patchforge.concept": "cat\n\x1b[31mred", "patchforge.base_repo_id": "x\ny"}}, False),
+    "newline-metadata": ({"meta": {"patchforge.concept": "cat\n\x1b[31mred", "patchforge.base_repo_id": "x\ny"}},
+                         False),
 }
 
 
@@ -488,7 +489,8 @@ def test_same_seed_same_patch_with_timing_out_of_the_tensors(tmp_path, monkeypat
     for i in range(2):
         torch.manual_seed(1000 + i)  # whatever the global generator held before must not matter
         pipe = tiny_sd1()  # a fresh pipeline each time
-        path, _ = train_patch(["custom:a photo of a cat"], "fmn", None, cfg, out=tmp_path / f"{i}.safetensors", pipe=pipe)
+        path, _ = train_patch(["custom:a photo of a cat"], "fmn", None, cfg, out=tmp_path / f"{i}.safetensors",
+                              pipe=pipe)
         paths.append(path)
     a, b = (fmt.read_patch(p) for p in paths)
     assert a.digest == b.digest  # every tensor byte identical

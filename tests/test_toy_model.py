@@ -35,13 +35,16 @@ def test_generations_show_the_prompted_concepts():
     for kind, ns in names.items():
         for n in ns:
             for p in world.probes_for(n, world.TRAIN_SPLIT, n=2, seed=0):
-                prompts.append(p.prompt); kinds.append(kind); wanted.append(n)
+                prompts.append(p.prompt)
+                kinds.append(kind)
+                wanted.append(n)
     images = generate(pipe, prompts, seeds=list(range(len(prompts))))
     pred = judge.predict(images)
     hits = [pred[k][i] == w for i, (k, w) in enumerate(zip(kinds, wanted))]
     assert np.mean(hits) >= 0.75, list(zip(prompts, hits))
     # same prompts and seeds, same images
-    assert np.array_equal(generate(pipe, prompts[:4], seeds=[0, 1, 2, 3]), generate(pipe, prompts[:4], seeds=[0, 1, 2, 3]))
+    assert np.array_equal(generate(pipe, prompts[:4], seeds=[0, 1, 2, 3]),
+                          generate(pipe, prompts[:4], seeds=[0, 1, 2, 3]))
     # an image depends on its prompt and seed, not on what else is in the batch (up to float rounding)
     alone = generate(pipe, prompts[:2], seeds=[0, 1]).astype(int)
     assert np.abs(alone - images[:2].astype(int)).max() <= 8

@@ -73,7 +73,8 @@ def test_judge_augmentation_keeps_shape_colours_apart_and_lets_characters_drift(
     torch.manual_seed(0)
 
     def figure_rgb(scene, character):
-        x = torch.from_numpy(np.stack([world.render(scene, i) for i in range(64)])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        images = np.stack([world.render(scene, i) for i in range(64)])
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         mask = torch.from_numpy(world.render(scene) != np.array(world.BACKGROUND, np.uint8)).any(-1)
         y = _like_generated(x.clone(), None, torch.full((64,), character))
         return (y[:, :, mask].mean(-1) + 1) * 127.5  # (64, 3) mean colour of each figure

@@ -48,8 +48,9 @@ def test_cli_train_on_a_model_folder(tmp_path, capsys):
     folder = tmp_path / "tiny"
     tiny_sd1().save_pretrained(folder)
     out = tmp_path / "p.safetensors"
-    rc = main(["train", "--concept", "custom:a cat", "--concept", "custom:a dog", "--model", str(folder), "--steps", "2",
-               "--batch", "2", "--set", "ref_steps=2", "--set", "n_refs=2", "--out", str(out), "--quiet", "--device", "cpu"])
+    rc = main(["train", "--concept", "custom:a cat", "--concept", "custom:a dog", "--model", str(folder),
+               "--steps", "2", "--batch", "2", "--set", "ref_steps=2", "--set", "n_refs=2", "--out", str(out),
+               "--quiet", "--device", "cpu"])
     assert rc == 0 and out.exists()
     assert "2 steps" in capsys.readouterr().out
     assert main(["train", "--concept", "style:strips", "--model", str(folder)]) == 2
@@ -62,7 +63,8 @@ def test_cli_train_on_a_model_folder(tmp_path, capsys):
 def test_training_code_never_imports_a_judge():
     code = ("import sys; import patchforge.training, patchforge.concepts; from patchforge.methods import get_method;"
             "[get_method(m) for m in ('fmn','sa','aob','redact','esd')];"
-            "bad=[m for m in sys.modules if m.startswith(('patchforge.toyworld.judges','patchforge.evaluation','patchforge.judging'))];"
+            "bad=[m for m in sys.modules if m.startswith(('patchforge.toyworld.judges','patchforge.evaluation',"
+            "'patchforge.judging'))];"
             "print(bad); sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
@@ -85,10 +87,10 @@ def test_accelerate_launch_deals_a_concept_list_out_one_patch_per_process(tmp_pa
     concepts = tmp_path / "c.yaml"
     concepts.write_text("".join(f'- target: "{w}"\n  kind: custom\n' for w in ("a cat", "a dog", "a red barn")))
     env = {**os.environ, "PATCHFORGE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "patchforge.cli", "train", "--concept-file", str(concepts), "--model",
-           str(folder), "--steps", "2", "--batch", "2", "--set", "ref_steps=2", "--set", "n_refs=2", "--quiet",
-           "--device", "cpu"]
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "patchforge.cli", "train",
+           "--concept-file", str(concepts), "--model", str(folder), "--steps", "2", "--batch", "2",
+           "--set", "ref_steps=2", "--set", "n_refs=2", "--quiet", "--device", "cpu"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stdout.splitlines() if "trained" in line]

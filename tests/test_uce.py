@@ -69,7 +69,8 @@ def test_svd_factoring_reproduces_the_exact_edit_within_the_reported_error(tmp_p
     assert (num / den) ** 0.5 == pytest.approx(s["solve"]["residual"], rel=1e-3, abs=1e-6)
     assert worst == pytest.approx(s["solve"]["residual_max_layer"], rel=1e-3, abs=1e-6)
     assert s["solve"]["residual"] > 1e-4  # the truncation did leave something, and it was measured
-    full = train_patch(["custom:a photo of a cat"], "uce", None, TrainConfig(progress=False, options={"energy": 1.0, "max_rank": 64}),
+    full = train_patch(["custom:a photo of a cat"], "uce", None,
+                       TrainConfig(progress=False, options={"energy": 1.0, "max_rank": 64}),
                        out=tmp_path / "full.safetensors", pipe=pipe)[1]
     assert full["solve"]["residual"] < 1e-4  # all of the spectrum: the exact edit
 
@@ -111,7 +112,8 @@ def test_cli_concept_file_one_patch_or_one_per_concept(tmp_path, capsys):
     roster = tmp_path / "roster.yaml"
     roster.write_text('- target: "a cat"\n- target: "a dog"\n- target: "a horse"\n')
     out = tmp_path / "one.safetensors"
-    base = ["train", "--concept-file", str(roster), "--model", str(folder), "--method", "uce", "--quiet", "--device", "cpu"]
+    base = ["train", "--concept-file", str(roster), "--model", str(folder), "--method", "uce", "--quiet", "--device",
+            "cpu"]
     assert main(base + ["--one-patch", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "solved in closed form" in text and "residual" in text

@@ -14,11 +14,11 @@ import torch
 # The test machine has 2 cores shared with other jobs: one thread is 10x faster than contending
 torch.set_num_threads(1)
 
-from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,  # noqa: E402
                        UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
-from patchforge.toyworld.tokenizer import build_tokenizer
+from patchforge.toyworld.tokenizer import build_tokenizer  # noqa: E402
 
 
 @functools.lru_cache(maxsize=1)

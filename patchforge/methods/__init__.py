@@ -21,8 +21,8 @@ import pkgutil
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from ..core.lora import ADAPTER, has_adapter
 from ..errors import PatchforgeError
 
 METHODS: dict[str, type] = {}
@@ -68,17 +68,10 @@ def cycle(items: list, n: int) -> list:
 class MethodConfig:
     steps: int = 100
     lr: float = 1e-3
-    unet_targets: str = "xattn"  # training.TARGETS key or a peft regex; "none" for text-encoder-only
+    unet_targets: str = "xattn"  # a backbone TARGETS key or a peft regex; "none" for text-encoder-only
     text_encoder: bool = False
     n_refs: int = 16  # reference latents for the concept (one per target prompt, cycled)
     preserve_weight: float = 1.0
-
-
-def text_kv_layers(unet) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of every projection that turns text tokens into cross-attention keys and values:
-    the layers UCE edits and the keep term holds. The one place that knows where they sit in a UNet.
-    Returns the peft LoRA wrapper where one is injected (its base_layer holds the frozen weight)."""
-    return [(name, m) for name, m in unet.named_modules() if name.endswith(("attn2.to_k", "attn2.to_v"))]
 
 
 class Method:
@@ -128,6 +121,13 @@ class Method:
         prompts = cycle(self.target, self.hp.n_refs)
         return self.tr.reference_latents(prompts, "+".join(s.key for s in self.specs))
 
+    def load_concept_rows(self) -> None:
+        """self.refs (concept_refs()) and, aligned with them, the target prompt (self.prompts) and the
+        anchor (self.anchors) behind each reference."""
+        self.refs = self.concept_refs()
+        self.prompts = cycle(self.target, len(self.refs))
+        self.anchors = cycle(self.anchor, len(self.refs))
+
     def preserve_refs(self) -> torch.Tensor:
         """Base-model latents of the preserve prompts (generative replay), one per prompt."""
         return self.tr.reference_latents(self.preserve, "preserve-" + "+".join(s.key for s in self.specs))
@@ -147,12 +147,12 @@ class Method:
 class ProjectionKeeper:
     """UCE/MACE's preservation, for a LoRA: the keys and values that cross-attention makes of the
     preserve prompts' tokens should not move. With H the (frozen) token embeddings of those prompts,
-    every position the UNet attends to, and C = H^T H / N, each attn2.to_k/to_v LoRA pays
+    every position the denoiser attends to, and C = H^T H / N, each text-attention K/V LoRA pays
 
         || dW h ||^2 averaged over h in H  =  tr(dW C dW^T),   dW = B A scale,
 
     relative to the same quantity for the frozen W (so one weight suits any model width). It needs
-    no UNet call, so it covers every preserve prompt at every step -- the sampled preserve rows only
+    no denoiser call, so it covers every preserve prompt at every step -- the sampled preserve rows only
     see a few. What it cannot see: to_q / to_out, which act on image features."""
 
     def __init__(self, layers: list, cov: torch.Tensor):
@@ -161,21 +161,17 @@ class ProjectionKeeper:
     @classmethod
     def build(cls, trainer, prompts: list[str]) -> "ProjectionKeeper | None":
         """Call after the LoRA exists (a method's start()); None when no K/V projection carries one."""
-        from ..training import ADAPTER
-
         with torch.no_grad():
             h = trainer.embed(prompts, base=True).emb.float().flatten(0, 1)  # (prompts * tokens, dim)
             cov = h.T @ h / len(h)
             layers = []
-            for _, m in text_kv_layers(trainer.unet):
-                if ADAPTER in getattr(m, "lora_A", {}):
+            for _, m in trainer.backbone.text_kv():
+                if has_adapter(m):
                     w = m.base_layer.weight.float()
                     layers.append((m, ((w @ cov) * w).sum()))
         return cls(layers, cov) if layers else None
 
     def penalty(self) -> torch.Tensor:
-        from ..training import ADAPTER
-
         total = 0.0
         for m, ref in self.layers:
             a, b = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..training import Cond
-from . import Method, MethodConfig, cycle, register
+from ..core.cond import Cond
+from . import Method, MethodConfig, register
 
 
 @dataclass
@@ -39,12 +39,10 @@ class AllButOne(Method):
     Config = AOBConfig
 
     def prepare(self):
-        self.refs = self.concept_refs()
-        self.prompts = cycle(self.target, len(self.refs))
-        self.anchors = cycle(self.anchor, len(self.refs))
+        self.load_concept_rows()
         guide = self.hp.guide
         if guide == "auto":
-            has_alt = all(s.to or s.toy or s.kind not in ("custom",) for s in self.specs)
+            has_alt = all(s.to or s.world or s.kind not in ("custom",) for s in self.specs)
             guide = "alternative" if has_alt else "zero"
         self.guide = guide
 

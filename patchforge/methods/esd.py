@@ -5,7 +5,7 @@ would predict under *negative* guidance away from the concept:
 
     target = eps*(x_t, c) - eta * (eps*(x_t, c) - eps*(x_t, "")),     L = || eps_theta(x_t, c) - target ||^2
 
-ESD-x trains only cross-attention (here: the LoRA on attn2), which keeps unrelated prompts better
+ESD-x trains only cross-attention (here: the LoRA on the text attention), which keeps unrelated prompts better
 than ESD-u. The original draws x_t by sampling the frozen model up to a random step; we noise the
 frozen model's own finished samples of the concept to a random t (same marginal, far cheaper). No
 preservation term: this is the baseline as published.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from . import Method, MethodConfig, cycle, register
+from . import Method, MethodConfig, register
 
 
 @dataclass
@@ -31,8 +31,7 @@ class ESD(Method):
     Config = ESDConfig
 
     def prepare(self):
-        self.refs = self.concept_refs()
-        self.prompts = cycle(self.target, len(self.refs))
+        self.load_concept_rows()
 
     @classmethod
     def unet_rows(cls, hp, batch):

@@ -1,8 +1,8 @@
 """Forget-Me-Not, improved (the default method).
 
 FMN (Zhang et al. 2023) re-steers attention: on noised reference latents of the concept, hook every
-UNet cross-attention layer (attn2), read the softmax probabilities in the columns of the concept's
-tokens, and minimise them, so the image stops attending to those words:
+text-attention (cross-attention) layer of the denoiser, read the softmax probabilities in the columns
+of the concept's tokens, and minimise them, so the image stops attending to those words:
 
     L_attn = mean over layers, heads, pixels of ( sum_{k in concept tokens} softmax(QK^T/sqrt d)_k )^2
 
@@ -22,7 +22,7 @@ target therefore also steers away from the concept, as ESD's negative guidance d
 Two more terms keep the erasure to the concept (both measured on the toy model, docs/training.md):
 
     L_contrast = || eps_theta(x_t, c_neighbour) - eps*(x_t, c_neighbour) ||^2   on the target rows' x_t
-    L_keep     = mean over attn2.to_k / to_v of || dW H ||^2 / || W H ||^2       H: preserve tokens
+    L_keep     = mean over text-attn to_k / to_v of || dW H ||^2 / || W H ||^2       H: preserve tokens
 
 c_neighbour is the target prompt with a neighbour named instead ("a red star" -> "a orange star"):
 held on the very latent being erased, it makes the patch learn what separates the concept from its
@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PatchforgeError
-from ..training import Cond
-from . import Method, MethodConfig, ProjectionKeeper, cycle, register, text_kv_layers
+from ..core.cond import Cond
+from . import Method, MethodConfig, ProjectionKeeper, cycle, register
 
 
 INVERT_TEMPLATE = "a photo of"  # the inverted tokens follow it, as in textual inversion
@@ -62,7 +62,8 @@ class FMNConfig(MethodConfig):
     attn_weight: float = 1.0
     preserve_weight: float = 3.0  # tuned on the toy model, docs/training.md
     map_weight: float = 2.0
-    away: float = 1.0  # eta (tuned, docs/training.md): map onto eps*(anchor) - eta * (eps*(target) - eps*(anchor)), away from the concept
+    # eta (tuned, docs/training.md): map onto eps*(anchor) - eta * (eps*(target) - eps*(anchor)), away from the concept
+    away: float = 1.0
     # preserve rows noised from "concept" images (free) or from the base's "own" images of each preserve
     # prompt (one generation per prompt, cached): the teacher is then asked where those prompts live
     preserve_on: str = "concept"
@@ -72,7 +73,7 @@ class FMNConfig(MethodConfig):
     # target, so they cannot tell the concept from what it has in common with its neighbours.
     contrast: float = 0.0  # off: beside keep_weight it changed nothing measurable (docs/training.md)
     # keep: weight of methods.ProjectionKeeper on the preserve (and contrast) prompts -- the K/V that
-    # cross-attention makes of their tokens held in place, all of them at every step, no UNet call
+    # cross-attention makes of their tokens held in place, all of them at every step, no denoiser call
     keep_weight: float = 2.0
     # FMN's concept localisation: textual inversion on the concept's reference images (frozen base) finds
     # K token embeddings <v> for it; "a photo of <v>" then joins the target rows (b/4 extra per step), its
@@ -86,7 +87,7 @@ class FMNConfig(MethodConfig):
 
 
 class AttentionRecorder:
-    """An attention processor for attn2 layers that computes attention the classic way (explicit
+    """An attention processor for text-attention layers that computes attention the classic way (explicit
     softmax, like diffusers' AttnProcessor) and keeps, while recording, the probability mass that
     each pixel gives to the concept's token columns."""
 
@@ -139,9 +140,7 @@ class ForgetMeNot(Method):
     Config = FMNConfig
 
     def prepare(self):
-        self.refs = self.concept_refs()
-        self.prompts = cycle(self.target, len(self.refs))
-        self.anchors = cycle(self.anchor, len(self.refs))
+        self.load_concept_rows()
         self.contrasts = cycle(self.contrast_prompts, len(self.refs))
         self.mask = concept_token_mask(self.tr.pipe.tokenizer, self.prompts, self.words).to(self.tr.device)
         if self.hp.preserve_on not in ("concept", "own"):
@@ -168,34 +167,33 @@ class ForgetMeNot(Method):
             self.warm_start()
         kept = self.preserve + [c for c in dict.fromkeys(self.contrast_prompts) if c]
         self.keeper = ProjectionKeeper.build(self.tr, kept) if self.hp.keep_weight > 0 else None
-        # record only in cross-attention (attn2); self-attention keeps its fast processor
+        # record only in the text attention (cross-attention); self-attention keeps its fast processor
         self.recorder, self.saved = AttentionRecorder(), {}
-        for name, module in self.tr.unet.named_modules():
-            if name.endswith("attn2") and hasattr(module, "set_processor"):
-                self.saved[name] = module.processor
-                module.set_processor(self.recorder)
+        for name, module in self.tr.backbone.text_attention():
+            self.saved[name] = (module, module.processor)
+            module.set_processor(self.recorder)
 
     def warm_start(self):
-        from ..training import ADAPTER
+        from ..core.lora import ADAPTER, adapters_off, has_adapter
         from .uce import UCE
 
         if self.hp.warm_start != "uce":
             raise PatchforgeError(f"fmn warm_start must be 'uce' or empty, not {self.hp.warm_start!r}")
         prompts = {"target": self.target, "anchor": self.anchor, "preserve": self.preserve, "words": self.words}
         uce = UCE(UCE.Config(), self.tr, self.specs, prompts)
-        with self.tr.adapters_off([self.tr.unet]):
+        with adapters_off([self.tr.denoiser]):
             uce.prepare()
-        layers = [m for _, m in text_kv_layers(self.tr.unet)]
-        if not layers or not all(ADAPTER in getattr(m, "lora_A", {}) for m in layers):
-            raise PatchforgeError("fmn warm_start=uce needs the LoRA on the text K/V projections (--targets xattn-kv or xattn)")
+        layers = [m for _, m in self.tr.backbone.text_kv()]
+        if not layers or not all(has_adapter(m) for m in layers):
+            raise PatchforgeError("fmn warm_start=uce needs the LoRA on the text K/V projections "
+                                  "(--targets xattn-kv or xattn)")
         lora = layers[0]
         uce.rank = lora.lora_A[ADAPTER].weight.shape[0]  # as many of its directions as this LoRA holds
         uce.solve(lora.scaling[ADAPTER])
 
     def finish(self):
-        modules = dict(self.tr.unet.named_modules())
-        for name, proc in self.saved.items():
-            modules[name].set_processor(proc)
+        for module, proc in self.saved.values():
+            module.set_processor(proc)
 
     @classmethod
     def unet_rows(cls, hp, batch):
@@ -222,7 +220,7 @@ class ForgetMeNot(Method):
             toward = Cond.cat([toward] + [inv_cond] * k) if toward is not None else None
         b = len(cond)  # target rows
         xs, ts, conds = [x_t], [t], [cond]
-        if hp.preserve_weight > 0:  # preserve rows ride in the same UNet call (one forward, one backward)
+        if hp.preserve_weight > 0:  # preserve rows ride in the same denoiser call (one forward, one backward)
             own = self.pres_refs is not None
             px, pt, _, pcond, _ = self.preserve_batch(self.pres_refs if own else self.refs, paired=own)
             pairs = [j for j, i in enumerate(idx) if self.contrasts[i]][: round(hp.contrast * len(idx))]

@@ -6,8 +6,8 @@ encoded like their safe reference prompts and every other prompt like before:
     L = || E'(c) - sg(E(ref(c))) ||^2   for redacted c      (ref(c) = anchor prompt: --to or concept removed)
       + preserve_weight || E'(c_p) - sg(E(c_p)) ||^2     for others
 
-on the token embeddings the UNet sees. No UNet forward or backward at all: the cheapest method, and
-the UNet is untouched, so an attacker who feeds embeddings directly bypasses it.
+on the token embeddings the denoiser sees. No denoiser forward or backward at all: the cheapest method, and
+the denoiser is untouched, so an attacker who feeds embeddings directly bypasses it.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class Redact(Method):
         keep_goal = tr.embed([self.preserve[i] for i in pidx], base=True)
         l_red = F.mse_loss(redacted.emb, goal.emb)
         l_pres = F.mse_loss(kept.emb, keep_goal.emb)
-        if redacted.pooled is not None:  # SDXL: the pooled embedding conditions the UNet too
+        if redacted.pooled is not None:  # SDXL: the pooled embedding conditions the denoiser too
             l_red = l_red + F.mse_loss(redacted.pooled, goal.pooled)
             l_pres = l_pres + F.mse_loss(kept.pooled, keep_goal.pooled)
         return l_red + self.hp.preserve_weight * l_pres, {"redact": l_red, "pres": l_pres}

@@ -24,7 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_path
-from ..training import ADAPTER, TARGETS, Cond, cache_dir, lora_delta, model_key
+from ..core.cache import cache_dir
+from ..core.cond import Cond
+from ..core.lora import has_adapter, lora_delta
+from ..patch_format import model_key
 from . import Method, MethodConfig, cycle, register
 
 
@@ -51,25 +54,26 @@ class SelectiveAmnesia(Method):
         self.fisher = self.load_fisher()
 
     def fisher_prompts(self) -> list[str]:
+        from .. import worlds
         from ..concepts import GENERAL_PRESERVE
-        from ..toyworld import world
 
-        if any(s.toy for s in self.specs):  # one canonical prompt of every toy concept
-            return [world.probes_for(n, world.TRAIN_SPLIT, 1, 0)[0].prompt for k in world.KINDS for n in world.concepts_of(k)]
+        world = next((s.world for s in self.specs if s.world), None)
+        if world:  # a concept world: one prompt of each of its concepts
+            return worlds.get(world).general_prompts()
         return [p for p in GENERAL_PRESERVE if p]
 
     def load_fisher(self) -> dict[str, torch.Tensor]:
         """Diagonal Fisher of the LoRA-targeted base weights, cached once per base model."""
         from safetensors.torch import load_file, save_file
 
-        tr, targets = self.tr, TARGETS.get(self.hp.unet_targets, self.hp.unet_targets)
+        tr, targets = self.tr, self.tr.backbone.target_pattern(self.hp.unet_targets)
         prompts = self.fisher_prompts()
         tag = hashlib.sha256(f"{targets}|{prompts}|{self.hp.fisher_samples}".encode()).hexdigest()[:10]
         path = cache_dir() / "fisher" / f"{model_key(tr.pipe)}-{tag}.safetensors"
         if path.exists():
             return {k: v.to(tr.device) for k, v in load_file(str(path)).items()}
         import re
-        weights = {n: m.weight for n, m in tr.unet.named_modules()
+        weights = {n: m.weight for n, m in tr.denoiser.named_modules()
                    if isinstance(m, torch.nn.Linear) and re.fullmatch(targets, n)}
         fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
         latents = tr.reference_latents(prompts, "fisher")
@@ -79,9 +83,7 @@ class SelectiveAmnesia(Method):
         for i in range(self.hp.fisher_samples):  # per-sample squared gradients
             j = i % len(prompts)
             x0 = latents[j:j + 1]
-            t = torch.randint(0, tr.scheduler.config.num_train_timesteps, (1,), generator=gen).to(tr.device)
-            noise = torch.randn(x0.shape, generator=gen).to(x0)
-            x_t = tr.scheduler.add_noise(x0, noise, t)
+            x_t, t, noise = tr.backbone.noised(x0, gen)
             loss = F.mse_loss(tr.eps(x_t, t, tr.embed([prompts[j]], base=True)), tr.target(x0, noise, t))
             grads = torch.autograd.grad(loss, list(weights.values()))
             for (n, _), g in zip(weights.items(), grads):
@@ -96,9 +98,8 @@ class SelectiveAmnesia(Method):
 
     def start(self):
         # peft wraps each targeted Linear as a LoRA layer under the same module name
-        modules = dict(self.tr.unet.named_modules())
-        self.layers = [(modules[n], f) for n, f in self.fisher.items()
-                       if n in modules and hasattr(modules[n], "lora_A") and ADAPTER in modules[n].lora_A]
+        modules = dict(self.tr.denoiser.named_modules())
+        self.layers = [(modules[n], f) for n, f in self.fisher.items() if n in modules and has_adapter(modules[n])]
         self.n_weights = max(1, sum(f.numel() for _, f in self.layers))
 
     @classmethod

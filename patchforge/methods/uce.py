@@ -1,7 +1,7 @@
 """UCE: Unified Concept Editing (Gandikota et al. 2024), closed form, every token.
 
 No training loop. Each projection W that turns text tokens into cross-attention keys and values
-(text_kv_layers) is replaced by the ridge least-squares solution that sends the concept's tokens
+(the backbone's text_kv()) is replaced by the ridge least-squares solution that sends the concept's tokens
 where the anchor's tokens go and holds every preserve token where it was:
 
     min_W  Σ_e ||W c_e - v*_e||² + preserve_weight Σ_p ||W c_p - W0 c_p||² + λ ||W - W0||²
@@ -31,13 +31,14 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PatchforgeError
-from . import Method, MethodConfig, register, text_kv_layers
+from ..core.lora import ADAPTER
+from . import Method, MethodConfig, register
 
 
 @dataclass
 class UCEConfig(MethodConfig):
     steps: int = 0  # closed form: no optimisation step
-    unet_targets: str = "xattn-kv"  # the layers text_kv_layers() edits
+    unet_targets: str = "xattn-kv"  # the layers the backbone's text_kv() lists, which this edits
     preserve_weight: float = 1.0  # weight of each preserve token against each erased token
     erase_weight: float = 1.0
     away: float = 1.0  # v* = W0 a - away (W0 c - W0 a): past the anchor, away from the concept
@@ -55,7 +56,7 @@ class UCE(Method):
         hp = self.hp
         if not 0 < hp.energy <= 1 or hp.max_rank < 1 or hp.ridge < 0 or hp.preserve_weight < 0:
             raise PatchforgeError("uce needs 0 < energy <= 1, max_rank >= 1, ridge >= 0 and preserve_weight >= 0")
-        layers = text_kv_layers(self.tr.unet)
+        layers = self.tr.backbone.text_kv()
         if not layers:
             raise PatchforgeError("uce: this model has no text cross-attention key/value projections to edit")
         tr = self.tr
@@ -79,9 +80,7 @@ class UCE(Method):
 
     def solve(self, scale: float) -> dict:
         """Write B·A·scale = the rank-r truncation of ΔW into each layer's LoRA; return the residual."""
-        from ..training import ADAPTER
-
-        modules = dict(self.tr.unet.named_modules())
+        modules = dict(self.tr.denoiser.named_modules())
         r, worst, num, den = self.rank, 0.0, 0.0, 0.0
         with torch.no_grad():
             for name, (u, s, vh) in self.factors.items():

@@ -96,7 +96,8 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
     # 1. dataset ---------------------------------------------------------------------------
     t0 = time.time()
     scenes = [random_scene(rng) for _ in tqdm(range(cfg.dataset_size), desc="render scenes", leave=False)]
-    images = torch.cat([_images(scenes[i:i + 1000], rng) for i in tqdm(range(0, len(scenes), 1000), desc="render images")])
+    chunks = tqdm(range(0, len(scenes), 1000), desc="render images")
+    images = torch.cat([_images(scenes[i:i + 1000], rng) for i in chunks])
     report["stages"]["dataset_s"] = round(time.time() - t0, 1)
 
     # 2. VAE ---------------------------------------------------------------------------------
@@ -110,7 +111,10 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
         recon = vae.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-4 * kl
-        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
@@ -150,9 +154,11 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
         pred = unet(train_sched.add_noise(latents, noise, t), t, cond).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * snr_weight[t]).mean()
-        opt.zero_grad(); loss.backward()
+        opt.zero_grad()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step(); sched.step()
+        opt.step()
+        sched.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():  # one fused call: a Python loop over ~300 tensors costs ~5 % of a step
             torch._foreach_lerp_(ema_params, params, 1 - decay)
@@ -171,7 +177,8 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
     report["stages"]["judges_s"], report["judge_accuracy_real"] = build_judges(out_dir, vae, cfg)
     report["total_s"] = round(time.time() - t_start, 1)
     report["parameters"] = {name: sum(p.numel() for p in m.parameters())
-                            for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder), ("judge", JudgeNet()))}
+                            for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder),
+                                            ("judge", JudgeNet()))}
     write_text(out_dir / "build_report.json", json.dumps(report, indent=2))
     return report
 

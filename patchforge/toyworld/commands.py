@@ -14,23 +14,30 @@ def register(sub) -> None:
 
     toy = sub.add_parser("toy", help="the embedded toy text-to-image world: rebuild or measure it")
     toy_sub = toy.add_subparsers(dest="toy_verb", metavar="TOY_VERB")
-    train = toy_sub.add_parser("train", help="rebuild the toy model and its judges from a seed (CPU: ~70 min on 2 cores)")
-    train.add_argument("--out", type=Path, default=TOY_MODEL_DIR, help=f"output folder (default: the shipped one, {TOY_MODEL_DIR})")
+    train = toy_sub.add_parser("train",
+                               help="rebuild the toy model and its judges from a seed (CPU: ~70 min on 2 cores)")
+    train.add_argument("--out", type=Path, default=TOY_MODEL_DIR,
+                       help=f"output folder (default: the shipped one, {TOY_MODEL_DIR})")
     for f in fields(ToyBuildConfig):
         train.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     train.set_defaults(func=_train)
-    judges = toy_sub.add_parser("judges", help="retrain only the judges of a built toy model (uses its VAE; same result as the judge stage of `toy train`)")
+    judges = toy_sub.add_parser("judges",
+                                help="retrain only the judges of a built toy model (uses its VAE; same result as "
+                                     "the judge stage of `toy train`)")
     judges.add_argument("--out", type=Path, default=TOY_MODEL_DIR, help="the toy model folder whose judges to rebuild")
     judges.add_argument("--seed", type=int, default=ToyBuildConfig.seed)
     judges.add_argument("--judge-steps", type=int, default=ToyBuildConfig.judge_steps)
     judges.add_argument("--batch-size", type=int, default=ToyBuildConfig.batch_size)
     judges.set_defaults(func=_judges)
-    report = toy_sub.add_parser("report", help="judge accuracy and base-model concept rates against the quality bars in docs/toy-model.md")
+    report = toy_sub.add_parser("report",
+                                help="judge accuracy and base-model concept rates against the quality bars in "
+                                     "docs/toy-model.md")
     report.add_argument("--model", default=None)
     report.add_argument("--seeds", type=int, default=8, help="generations per prompt set")
     report.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     report.add_argument("--grid", type=Path, default=None, help="also write a concepts x seeds picture here")
-    report.add_argument("--world-grid", type=Path, default=None, help="also write a picture of real renders, a row per concept")
+    report.add_argument("--world-grid", type=Path, default=None,
+                        help="also write a picture of real renders, a row per concept")
     report.set_defaults(func=_report)
     toy.set_defaults(func=lambda args: toy.print_help() or 0)
 
@@ -41,7 +48,8 @@ def _train(args) -> int:
     cfg = ToyBuildConfig(**{f.name: getattr(args, f.name) for f in fields(ToyBuildConfig)})
     report = build_toy_model(args.out, cfg)
     acc = ", ".join(f"{k} {v:.1%}" for k, v in report["judge_accuracy_real"].items())
-    print(f"toy model written to {args.out} in {report['total_s'] / 60:.1f} min; judge accuracy on held-out real images: {acc}")
+    print(f"toy model written to {args.out} in {report['total_s'] / 60:.1f} min; "
+          f"judge accuracy on held-out real images: {acc}")
     return 0
 
 
@@ -52,7 +60,8 @@ def _judges(args) -> int:
     from .build import ToyBuildConfig, build_judges
 
     if not (args.out / "pipeline" / "vae").is_dir():
-        raise PatchforgeError(f"{args.out} is not a toy model folder (no pipeline/vae in it); build one with `patchforge toy train`")
+        raise PatchforgeError(f"{args.out} is not a toy model folder (no pipeline/vae in it); "
+                              "build one with `patchforge toy train`")
     vae = AutoencoderKL.from_pretrained(args.out / "pipeline" / "vae").eval().requires_grad_(False)
     cfg = ToyBuildConfig(seed=args.seed, judge_steps=args.judge_steps, batch_size=args.batch_size)
     seconds, acc = build_judges(args.out, vae, cfg)

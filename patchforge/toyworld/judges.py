@@ -78,7 +78,8 @@ def _as_input(images) -> torch.Tensor:
 
 def _batch(rng: random.Random, n: int, vae=None, augment: bool = True):
     scenes = [random_scene(rng) for _ in range(n)]
-    x = torch.from_numpy(np.stack([render(s, rng.randrange(1 << 30)) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    images = np.stack([render(s, rng.randrange(1 << 30)) for s in scenes])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     if augment:
         x = _like_generated(x, vae, torch.tensor([s.identity != NONE for s in scenes]))
     y = {k: torch.tensor([LABELS[k].index(s.label(k)) for s in scenes]) for k in KINDS}
@@ -100,7 +101,8 @@ def _like_generated(x: torch.Tensor, vae=None, character: torch.Tensor | None = 
             half = x[: n // 2]
             post = vae.encode(half).latent_dist
             wobble = torch.rand(len(half), 1, 1, 1) * 0.6
-            x[: n // 2] = vae.decode(post.mean + wobble * post.std.mean() * torch.randn_like(post.mean)).sample.clamp(-1, 1)
+            z = post.mean + wobble * post.std.mean() * torch.randn_like(post.mean)
+            x[: n // 2] = vae.decode(z).sample.clamp(-1, 1)
     # Low-frequency blotches in every image: a 4x4 colour field, upsampled, small amplitude.
     blotch = F.interpolate(torch.randn(n, 3, 4, 4), size=x.shape[-2:], mode="bilinear", align_corners=False)
     x = x + blotch * torch.rand(n, 1, 1, 1) * 0.12

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path, write_text
-from ..evaluation import GUIDANCE, STEPS, generate  # one generation path for every measurement
+from ..generate import GUIDANCE, STEPS, generate, to_grid  # one generation path for every measurement
 from ..pipeline_loading import load_pipeline, toy_judge_path
 from . import world
 from .judges import Judge, judge_accuracy
@@ -53,10 +53,12 @@ def base_model_report(model: str | None = None, seeds: int = 8) -> dict:
 
 
 def format_report(r: dict) -> str:
-    lines = ["| kind | judge accuracy (held-out real images) | base rate, training prompts | base rate, held-out paraphrases |",
+    lines = ["| kind | judge accuracy (held-out real images) | base rate, training prompts "
+             "| base rate, held-out paraphrases |",
              "|---|---|---|---|"]
     for k in world.KINDS:
-        lines.append(f"| {k} | {r['judge_accuracy_real'][k]:.1%} | {r['by_kind']['train'][k]:.1%} | {r['by_kind']['heldout'][k]:.1%} |")
+        lines.append(f"| {k} | {r['judge_accuracy_real'][k]:.1%} | {r['by_kind']['train'][k]:.1%} "
+                     f"| {r['by_kind']['heldout'][k]:.1%} |")
     lines += ["", "| concept | training prompts | held-out paraphrases |", "|---|---|---|"]
     for k in world.KINDS:
         for n in world.concepts_of(k):
@@ -68,8 +70,6 @@ def format_report(r: dict) -> str:
 
 def concept_grid(pipe, path, seeds: int = 6) -> None:
     """A picture for people: rows are concepts (one training-style prompt each), columns seeds."""
-    from ..generate import to_grid
-
     prompts = []
     for kind in world.KINDS:
         for name in world.concepts_of(kind):
@@ -84,8 +84,6 @@ def world_grid(path, per_concept: int = 6, seed: int = 0) -> None:
     """Real renders, no model: one row per concept, each showing it with random other attributes
     (docs/toy-world.png)."""
     import random
-
-    from ..generate import to_grid
 
     rng, images = random.Random(seed), []
     for kind in world.KINDS:

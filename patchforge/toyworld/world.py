@@ -189,7 +189,8 @@ def _draw_character(img: np.ndarray, who: str, cx: float, cy: float, size: float
         img[mask] = rgb
 
     if who == "kiko":  # orange cat: round head, two triangular ears, green eyes, pink nose
-        paint(_polygon_mask([(-9, -2), (-8, -11), (-2, -7)], x, y) | _polygon_mask([(9, -2), (8, -11), (2, -7)], x, y), (230, 130, 40))
+        paint(_polygon_mask([(-9, -2), (-8, -11), (-2, -7)], x, y) | _polygon_mask([(9, -2), (8, -11), (2, -7)], x, y),
+              (230, 130, 40))
         paint((x / 9.5) ** 2 + ((y - 1) / 8.5) ** 2 <= 1, (230, 130, 40))
         paint(((x + 3.5) ** 2 + (y + 0.5) ** 2 <= 3.2) | ((x - 3.5) ** 2 + (y + 0.5) ** 2 <= 3.2), (60, 200, 80))
         paint((x ** 2 + (y - 3.5) ** 2 <= 1.6), (250, 150, 190))
@@ -200,7 +201,8 @@ def _draw_character(img: np.ndarray, who: str, cx: float, cy: float, size: float
         paint((np.abs(x) <= 7) & (y >= -3) & (y <= 1), (40, 220, 230))
         paint((np.abs(x) <= 5) & (y >= 4) & (y <= 6) & ((x // 2) % 2 == 0), (50, 50, 50))
     elif who == "mira":  # white ghost: dome with wavy hem, big black eyes
-        body = ((x / 9) ** 2 + ((y + 1) / 9) ** 2 <= 1) & (y <= -1) | ((np.abs(x) <= 9) & (y > -1) & (y <= 7 + 2 * np.sin(x * 1.2)))
+        head = ((x / 9) ** 2 + ((y + 1) / 9) ** 2 <= 1) & (y <= -1)
+        body = head | ((np.abs(x) <= 9) & (y > -1) & (y <= 7 + 2 * np.sin(x * 1.2)))
         paint(body, (235, 235, 250))
         paint(((x + 3.5) ** 2 + (y + 2) ** 2 <= 4) | ((x - 3.5) ** 2 + (y + 2) ** 2 <= 4), (20, 20, 30))
     elif who == "tobi":  # green frog: wide face, two bulging eyes on top, red smile
@@ -334,21 +336,29 @@ def probes_for(name: str, split: str = TRAIN_SPLIT, n: int = 8, seed: int = 0) -
         # keep the asked-for attribute in the prompt: no dropping of it
         while True:
             text = caption(scene, rng, split=split, drop=0.0 if kind != "object" else 0.3)
-            if _mentions(text, scene, kind):
+            if mentions(text, scene, kind):
                 break
-        expect = {k: scene.label(k) for k in KINDS if scene.label(k) != NONE and _mentions(text, scene, k)}
+        expect = {k: scene.label(k) for k in KINDS if scene.label(k) != NONE and mentions(text, scene, k)}
         out.append(Probe(text, expect))
     return out
 
 
-def _mentions(text: str, scene: Scene, kind: str) -> bool:
-    label = scene.label(kind)
-    if label in (NONE, SOLID):
-        return False
-    table = {"object": OBJECTS, "color": COLORS, "style": STYLES, "identity": IDENTITIES}[kind]
-    aliases = table[label][1] if isinstance(table[label], tuple) else table[label]
+def aliases(name: str) -> list[str]:
+    """A concept's held-out aliases (synonyms, descriptions without its name)."""
+    entry = {"object": OBJECTS, "color": COLORS, "style": STYLES, "identity": IDENTITIES}[kind_of(name)][name]
+    return list(entry[1] if isinstance(entry, tuple) else entry)
+
+
+def names_concept(text: str, name: str) -> bool:
+    """The text names the concept or one of its aliases."""
     t = text.lower()
-    return any(w in t for w in [label] + list(aliases))
+    return any(w in t for w in [name, *aliases(name)])
+
+
+def mentions(text: str, scene: Scene, kind: str) -> bool:
+    """The caption names the scene's concept of this kind."""
+    label = scene.label(kind)
+    return label not in (NONE, SOLID) and names_concept(text, label)
 
 
 def vocabulary() -> list[str]:

@@ -1,0 +1,126 @@
+"""Backbones: the one place that knows how a model family's denoiser is built and called.
+
+Everything else in patchforge -- methods, the training loop, the patch file, loading, evaluation and
+attacks -- asks a Backbone, never the pipeline's denoiser directly. A family is one module here with a
+class that implements the protocol below and registers itself with @register; `for_pipe(pipe)` picks
+the first registered family whose `matches(pipe)` is true.
+
+    denoiser_name      the pipeline attribute of the denoiser ("unet", later "transformer")
+    components         the LoRA-carrying components a patch may hold, denoiser first
+    TARGETS            LoRA target patterns by key: text-attention K/V, text attention, none
+    encode()           prompts -> Cond (the pipeline's own prompt encoding)
+    add_noise()        x0, noise, t -> x_t (the forward process the family was trained with)
+    noised()           x0, a seeded generator -> (x_t, t, noise) at random timesteps
+    training_target()  what the denoiser predicts: epsilon, v, or a flow-matching velocity
+    predict()          the denoiser call, with every extra input the family needs
+    text_attention()   the attention blocks that read the text (what attention-hooking methods hook)
+    text_kv()          their key/value projections (what closed-form and keep terms act on)
+    family_name()      the readable family written into patch metadata
+
+Adding a family (SD3, FLUX): a new module beside sd_unet.py; see docs/architecture.md.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING, Protocol
+
+from ..errors import PatchforgeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..core.cond import Cond
+
+FAMILIES: list[type] = []
+_discovered: list[bool] = []
+
+
+class Backbone(Protocol):
+    """What every family module implements (sd_unet.SDUNet is the reference)."""
+    denoiser_name: str  # the pipeline attribute of the denoiser
+    components: tuple[str, ...]  # LoRA-carrying pipeline attributes, denoiser first
+    TARGETS: dict[str, str | None]  # "xattn", "xattn-kv", "none" -> peft target regex
+
+    def __init__(self, pipe) -> None: ...
+
+    @classmethod
+    def matches(cls, pipe) -> bool: ...
+
+    @property
+    def denoiser(self) -> torch.nn.Module: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def text_encoders(self) -> list: ...
+
+    def models(self) -> dict[str, torch.nn.Module]: ...
+
+    def target_pattern(self, key: str | None) -> str | None: ...
+
+    def text_attention(self) -> list[tuple[str, torch.nn.Module]]: ...
+
+    def text_kv(self) -> list[tuple[str, torch.nn.Module]]: ...
+
+    def native_size(self) -> int: ...
+
+    def family_name(self) -> str: ...
+
+    def encode(self, prompts: list[str], device) -> Cond: ...
+
+    def num_timesteps(self) -> int: ...
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    def noised(self, x0: torch.Tensor, generator: torch.Generator): ...
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, size: int | None = None) -> torch.Tensor: ...
+
+    def encode_images(self, images) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor): ...
+
+    def load_lora(self, state_dict: dict, adapter_name: str, metadata: dict, components) -> None: ...
+
+
+def register(cls):
+    FAMILIES.append(cls)
+    return cls
+
+
+def _discover() -> None:
+    """Import every family module once (each registers itself): a new family is one new file."""
+    if not _discovered:
+        for module in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{module.name}")
+        _discovered.append(True)
+
+
+def family_of(pipe):
+    """The Backbone class serving this pipeline."""
+    _discover()
+    for cls in FAMILIES:
+        if cls.matches(pipe):
+            return cls
+    raise PatchforgeError(f"patchforge does not support {type(pipe).__name__} pipelines yet "
+                          f"(families: {', '.join(c.__name__ for c in FAMILIES)})")
+
+
+def for_pipe(pipe):
+    """A Backbone bound to this pipeline."""
+    return family_of(pipe)(pipe)
+
+
+def all_components() -> tuple[str, ...]:
+    """Every component name any family's patches may carry (the patch file's allowed prefixes)."""
+    _discover()
+    return tuple(dict.fromkeys(c for cls in FAMILIES for c in cls.components))
+
+
+def text_components() -> tuple[str, ...]:
+    """The text-encoder components of every family (module names are stored with a text prefix)."""
+    _discover()
+    return tuple(dict.fromkeys(c for cls in FAMILIES for c in cls.components if c != cls.denoiser_name))

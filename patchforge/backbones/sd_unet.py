@@ -1,0 +1,158 @@
+"""Stable Diffusion 1.x / 2.x / XL: a UNet denoiser with cross-attention (attn2) to CLIP text
+embeddings, DDPM noising, epsilon or v prediction. Also the toy model and the tests' tiny pipelines,
+which copy the SD 1.x layout."""
+from __future__ import annotations
+
+import torch
+
+from ..core.cond import Cond
+from . import register
+
+XATTN = r".*attn2\.(to_q|to_k|to_v|to_out\.0)$"  # cross-attention: where text meets image
+XATTN_KV = r".*attn2\.(to_k|to_v)$"
+
+
+@register
+class SDUNet:
+    """The backbone of StableDiffusion(XL)Pipeline and of every pipeline with a `unet` denoiser."""
+
+    denoiser_name = "unet"
+    components = ("unet", "text_encoder", "text_encoder_2")
+    TARGETS = {"xattn": XATTN, "xattn-kv": XATTN_KV, "none": None}
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
+
+    @classmethod
+    def matches(cls, pipe) -> bool:
+        return getattr(pipe, cls.denoiser_name, None) is not None
+
+    # ---- structure
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
+
+    def text_encoders(self) -> list:
+        return [m for m in (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None))
+                if m is not None]
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        """component name -> module, for the components this pipeline has."""
+        return {c: getattr(self.pipe, c) for c in self.components if getattr(self.pipe, c, None) is not None}
+
+    def target_pattern(self, key: str | None) -> str | None:
+        """A TARGETS key, or a peft regex passed through."""
+        return self.TARGETS.get(key, key) if key else None
+
+    def text_attention(self) -> list[tuple[str, torch.nn.Module]]:
+        """The cross-attention blocks (attn2): where the image attends to the prompt's tokens."""
+        return [(n, m) for n, m in self.pipe.unet.named_modules()
+                if n.endswith("attn2") and hasattr(m, "set_processor")]
+
+    def text_kv(self) -> list[tuple[str, torch.nn.Module]]:
+        """The key and value projections of the text attention: the only layers that see text tokens."""
+        return [(n, m) for n, m in self.pipe.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
+
+    def native_size(self) -> int:
+        """Pixels of the checkpoint's own image side."""
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def family_name(self) -> str:
+        """The readable family written into patch metadata (sd1.x, sd2.x, sdxl, or the layout copied)."""
+        return self.family_from_config(dict(self.pipe.unet.config), self.sdxl)
+
+    @staticmethod
+    def family_from_config(config: dict, sdxl: bool) -> str:
+        """The family of a UNet config (also before loading, from the folder's unet/config.json)."""
+        xdim = config.get("cross_attention_dim")
+        if sdxl:
+            return "sdxl" if xdim == 2048 else f"sdxl-like (cross-attention {xdim})"
+        if xdim == 768:
+            return "sd1.x"
+        if xdim == 1024:
+            return "sd2.x"
+        # other sizes (toy and test models): name the layout they copy; SD 2.x introduced linear projections
+        kind = "sd2-like" if config.get("use_linear_projection") else "sd1-like"
+        return f"{kind} (unet {list(config.get('block_out_channels', []))}, cross-attention {xdim})"
+
+    # ---- text
+    def encode(self, prompts: list[str], device) -> Cond:
+        """Prompts -> Cond through the pipeline's own encode_prompt (no classifier-free pair)."""
+        if self.sdxl:
+            emb, _, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), device=device,
+                                                        num_images_per_prompt=1, do_classifier_free_guidance=False)
+            return Cond(emb, pooled)
+        emb, _ = self.pipe.encode_prompt(list(prompts), device, 1, False)
+        return Cond(emb)
+
+    # ---- diffusion
+    def num_timesteps(self) -> int:
+        return self.pipe.scheduler.config.num_train_timesteps
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.pipe.scheduler.add_noise(x0, noise, t)
+
+    def noised(self, x0: torch.Tensor, generator: torch.Generator):
+        """x0 noised at random timesteps -> (x_t, t, noise). Timesteps, then noise, are drawn from the CPU
+        `generator`, so a seed gives the same draws on every device."""
+        t = torch.randint(0, self.num_timesteps(), (len(x0),), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+        return self.add_noise(x0, noise, t), t, noise
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the denoiser learnt to predict: epsilon, or v for v-prediction bases (SD 2.x 768)."""
+        if self.pipe.scheduler.config.prediction_type == "v_prediction":
+            return self.pipe.scheduler.get_velocity(x0, noise, t)
+        return noise
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | torch.Tensor, size: int | None = None):
+        """One denoiser call. SDXL also takes the pooled embedding and size ids (`size` pixels)."""
+        if isinstance(cond, torch.Tensor):
+            cond = Cond(cond)
+        kwargs = {}
+        if self.sdxl:
+            h = w = size or self.native_size()
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=x_t.device, dtype=cond.emb.dtype)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids.repeat(len(cond), 1)}
+        return self.pipe.unet(x_t, t, encoder_hidden_states=cond.emb, **kwargs).sample
+
+    # ---- images
+    def encode_images(self, images) -> torch.Tensor:
+        """uint8 images (N, H, W, 3) -> clean latents (VAE mean, scaled), 8 at a time."""
+        vae = self.pipe.vae
+        x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        with torch.no_grad():
+            lat = torch.cat([vae.encode(x[i:i + 8].to(vae.device, vae.dtype)).latent_dist.mean
+                             for i in range(0, len(x), 8)])
+        return lat * vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor):
+        """Clean latents -> uint8 images (N, H, W, 3) as a numpy array."""
+        vae = self.pipe.vae
+        with torch.no_grad():
+            out = vae.decode(latents / vae.config.scaling_factor).sample
+        return ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    # ---- patches
+    def load_lora(self, state_dict: dict, adapter_name: str, metadata: dict, components) -> None:
+        """Hand a patch's flat state dict to diffusers' own per-component loaders; `metadata`: the LoRA
+        config per component ("unet.r", ...), as patchforge rebuilt it."""
+        try:  # what load_lora_weights passes: PEFT then builds the LoRA layers empty instead of initialising
+            # them (the file overwrites them anyway), which is most of the cost of a load
+            from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA as low_mem
+        except ImportError:
+            low_mem = False
+        pipe = self.pipe
+        if self.denoiser_name in components:
+            pipe.load_lora_into_unet(state_dict, network_alphas=None, unet=pipe.unet, adapter_name=adapter_name,
+                                     metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=low_mem)
+        for comp in self.components[1:]:
+            if comp in components:
+                pipe.load_lora_into_text_encoder(state_dict, network_alphas=None, text_encoder=getattr(pipe, comp),
+                                                 prefix=comp, lora_scale=1.0, adapter_name=adapter_name,
+                                                 metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=low_mem)
