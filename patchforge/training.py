@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -268,7 +269,8 @@ def _positive_int(flag: str, value) -> None:
 
 def check_writable(out: str | Path) -> None:
     """A patch can be written at `out` (a file, or a folder to hold one): its folder, or the nearest
-    folder above that exists, is a writable folder. Creates nothing."""
+    folder above that exists, is a folder a file can be created in (tried with a temporary file that
+    is removed at once)."""
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir() and not os.access(path, os.W_OK):
         raise PatchforgeError(f"--out {out}: the file exists and is not writable")
@@ -278,8 +280,11 @@ def check_writable(out: str | Path) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise PatchforgeError(f"--out {out}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise PatchforgeError(f"--out {out}: cannot write in {probe}")
+    try:  # really try: permission bits say nothing to root, nor about /proc or a read-only mount
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise PatchforgeError(f"--out {out}: cannot write in {probe} ({err.strerror or err})") from None
 
 
 # ---------------------------------------------------------------- the loop
