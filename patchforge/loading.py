@@ -174,9 +174,29 @@ def patches_suspended(pipe):
         denoiser.__dict__.pop(SUSPENDED_ATTR, None)
 
 
+def _adapter_state(models, probes: dict) -> tuple:
+    """What diffusers' adapter calls can change, read cheaply: each component's adapter names, and the
+    active set / disabled / merged flags of one LoRA layer per component (set_adapters, disable_lora,
+    load_lora_weights and fuse act on every layer of a component alike)."""
+    state = []
+    for comp, model in models.items():
+        layer = probes.get(comp)
+        state.append((comp, tuple(sorted(getattr(model, "peft_config", None) or {})),
+                      None if layer is None else (tuple(layer.active_adapters), layer.disable_adapters, layer.merged)))
+    return tuple(state)
+
+
 def _install_guards(models) -> None:
+    seen = {"state": None, "probes": {}}
+
     def guard(module, args) -> None:  # returns None: a pre-hook's return value would replace the inputs
+        # The full check walks every layer; run it only when the cheap state moved since it last ran,
+        # so a denoising step pays a few attribute reads, not a walk over thousands of modules.
+        if seen["state"] is not None and _adapter_state(models, seen["probes"]) == seen["state"]:
+            return
         _sync(models)
+        seen["probes"] = {c: next(iter(_tuner_layers(m)), None) for c, m in models.items()}
+        seen["state"] = _adapter_state(models, seen["probes"])
 
     for model in models.values():
         if _tuner_layers(model) and model.__dict__.get(GUARD_ATTR) is None:
