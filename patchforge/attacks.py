@@ -28,6 +28,7 @@ from . import worlds
 from .atomic import write_text
 from .backbones import for_pipe
 from .errors import PatchforgeError
+from .loading import patches_suspended
 from .generate import GUIDANCE, SEED0, STEPS, empty_embeds, generate, generate_latents
 from .rows import Row, load_patch, patch_concepts, run_rows, unload_patch
 from .soft_tokens import SoftPrompt, invert_latents
@@ -39,13 +40,6 @@ DEFAULT_BUDGET = {"prompts": 4, "soft_tokens": 4, "soft_steps": 30, "soft_lr": N
 
 
 # ---------------------------------------------------------------- soft prompts
-def base_model(pipe):
-    """Context: the pipeline computes what the frozen base does (LoRA adapters off)."""
-    from .loading import patches_suspended
-
-    return patches_suspended(pipe)
-
-
 def guided(backbone, x, t, cond, uncond, guidance):
     """Classifier-free guided prediction; the unconditional branch carries no gradient."""
     with torch.no_grad():
@@ -56,7 +50,7 @@ def guided(backbone, x, t, cond, uncond, guidance):
 
 def concept_latents(pipe, prompts: list[str], seed: int = 0) -> torch.Tensor:
     """Base-model generations of the plain target prompts, as clean latents (what the concept looks like)."""
-    with base_model(pipe):
+    with patches_suspended(pipe):
         latents = generate_latents(pipe, prompts, [seed * 7919 + i for i in range(len(prompts))], batch=len(prompts))
     return latents.to(pipe.device)
 
@@ -77,7 +71,7 @@ def soft_prompt_attack(pipe, prompts: list[str], steps: int = 30, n_tokens: int 
         neg = empty_embeds(pipe, len(prompts), [negative] * len(prompts)) if negative else empty
     for _ in range(steps):
         x_t, t, _ = backbone.noised(latents, g)
-        with base_model(pipe), torch.no_grad():
+        with patches_suspended(pipe), torch.no_grad():
             target = guided(backbone, x_t, t, plain, empty, GUIDANCE)
         pred = guided(backbone, x_t, t, soft.encode(pipe, prompts), neg, GUIDANCE)
         loss = F.mse_loss(pred.float(), target.float())
@@ -139,7 +133,7 @@ def run_attacks(pipe, targets: list[str], judge, budget: dict | None = None, see
             prompts, concept = spec.target[:b["prompts"]], spec.name
         rep = [p for p in prompts for _ in seed_list]
         sds = seed_list * len(prompts)
-        with base_model(pipe):
+        with patches_suspended(pipe):
             base_hit = np.array(judge.detect(generate(pipe, rep, sds), concept), float)
 
         def record(name, images, base, t0):
@@ -170,13 +164,13 @@ def run_attacks(pipe, targets: list[str], judge, budget: dict | None = None, see
         probe_seeds = [SEED0 + i for i in range(m)]
         if "unconditional" in which:
             t0 = time.perf_counter()
-            with base_model(pipe):
+            with patches_suspended(pipe):
                 base_u = np.array(judge.detect(generate(pipe, [""] * m, probe_seeds), concept), float)
             record("unconditional", generate(pipe, [""] * m, probe_seeds), base_u, t0)
         if world is not None and "partial" in which:
             t0 = time.perf_counter()
             src = world.concept_images(concept, m, b["seed"] + 1)
-            with base_model(pipe):
+            with patches_suspended(pipe):
                 base_p = np.array(judge.detect(partial_denoise(pipe, src, b["strength"], probe_seeds), concept), float)
             record("partial", partial_denoise(pipe, src, b["strength"], probe_seeds), base_p, t0)
     out = {}
@@ -220,7 +214,7 @@ def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judg
                 variants = world.text_attacks(c, b["prompts"]) if world else catalogue_attacks(c, tmpl, b["prompts"])
                 rows += [Row(f"attack:{a}", p, c) for a, ps in variants.items() for p in ps]
             patched = run_rows(pipe, judge, rows, seeds)
-            with base_model(pipe):
+            with patches_suspended(pipe):
                 base = run_rows(pipe, judge, rows, seeds)
             sets = np.array([r.set for r in rows for _ in range(seeds)])
             for s in dict.fromkeys(sets):
