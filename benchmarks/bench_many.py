@@ -18,7 +18,7 @@ same seeds, one model load):
    set_adapters for the same files (benchmarks/bench_loading.py), and the per-image cost of 50
    active patches unfused, fused (fuse_forget_patches) and merged into one patch, against the base.
 
-All evaluation is patchforge.evaluation.evaluate (the toy judge, paired with the base on the same
+All evaluation is patchforge.eval.evaluation.evaluate (the toy judge, paired with the base on the same
 image seeds). Use OMP_NUM_THREADS=1 on a shared machine; the benchmark sets torch to one thread.
 """
 from __future__ import annotations
@@ -65,10 +65,10 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from patchforge.evaluation import evaluate
-    from patchforge.patch_format import merge_patches, read_patch, write_patch
-    from patchforge.pipeline_loading import load_pipeline
-    from patchforge.training import TrainConfig, train_patch
+    from patchforge.eval.evaluation import evaluate
+    from patchforge.io.patch_format import merge_patches, read_patch, write_patch
+    from patchforge.core.pipeline_loading import load_pipeline
+    from patchforge.train.loop import TrainConfig, train_patch
 
     t_all = time.time()
     t = time.perf_counter()
@@ -157,10 +157,10 @@ def many_patches(pipe, work: Path, n: int, n_images: int) -> list[str]:
     import transformers
     from bench_loading import load_patches, load_plain_loras, make_patches
 
-    from patchforge import loading
-    from patchforge.evaluation import generate
-    from patchforge.patch_format import merge_patches, read_patch, write_patch
-    from patchforge.pipeline_loading import load_pipeline
+    from patchforge.io import loading
+    from patchforge.eval.evaluation import generate
+    from patchforge.io.patch_format import merge_patches, read_patch, write_patch
+    from patchforge.core.pipeline_loading import load_pipeline
 
     transformers.logging.set_verbosity_error()  # diffusers' stacked loads list the other adapters as MISSING
     folder = work / "many"

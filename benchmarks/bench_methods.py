@@ -4,7 +4,7 @@
                                        [--seeds 2] [--n 6] [--out docs/methods.md]
 
 Trains each (method, concept) patch with the method's defaults (seed 0), then measures it with
-patchforge.evaluation.evaluate against the base (same prompts, same image seeds, a judge that no
+patchforge.eval.evaluation.evaluate against the base (same prompts, same image seeds, a judge that no
 training loss ever sees). Columns: efficacy (target rate on training prompts, base -> patched),
 generality (held-out aliases/paraphrases), specificity (neighbours of the same kind, other kinds, the
 other attribute of compositional prompts), utility (general prompts fully aligned), robustness
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from patchforge.cli import key_value
 
 DEFAULT_CONCEPTS = "style:stripes,object:star,color:red,identity:kiko"
 
@@ -46,16 +48,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                     help="override a method option or steps/lr/rank/batch for every run (tuning); repeatable")
     args = ap.parse_args(argv)
     import torch
 
-    from patchforge.evaluation import evaluate
-    from patchforge.pipeline_loading import load_pipeline
-    from patchforge.training import TrainConfig, parse_set, train_patch
+    from patchforge.eval.evaluation import evaluate
+    from patchforge.core.pipeline_loading import load_pipeline
+    from patchforge.train.loop import TrainConfig, train_patch
 
-    overrides = parse_set(args.set)  # same parsing as `patchforge train --set` (numbers, true/false, words)
+    overrides = dict(args.set)  # same parsing as `patchforge train --set` (cli.key_value)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,6 +107,7 @@ def markdown(rows, args, seconds) -> str:
         v = r.get(key) or {}
         return f"{_pct(v.get('base'))} → {_pct(v.get('patched'))}"
 
+    set_text = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in args.set]
     lines = ["| method | concept | efficacy ↓ | generality ↓ | neighbours ↑ | other kinds ↑ | compositional ↑ | "
              "utility: alignment ↑ | robustness: text attacks ↓ | train s | patch KiB | bar |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -115,11 +118,11 @@ def markdown(rows, args, seconds) -> str:
                      f"{pair(r, 'specificity.compositional')} | {pair(r, 'utility.alignment')} | {rob} | "
                      f"{r['seconds']:.0f} | {r['bytes'] / 1024:.0f} | {'yes' if r['bar'] else 'no'} |")
     lines.append(f"\nbase → patched; toy model, CPU, {args.seeds} image seeds × {args.n} prompts per set, "
-                 f"{'method defaults' if not args.set else 'overrides ' + ' '.join(args.set)}, "
+                 f"{'method defaults' if not args.set else 'overrides ' + ' '.join(set_text)}, "
                  f"training seed {args.train_seed}; "
                  f"`python benchmarks/bench_methods.py --seeds {args.seeds} --n {args.n}"
                  f"{f' --train-seed {args.train_seed}' if args.train_seed else ''}"
-                 f"{''.join(' --set ' + kv for kv in args.set)}` "
+                 f"{''.join(' --set ' + kv for kv in set_text)}` "
                  f"({seconds / 60:.0f} min). bar: efficacy ≤ 20% with neighbours and other kinds ≥ 90% of base.")
     return "\n".join(lines)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from patchforge.attacks import attack_patch  # noqa: E402
-from patchforge.evaluation import default_judge, evaluate  # noqa: E402
-from patchforge.pipeline_loading import load_pipeline  # noqa: E402
-from patchforge.robust import RobustConfig, wrap_trainer  # noqa: E402
-from patchforge.training import TrainConfig, train_patch  # noqa: E402
+from patchforge.eval.attacks import attack_patch  # noqa: E402
+from patchforge.eval.evaluation import default_judge, evaluate  # noqa: E402
+from patchforge.core.pipeline_loading import load_pipeline  # noqa: E402
+from patchforge.train.robust import RobustConfig, wrap_trainer  # noqa: E402
+from patchforge.train.loop import TrainConfig, train_patch  # noqa: E402
 
 BUDGET = {"prompts": 4, "soft_tokens": 4, "soft_steps": 30, "inv_tokens": 2, "inv_steps": 40, "inv_images": 8,
           "probe_images": 8, "strength": 0.6, "seed": 0}

@@ -39,7 +39,7 @@ def fingerprint() -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from bench_gpu import SD15, SDXL
-    from patchforge.patch_format import base_fingerprint
+    from patchforge.io.patch_format import base_fingerprint
 
     torch.set_num_threads(1)
     for arch, cfg in (("sd15", SD15), ("sdxl", SDXL)):
@@ -70,13 +70,13 @@ def read() -> None:
     """Each measurement in a fresh process: ru_maxrss is a high-water mark."""
     import tempfile
 
-    from patchforge.patch_format import save_patch_from_pipeline  # noqa: F401 (import cost outside the child)
+    from patchforge.io.patch_format import save_patch_from_pipeline  # noqa: F401 (import cost outside the child)
 
     folder = Path(tempfile.mkdtemp())
     code = r"""
 import sys, json, threading, time, resource, torch, safetensors.torch
 sys.path[:0] = [sys.argv[1]]
-from patchforge.patch_format import read_patch
+from patchforge.io.patch_format import read_patch
 from patchforge.errors import PatchFormatError
 def rss():
     with open("/proc/self/statm") as f:
@@ -124,7 +124,7 @@ print(json.dumps({"file": sys.argv[2].rsplit("/", 1)[-1],
 def cycles(n: int) -> None:
     import gc
 
-    from patchforge import loading as pf
+    from patchforge.io import loading as pf
     from test_security import pipeline_state
     from tiny_pipelines import cached_patches, run, tiny_sd1
 

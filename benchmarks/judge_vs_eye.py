@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from patchforge.evaluation import generate
+from patchforge.eval.evaluation import generate
 from patchforge.toyworld.plugin import ToyJudge
-from patchforge.pipeline_loading import load_pipeline
+from patchforge.core.pipeline_loading import load_pipeline
 from patchforge.toyworld import world
 
 N_SHAPES, N_CHARACTERS, SEED = 40, 8, 2024

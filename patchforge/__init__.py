@@ -7,19 +7,19 @@ __version__ = "0.1.0"
 
 # Public API, imported on first use so `import patchforge` stays light (no torch, no diffusers)
 _LAZY = {
-    "load_forget_patch": "patchforge.loading",
-    "enable": "patchforge.loading",
-    "list_forget_patches": "patchforge.loading",
-    "set_forget_patch_weight": "patchforge.loading",
-    "unload_forget_patch": "patchforge.loading",
-    "unload_forget_patches": "patchforge.loading",
-    "fuse_forget_patches": "patchforge.loading",
-    "unfuse_forget_patches": "patchforge.loading",
-    "bake_forget_patches": "patchforge.loading",
-    "save_patch_from_pipeline": "patchforge.patch_format",
-    "read_patch": "patchforge.patch_format",
-    "merge_patches": "patchforge.patch_format",
-    "write_patch": "patchforge.patch_format",
+    "load_forget_patch": "patchforge.io.loading",
+    "enable": "patchforge.io.loading",
+    "list_forget_patches": "patchforge.io.loading",
+    "set_forget_patch_weight": "patchforge.io.loading",
+    "unload_forget_patch": "patchforge.io.loading",
+    "unload_forget_patches": "patchforge.io.loading",
+    "fuse_forget_patches": "patchforge.io.loading",
+    "unfuse_forget_patches": "patchforge.io.loading",
+    "bake_forget_patches": "patchforge.io.loading",
+    "save_patch_from_pipeline": "patchforge.io.patch_format",
+    "read_patch": "patchforge.io.patch_format",
+    "merge_patches": "patchforge.io.patch_format",
+    "write_patch": "patchforge.io.patch_format",
 }
 
 

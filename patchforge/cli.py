@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import sys
 from pathlib import Path
 
-from . import worlds
+from .core import worlds
 from .errors import PatchforgeError
 
 
@@ -55,6 +56,18 @@ def positive_float(text: str) -> float:
     return value
 
 
+def key_value(text: str) -> tuple[str, object]:
+    """KEY=VALUE -> (key, value), the value read as JSON (numbers, true/false) or kept as a word.
+    The one parser for `train --set`, `attack --budget` and the benchmarks' --set."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: write KEY=VALUE")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
 # ---------------------------------------------------------------- verbs
 def _train(sub) -> None:
     p = sub.add_parser("train", help="train a forget patch that erases one or more concepts")
@@ -76,14 +89,14 @@ def _train(sub) -> None:
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--text-encoder", action="store_true", default=None, help="also train a text-encoder LoRA")
     p.add_argument("--targets", default=None, help="UNet LoRA targets: xattn, xattn-kv, none or a peft regex")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="method hyperparameter (see docs/methods.md)")
     p.add_argument("--out", default=None, help="patch path (default: patches/<concept>.<method>.safetensors)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: autodetect)")
     p.add_argument("--images", default=None, metavar="FOLDER",
                    help="the concept's own images, for methods that train on images of it "
                         "(default: the base model's generations)")
-    p.add_argument("--robust", action="store_true", help="adversarially robust training (patchforge.robust)")
+    p.add_argument("--robust", action="store_true", help="adversarially robust training (patchforge.train.robust)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no plan line")
     p.add_argument("--resolution", type=positive_int, default=None, metavar="PX",
                    help="training and reference image size (default: the model family's: SD 1.x 512, SDXL 1024)")
@@ -97,14 +110,14 @@ def _train(sub) -> None:
     p.add_argument("--max-memory", type=positive_float, default=None, metavar="GIB",
                    help="memory the run may use (default: what is free); a run that needs more is refused")
     p.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan line and stop")
-    p.set_defaults(run="patchforge.training:run_command")
+    p.set_defaults(run="patchforge.train.loop:run_command")
 
 
 def _concepts(sub) -> None:
     p = sub.add_parser("concepts", help="list the concepts a model knows and the prompts each one uses")
     p.add_argument("--model", default=None, help="diffusers folder or repo id (default: the toy model)")
     p.add_argument("--concept", action="append", default=None, metavar="KIND:NAME", help="show only these")
-    p.set_defaults(run="patchforge.concepts:run_command")
+    p.set_defaults(run="patchforge.core.concepts:run_command")
 
 
 def _eval(sub) -> None:
@@ -119,21 +132,21 @@ def _eval(sub) -> None:
                    help="toy (default on the toy model), nudenet, clip:PATH, python:FILE.py:FUNC")
     p.add_argument("--attacks", action="store_true", help="also run the white-box attacks (patchforge attack)")
     p.add_argument("--out", default=None, help="folder for the reports (default: beside each patch)")
-    p.set_defaults(run="patchforge.evaluation:run_command")
+    p.set_defaults(run="patchforge.eval.evaluation:run_command")
 
 
 def _attack(sub) -> None:
     p = sub.add_parser("attack", help="white-box attacks on a forget patch: attack success rate per attack")
     p.add_argument("patch", help="forget patch file")
     p.add_argument("--model", default=None, help="base pipeline (default: the embedded toy model)")
-    p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--budget", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="attack budget, e.g. soft_steps=30 (keys: see docs/robustness.md)")
     p.add_argument("--seeds", type=positive_int, default=2)
     p.add_argument("--attack", action="append", default=[],
                    help="text, soft_prompt, inversion, unconditional, partial (default: all)")
     p.add_argument("--judge", default=None, help="toy (default), nudenet, clip:PATH, python:FILE.py:FUNC")
     p.add_argument("--out", default=None, help="JSON report (default: <patch>.attack.json)")
-    p.set_defaults(run="patchforge.attacks:run_command")
+    p.set_defaults(run="patchforge.eval.attacks:run_command")
 
 
 def _generate(sub) -> None:
@@ -153,7 +166,7 @@ def _generate(sub) -> None:
     p.add_argument("--grid", type=nonnegative_int, default=0,
                    help="columns of the output grid (default: all in one row)")
     p.add_argument("--device", default=None)
-    p.set_defaults(run="patchforge.generate:run_command")
+    p.set_defaults(run="patchforge.eval.images:run_command")
 
 
 def _hub(sub) -> None:
@@ -162,12 +175,12 @@ def _hub(sub) -> None:
     p.add_argument("repo_id", help="owner/name on the Hub")
     p.add_argument("--private", action="store_true")
     p.add_argument("--image", help="before/after image to show in the model card")
-    p.set_defaults(run="patchforge.hub:run_push")
+    p.set_defaults(run="patchforge.io.hub:run_push")
     p = sub.add_parser("pull", help="download a forget patch from the Hub into the local cache")
     p.add_argument("repo_id", help="owner/name on the Hub")
     p.add_argument("--revision")
     p.add_argument("--weight-name")
-    p.set_defaults(run="patchforge.hub:run_pull")
+    p.set_defaults(run="patchforge.io.hub:run_pull")
 
 
 def _export(sub) -> None:
@@ -181,7 +194,7 @@ def _export(sub) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="dtype of the saved weights (--format pipeline)")
     p.add_argument("-o", "--output", help="output file (kohya, default: PATCH.kohya.safetensors) or folder (pipeline)")
-    p.set_defaults(run="patchforge.export:run_command")
+    p.set_defaults(run="patchforge.io.export:run_command")
 
 
 def _merge(sub) -> None:
@@ -189,7 +202,7 @@ def _merge(sub) -> None:
     p.add_argument("patches", nargs="+", help="patch files or folders")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file or folder")
     p.add_argument("--weights", nargs="+", type=finite_float, help="one weight per patch (default 1.0 each)")
-    p.set_defaults(run="patchforge.patch_format:run_merge")
+    p.set_defaults(run="patchforge.io.patch_format:run_merge")
 
 
 def _demo(sub) -> None:

@@ -6,9 +6,9 @@ import time
 
 
 def run_command(args) -> int:
-    from .evaluation import evaluate, markdown, write_reports
-    from .pipeline_loading import load_pipeline
-    from .training import TrainConfig, train_patch
+    from .eval.evaluation import evaluate, markdown, write_reports
+    from .core.pipeline_loading import load_pipeline
+    from .train.loop import TrainConfig, train_patch
 
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -104,7 +104,7 @@ def test_the_toy_world_is_a_plug_in():
     """Only the world registry names the toy world's package; nothing else imports it."""
     mods = modules()
     for name, path in mods.items():
-        if name.startswith("patchforge.toyworld") or name == "patchforge.worlds":
+        if name.startswith("patchforge.toyworld") or name == "patchforge.core.worlds":
             continue
         bad = [m for m in imports(name, path, mods) if m.startswith("patchforge.toyworld")]
         assert not bad, f"{name} imports {bad}"
@@ -114,9 +114,42 @@ def test_the_toy_world_is_a_plug_in():
 def test_is_this_the_toy_model_is_decided_in_one_place():
     """A model is compared with the toy's names only in pipeline_loading.is_toy."""
     for name, path in modules().items():
-        if name == "patchforge.pipeline_loading":
+        if name == "patchforge.core.pipeline_loading":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Compare):
                 consts = [c.value for c in ast.walk(node) if isinstance(c, ast.Constant)]
                 assert not {"toy", "patchforge/toy-sd"} & set(consts), f"{name} compares with a toy name"
+
+
+# The wings, bottom to top: a module imports only from its own wing or lower ones. core and the backbone
+# seam are one wing (the seam returns core types; core's generation asks the seam). The toy world is a
+# plug-in above the library (it may use any of it; only core.worlds names it, by string).
+WINGS = [("errors", "compat"), ("core", "backbones"), ("io",), ("methods",), ("train",), ("eval",), ("demo",),
+         ("toyworld",), ("cli",)]
+
+
+def wing(module: str) -> int:
+    ranks = [i for i, names in enumerate(WINGS) for w in names
+             if module == f"patchforge.{w}" or module.startswith(f"patchforge.{w}.")]
+    assert ranks, f"{module} belongs to no wing: add its folder to WINGS"
+    return ranks[0]
+
+
+def test_folders_are_layered():
+    """core < backbones < io < methods < train < eval: imports (function-level ones included) only run
+    downward or within a wing, so a folder can be read knowing only the folders below it."""
+    mods = modules()
+    for name, path in mods.items():
+        if name == "patchforge":
+            continue
+        for target in imports(name, path, mods):
+            if name == "patchforge.core.worlds" and target.startswith("patchforge.toyworld"):
+                continue  # the registry names the plug-in by string
+            if name == "patchforge.cli":  # the CLI names every verb's run function by string
+                continue
+            assert wing(target) <= wing(name), f"{name} imports {target} from a higher wing"
+
+
+def test_the_layer_check_can_fail():
+    assert wing("patchforge.eval.attacks") > wing("patchforge.train.loop") > wing("patchforge.core.concepts")

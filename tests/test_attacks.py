@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from patchforge import attacks, evaluation, worlds
-from patchforge.text_attacks import misspell
-from patchforge.pipeline_loading import TOY_MODEL_DIR
+from patchforge.eval import attacks, evaluation
+from patchforge.core import worlds
+from patchforge.eval.text_attacks import misspell
+from patchforge.core.pipeline_loading import TOY_MODEL_DIR
 from patchforge.toyworld import world
 
 TOY_BUILT = (TOY_MODEL_DIR / "pipeline" / "model_index.json").exists()
@@ -58,8 +59,8 @@ def test_soft_prompt_is_appended_and_differentiable():
 def test_robust_training_runs(tmp_path, monkeypatch):
     from tiny_pipelines import tiny_sd1
 
-    from patchforge.robust import RobustConfig, wrap_trainer
-    from patchforge.training import TrainConfig, train_patch
+    from patchforge.train.robust import RobustConfig, wrap_trainer
+    from patchforge.train.loop import TrainConfig, train_patch
 
     monkeypatch.setenv("PATCHFORGE_CACHE", str(tmp_path / "cache"))
     pipe = tiny_sd1()
@@ -84,8 +85,8 @@ def test_soft_prompt_beats_a_weak_patch_and_finds_no_absent_concept():
     (75 %; at full weight it brings back none). (A negative prompt "in stripes style" was the weak defence here until
     the 2026-11-23 rebuilds; those models ignore it: stripes stay at 100 %.)"""
     from patchforge.toyworld.plugin import ToyJudge
-    from patchforge.loading import load_forget_patch, unload_forget_patch
-    from patchforge.pipeline_loading import load_pipeline
+    from patchforge.io.loading import load_forget_patch, unload_forget_patch
+    from patchforge.core.pipeline_loading import load_pipeline
 
     pipe, judge = load_pipeline(None, device="cpu"), ToyJudge()
     prompts = [p.prompt for p in world.probes_for("stripes", world.TRAIN_SPLIT, n=4, seed=5)]

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from patchforge.concepts import load_concept_file, merge, resolve
+from patchforge.core.concepts import load_concept_file, merge, resolve
 from patchforge.errors import UnknownConcept
 from patchforge.toyworld import world
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from patchforge import evaluation
-from patchforge import generate as generation
-from patchforge import stats
-from patchforge.judging import load_judge
+from patchforge.eval import evaluation
+from patchforge.core import generate as generation
+from patchforge.eval import stats
+from patchforge.eval.judging import load_judge
 from patchforge.toyworld.plugin import ToyJudge
 from patchforge.errors import PatchforgeError
-from patchforge.pipeline_loading import TOY_MODEL_DIR
+from patchforge.core.pipeline_loading import TOY_MODEL_DIR
 
 TOY_BUILT = (TOY_MODEL_DIR / "pipeline" / "model_index.json").exists()
 
@@ -22,7 +22,7 @@ def make_lora_patch(pipe, path, concept="style:stripes", scale=0.0, seed=0, rank
     """A forget patch made by hand: scale 0 -> B = 0 (exact no-op); scale > 0 -> random A and B."""
     from peft import LoraConfig
 
-    from patchforge.patch_format import save_patch_from_pipeline
+    from patchforge.io.patch_format import save_patch_from_pipeline
 
     torch.manual_seed(seed)
     pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
@@ -164,7 +164,7 @@ def test_clip_judge_from_a_local_folder_drives_eval_of_a_real_pipeline(tmp_path)
     try:  # model names a real (non-toy) pipeline: the catalogue's prompts, no toy judge anywhere
         rep = evaluation.evaluate([noop], model="tiny/sd1", pipe=pipe, judge=judge, seeds=1, n=2,
                                   progress=lambda m: None)["patches"][0]
-        from patchforge.attacks import attack_patch
+        from patchforge.eval.attacks import attack_patch
 
         att = attack_patch(noop, "tiny/sd1", {"prompts": 2}, seeds=1, judge=judge, pipe=pipe, which=("text",))
     finally:
@@ -190,7 +190,7 @@ def test_cli_errors(tmp_path, capsys):
 def test_destroying_patch_fails_specificity_and_utility_on_toy_model(tmp_path):
     """At eval's default sample size (2 seeds, n=6: 24 general images). With 8 images the Fréchet
     interval straddled 0 for a destroyed model; at 24, projected on 16 components, it must not."""
-    from patchforge.pipeline_loading import load_pipeline
+    from patchforge.core.pipeline_loading import load_pipeline
 
     pipe = load_pipeline(None, device="cpu")
     # scale 0.4: a change up to ~7x each attention layer's own norm (the loader refuses over 10x)

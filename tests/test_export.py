@@ -4,7 +4,7 @@ import safetensors
 import torch
 
 from patchforge import cli
-from patchforge import loading as pf
+from patchforge.io import loading as pf
 from tiny_pipelines import BUILDERS, cached_patches, run
 
 

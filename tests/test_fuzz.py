@@ -15,8 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from patchforge import loading as pf
-from patchforge import patch_format as fmt
+from patchforge.io import loading as pf
+from patchforge.io import patch_format as fmt
 from patchforge.errors import PatchforgeError, PatchFormatError
 from test_security import REPRODUCTIONS, forge, pipeline_state
 from tiny_pipelines import cached_patches, tiny_sd1
@@ -176,7 +176,7 @@ def hub_root(tmp_path_factory):
 @given(value=st.text(alphabet="./\\ax-_~:%\n", max_size=10), where=st.sampled_from(["revision", "subfolder",
                                                                                     "weight_name"]))
 def test_fuzz_hub_names_never_write_outside_the_cache(hub_root, value, where):
-    from patchforge import hub
+    from patchforge.io import hub
 
     root, cache = hub_root
     try:

@@ -6,8 +6,9 @@ import torch
 from huggingface_hub import constants
 
 from fake_hub import seed_cache
-from patchforge import cli, hub
-from patchforge import loading as pf
+from patchforge import cli
+from patchforge.io import hub
+from patchforge.io import loading as pf
 from patchforge.errors import PatchforgeError
 from tiny_pipelines import BUILDERS, cached_patches, run
 
@@ -52,7 +53,7 @@ def test_offline_load_from_seeded_cache(monkeypatch, tmp_path):
 
 
 def test_model_card_eval_table():
-    from patchforge.patch_format import read_patch
+    from patchforge.io.patch_format import read_patch
     p = read_patch(cached_patches("sd1")[0])
     p.metadata["patchforge.eval"] = ('{"efficacy": {"before": 0.9, "after": 0.05}, '
                                      '"fid": {"before": 10.0, "after": 11.5}}')

@@ -8,7 +8,7 @@ import torch
 
 from pathlib import Path
 
-import patchforge.loading as patchforge  # the same functions `patchforge.X` exposes lazily
+import patchforge.io.loading as patchforge  # the same functions `patchforge.X` exposes lazily
 from patchforge.errors import BaseModelMismatch, PatchforgeError, PatchFormatError
 from tiny_pipelines import BUILDERS, cached_patches, run
 
@@ -164,7 +164,7 @@ def test_bake_keeps_the_stack_and_drops_the_lora_layers():
     assert torch.allclose(run(pipe), stacked, atol=1e-4)  # the same images ...
     assert not any(isinstance(m, BaseTunerLayer) for c in (pipe.unet, pipe.text_encoder) for m in c.modules())
     assert patchforge.list_forget_patches(pipe) == []  # ... from plain layers, nothing left to unload
-    from patchforge.loading import KEPT_ATTR
+    from patchforge.io.loading import KEPT_ATTR
 
     assert not any(KEPT_ATTR in c.__dict__ for c in (pipe.unet, pipe.text_encoder))  # no copies of the base kept
     with pytest.warns(UserWarning, match="other weights"):  # baked weights are no longer the base's

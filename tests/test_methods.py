@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from patchforge.methods import available, get_method
-from patchforge.training import TrainConfig, train_patch
+from patchforge.train.loop import TrainConfig, train_patch
 from tiny_pipelines import BUILDERS, run
 
 METHODS = available()
@@ -30,7 +30,7 @@ def overfit_options(method: str) -> dict:
 
 @pytest.mark.parametrize("method", TRAINED)
 def test_method_loss_falls_and_patch_loads(method, tmp_path):
-    from patchforge.loading import load_forget_patch
+    from patchforge.io.loading import load_forget_patch
 
     pipe = BUILDERS["sd1"]()
     cfg = TrainConfig(steps=8, batch=2, lr=2e-2, progress=False,
@@ -57,8 +57,8 @@ TOY_STEPS = {"fmn": 50, "sa": 30, "aob": 50, "redact": 40, "esd": 60,  # enough 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_toy_short_run_lowers_the_target_rate(method, tmp_path):
-    from patchforge.loading import load_forget_patch
-    from patchforge.pipeline_loading import TOY_MODEL_DIR, load_pipeline, toy_judge_path
+    from patchforge.io.loading import load_forget_patch
+    from patchforge.core.pipeline_loading import TOY_MODEL_DIR, load_pipeline, toy_judge_path
     from patchforge.toyworld import world
     from patchforge.toyworld.judges import Judge
 
@@ -86,9 +86,9 @@ def test_toy_short_run_lowers_the_target_rate(method, tmp_path):
 
 def prepared_fmn(pipe, cfg, specs):
     """An fmn runner after prepare() (references, inversion), as train_patch builds it."""
-    from patchforge.concepts import merge
+    from patchforge.core.concepts import merge
     from patchforge.methods import get_method
-    from patchforge.training import Trainer
+    from patchforge.train.loop import Trainer
 
     method_cls = get_method("fmn")
     hp = method_cls.Config(**{k: v for k, v in cfg.options.items() if k in method_cls.Config.__dataclass_fields__})
@@ -100,7 +100,7 @@ def prepared_fmn(pipe, cfg, specs):
 def test_fmn_inversion_finds_tokens_and_re_steers_them(tmp_path):
     """invert_steps > 0: textual inversion on the references gives K tokens whose attention columns
     are masked and driven down with the name's; the run trains and differs from one without."""
-    from patchforge.concepts import resolve
+    from patchforge.core.concepts import resolve
     from patchforge.methods.fmn import INVERT_TEMPLATE
 
     pipe = BUILDERS["sd1"]()
@@ -130,7 +130,7 @@ def test_fmn_inversion_on_sdxl_fails_clearly(tmp_path):
 
 
 def test_fmn_preserve_on_own_images_pairs_each_prompt_with_its_image(tmp_path):
-    from patchforge.concepts import resolve
+    from patchforge.core.concepts import resolve
     from patchforge.errors import PatchforgeError
 
     pipe = BUILDERS["sd1"]()
@@ -154,9 +154,9 @@ def test_fmn_preserve_on_own_images_pairs_each_prompt_with_its_image(tmp_path):
 def test_fmn_contrast_and_projection_keeping(tmp_path):
     """contrast rows name a neighbour on the target rows' own latents; the keep penalty is
     ||dW h||^2 / ||W h||^2 over the preserve tokens."""
-    from patchforge.concepts import resolve
+    from patchforge.core.concepts import resolve
     from patchforge.core.lora import ADAPTER, lora_delta
-    from patchforge.training import inject_lora
+    from patchforge.train.loop import inject_lora
 
     pipe = BUILDERS["sd1"]()
     specs = [resolve("style:vangogh")]  # a catalog concept with neighbours (Monet, Cezanne)
@@ -216,7 +216,7 @@ def test_a_new_method_is_one_file(tmp_path, monkeypatch):
     """Dropping one file into the methods package is all it takes: discovery registers it, the CLI's
     option check and the shared loop find it by name, and its patch loads."""
     import patchforge.methods as methods
-    from patchforge.loading import load_forget_patch
+    from patchforge.io.loading import load_forget_patch
 
     (tmp_path / "to_empty.py").write_text(EXAMPLE_METHOD)
     monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(tmp_path)])

@@ -9,8 +9,8 @@ import safetensors.torch
 import torch
 
 from patchforge import cli
-from patchforge import loading as pf
-from patchforge import patch_format as fmt
+from patchforge.io import loading as pf
+from patchforge.io import patch_format as fmt
 from patchforge.errors import PatchFormatError
 from tiny_pipelines import BUILDERS, cached_patches, make_patch, run
 

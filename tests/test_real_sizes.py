@@ -10,7 +10,7 @@ import torch
 from tiny_pipelines import make_patch, run, tiny_sd1
 
 from patchforge.errors import PatchforgeError, UnknownConcept
-from patchforge.training import TrainConfig, train_patch
+from patchforge.train.loop import TrainConfig, train_patch
 
 FAST = {"ref_steps": 2, "n_refs": 2}
 BIG = 4100  # a 4100 x 4100 layer: 16,810,000 elements, past 2^24 = 16,777,216
@@ -26,7 +26,7 @@ def no_model_load(monkeypatch):
     """Any attempt to load a pipeline fails the test: the checks must come first."""
     import diffusers
 
-    import patchforge.pipeline_loading as pl
+    import patchforge.core.pipeline_loading as pl
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
@@ -45,7 +45,7 @@ def _with_big_layer():
 
 
 def test_fingerprint_samples_the_last_element_of_a_tensor_past_2_24():
-    from patchforge.patch_format import K_BASE_WEIGHTS, base_fingerprint
+    from patchforge.io.patch_format import K_BASE_WEIGHTS, base_fingerprint
 
     pipe = _with_big_layer()
     assert pipe.unet.big.weight.numel() > 2 ** 24
@@ -58,13 +58,9 @@ def test_fingerprint_samples_the_last_element_of_a_tensor_past_2_24():
 def test_patch_on_a_layer_past_2_24_loads_fuses_and_restores_exactly(tmp_path):
     from peft import LoraConfig
 
-    from patchforge.loading import (
-        fuse_forget_patches,
-        load_forget_patch,
-        unfuse_forget_patches,
-        unload_forget_patches,
-    )
-    from patchforge.patch_format import save_patch_from_pipeline
+    from patchforge.io.loading import (fuse_forget_patches, load_forget_patch, unfuse_forget_patches,
+        unload_forget_patches)
+    from patchforge.io.patch_format import save_patch_from_pipeline
 
     pipe = _with_big_layer()
     pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["big", "to_k"], init_lora_weights=False),
@@ -131,7 +127,7 @@ def test_python_entry_runs_the_same_checks(tmp_path, no_model_load):
 
 
 def test_model_check_takes_folders_and_repo_ids(tmp_path):
-    from patchforge.pipeline_loading import check_model, hub_repo_id
+    from patchforge.core.pipeline_loading import check_model, hub_repo_id
 
     check_model("stabilityai/stable-diffusion-xl-base-1.0")
     check_model(None)
@@ -166,7 +162,7 @@ def _fake_folder(tmp_path, cross_dim=2048, te2=True, unet_params=2_567_463_684):
 
 def test_a_run_that_cannot_fit_is_refused_before_loading(tmp_path, capsys, no_model_load):
     from patchforge.cli import main
-    from patchforge.plan import ModelFacts
+    from patchforge.core.plan import ModelFacts
 
     folder = _fake_folder(tmp_path)
     facts = ModelFacts.from_folder(folder)
@@ -180,7 +176,7 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(tmp_path, capsys, no_mo
 
 
 def test_toy_family_defaults_are_the_toy_results_settings():
-    from patchforge.plan import ModelFacts, make_plan
+    from patchforge.core.plan import ModelFacts, make_plan
 
     pipe = tiny_sd1()
     facts = ModelFacts.from_pipe(pipe)
@@ -208,7 +204,7 @@ def test_plan_line_and_refusal_on_a_loaded_pipeline(tmp_path, capsys):
 
 def test_gradient_checkpointing_trains_the_same_patch(tmp_path):
     """fmn's attention recorder sees the same operations when checkpointing re-runs the forward."""
-    from patchforge.patch_format import read_patch
+    from patchforge.io.patch_format import read_patch
 
     pipe = tiny_sd1()
     patches = []
@@ -223,7 +219,7 @@ def test_gradient_checkpointing_trains_the_same_patch(tmp_path):
 
 # ---------------------------------------------------------------- concepts fit the model
 def test_concept_world_is_decided_by_the_model(tmp_path, capsys):
-    from patchforge.concepts import concept_world, resolve
+    from patchforge.core.concepts import concept_world, resolve
 
     assert concept_world(None) == "toy" and concept_world("toy") == "toy"
     assert concept_world(str(_fake_folder(tmp_path))) == "real"
@@ -256,7 +252,7 @@ def test_concepts_verb_lists_prompts(capsys, tmp_path):
 
 # ---------------------------------------------------------------- provenance and fused export
 def test_hub_repo_id_recorded_only_for_hub_bases(tmp_path):
-    from patchforge.patch_format import K_BASE_REPO_ID, read_patch
+    from patchforge.io.patch_format import K_BASE_REPO_ID, read_patch
 
     pipe = tiny_sd1()
     cfg = TrainConfig(steps=1, batch=1, options=FAST, progress=False)
@@ -274,8 +270,8 @@ def test_fused_export_matches_the_loaded_patch(tmp_path, capsys):
     from diffusers import DiffusionPipeline
 
     from patchforge.cli import main
-    from patchforge.export import FUSED_INFO
-    from patchforge.loading import load_forget_patch
+    from patchforge.io.export import FUSED_INFO
+    from patchforge.io.loading import load_forget_patch
 
     base = tmp_path / "base"
     pipe = tiny_sd1()
@@ -303,7 +299,7 @@ def test_fingerprint_agrees_across_fp32_fp16_and_bf16_copies():
     made for other weights when loaded into the fp32 or fp16 copy of the same checkpoint."""
     import copy
 
-    from patchforge.patch_format import K_BASE_WEIGHTS_V2, base_fingerprint
+    from patchforge.io.patch_format import K_BASE_WEIGHTS_V2, base_fingerprint
     from tiny_pipelines import BUILDERS
 
     pipe = BUILDERS["sd1"]()

@@ -18,11 +18,12 @@ import safetensors.torch
 import torch
 from huggingface_hub import constants
 
-from patchforge import cli, hub
-from patchforge import loading as pf
-from patchforge import patch_format as fmt
+from patchforge import cli
+from patchforge.io import hub
+from patchforge.io import loading as pf
+from patchforge.io import patch_format as fmt
 from patchforge.errors import BaseModelMismatch, PatchforgeError, PatchFormatError
-from patchforge.loading import PatchesSwitchedWarning
+from patchforge.io.loading import PatchesSwitchedWarning
 from tiny_pipelines import cached_patches, run, tiny_sd1
 
 
@@ -357,7 +358,7 @@ def test_size_and_header_are_checked_before_the_tensors(tmp_path):
 
 
 def test_writes_are_fsynced_before_the_rename(tmp_path, monkeypatch):
-    from patchforge import atomic
+    from patchforge.core import atomic
     calls = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(atomic.os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
@@ -460,7 +461,7 @@ def test_model_card_cannot_be_injected(tmp_path):
 # ----------------------------------------------------------------------------- 8: merge, export, concept files
 
 def test_merge_and_export_errors_are_one_line(tmp_path):
-    from patchforge.concepts import load_concept_file
+    from patchforge.core.concepts import load_concept_file
     from tiny_pipelines import tiny_sd2_vpred, make_patch
 
     other = make_patch(tiny_sd2_vpred(), tmp_path / "sd2.safetensors", "dog", text=False)
@@ -481,7 +482,7 @@ def test_merge_and_export_errors_are_one_line(tmp_path):
 # ----------------------------------------------------------------------------- 14: determinism end to end
 
 def test_same_seed_same_patch_with_timing_out_of_the_tensors(tmp_path, monkeypatch):
-    from patchforge.training import TrainConfig, train_patch
+    from patchforge.train.loop import TrainConfig, train_patch
 
     monkeypatch.setenv("PATCHFORGE_CACHE", str(tmp_path / "cache"))
     cfg = TrainConfig(steps=2, batch=2, progress=False, options={"ref_steps": 2, "n_refs": 2}, lr=1e-2)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from patchforge.training import TrainConfig, train_patch
+from patchforge.train.loop import TrainConfig, train_patch
 from tiny_pipelines import run, tiny_sd1
 
 FAST = {"ref_steps": 2, "n_refs": 2}
@@ -19,8 +19,8 @@ def _cache(tmp_path, monkeypatch):
 
 
 def test_train_writes_a_loadable_deterministic_patch(tmp_path):
-    from patchforge.loading import load_forget_patch
-    from patchforge.patch_format import read_patch
+    from patchforge.io.loading import load_forget_patch
+    from patchforge.io.patch_format import read_patch
 
     pipe = tiny_sd1()
     cfg = TrainConfig(steps=3, batch=2, progress=False, options=FAST, lr=1e-2)
@@ -61,10 +61,11 @@ def test_cli_train_on_a_model_folder(tmp_path, capsys):
 
 
 def test_training_code_never_imports_a_judge():
-    code = ("import sys; import patchforge.training, patchforge.concepts; from patchforge.methods import get_method;"
+    code = ("import sys; import patchforge.train.loop, patchforge.core.concepts;"
+            "from patchforge.methods import get_method;"
             "[get_method(m) for m in ('fmn','sa','aob','redact','esd')];"
-            "bad=[m for m in sys.modules if m.startswith(('patchforge.toyworld.judges','patchforge.evaluation',"
-            "'patchforge.judging'))];"
+            "bad=[m for m in sys.modules if m.startswith(('patchforge.toyworld.judges','patchforge.eval.evaluation',"
+            "'patchforge.eval.judging'))];"
             "print(bad); sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
@@ -110,11 +111,11 @@ def test_user_images_replace_the_base_models_references(tmp_path, capsys):
     from PIL import Image
 
     from patchforge.cli import main
-    from patchforge.concepts import merge, resolve
+    from patchforge.core.concepts import merge, resolve
     from patchforge.errors import PatchforgeError
     from patchforge.methods import get_method
-    from patchforge.patch_format import read_patch
-    from patchforge.training import Trainer
+    from patchforge.io.patch_format import read_patch
+    from patchforge.train.loop import Trainer
 
     folder = tmp_path / "cats"
     folder.mkdir()

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from patchforge.training import TrainConfig, train_patch
+from patchforge.train.loop import TrainConfig, train_patch
 from tiny_pipelines import run, tiny_sd1, tiny_sd2_vpred
 
 
@@ -17,9 +17,9 @@ def _cache(tmp_path, monkeypatch):
 
 def prepared_uce(pipe, options: dict | None = None, concepts=("custom:a photo of a cat",)):
     """A uce runner after prepare() (the exact deltas and their SVD), as train_patch builds it."""
-    from patchforge.concepts import merge, resolve
+    from patchforge.core.concepts import merge, resolve
     from patchforge.methods import get_method
-    from patchforge.training import Trainer
+    from patchforge.train.loop import Trainer
 
     cls = get_method("uce")
     specs = [resolve(c) for c in concepts]
@@ -30,8 +30,8 @@ def prepared_uce(pipe, options: dict | None = None, concepts=("custom:a photo of
 
 
 def test_uce_writes_a_patch_that_loads_and_changes_output(tmp_path):
-    from patchforge.loading import load_forget_patch, unload_forget_patches
-    from patchforge.patch_format import read_patch
+    from patchforge.io.loading import load_forget_patch, unload_forget_patches
+    from patchforge.io.patch_format import read_patch
 
     pipe = tiny_sd1()
     path, s = train_patch(["custom:a photo of a cat"], "uce", None, TrainConfig(progress=False),
@@ -53,7 +53,7 @@ def test_uce_writes_a_patch_that_loads_and_changes_output(tmp_path):
 
 @pytest.mark.parametrize("alpha", [None, 3.0])
 def test_svd_factoring_reproduces_the_exact_edit_within_the_reported_error(tmp_path, alpha):
-    from patchforge.patch_format import read_patch
+    from patchforge.io.patch_format import read_patch
 
     pipe = tiny_sd2_vpred()
     options = {"energy": 0.9, "max_rank": 3}  # truncate hard, so there is an error to report
@@ -105,7 +105,7 @@ def test_uce_rank_comes_from_the_spectrum_and_respects_the_cap():
 
 def test_cli_concept_file_one_patch_or_one_per_concept(tmp_path, capsys):
     from patchforge.cli import main
-    from patchforge.patch_format import read_patch
+    from patchforge.io.patch_format import read_patch
 
     folder = tmp_path / "tiny"
     tiny_sd1().save_pretrained(folder)
@@ -134,7 +134,7 @@ def test_cli_concept_file_one_patch_or_one_per_concept(tmp_path, capsys):
 
 
 def test_fmn_warm_start_begins_from_the_uce_edit(tmp_path):
-    from patchforge.patch_format import read_patch
+    from patchforge.io.patch_format import read_patch
 
     pipe = tiny_sd1()
     factors = prepared_uce(pipe).factors

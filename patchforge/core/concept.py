@@ -1,5 +1,5 @@
 """What a forget patch erases, as the prompt sets a training method needs (built by patchforge.concepts
-from the real-model catalogue or a concept file, or by a concept world's plug-in, patchforge.worlds)."""
+from the real-model catalogue or a concept file, or by a concept world's plug-in, patchforge.core.worlds)."""
 from __future__ import annotations
 
 import re
@@ -16,7 +16,7 @@ class ConceptSpec:
     to: str | None = None
     guidance: float = 1.0
     words: list[str] = field(default_factory=list)  # the words naming the concept (FMN's attention columns)
-    world: str | None = None  # the concept world (patchforge.worlds) that made it; None: the real catalogue
+    world: str | None = None  # the concept world (patchforge.core.worlds) that made it; None: the real catalogue
     # one per target prompt: the same prompt naming a neighbour instead (target i -> neighbour i mod n),
     # or None where there is none. A method may hold the base's prediction there on the *same* noised
     # latent, so the patch learns what separates the concept from its neighbour, not what they share.

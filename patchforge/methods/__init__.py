@@ -1,7 +1,7 @@
 """Erasure methods: each a small module supplying its loss and the data it needs, registered by name.
 
 Like peft's tuners: a method is a Config dataclass (its hyperparameters and defaults) plus a class
-with four hooks the shared loop (patchforge/training.py) calls:
+with four hooks the shared loop (patchforge/train/loop.py) calls:
 
     prepare()   on the frozen base, before the LoRA exists: reference latents, embeddings, Fisher
     start()     after LoRA injection (e.g. install attention hooks)

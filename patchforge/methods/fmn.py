@@ -150,7 +150,7 @@ class ForgetMeNot(Method):
 
     def invert_concept(self) -> tuple[Cond, torch.Tensor]:
         """(embedding of "a photo of <v>", mask of the <v> positions), <v> learnt on the references."""
-        from ..soft_tokens import invert_latents
+        from ..core.soft_tokens import invert_latents
 
         pipe = self.tr.pipe
         soft = invert_latents(pipe, self.refs, steps=self.hp.invert_steps, n_tokens=self.hp.invert_tokens,

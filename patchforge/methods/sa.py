@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_path
+from ..core.atomic import atomic_path
 from ..core.cache import cache_dir
 from ..core.cond import Cond
 from ..core.lora import has_adapter, lora_delta
-from ..patch_format import model_key
+from ..io.patch_format import model_key
 from . import Method, MethodConfig, cycle, register
 
 
@@ -54,8 +54,8 @@ class SelectiveAmnesia(Method):
         self.fisher = self.load_fisher()
 
     def fisher_prompts(self) -> list[str]:
-        from .. import worlds
-        from ..concepts import GENERAL_PRESERVE
+        from ..core import worlds
+        from ..core.concepts import GENERAL_PRESERVE
 
         world = next((s.world for s in self.specs if s.world), None)
         if world:  # a concept world: one prompt of each of its concepts

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..atomic import write_text
+from ..core.atomic import write_text
 from .judges import Judge, JudgeNet, judge_accuracy, save_judge, train_judge
 from .tokenizer import build_tokenizer
 from .world import random_scene, render, caption

@@ -5,8 +5,8 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from ..atomic import write_text
-from ..pipeline_loading import TOY_MODEL_DIR
+from ..core.atomic import write_text
+from ..core.pipeline_loading import TOY_MODEL_DIR
 
 
 def register(sub) -> None:
@@ -78,7 +78,7 @@ def _judges(args) -> int:
 
 
 def _report(args) -> int:
-    from ..pipeline_loading import load_pipeline
+    from ..core.pipeline_loading import load_pipeline
     from .measure import base_model_report, concept_grid, format_report, world_grid
 
     if args.world_grid:

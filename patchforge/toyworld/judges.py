@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_path
+from ..core.atomic import atomic_path
 from .world import KINDS, LABELS, NONE, random_scene, render
 
 

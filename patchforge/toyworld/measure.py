@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_path, write_text
-from ..generate import GUIDANCE, STEPS, generate, to_grid  # one generation path for every measurement
-from ..pipeline_loading import load_pipeline, toy_judge_path
+from ..core.atomic import atomic_path, write_text
+from ..core.generate import GUIDANCE, STEPS, generate, to_grid  # one generation path for every measurement
+from ..core.pipeline_loading import load_pipeline, toy_judge_path
 from . import world
 from .judges import Judge, judge_accuracy
 

@@ -1,4 +1,4 @@
-"""The toy world as a concept world (patchforge.worlds): its concepts as training prompt sets, its eval
+"""The toy world as a concept world (patchforge.core.worlds): its concepts as training prompt sets, its eval
 prompt sets and attacks, its real images and its judge.
 
 Toy concepts are built ONLY from the world's canonical training split (canonical names and templates).
@@ -15,8 +15,8 @@ import numpy as np
 
 from ..core.concept import ConceptSpec, mentions
 from ..errors import PatchforgeError
-from ..pipeline_loading import is_toy, toy_judge_path
-from ..text_attacks import PADDING, article_free, misspell, replace_word
+from ..core.pipeline_loading import is_toy, toy_judge_path
+from ..eval.text_attacks import PADDING, article_free, misspell, replace_word
 from . import world
 
 N_TARGET = 16  # training prompts per toy concept (the world makes them; cheap)
@@ -60,7 +60,7 @@ class ToyWorld:
 
     def knows_family(self, family: str) -> bool:
         """Toy-sized models (sizes no SD release has: the toy, the tests' tiny pipelines) use its tokenizer."""
-        from ..plan import TOY_FAMILY
+        from ..core.plan import TOY_FAMILY
 
         return family == TOY_FAMILY
 
@@ -112,7 +112,7 @@ class ToyWorld:
     # ---- evaluation and attacks
     def eval_rows(self, targets: list[str], n: int = 6) -> list:
         """The toy world's prompt sets for an erasure of `targets` (deterministic)."""
-        from ..rows import Row
+        from ..eval.rows import Row
 
         rows = []
         clean = lambda text: not any(world.names_concept(text, c) for c in targets)  # noqa: E731

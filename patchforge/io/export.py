@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir, atomic_path
-from .errors import PatchforgeError
+from ..core.atomic import atomic_dir, atomic_path
+from ..errors import PatchforgeError
 from .patch_format import (K_BASE_FAMILY, K_CONCEPT, K_METHOD, K_PREDICTION, TEXT_COMPONENTS, TEXT_PREFIX, Patch,
                            pattern_value, read_patch)
 
@@ -101,7 +101,7 @@ def export_pipeline(patch_path, model: str | None, out_dir, weight: float = 1.0,
     """Bake a forget patch into `model` and save the fused pipeline to out_dir (atomically: written
     to a temporary folder, then renamed). The fuse runs in fp32; `dtype` is what is saved."""
     from .loading import fuse_forget_patches, load_forget_patch
-    from .pipeline_loading import check_model, load_pipeline
+    from ..core.pipeline_loading import check_model, load_pipeline
 
     check_model(model)
     patch = read_patch(patch_path)  # a bad patch fails before the model loads

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .generate import SEED0, generate
+from ..core.generate import SEED0, generate
 
 
 @dataclass
@@ -84,8 +84,8 @@ def subset(g: Generated, idx: list[int], seeds: int) -> Generated:
 # ---------------------------------------------------------------- the patch under test
 def patch_concepts(path, qualified: bool = False) -> list[str]:
     """The concepts a patch erases, from its metadata: bare names (toy world, where names are unique)
-    or, with `qualified`, "kind:name" specs that patchforge.concepts.resolve takes (real pipelines)."""
-    from .patch_format import K_CONCEPT, K_CONCEPTS, read_patch
+    or, with `qualified`, "kind:name" specs that patchforge.core.concepts.resolve takes (real pipelines)."""
+    from ..io.patch_format import K_CONCEPT, K_CONCEPTS, read_patch
 
     md = read_patch(path).metadata
     if md.get(K_CONCEPTS):
@@ -98,7 +98,7 @@ def patch_concepts(path, qualified: bool = False) -> list[str]:
 
 def load_patch(pipe, path) -> tuple[str, float]:
     """Load a patch into pipe -> (adapter name, seconds)."""
-    from .loading import load_forget_patch
+    from ..io.loading import load_forget_patch
 
     t0 = time.perf_counter()
     name = load_forget_patch(pipe, path)
@@ -106,6 +106,6 @@ def load_patch(pipe, path) -> tuple[str, float]:
 
 
 def unload_patch(pipe, name: str) -> None:
-    from .loading import unload_forget_patch
+    from ..io.loading import unload_forget_patch
 
     unload_forget_patch(pipe, name)

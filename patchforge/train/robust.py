@@ -2,7 +2,7 @@
 
 training.py builds every target-prompt embedding through `trainer.prompt_embeddings(prompts, role)`.
 `wrap_trainer` replaces that hook: for role == "target" it first runs a few *inner* attack steps on a
-soft suffix (patchforge.soft_tokens.SoftPrompt) that pull the current patched model's noise prediction
+soft suffix (patchforge.core.soft_tokens.SoftPrompt) that pull the current patched model's noise prediction
 back to the frozen base model's for the concept, then hands the method the *attacked* embeddings, so
 the outer patch update erases the concept on the attacked prompt too. The soft suffix persists
 across outer steps (warm start: the attack keeps up with the patch). Retain: the method's own
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .core.cond import Cond
-from .soft_tokens import SoftPrompt
+from ..core.cond import Cond
+from ..core.soft_tokens import SoftPrompt
 
 
 @dataclass
@@ -35,7 +35,7 @@ class RobustConfig:
 
 
 def wrap_trainer(trainer, config: RobustConfig | None = None) -> None:
-    """Install the adversarial hook on a patchforge.training.Trainer (called before LoRA injection)."""
+    """Install the adversarial hook on a patchforge.train.loop.Trainer (called before LoRA injection)."""
     own = {f"robust_{k}": k for k in RobustConfig.__dataclass_fields__}  # --set robust_KEY=VALUE -> KEY
     cfg = config or RobustConfig(**{own[k]: v for k, v in trainer.cfg.options.items() if k in own})
     pipe, plain_encode = trainer.pipe, trainer.encode

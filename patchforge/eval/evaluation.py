@@ -12,7 +12,7 @@ change and a paired bootstrap 95% interval (resampling prompt x seed units):
                    top 16 principal components (not FID: the judge's CNN, few samples, biased
                    upwards -- compare base vs patched only), and
                    prompt alignment (every attribute the prompt names is judged present)
-    robustness     the concept's rate under text attacks (patchforge.attacks); white-box attacks
+    robustness     the concept's rate under text attacks (patchforge.eval.attacks); white-box attacks
                    join with --attacks
     cost           patch size, training time (patch metadata), load time, inference overhead
 
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import worlds
-from .atomic import atomic_path, write_text
-from .errors import PatchforgeError
-from . import generate as generation
-from .generate import SEED0, empty_embeds, generate  # noqa: F401  (generate, empty_embeds: this module's API)
+from ..core import worlds
+from ..core.atomic import atomic_path, write_text
+from ..errors import PatchforgeError
+from ..core import generate as generation
+from ..core.generate import SEED0, empty_embeds, generate  # noqa: F401  (generate, empty_embeds: this module's API)
 from .judging import default_judge
 from .rows import Generated, Row, dedupe, load_patch, patch_concepts, run_rows, subset, unload_patch
 from .text_attacks import catalogue_attacks
@@ -43,8 +43,8 @@ JSON_VERSION = 1
 
 # ---------------------------------------------------------------- prompt sets
 def real_rows(targets: list[str], n: int = 6) -> list[Row]:
-    """Real pipelines: the concept catalogue's prompts (patchforge.concepts) and text attacks."""
-    from .concepts import resolve
+    """Real pipelines: the concept catalogue's prompts (patchforge.core.concepts) and text attacks."""
+    from ..core.concepts import resolve
 
     rows = []
     for c in targets:
@@ -71,8 +71,8 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
              pipe=None, attacks: bool = False, attack_budget: dict | None = None, progress=print) -> dict:
     """Evaluate each patch against the base model. Returns {"base": ..., "patches": [report, ...]}.
     Every report has stable keys (see module docstring); nothing here trains anything."""
-    from .pipeline_loading import load_pipeline, model_id
-    from .patch_format import K_BASE_ID, K_SECONDS, read_patch
+    from ..core.pipeline_loading import load_pipeline, model_id
+    from ..io.patch_format import K_BASE_ID, K_SECONDS, read_patch
 
     t_start = time.perf_counter()
     world = worlds.for_model(model)  # a concept world (the toy) brings its prompt sets; else the catalogue
@@ -135,9 +135,9 @@ def _float(x):
 def trained_prompts(path) -> set[str] | None:
     """Every prompt the patch's method saw (targets, anchors, preserve), rebuilt from its metadata
     the way training built them; None when its concepts cannot be resolved here (custom files)."""
-    from .concepts import merge, resolve
-    from .errors import UnknownConcept
-    from .patch_format import K_CONCEPTS, K_SEED, read_patch
+    from ..core.concepts import merge, resolve
+    from ..errors import UnknownConcept
+    from ..io.patch_format import K_CONCEPTS, K_SEED, read_patch
 
     md = read_patch(path).metadata
     try:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import PatchforgeError
+from ..errors import PatchforgeError
 
 TOY_MODEL_DIR = Path(__file__).parent / "toy_model"
 TOY_MODEL_ID = "patchforge/toy-sd"  # the name the embedded default goes by in metadata and reports

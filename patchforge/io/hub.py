@@ -8,7 +8,7 @@ import math
 import re
 from pathlib import Path
 
-from .errors import PatchforgeError
+from ..errors import PatchforgeError
 from .patch_format import (DEFAULT_WEIGHT_NAME, K_BASE_FAMILY, K_BASE_ID, K_BASE_REPO_ID, K_CONCEPT, K_DEVICE, K_EVAL,
                            K_HPARAMS, K_METHOD, K_SECONDS, Patch, one_line, read_patch)
 

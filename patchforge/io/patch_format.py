@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_path
-from .backbones import all_components, for_pipe, text_components
-from .errors import BaseModelMismatch, PatchFormatError, PatchforgeError
+from ..core.atomic import atomic_path
+from ..backbones import all_components, for_pipe, text_components
+from ..errors import BaseModelMismatch, PatchFormatError, PatchforgeError
 
 FORMAT_VERSION = "1"
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers looks for in a folder
@@ -184,7 +184,7 @@ def _sign_bits(values: torch.Tensor) -> bytes:
 
 
 def _model_id(pipe) -> str:
-    from .pipeline_loading import model_id
+    from ..core.pipeline_loading import model_id
 
     name = str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "")
     return model_id(name) if name else "unknown"

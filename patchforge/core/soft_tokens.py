@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backbones import for_pipe
-from .core.cond import Cond
-from .errors import PatchforgeError
+from ..backbones import for_pipe
+from .cond import Cond
+from ..errors import PatchforgeError
 
 
 class SoftPrompt(torch.nn.Module):

@@ -1,10 +1,10 @@
 """Judges: what `patchforge eval` and `patchforge attack` use to decide whether an image shows a concept.
 
 A judge only *measures*. No training loss may call one (a judge inside a loss is no judge), so
-nothing under patchforge/methods or patchforge/training.py imports this module.
+nothing under patchforge/methods or patchforge/train/loop.py imports this module.
 
     ConceptJudge            the protocol: detect(images, concept) -> list[bool]; optional features(images)
-    a concept world's judge  e.g. the toy world's CNN judges (patchforge.worlds; "toy[:PATH]")
+    a concept world's judge  e.g. the toy world's CNN judges (patchforge.core.worlds; "toy[:PATH]")
     NudeNetJudge            PyPI `nudenet` (ships its ONNX detector; optional import)
     ClipJudge               zero-shot CLIP from weights the user has locally (no download)
     load_judge(spec)        "WORLD[:PATH]" (toy), "nudenet", "clip:PATH", "python:FILE.py:FUNC"
@@ -19,8 +19,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from . import worlds
-from .errors import PatchforgeError
+from ..core import worlds
+from ..errors import PatchforgeError
 
 
 @runtime_checkable

@@ -9,7 +9,7 @@ loss is; it never owns a loop. Everything a method needs from the model goes thr
 below (embed, eps, base predictions, noising), so the loop, devices and precision live in one place.
 
 Robust training hook: every prompt embedding a method uses comes from `Trainer.embed()`, which calls
-`trainer.prompt_embeddings(prompts, role)`. A robust wrapper (`--robust`, patchforge/robust.py, owned
+`trainer.prompt_embeddings(prompts, role)`. A robust wrapper (`--robust`, patchforge/train/robust.py, owned
 by the evaluation/attacks side) may replace that attribute with one returning adversarially perturbed
 embeddings for role == "target"; the loop and the methods need no change.
 """
@@ -29,16 +29,16 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
-from .backbones import for_pipe
-from .concepts import ConceptSpec, load_concept_file, merge, resolve
-from .core.cache import cache_dir
-from .core.cond import Cond
-from .core.lora import ADAPTER, adapters_off
-from .errors import PatchforgeError
-from .generate import generate_latents
-from .patch_format import (K_BASE_ID, K_CONCEPT, K_CONCEPTS, K_DEVICE, K_HPARAMS, K_METHOD, K_SECONDS, K_SEED,
-                           model_key)
+from ..core.atomic import atomic_path
+from ..backbones import for_pipe
+from ..core.concepts import ConceptSpec, load_concept_file, merge, resolve
+from ..core.cache import cache_dir
+from ..core.cond import Cond
+from ..core.lora import ADAPTER, adapters_off
+from ..errors import PatchforgeError
+from ..core.generate import generate_latents
+from ..io.patch_format import (K_BASE_ID, K_CONCEPT, K_CONCEPTS, K_DEVICE, K_HPARAMS, K_METHOD, K_SECONDS, K_SEED,
+    model_key)
 
 TEXT_ENCODER = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -226,8 +226,8 @@ def check_train_args(cfg: TrainConfig, *, model: str | None = None, out: str | P
                      concept_file: str | None = None) -> object:
     """Every argument of a training run checked before any model loads, each failure one line.
     The CLI and train_patch() both call it. Returns the method's Config (see method_config)."""
-    from .methods import get_method
-    from .pipeline_loading import check_model
+    from ..methods import get_method
+    from ..core.pipeline_loading import check_model
 
     _positive_int("--steps", cfg.steps)
     _positive_int("--rank", cfg.rank)
@@ -299,11 +299,11 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
 
     from tqdm.auto import tqdm
 
-    from .concepts import concept_world
-    from .methods import get_method
-    from .patch_format import K_BASE_REPO_ID, save_patch_from_pipeline
-    from .pipeline_loading import hub_repo_id, load_pipeline, model_id, pick_device
-    from .plan import ModelFacts
+    from ..core.concepts import concept_world
+    from ..methods import get_method
+    from ..io.patch_format import K_BASE_REPO_ID, save_patch_from_pipeline
+    from ..core.pipeline_loading import hub_repo_id, load_pipeline, model_id, pick_device
+    from ..core.plan import ModelFacts
 
     cfg = config or TrainConfig(method=method)
     cfg.method = method or cfg.method
@@ -389,7 +389,7 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
         remove_lora(trainer)
     written = time.time() - t0  # with a loaded pipe: from model loaded to patch written
     size = path.stat().st_size
-    from .plan import peak_rss
+    from ..core.plan import peak_rss
 
     summary = {"concepts": names, "method": cfg.method, "steps": steps, "seconds": round(seconds, 1),
                "prepare_seconds": round(prepare_seconds, 1), "step_seconds": round(step_seconds, 2),
@@ -403,8 +403,8 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
 
 def model_facts(model: str | None):
     """ModelFacts of a model not loaded yet (its folder, or a Hub id's cached snapshot); None if unknown."""
-    from .pipeline_loading import local_folder
-    from .plan import ModelFacts
+    from ..core.pipeline_loading import local_folder
+    from ..core.plan import ModelFacts
 
     folder = local_folder(model)
     return ModelFacts.from_folder(folder) if folder else None
@@ -412,7 +412,7 @@ def model_facts(model: str | None):
 
 def plan_for(cfg: TrainConfig, hp, method_cls, facts, device: torch.device, loaded: bool):
     """The run's RunPlan from the family's defaults and cfg's choices; refuses one that cannot fit."""
-    from .plan import make_plan
+    from ..core.plan import make_plan
 
     steps = cfg.steps if cfg.steps is not None else hp.steps
     return make_plan(facts, device, precision=cfg.precision, resolution=cfg.resolution, batch=cfg.batch,
@@ -473,27 +473,12 @@ def _check_option_type(key: str, value, default) -> None:
         raise PatchforgeError(f"--set {key}={shown}: expected {want}")
 
 
-def parse_set(items: list[str]) -> dict:
-    """KEY=VALUE strings -> {key: value}, values read as JSON (numbers, true/false) or kept as words.
-    The one parser for `train --set`, `attack --budget` and `bench_methods --set`."""
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise PatchforgeError(f"--set {item}: write KEY=VALUE")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
 def run_command(args) -> int:
-    from .concepts import concept_world
+    from ..core.concepts import concept_world
 
     cfg = TrainConfig(method=args.method, steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
                       batch=args.batch, seed=args.seed, unet_targets=args.targets, text_encoder=args.text_encoder,
-                      options=parse_set(args.set), progress=not args.quiet, images=args.images,
+                      options=dict(args.set), progress=not args.quiet, images=args.images,
                       resolution=args.resolution, ref_images=args.ref_images,
                       gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
                       max_memory_gib=args.max_memory)
@@ -515,7 +500,7 @@ def run_command(args) -> int:
         try:
             from .robust import wrap_trainer as robust
         except ImportError:
-            raise PatchforgeError("robust training is not available in this installation (patchforge.robust "
+            raise PatchforgeError("robust training is not available in this installation (patchforge.train.robust "
                                   "missing)") from None
     rank, world_size, device = process_share(args.device)
     tag = f"[process {rank + 1}/{world_size}] " if world_size > 1 else ""
@@ -524,8 +509,8 @@ def run_command(args) -> int:
         print(f"{tag}{len(mine)} of {len(jobs)} patches on {device}", flush=True)
     cfg.device, cfg.progress = device, cfg.progress and rank == 0
     if args.dry_run:
-        from .methods import get_method
-        from .pipeline_loading import pick_device
+        from ..methods import get_method
+        from ..core.pipeline_loading import pick_device
 
         facts = model_facts(args.model)
         if facts is None:
@@ -536,8 +521,8 @@ def run_command(args) -> int:
     pipe, t_all, written = None, time.time(), []
     for specs in mine:
         if pipe is None:
-            from .methods import get_method
-            from .pipeline_loading import load_pipeline, pick_device
+            from ..methods import get_method
+            from ..core.pipeline_loading import load_pipeline, pick_device
 
             facts = model_facts(args.model)  # a run that cannot fit is refused here, before loading
             plan = (plan_for(cfg, hp, get_method(args.method), facts, pick_device(device), loaded=False)

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .atomic import atomic_path
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -58,7 +57,7 @@ def generate_latents(pipe, prompts: list[str], seeds: list[int], steps: int | No
 
 def empty_embeds(pipe, n: int, texts: list[str] | None = None) -> torch.Tensor:
     """Text-encoder output of "" (or of `texts`): the unconditional branch of guidance."""
-    from .backbones import for_pipe
+    from ..backbones import for_pipe
 
     return for_pipe(pipe).encode(texts or [""] * n, pipe.device).emb
 
@@ -76,25 +75,3 @@ def to_grid(images: np.ndarray, cols: int, min_side: int = 128) -> "Image.Image"
     img = Image.fromarray(canvas)
     scale = max(1, min_side // min(h, w))
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
-
-
-def run_command(args) -> int:
-    from .errors import PatchforgeError
-    from .pipeline_loading import load_pipeline
-
-    if args.weight and len(args.weight) != len(args.patch):  # before the model loads
-        raise PatchforgeError(f"{len(args.weight)} --weight values for {len(args.patch)} --patch files: give one per "
-                              "patch or none")
-    pipe = load_pipeline(args.model, device=args.device)
-    if args.patch:
-        from .loading import load_forget_patch
-
-        for i, src in enumerate(args.patch):
-            load_forget_patch(pipe, src, weight=args.weight[i] if args.weight else 1.0)
-    images = generate(pipe, [args.prompt] * args.batch, [args.seed + i for i in range(args.batch)],
-                      negative=[args.negative_prompt] * args.batch if args.negative_prompt else None,
-                      batch=args.batch, steps=args.steps, guidance=args.guidance)
-    with atomic_path(args.out) as tmp:  # a half-written picture never replaces a good one
-        to_grid(images, args.grid or args.batch).save(tmp)
-    print(f"wrote {args.out} ({args.batch} image(s), seed {args.seed}..{args.seed + args.batch - 1})")
-    return 0

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from .backbones import for_pipe
-from .backbones.sd_unet import SDUNet
-from .errors import PatchforgeError
+from ..backbones import for_pipe
+from ..backbones.sd_unet import SDUNet
+from ..errors import PatchforgeError
 
 GIB = 2 ** 30
 RUNTIME_BYTES = int(0.8 * GIB)

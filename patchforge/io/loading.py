@@ -29,8 +29,8 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .backbones import for_pipe
-from .errors import PatchforgeError, PatchFormatError
+from ..backbones import for_pipe
+from ..errors import PatchforgeError, PatchFormatError
 from .patch_format import (TEXT_COMPONENTS, TEXT_PREFIX, Patch, base_fingerprint, base_parameters, check_base,
                            delta_norm, peft_config_kwargs, read_patch)
 

@@ -10,8 +10,8 @@ rate (ASR: share of target prompt x seed generations where the judge sees the co
     unconditional prompt-free generations (empty prompt)
     partial       partial denoising: an image of the concept, noised to `strength`, denoised with ""
 
-Soft tokens (patchforge/soft_tokens.py) enter through a forward hook on the text encoder's token-embedding
-table, so the same code serves the attacks, robust training (patchforge/robust.py) and fmn's concept
+Soft tokens (patchforge/core/soft_tokens.py) enter through a forward hook on the text encoder's token-embedding
+table, so the same code serves the attacks, robust training (patchforge/train/robust.py) and fmn's concept
 inversion. SD 1.x / 2.x only.
 """
 from __future__ import annotations
@@ -24,14 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import worlds
-from .atomic import write_text
-from .backbones import for_pipe
-from .errors import PatchforgeError
-from .loading import patches_suspended
-from .generate import GUIDANCE, SEED0, STEPS, empty_embeds, generate, generate_latents
+from ..core import worlds
+from ..core.atomic import write_text
+from ..backbones import for_pipe
+from ..errors import PatchforgeError
+from ..io.loading import patches_suspended
+from ..core.generate import GUIDANCE, SEED0, STEPS, empty_embeds, generate, generate_latents
 from .rows import Row, load_patch, patch_concepts, run_rows, unload_patch
-from .soft_tokens import SoftPrompt, invert_latents
+from ..core.soft_tokens import SoftPrompt, invert_latents
 from .stats import metric
 from .text_attacks import catalogue_attacks
 
@@ -118,7 +118,7 @@ def run_attacks(pipe, targets: list[str], judge, budget: dict | None = None, see
     """White-box attacks on the pipeline as it is now (patch loaded, or `negative` prompt) ->
     {attack: {"metric": {...base, patched (= ASR), change, CI}, "images": attacked images, "seconds"}}.
     'base' is the frozen base model's rate of the concept on the same prompts and seeds, unattacked.
-    `world`: the concept world of the targets (patchforge.worlds; "default": the embedded default model's),
+    `world`: the concept world of the targets (patchforge.core.worlds; "default": the embedded default model's),
     None for catalogue concepts ("kind:name" specs)."""
     world = worlds.for_model(None) if world == "default" else world
     b = {**DEFAULT_BUDGET, **(budget or {})}
@@ -128,7 +128,7 @@ def run_attacks(pipe, targets: list[str], judge, budget: dict | None = None, see
         if world is not None:
             prompts = world.attack_prompts(concept, b["prompts"])
         else:  # a "kind:name" spec; the judge is asked about the concept's name
-            from .concepts import resolve
+            from ..core.concepts import resolve
             spec = resolve(concept)
             prompts, concept = spec.target[:b["prompts"]], spec.name
         rep = [p for p in prompts for _ in seed_list]
@@ -191,7 +191,7 @@ def run_attacks(pipe, targets: list[str], judge, budget: dict | None = None, see
 def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judge=None, pipe=None) -> dict:
     """Load the patch, run the text and white-box attacks, return {attack: metric} (+ seconds)."""
     from .judging import default_judge
-    from .pipeline_loading import load_pipeline
+    from ..core.pipeline_loading import load_pipeline
 
     which = tuple(which or ("text", "soft_prompt", "inversion", "unconditional", "partial"))
     world = worlds.for_model(model)
@@ -208,7 +208,7 @@ def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judg
             for c in targets:
                 tmpl = None
                 if world is None:  # a "kind:name" spec: attack the catalogue's prompts, judge by the concept's name
-                    from .concepts import resolve
+                    from ..core.concepts import resolve
                     spec = resolve(c)
                     c, tmpl = spec.name, spec.target
                 variants = world.text_attacks(c, b["prompts"]) if world else catalogue_attacks(c, tmpl, b["prompts"])
@@ -230,11 +230,9 @@ def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judg
 
 
 def run_command(args) -> int:
-    from .training import parse_set
-
     if not Path(args.patch).exists():
         raise PatchforgeError(f"no patch at {args.patch}")
-    budget = parse_set(args.budget)
+    budget = dict(args.budget)
     unknown = set(budget) - set(DEFAULT_BUDGET)
     if unknown:
         raise PatchforgeError(f"unknown budget key(s) {', '.join(sorted(unknown))}: use {', '.join(DEFAULT_BUDGET)}")

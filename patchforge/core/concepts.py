@@ -8,7 +8,7 @@ with `--to ALTERNATIVE`. `resolve()` turns it into a ConceptSpec holding three p
               those prompts should produce instead, one anchor per target, same order,
   preserve -- prompts whose output must not change (neighbouring concepts, other kinds, general).
 
-Concept worlds (patchforge.worlds: the toy world) are asked first; real-world concepts come from a
+Concept worlds (patchforge.core.worlds: the toy world) are asked first; real-world concepts come from a
 small catalog or a YAML file close to LECO's prompts file:
 
     - target: "Van Gogh"              # or a list of prompts / templates with {}
@@ -26,8 +26,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import worlds
-from .core.concept import ConceptSpec, mentions
-from .errors import PatchforgeError, UnknownConcept
+from .concept import ConceptSpec, mentions
+from ..errors import PatchforgeError, UnknownConcept
 
 KINDS = ("style", "object", "identity", "color", "nudity", "custom")
 
@@ -101,11 +101,11 @@ PARAPHRASES: dict[str, list[str]] = {
 }
 GENERAL_PRESERVE = ["a photo of a house", "a dog in a park", "a bowl of fruit", "a mountain landscape", ""]
 
-REAL = "real"  # the catalogue's world: every base model no concept world (patchforge.worlds) claims
+REAL = "real"  # the catalogue's world: every base model no concept world (patchforge.core.worlds) claims
 
 
 def concept_world(model: str | None = None, family: str | None = None) -> str:
-    """Which concepts a base model knows: a concept world's name (patchforge.worlds: "toy") or REAL.
+    """Which concepts a base model knows: a concept world's name (patchforge.core.worlds: "toy") or REAL.
 
     `family`: a plan.FAMILY_DEFAULTS key when the model's architecture is already known; otherwise
     `model` is looked at (its name, a folder's configs; a Hub id not in the cache is taken to be real).

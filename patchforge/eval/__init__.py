@@ -1,0 +1,1 @@
+"""Evaluation: generation, prompt rows, statistics, judges, reports and attacks."""
