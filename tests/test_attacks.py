@@ -10,10 +10,8 @@ import torch
 from patchforge.eval import attacks, evaluation
 from patchforge.core import worlds
 from patchforge.eval.text_attacks import misspell
-from patchforge.core.pipeline_loading import TOY_MODEL_DIR
 from patchforge.toyworld import world
 
-TOY_BUILT = (TOY_MODEL_DIR / "pipeline" / "model_index.json").exists()
 
 
 def test_text_attacks_are_what_they_claim():
@@ -78,7 +76,6 @@ def test_robust_training_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TOY_BUILT, reason="the embedded toy model is not built")
 def test_soft_prompt_beats_a_weak_patch_and_finds_no_absent_concept():
     """The attack works: the shipped stripes patch at weight 0.8 is a weak defence (stripes gone from
     these 8 images: 0 %; at 0.7 it leaves 50 %, at 0.9 12.5 %), and the soft suffix brings stripes back

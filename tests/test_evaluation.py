@@ -13,9 +13,7 @@ from patchforge.eval import stats
 from patchforge.eval.judging import load_judge
 from patchforge.toyworld.plugin import ToyJudge
 from patchforge.errors import PatchforgeError
-from patchforge.core.pipeline_loading import TOY_MODEL_DIR
 
-TOY_BUILT = (TOY_MODEL_DIR / "pipeline" / "model_index.json").exists()
 
 
 def make_lora_patch(pipe, path, concept="style:stripes", scale=0.0, seed=0, rank=4):
@@ -186,7 +184,6 @@ def test_cli_errors(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TOY_BUILT, reason="the embedded toy model is not built")
 def test_destroying_patch_fails_specificity_and_utility_on_toy_model(tmp_path):
     """At eval's default sample size (2 seeds, n=6: 24 general images). With 8 images the Fréchet
     interval straddled 0 for a destroyed model; at 24, projected on 16 components, it must not."""

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import PatchforgeError
 
-TOY_MODEL_DIR = Path(__file__).parent / "toy_model"
+TOY_MODEL_DIR = Path(__file__).parents[1] / "toy_model"  # patchforge/toy_model
 TOY_MODEL_ID = "patchforge/toy-sd"  # the name the embedded default goes by in metadata and reports
 
 
