@@ -1,6 +1,6 @@
-"""Seconds per forget patch on SD 1.5- and SDXL-sized pipelines with random weights (issue 4's GPU bar).
+"""Seconds per forget patch on SD 1.5- and SDXL-sized pipelines with random weights, on a GPU.
 
-Timing does not depend on weight values, and no real weights can be had here, so the pipelines are
+Timing does not depend on weight values, so no checkpoint is downloaded: the pipelines are
 built from the real architectures' configs with random weights and saved as diffusers folders; then
 `patchforge train --concept style:vangogh --model FOLDER` runs at default settings, exactly as a
 user would run it, twice: with a cold reference cache (the base model generates the reference

@@ -23,14 +23,11 @@ IMAGE_SIZE = 32
 BACKGROUND = (40, 40, 46)
 PATTERN_LIGHT = (245, 245, 245)
 
-# name -> held-out aliases (synonyms / descriptions without the name)
+# name -> held-out aliases (synonyms / descriptions without the name); COLORS adds each colour's RGB.
 OBJECTS = {
-    "circle": ["round disc", "disc"],
-    "square": ["box", "four-sided block"],
-    "triangle": ["wedge", "three-sided shape"],
-    "star": ["spiky shape", "pointy asterisk"],
-    "pentagon": ["five-sided shape", "home plate"],
-    "heart": ["love symbol", "valentine"],
+    "circle": ["round disc", "disc"], "square": ["box", "four-sided block"],
+    "triangle": ["wedge", "three-sided shape"], "star": ["spiky shape", "pointy asterisk"],
+    "pentagon": ["five-sided shape", "home plate"], "heart": ["love symbol", "valentine"],
     "cross": ["plus sign", "plus shape"],
 }
 COLORS = {
@@ -44,18 +41,13 @@ COLORS = {
 }
 # "solid" is the absence of a style: a label, not an erasable concept.
 STYLES = {
-    "stripes": ["striped", "lined"],
-    "checker": ["checkered", "chessboard"],
-    "dots": ["dotted", "polka-dot"],
-    "rings": ["concentric", "bullseye"],
-    "outline": ["outlined", "hollow"],
+    "stripes": ["striped", "lined"], "checker": ["checkered", "chessboard"], "dots": ["dotted", "polka-dot"],
+    "rings": ["concentric", "bullseye"], "outline": ["outlined", "hollow"],
 }
 SOLID = "solid"
 IDENTITIES = {
-    "kiko": ["the cat character", "the whiskered cat"],
-    "bruno": ["the robot character", "the metal robot"],
-    "mira": ["the ghost character", "the floating ghost"],
-    "tobi": ["the frog character", "the green frog"],
+    "kiko": ["the cat character", "the whiskered cat"], "bruno": ["the robot character", "the metal robot"],
+    "mira": ["the ghost character", "the floating ghost"], "tobi": ["the frog character", "the green frog"],
 }
 NONE = "none"
 
