@@ -2,6 +2,8 @@
 1.x / 2.x / SDXL folder or Hub repo id otherwise."""
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 import torch
@@ -116,9 +118,31 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: to
     kwargs = {"dtype": dtype}
     if "StableDiffusionPipeline" in _class_name(path):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    with _library_bars_off_a_terminal():
+        pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dev)
+
+
+@contextlib.contextmanager
+def _library_bars_off_a_terminal():
+    """diffusers' and transformers' loading bars are for terminals: in a log or a pipe they are noise."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
 
 
 def _class_name(path: str) -> str:

@@ -27,7 +27,7 @@ def concept_rates(pipe, judge: Judge, split: str, seeds: int, batch: int = 64) -
             for i, probe in enumerate(world.probes_for(name, split, n=seeds, seed=0)):
                 rows.append((kind, name, probe, 1000 + i))
     hits: dict[str, list[bool]] = {}
-    for start in tqdm(range(0, len(rows), batch), desc=f"generate ({split})"):
+    for start in tqdm(range(0, len(rows), batch), desc=f"generate ({split})", disable=None):
         chunk = rows[start:start + batch]
         images = generate(pipe, [r[2].prompt for r in chunk], [r[3] for r in chunk])
         pred = judge.predict(images)

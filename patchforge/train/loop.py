@@ -352,7 +352,8 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
         if closed:
             solved = runner.solve(alpha / rank)
         t_loop = time.time()
-        bar = tqdm(range(steps), desc=f"train {cfg.method}", disable=not cfg.progress, leave=False)
+        # disable=None: tqdm draws only on a terminal, so logs and pipes get the plan line and the summary
+        bar = tqdm(range(steps), desc=f"train {cfg.method}", disable=None if cfg.progress else True, leave=False)
         for step in bar:
             if cfg.options.get("overfit_batch"):  # sanity check: the same batch every step, loss must fall
                 trainer.gen.manual_seed(cfg.seed)
