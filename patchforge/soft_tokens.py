@@ -18,9 +18,10 @@ class SoftPrompt(torch.nn.Module):
 
     def __init__(self, pipe, n_tokens: int, init_word: str = "a", seed: int = 0):
         super().__init__()
-        if getattr(pipe, "text_encoder_2", None) is not None:
+        family = "SDXL" if for_pipe(pipe).text_kv_reads_text else for_pipe(pipe).family_name()
+        if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL, SD3 and FLUX: more than one text encoder
             raise PatchforgeError("soft tokens (soft-prompt and inversion attacks, robust training, fmn invert_steps) "
-                                  "support SD 1.x / 2.x pipelines, not SDXL yet")
+                                  f"support SD 1.x / 2.x pipelines, not {family} yet")
         table = pipe.text_encoder.get_input_embeddings().weight
         self.placeholder = pipe.tokenizer(init_word, add_special_tokens=False).input_ids[0]
         g = torch.Generator().manual_seed(seed)

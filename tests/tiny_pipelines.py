@@ -95,7 +95,40 @@ def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     return _finish(pipe)
 
 
-BUILDERS = {"sd1": tiny_sd1, "sd2": tiny_sd2_vpred, "sdxl": tiny_sdxl}
+def _t5(d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    tok = _tokenizer()
+    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                   decoder_start_token_id=tok.pad_token_id))
+
+
+def _dit_vae() -> AutoencoderKL:
+    # SD3 / FLUX VAEs shift and scale their latents and have no quant convs
+    return AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         sample_size=32, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
+                         use_post_quant_conv=False)
+
+
+def tiny_sd3(seed: int = 0):
+    """SD3 layout: a 1-layer SD3Transformer2DModel (4 heads of 8), two CLIPs with projections, a T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=64, pooled_projection_dim=64, out_channels=4)
+    te = CLIPTextModelWithProjection(_text_config(32, projection_dim=32))
+    te2 = CLIPTextModelWithProjection(_text_config(32, projection_dim=32))
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=_dit_vae(), text_encoder=te, tokenizer=_tokenizer(), text_encoder_2=te2,
+                                    tokenizer_2=_tokenizer(), text_encoder_3=_t5(64), tokenizer_3=_tokenizer())
+    return _finish(pipe)
+
+
+BUILDERS = {"sd1": tiny_sd1, "sd2": tiny_sd2_vpred, "sdxl": tiny_sdxl, "sd3": tiny_sd3}
 
 
 def run(pipe, prompt: str = "a photo of a cat", seed: int = 0, steps: int = 2) -> torch.Tensor:
