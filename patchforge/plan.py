@@ -75,7 +75,7 @@ def family_key(name: str) -> str:
     """'sd1.x' -> 'sd1', 'sd2.x' -> 'sd2', 'sdxl' -> 'sdxl', SD3 / SD3.5 -> 'sd3', FLUX.1 -> 'flux'; every
     other (toy-sized) family -> 'toy'."""
     return {"sd1.x": "sd1", "sd2.x": "sd2", "sdxl": "sdxl", "sd3": "sd3", "sd3.5-medium": "sd3",
-            "sd3.5-large": "sd3", "flux.1": "flux"}.get(name, TOY_FAMILY)
+            "sd3.5-large": "sd3", "flux.1-dev": "flux", "flux.1-schnell": "flux"}.get(name, TOY_FAMILY)
 
 
 @dataclass

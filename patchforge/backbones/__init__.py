@@ -12,6 +12,8 @@ the first registered family whose `matches(pipe)` is true.
     add_noise()        x0, noise, t -> x_t (the forward process the family was trained with)
     noised()           x0, a seeded generator -> (x_t, t, noise) at random timesteps
     training_target()  what the denoiser predicts: epsilon, v, or a flow-matching velocity
+    sampler()          a fresh scheduler set to N steps, for sampling by hand (attacks)
+    guidance_distilled True when sampling runs no classifier-free pair (FLUX.1-dev's guidance embedding)
     predict()          the denoiser call, with every extra input the family needs
     text_attention()   the attention blocks that read the text (what attention-hooking methods hook)
     text_kv()          their key/value projections (what closed-form and keep terms act on)
@@ -96,6 +98,10 @@ class Backbone(Protocol):
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
+    guidance_distilled: bool
+
+    def sampler(self, steps: int, latents: torch.Tensor): ...
+
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, size: int | None = None) -> torch.Tensor: ...
 
     def encode_images(self, images) -> torch.Tensor: ...
@@ -165,6 +171,12 @@ def concept_token_mask(tokenizer, prompts: list[str], words: list[str], length: 
                 if tuple(seq[i:i + len(piece)]) == piece:
                     mask[row, i:i + len(piece)] = 1.0
     return mask
+
+
+def family_components() -> list[tuple[str, ...]]:
+    """Each family's LoRA-carrying components: a patch's components must all belong to one of them."""
+    _discover()
+    return [cls.components for cls in FAMILIES]
 
 
 def text_components() -> tuple[str, ...]:

@@ -68,6 +68,22 @@ class FlowMatching:
         """The velocity the transformer predicts: ε − x0."""
         return noise - x0
 
+    def sampler(self, steps: int, latents: torch.Tensor):
+        """A fresh copy of the pipeline's flow-matching scheduler set to `steps` denoising steps, shifted
+        for these latents' size where the scheduler shifts dynamically (FLUX), as the pipeline does."""
+        import numpy as np
+
+        sched = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        if not sched.config.get("use_dynamic_shifting"):
+            sched.set_timesteps(steps)
+            return sched
+        cfg = sched.config
+        tokens = latents.shape[1] if latents.dim() == 3 else latents.shape[-1] * latents.shape[-2]
+        slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+        mu = cfg.base_shift + slope * (tokens - cfg.base_image_seq_len)
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        return sched
+
     # ---- images (the VAE's latents are shifted, then scaled)
     def _vae_latents(self, images) -> torch.Tensor:
         vae = self.pipe.vae
@@ -109,6 +125,7 @@ class FlowMatching:
         return [(n, m) for n, m in self.pipe.transformer.named_modules() if n.endswith(("attn.add_k_proj",
                                                                                          "attn.add_v_proj"))]
 
+    guidance_distilled = False  # classifier-free guidance at sampling time (FLUX.1-dev: a guidance embedding)
     text_kv_reads_text = False  # their input is the text stream inside the transformer, not the encoder output
 
     def load_lora(self, state_dict: dict, adapter_name: str, metadata: dict, components) -> None:

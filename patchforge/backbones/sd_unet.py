@@ -167,6 +167,17 @@ class SDUNet:
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
         return self.add_noise(x0, noise, t), t, noise
 
+    guidance_distilled = False  # sampled with classifier-free guidance
+
+    def sampler(self, steps: int, latents: torch.Tensor):
+        """A DDIM scheduler from the pipeline's config set to `steps` denoising steps (hand-written sampling:
+        the partial-denoising attack)."""
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        sched.set_timesteps(steps)
+        return sched
+
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the denoiser learnt to predict: epsilon, or v for v-prediction bases (SD 2.x 768)."""
         if self.pipe.scheduler.config.prediction_type == "v_prediction":
