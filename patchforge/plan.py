@@ -119,7 +119,7 @@ class ModelFacts:
         if not set(DENOISERS) & set(params):
             return None
         scale = 2 ** (len(_vae_channels(folder)) - 1) if _vae_channels(folder) else 8
-        return cls(family_key(name), name, cfg, params, sizes, cfg.get("sample_size", 64) * scale, scale,
+        return cls(family_key(name), name, cfg, params, sizes, family_cls.folder_native(folder, cfg, scale), scale,
                    family_cls.resolution_multiple(cfg, scale))
 
 

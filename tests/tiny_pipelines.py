@@ -163,8 +163,9 @@ DIT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "
 
 
 def make_patch(pipe, path, concept: str, seed: int = 1, rank: int = 4, alpha: float = 2.0, text: bool = True,
-               scale: float = 0.3, method: str = "test"):
-    """Write a random forget patch for `pipe` (alpha != rank on purpose) and leave `pipe` as it was."""
+               scale: float = 0.3, method: str = "test", targets=None):
+    """Write a random forget patch for `pipe` (alpha != rank on purpose) and leave `pipe` as it was.
+    `targets`: the denoiser's LoRA targets (default: every attention projection)."""
     import json
 
     from peft import LoraConfig
@@ -178,9 +179,9 @@ def make_patch(pipe, path, concept: str, seed: int = 1, rank: int = 4, alpha: fl
     denoiser = next(iter(models.values()))
     parts = [denoiser] + ([m for m in list(models.values())[1:]] if text else [])
     for model in parts:
-        targets = (UNET_TARGETS if model is getattr(pipe, "unet", None) else DIT_TARGETS) if model is denoiser \
-            else TEXT_TARGETS
-        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False),
+        default = UNET_TARGETS if model is getattr(pipe, "unet", None) else DIT_TARGETS
+        own = (targets or default) if model is denoiser else TEXT_TARGETS
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=own, init_lora_weights=False),
                           adapter_name=name)
         with torch.no_grad():  # random A and B of a size that visibly changes the outputs
             for n, p in model.named_parameters():

@@ -23,7 +23,9 @@ What the seam's members mean here:
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +124,14 @@ class Flux(FlowMatching):
     def folder_family(cls, folder) -> tuple[str, dict] | None:
         config = cls._folder_config(folder)
         return (cls.family_from_config(config), config) if config else None
+
+    @staticmethod
+    def folder_native(folder, config: dict, vae_scale: int) -> int:
+        """The VAE config's sample size, as native_size()."""
+        try:
+            return json.loads((Path(folder) / "vae" / "config.json").read_text()).get("sample_size", 1024)
+        except (OSError, ValueError):
+            return 1024
 
     @staticmethod
     def resolution_multiple(config: dict, vae_scale: int) -> int:

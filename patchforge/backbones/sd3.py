@@ -251,6 +251,10 @@ class SD3(FlowMatching):
         return (cls.family_from_config(config), config) if config else None
 
     @staticmethod
+    def folder_native(folder, config: dict, vae_scale: int) -> int:
+        return config.get("sample_size", 128) * vae_scale
+
+    @staticmethod
     def resolution_multiple(config: dict, vae_scale: int) -> int:
         return vae_scale * config.get("patch_size", 2)
 

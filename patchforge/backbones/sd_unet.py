@@ -139,6 +139,11 @@ class SDUNet:
         return cls.family_from_config(config, te2), config
 
     @staticmethod
+    def folder_native(folder, config: dict, vae_scale: int) -> int:
+        """native_size() of a folder, before loading."""
+        return config.get("sample_size", 64) * vae_scale
+
+    @staticmethod
     def resolution_multiple(config: dict, vae_scale: int) -> int:
         """The UNet halves the latent side once per level: pixels must divide evenly."""
         return vae_scale * 2 ** (len(config["block_out_channels"]) - 1)
