@@ -154,7 +154,8 @@ def base_fingerprint(pipe) -> dict[str, str]:
             weights.update(f"{name};".encode())
             weights.update(_strided_sample(flat))
     scheduler = getattr(pipe, "scheduler", None)
-    prediction = getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
+    prediction = (getattr(for_pipe(pipe), "PREDICTION", None)
+                  or getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon")
     return {K_BASE_ID: _model_id(pipe), K_BASE_FAMILY: _family(pipe), K_BASE_ARCH: arch.hexdigest()[:16],
             K_BASE_WEIGHTS: legacy.hexdigest()[:16], K_BASE_WEIGHTS_V2: weights.hexdigest()[:32],
             K_PREDICTION: prediction}

@@ -122,8 +122,11 @@ def register(cls):
 def _discover() -> None:
     """Import every family module once (each registers itself): a new family is one new file."""
     if not _discovered:
-        for module in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{module.name}")
+        # the reference family first: all_components() keeps its order (unet, text_encoder, text_encoder_2),
+        # which patch files and their base-architecture hashes were written in
+        names = sorted((m.name for m in pkgutil.iter_modules(__path__)), key=lambda n: (n != "sd_unet", n))
+        for name in names:
+            importlib.import_module(f"{__name__}.{name}")
         _discovered.append(True)
 
 

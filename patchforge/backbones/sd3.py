@@ -36,6 +36,8 @@ T5_LENGTH = 256  # the pipeline's default max_sequence_length, used for training
 class FlowMatching:
     """Flow-matching noising, target and latents for the transformer families (SD3 and FLUX)."""
 
+    PREDICTION = "flow"  # what patch metadata records as the base's prediction type (the scheduler names none)
+
     def _training_schedule(self):
         """The scheduler's training-time timesteps (a fresh copy: generation resets the pipeline's own)."""
         if getattr(self, "_train_sched", None) is None:
