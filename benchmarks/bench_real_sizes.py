@@ -92,22 +92,26 @@ def table_row(arch: str, setting: str, r: dict) -> str:
             f"{r['rss_gib']:.1f} | - | {r['output'][:160]} |")
 
 
-def meta_plan_row(arch: str, setting: str, steps: int) -> str:
-    """A row from the plan alone, the model never built: parameters counted on the meta device."""
+def meta_plan_row(arch: str, setting: str, steps: int, gpu_gib: float | None = None) -> str:
+    """A row from the plan alone, the model never built: parameters counted on the meta device. gpu_gib:
+    plan as on a CUDA device with that much memory (bf16), not on this machine."""
     from patchforge.errors import PatchforgeError
     from patchforge.methods import get_method
     from patchforge.pipeline_loading import pick_device
     from patchforge.training import TrainConfig, plan_for
 
-    cfg = TrainConfig(steps=steps, batch=None, **({"resolution": 256, "ref_images": 2} if setting == "smoke" else {}))
+    smoke = {"resolution": 256, "ref_images": 2} if setting == "smoke" else {}
+    gpu = {"precision": "bf16", "max_memory_gib": gpu_gib} if gpu_gib else {}
+    cfg = TrainConfig(steps=steps, batch=None, **smoke, **gpu)
     method = get_method(cfg.method)
+    device = torch.device("cuda") if gpu_gib else pick_device(None)
+    where = f"{setting}, planned for a {gpu_gib:g} GiB GPU" if gpu_gib else f"{setting} (planned only)"
     try:
-        plan = plan_for(cfg, method.Config(), method, meta_facts(arch, DIT_CONFIGS[arch]), pick_device(None),
-                        loaded=False)
+        plan = plan_for(cfg, method.Config(), method, meta_facts(arch, DIT_CONFIGS[arch]), device, loaded=False)
     except PatchforgeError as err:  # the honest plan on this machine: it does not fit
-        return f"| {arch} | {setting} (planned only) | | | not run | not run | - | - | - | {str(err)[:200]} |"
+        return f"| {arch} | {where} | | | not run | not run | - | - | - | {str(err)[:200]} |"
     print(plan.line(cfg.method), flush=True)
-    return (f"| {arch} | {setting} (planned only) | {plan.resolution} | {plan.batch} | not run | not run | - | - | "
+    return (f"| {arch} | {where} | {plan.resolution} | {plan.batch} | not run | not run | - | - | "
             f"{plan.estimate.device_total(plan.device) / 2**30:.1f} | - |")
 
 
@@ -122,6 +126,8 @@ def main() -> int:
     ap.add_argument("--plan-only", nargs="*", default=[], choices=list(SETTINGS), metavar="SETTING",
                     help="settings only planned (train --dry-run: expected peak, nothing run), e.g. defaults on a CPU")
     ap.add_argument("--dry-run", action="store_true", help="plan every row from the configs; build and run nothing")
+    ap.add_argument("--plan-gpu-gib", type=float, default=None, metavar="GIB",
+                    help="with planned transformer rows: also plan them for a CUDA device with this much memory")
     args = ap.parse_args()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()}-core CPU"
     if torch.cuda.is_available():
@@ -134,7 +140,9 @@ def main() -> int:
                                               DISK_DTYPE[arch]), s, args.steps) for s in args.setting]
             else:  # transformers run on a GPU only (module docstring)
                 rows += [meta_plan_row(arch, s, args.steps) for s in args.setting]
-            print("\n".join(rows[-len(args.setting):]), flush=True)
+                if args.plan_gpu_gib:
+                    rows += [meta_plan_row(arch, s, args.steps, args.plan_gpu_gib) for s in args.setting]
+            print("\n".join(rows[-len(args.setting) * (2 if args.plan_gpu_gib else 1):]), flush=True)
             continue
         if arch in DIT_CONFIGS:
             folder = build_dit(arch, DIT_CONFIGS[arch], args.workdir / arch)

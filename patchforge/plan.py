@@ -2,8 +2,10 @@
 precision, and the expected peak memory, so that a run that cannot fit is refused at the start.
 
 Families. The toy model and the tiny test pipelines are "toy": their defaults are the ones every toy
-result was measured with, and never change. SD 1.x, SD 2.x and SDXL are recognised by their
-cross-attention width (768, 1024, 2048 with a second text encoder), as patch metadata names them.
+result was measured with, and never change. The backbone of each family (patchforge.backbones) names
+it from its denoiser config, as patch metadata does: SD 1.x, SD 2.x and SDXL by their cross-attention
+width (768, 1024, 2048 with a second text encoder), SD3 / SD3.5 and FLUX.1 by their transformer
+config. For a transformer F below is a rough count instead (feature_values), not fitted.
 
 Peak memory (bytes), the estimate printed in the plan line and checked against what is free:
 
@@ -34,7 +36,6 @@ from pathlib import Path
 import torch
 
 from .backbones import family_of_folder, for_pipe
-from .backbones.sd_unet import SDUNet
 from .errors import PatchforgeError
 
 GIB = 2 ** 30
@@ -68,7 +69,6 @@ FAMILY_DEFAULTS = {
 }
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 DENOISERS = ("unet", "transformer")
-family_name = SDUNet.family_from_config  # the readable family of a UNet config, as patch metadata spells it
 
 
 def family_key(name: str) -> str:

@@ -269,3 +269,44 @@ def test_the_families_have_their_defaults():
     medium = {"num_layers": 24, "caption_projection_dim": 1536, "joint_attention_dim": 4096,
               "dual_attention_layers": [0, 1, 2]}
     assert SD3.family_from_config(medium) == "sd3.5-medium" and family_key("sd3.5-medium") == "sd3"
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_the_denoiser_call_is_the_pipelines(fam):
+    """predict() on the backbone's own prompt encoding gives what the pipeline's transformer call gives
+    (timestep units, pooled vector, RoPE ids, guidance embedding, packed latents)."""
+    from patchforge.backbones import for_pipe
+    from patchforge.backbones.flux import GUIDANCE
+    from patchforge.core.cond import Cond
+
+    pipe = BUILDERS[fam]()
+    seen = {}
+
+    def grab(module, args, kwargs, output):
+        seen.setdefault("call", (kwargs, output[0]))
+
+    handle = pipe.transformer.register_forward_hook(grab, with_kwargs=True)
+    try:
+        pipe("a red star", num_inference_steps=2, guidance_scale=GUIDANCE, output_type="latent", height=32, width=32,
+             generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    kwargs, out = seen["call"]
+    bb = for_pipe(pipe)
+    cond = bb.encode(["a red star"], "cpu")
+    if fam == "sd3":  # classifier-free guidance: [empty, prompt] in one batch
+        cond = Cond.cat([bb.encode([""], "cpu"), cond])
+    t = kwargs["timestep"] * (1000 if fam == "flux" else 1)
+    assert torch.allclose(bb.predict(kwargs["hidden_states"], t, cond), out, atol=1e-5)
+
+
+def test_fused_export_of_a_dit_patch(folders, tmp_path):
+    from patchforge.export import export_pipeline
+    from patchforge.loading import load_forget_patch
+
+    pipe = _load(folders["sd3"])
+    src = make_patch(pipe, tmp_path / "p.safetensors", "concept", seed=5)
+    load_forget_patch(pipe, src)
+    patched = run(pipe)
+    out = export_pipeline(src, str(folders["sd3"]), tmp_path / "fused")
+    assert torch.allclose(run(_load(out)), patched, atol=1e-5)

@@ -85,14 +85,10 @@ class Flux(FlowMatching):
     LOADER_TAKES_ALPHAS = True
 
     def __init__(self, pipe):
-        self.pipe = pipe
+        super().__init__(pipe)
         # FLUX.1-dev learnt the guided prediction itself (guidance embedding): sampling runs no
         # classifier-free pair, and neither do attacks that denoise by hand
         self.guidance_distilled = bool(pipe.transformer.config.guidance_embeds)
-
-    @classmethod
-    def matches(cls, pipe) -> bool:
-        return type(getattr(pipe, "transformer", None)).__name__ == cls.TRANSFORMER_CLASS
 
     def text_attention(self) -> list[tuple[str, torch.nn.Module]]:
         """Every attention of the transformer: double-stream blocks (joint) and single-stream blocks
@@ -109,9 +105,6 @@ class Flux(FlowMatching):
         """The VAE's image side (1024 for FLUX.1): the transformer config records no sample size."""
         return self.pipe.vae.config.sample_size
 
-    def family_name(self) -> str:
-        return self.family_from_config(dict(self.pipe.transformer.config))
-
     @staticmethod
     def family_from_config(config: dict) -> str:
         if (config.get("joint_attention_dim"), config.get("num_layers"), config.get("num_single_layers")) == \
@@ -119,11 +112,6 @@ class Flux(FlowMatching):
             return "flux.1-dev" if config.get("guidance_embeds") else "flux.1-schnell"
         return (f"flux-like (transformer {config.get('num_layers')}+{config.get('num_single_layers')} layers, "
                 f"{config.get('num_attention_heads')} heads of {config.get('attention_head_dim')})")
-
-    @classmethod
-    def folder_family(cls, folder) -> tuple[str, dict] | None:
-        config = cls._folder_config(folder)
-        return (cls.family_from_config(config), config) if config else None
 
     @staticmethod
     def folder_native(folder, config: dict, vae_scale: int) -> int:
@@ -158,7 +146,7 @@ class Flux(FlowMatching):
         txt_ids = torch.zeros(cond.emb.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
         guidance = (torch.full((len(x_t),), GUIDANCE, device=x_t.device, dtype=torch.float32)
                     if tr.config.guidance_embeds else None)
-        return tr(hidden_states=x_t, timestep=(t / 1000).to(x_t.dtype), guidance=guidance,
+        return tr(hidden_states=x_t, timestep=t.to(x_t.dtype) / 1000, guidance=guidance,  # as the pipeline does
                   pooled_projections=cond.pooled, encoder_hidden_states=cond.emb, txt_ids=txt_ids, img_ids=img_ids,
                   return_dict=False)[0]
 

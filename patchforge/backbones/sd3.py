@@ -104,6 +104,21 @@ class FlowMatching:
         return ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
     # ---- structure shared by the transformer families
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @classmethod
+    def matches(cls, pipe) -> bool:
+        return type(getattr(pipe, "transformer", None)).__name__ == cls.TRANSFORMER_CLASS
+
+    def family_name(self) -> str:
+        return self.family_from_config(dict(self.pipe.transformer.config))
+
+    @classmethod
+    def folder_family(cls, folder) -> tuple[str, dict] | None:
+        config = cls._folder_config(folder)
+        return (cls.family_from_config(config), config) if config else None
+
     @property
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.transformer
@@ -212,13 +227,6 @@ class SD3(FlowMatching):
     PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
     LOADER_TAKES_ALPHAS = False
 
-    def __init__(self, pipe):
-        self.pipe = pipe
-
-    @classmethod
-    def matches(cls, pipe) -> bool:
-        return type(getattr(pipe, "transformer", None)).__name__ == cls.TRANSFORMER_CLASS
-
     def text_attention(self) -> list[tuple[str, torch.nn.Module]]:
         """The joint-attention modules (those with a text stream; SD3.5's image-only attn2 is not one)."""
         return [(n, m) for n, m in self.pipe.transformer.named_modules()
@@ -233,9 +241,6 @@ class SD3(FlowMatching):
     def native_size(self) -> int:
         return self.pipe.transformer.config.sample_size * self.pipe.vae_scale_factor
 
-    def family_name(self) -> str:
-        return self.family_from_config(dict(self.pipe.transformer.config))
-
     @staticmethod
     def family_from_config(config: dict) -> str:
         """sd3 (SD3 medium), sd3.5-medium, sd3.5-large; a toy-sized copy names its shape."""
@@ -246,11 +251,6 @@ class SD3(FlowMatching):
             return "sd3.5-medium" if config.get("dual_attention_layers") else "sd3"
         return (f"sd3-like (transformer {layers} layers, {config.get('num_attention_heads')} heads of "
                 f"{config.get('attention_head_dim')})")
-
-    @classmethod
-    def folder_family(cls, folder) -> tuple[str, dict] | None:
-        config = cls._folder_config(folder)
-        return (cls.family_from_config(config), config) if config else None
 
     @staticmethod
     def folder_native(folder, config: dict, vae_scale: int) -> int:
@@ -279,7 +279,8 @@ class SD3(FlowMatching):
     # ---- diffusion
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, size: int | None = None) -> torch.Tensor:
         t = t.expand(len(x_t)) if t.dim() == 0 else t
-        return self.pipe.transformer(hidden_states=x_t, timestep=t.to(x_t.dtype), encoder_hidden_states=cond.emb,
+        # float32 timesteps, as the pipeline passes its scheduler's (bf16 would round 985 to 984)
+        return self.pipe.transformer(hidden_states=x_t, timestep=t.float(), encoder_hidden_states=cond.emb,
                                      pooled_projections=cond.pooled, return_dict=False)[0]
 
     def encode_images(self, images) -> torch.Tensor:

@@ -159,9 +159,9 @@ class ProjectionKeeper:
     encoder's output: H is then each layer's actual input, captured from the frozen base on noised
     `latents` (text_kv_moments), and every layer has its own C."""
 
-    def __init__(self, layers: list, cov: torch.Tensor | None = None):
-        # layers: (peft LoRA layer, tr(W C W^T)) with one shared C, or (layer, tr(W C W^T), C) per layer
-        self.layers = [(m, ref, cov) for m, ref in layers] if cov is not None else layers
+    def __init__(self, layers: list, cov: torch.Tensor | None = None, covs: list | None = None):
+        # layers: (peft LoRA layer, tr(W C W^T)); C shared by all (cov) or one per layer (covs)
+        self.layers, self.covs = layers, covs if covs is not None else [cov] * len(layers)
 
     @classmethod
     def build(cls, trainer, prompts: list[str], latents: torch.Tensor | None = None) -> "ProjectionKeeper | None":
@@ -169,13 +169,14 @@ class ProjectionKeeper:
         `latents`: clean latents to noise when the K/V inputs must be captured (joint attention)."""
         if not trainer.backbone.text_kv_reads_text:
             moments = text_kv_moments(trainer, prompts, latents)
-            layers = []
+            layers, covs = [], []
             for name, m in trainer.backbone.text_kv():
                 if has_adapter(m):
                     s_cc, _, count = moments[name]
                     cov, w = s_cc / count, m.base_layer.weight.float()
-                    layers.append((m, ((w @ cov) * w).sum(), cov))
-            return cls(layers) if layers else None
+                    layers.append((m, ((w @ cov) * w).sum()))
+                    covs.append(cov)
+            return cls(layers, covs=covs) if layers else None
         with torch.no_grad():
             h = trainer.embed(prompts, base=True).emb.float().flatten(0, 1)  # (prompts * tokens, dim)
             cov = h.T @ h / len(h)
@@ -188,7 +189,7 @@ class ProjectionKeeper:
 
     def penalty(self) -> torch.Tensor:
         total = 0.0
-        for m, ref, cov in self.layers:
+        for (m, ref), cov in zip(self.layers, self.covs):
             a, b = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
             gram = a @ cov @ a.T  # (r, r)
             total = total + ((b @ gram) * b).sum() * m.scaling[ADAPTER] ** 2 / ref
