@@ -1,5 +1,5 @@
-"""What a forget patch costs on SD 1.5- and SDXL-sized pipelines: seconds per step, reference
-generation, peak memory and patch size, at the family defaults and at a CPU smoke setting.
+"""What a forget patch costs on SD 1.5-, SDXL-, SD3.5-medium- and FLUX.1-sized pipelines: seconds per
+step, reference generation, peak memory and patch size, at the family defaults and at a CPU smoke setting.
 
 The pipelines have the real architectures (benchmarks/bench_gpu.py's configs) with random weights,
 saved as diffusers folders (SD 1.5 in fp32 as its checkpoint ships, SDXL in fp16 as its usual
@@ -17,6 +17,12 @@ Settings:
 
 --tiny shrinks every width to check the script in seconds; its numbers mean nothing. Run one size
 at a time on a shared machine: SDXL alone needs ~12 GiB on a CPU.
+
+The transformers (`--arch sd35m flux1`, benchmarks/dit_sizes.py) are built in bf16 and run only where a
+GPU is present: FLUX.1's 12 B-parameter transformer alone is 24 GB in bf16, and an SD3.5-medium step
+takes many minutes on a CPU. Elsewhere (or with --dry-run, for any arch) a row is the plan only:
+`patchforge train`'s memory estimate from the real configs, parameters counted on PyTorch's meta
+device, nothing built or run.
 """
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_gpu import SD15, SDXL, build, shrink
+from dit_sizes import CONFIGS as DIT_CONFIGS
+from dit_sizes import build_dit, meta_facts
 
 SETTINGS = {"smoke": ["--resolution", "256", "--ref-images", "2"], "defaults": []}
 DISK_DTYPE = {"sd15": torch.float32, "sdxl": torch.float16}
@@ -75,9 +83,41 @@ def plan_row(arch: str, folder: Path, setting: str, steps: int) -> str:
             f"{float(peak['gib']):.1f} | - |")
 
 
+def table_row(arch: str, setting: str, r: dict) -> str:
+    if r["ok"] and "step" in r:
+        return (f"| {arch} | {setting} | {r.get('res', '?')} | {r.get('batch', '?')} | {float(r['step']):.1f} | "
+                f"{float(r['refs']):.1f} | {r['wall']:.0f} | {r['rss_gib']:.1f} | {float(r['expected']):.1f} | "
+                f"{int(r['kib'])} |")
+    return (f"| {arch} | {setting} | {r.get('res', '?')} | {r.get('batch', '?')} | - | - | {r['wall']:.0f} | "
+            f"{r['rss_gib']:.1f} | - | {r['output'][:160]} |")
+
+
+def meta_plan_row(arch: str, setting: str, steps: int, gpu_gib: float | None = None) -> str:
+    """A row from the plan alone, the model never built: parameters counted on the meta device. gpu_gib:
+    plan as on a CUDA device with that much memory (bf16), not on this machine."""
+    from patchforge.errors import PatchforgeError
+    from patchforge.methods import get_method
+    from patchforge.core.pipeline_loading import pick_device
+    from patchforge.train.loop import TrainConfig, plan_for
+
+    smoke = {"resolution": 256, "ref_images": 2} if setting == "smoke" else {}
+    gpu = {"precision": "bf16", "max_memory_gib": gpu_gib} if gpu_gib else {}
+    cfg = TrainConfig(steps=steps, batch=None, **smoke, **gpu)
+    method = get_method(cfg.method)
+    device = torch.device("cuda") if gpu_gib else pick_device(None)
+    where = f"{setting}, planned for a {gpu_gib:g} GiB GPU" if gpu_gib else f"{setting} (planned only)"
+    try:
+        plan = plan_for(cfg, method.Config(), method, meta_facts(arch, DIT_CONFIGS[arch]), device, loaded=False)
+    except PatchforgeError as err:  # the honest plan on this machine: it does not fit
+        return f"| {arch} | {where} | | | not run | not run | - | - | - | {str(err)[:200]} |"
+    print(plan.line(cfg.method), flush=True)
+    return (f"| {arch} | {where} | {plan.resolution} | {plan.batch} | not run | not run | - | - | "
+            f"{plan.estimate.device_total(plan.device) / 2**30:.1f} | - |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
+    ap.add_argument("--arch", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl", *DIT_CONFIGS])
     ap.add_argument("--setting", nargs="+", default=["smoke", "defaults"], choices=list(SETTINGS))
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/pf_real"))
     ap.add_argument("--steps", type=int, default=2)
@@ -85,10 +125,32 @@ def main() -> int:
     ap.add_argument("--train-arg", action="append", default=[], help="extra `patchforge train` argument")
     ap.add_argument("--plan-only", nargs="*", default=[], choices=list(SETTINGS), metavar="SETTING",
                     help="settings only planned (train --dry-run: expected peak, nothing run), e.g. defaults on a CPU")
+    ap.add_argument("--dry-run", action="store_true", help="plan every row from the configs; build and run nothing")
+    ap.add_argument("--plan-gpu-gib", type=float, default=None, metavar="GIB",
+                    help="with planned transformer rows: also plan them for a CUDA device with this much memory")
     args = ap.parse_args()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()}-core CPU"
+    if torch.cuda.is_available():
+        device += f" ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
     rows = []
     for arch in args.arch:
+        if args.dry_run or (arch in DIT_CONFIGS and not torch.cuda.is_available()):
+            if arch not in DIT_CONFIGS:
+                rows += [plan_row(arch, build(arch, {"sd15": SD15, "sdxl": SDXL}[arch], args.workdir / arch,
+                                              DISK_DTYPE[arch]), s, args.steps) for s in args.setting]
+            else:  # transformers run on a GPU only (module docstring)
+                rows += [meta_plan_row(arch, s, args.steps) for s in args.setting]
+                if args.plan_gpu_gib:
+                    rows += [meta_plan_row(arch, s, args.steps, args.plan_gpu_gib) for s in args.setting]
+            print("\n".join(rows[-len(args.setting) * (2 if args.plan_gpu_gib else 1):]), flush=True)
+            continue
+        if arch in DIT_CONFIGS:
+            folder = build_dit(arch, DIT_CONFIGS[arch], args.workdir / arch)
+            for setting in args.setting:
+                r = run_train(folder, setting, args.steps, args.workdir, args.train_arg)
+                rows.append(table_row(arch, setting, r))
+                print(rows[-1], flush=True)
+            continue
         cfg = {"sd15": SD15, "sdxl": SDXL}[arch]
         cfg = shrink(cfg) if args.tiny else cfg
         folder = build(arch, cfg, args.workdir / (arch + ("-tiny" if args.tiny else "")), DISK_DTYPE[arch])
@@ -98,14 +160,7 @@ def main() -> int:
                 print(rows[-1], flush=True)
                 continue
             r = run_train(folder, setting, args.steps, args.workdir, args.train_arg)
-            if r["ok"] and "step" in r:
-                rows.append(f"| {arch}{' (tiny)' if args.tiny else ''} | {setting} | {r.get('res', '?')} | "
-                            f"{r.get('batch', '?')} | {float(r['step']):.1f} | {float(r['refs']):.1f} | "
-                            f"{r['wall']:.0f} | "
-                            f"{r['rss_gib']:.1f} | {float(r['expected']):.1f} | {int(r['kib'])} |")
-            else:
-                rows.append(f"| {arch} | {setting} | {r.get('res', '?')} | {r.get('batch', '?')} | - | - | "
-                            f"{r['wall']:.0f} | {r['rss_gib']:.1f} | - | {r['output'][:160]} |")
+            rows.append(table_row(arch + (" (tiny)" if args.tiny else ""), setting, r))
             print(rows[-1], flush=True)
     print(f"\n{time.strftime('%Y-%m-%d')}, {device}, `python benchmarks/bench_real_sizes.py "
           f"{' '.join(sys.argv[1:])}`: `patchforge train --concept style:vangogh --steps {args.steps}`, cold reference "
