@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_gpu import SD15, SDXL, build, shrink
 from dit_sizes import CONFIGS as DIT_CONFIGS
-from dit_sizes import build_dit, meta_facts
+from dit_sizes import build_dit, meta_facts, shrink_dit
 
 SETTINGS = {"smoke": ["--resolution", "256", "--ref-images", "2"], "defaults": []}
 DISK_DTYPE = {"sd15": torch.float32, "sdxl": torch.float16}
@@ -134,7 +134,7 @@ def main() -> int:
         device += f" ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
     rows = []
     for arch in args.arch:
-        if args.dry_run or (arch in DIT_CONFIGS and not torch.cuda.is_available()):
+        if args.dry_run or (arch in DIT_CONFIGS and not torch.cuda.is_available() and not args.tiny):
             if arch not in DIT_CONFIGS:
                 rows += [plan_row(arch, build(arch, {"sd15": SD15, "sdxl": SDXL}[arch], args.workdir / arch,
                                               DISK_DTYPE[arch]), s, args.steps) for s in args.setting]
@@ -145,10 +145,12 @@ def main() -> int:
             print("\n".join(rows[-len(args.setting) * (2 if args.plan_gpu_gib else 1):]), flush=True)
             continue
         if arch in DIT_CONFIGS:
-            folder = build_dit(arch, DIT_CONFIGS[arch], args.workdir / arch)
+            cfg = shrink_dit(DIT_CONFIGS[arch]) if args.tiny else DIT_CONFIGS[arch]
+            folder = build_dit(arch, cfg, args.workdir / (arch + ("-tiny" if args.tiny else "")),
+                               torch.float32 if args.tiny else torch.bfloat16)
             for setting in args.setting:
                 r = run_train(folder, setting, args.steps, args.workdir, args.train_arg)
-                rows.append(table_row(arch, setting, r))
+                rows.append(table_row(arch + (" (tiny)" if args.tiny else ""), setting, r))
                 print(rows[-1], flush=True)
             continue
         cfg = {"sd15": SD15, "sdxl": SDXL}[arch]

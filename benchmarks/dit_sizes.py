@@ -37,6 +37,20 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
 CONFIGS = {"sd35m": SD35_MEDIUM, "flux1": FLUX1_DEV}
 
 
+def shrink_dit(cfg: dict) -> dict:
+    """The same layout at toy widths (bench_real_sizes --tiny): checks the script, not the hardware."""
+    t = dict(cfg["transformer"], num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32)
+    if "num_single_layers" in t:
+        t.update(num_single_layers=1, pooled_projection_dim=32, axes_dims_rope=(2, 2, 4))
+    else:
+        t.update(caption_projection_dim=16, pooled_projection_dim=64, dual_attention_layers=(0,), sample_size=32,
+                 pos_embed_max_size=64)
+    clip = [dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                 **({"projection_dim": 32} if "projection_dim" in c else {})) for c in cfg["clip"]]
+    return dict(cfg, transformer=t, clip=clip, t5=dict(T5_XXL, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4),
+                vae=dict(cfg["vae"], block_out_channels=(32, 32, 32, 32), norm_num_groups=32))
+
+
 def _parts(arch: str, cfg: dict) -> dict:
     """The modules of the pipeline, built on the current default device and dtype."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
@@ -47,15 +61,16 @@ def _parts(arch: str, cfg: dict) -> dict:
         return (CLIPTextModelWithProjection if "projection_dim" in c else CLIPTextModel)(config)
 
     transformer = (SD3Transformer2DModel if arch == "sd35m" else FluxTransformer2DModel)(**cfg["transformer"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        sample_size=1024, use_quant_conv=False, use_post_quant_conv=False, **cfg["vae"])
+    vae = AutoencoderKL(**{"in_channels": 3, "out_channels": 3, "block_out_channels": (128, 256, 512, 512),
+                           "layers_per_block": 2, "down_block_types": ("DownEncoderBlock2D",) * 4,
+                           "up_block_types": ("UpDecoderBlock2D",) * 4, "sample_size": 1024, "use_quant_conv": False,
+                           "use_post_quant_conv": False, **cfg["vae"]})
     parts = {"transformer": transformer, "vae": vae, "text_encoder": clip(cfg["clip"][0])}
     if arch == "sd35m":
         parts["text_encoder_2"] = clip(cfg["clip"][1])
-        parts["text_encoder_3"] = T5EncoderModel(T5Config(**T5_XXL))
+        parts["text_encoder_3"] = T5EncoderModel(T5Config(**cfg.get("t5", T5_XXL)))
     else:
-        parts["text_encoder_2"] = T5EncoderModel(T5Config(**T5_XXL))
+        parts["text_encoder_2"] = T5EncoderModel(T5Config(**cfg.get("t5", T5_XXL)))
     return parts
 
 

@@ -132,8 +132,9 @@ def base_parameters(model: torch.nn.Module):
 
 def base_fingerprint(pipe) -> dict[str, str]:
     """Which base a pipeline is: a readable family, a hash of its architecture (parameter names and
-    shapes of UNet and text encoders) and hashes of its weights: v2 hashes sign bits, so fp32, fp16
-    and bf16 copies of one checkpoint agree (the legacy hash rounds to float16: fp32 and fp16 only).
+    shapes of the denoiser and text encoders, in the family's component order) and hashes of its
+    weights: v2 hashes sign bits, so fp32, fp16 and bf16 copies of one checkpoint agree (the legacy
+    hash rounds to float16: fp32 and fp16 only).
 
     `base_weights_v2` hashes a strided sample of every tensor: up to SAMPLE_PER_TENSOR values, every
     s-th element with s odd (so both halves of any alternating pattern are in it) and a starting
@@ -142,7 +143,7 @@ def base_fingerprint(pipe) -> dict[str, str]:
     wrong bases, not a signature). `base_weights` is the older 16-values-per-tensor hash, kept so
     patches written before v2 still check (and for cache keys)."""
     arch, legacy, weights = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
-    for comp in COMPONENTS:
+    for comp in for_pipe(pipe).components:  # the family's own order: other families never change a hash
         model = getattr(pipe, comp, None)
         if model is None:
             continue
