@@ -316,7 +316,7 @@ def test_fused_export_of_a_dit_patch(folders, tmp_path):
 def test_fmn_re_steers_joint_attention(fam, tmp_path):
     """The attention term alone, on one batch: the LoRA on add_k/add_v moves image queries' attention off the
     concept's text tokens (the recorder's mass carries gradient to the text stream's K/V)."""
-    from patchforge.training import TrainConfig, train_patch
+    from patchforge.train.loop import TrainConfig, train_patch
 
     options = {"ref_steps": 2, "map_weight": 0.0, "preserve_weight": 0.0, "keep_weight": 0.0, "overfit_batch": True}
     cfg = TrainConfig(steps=15, lr=1e-2, batch=2, ref_images=2, progress=False, options=options)
