@@ -114,6 +114,60 @@ class Backbone(Protocol):
     def load_lora(self, state_dict: dict, adapter_name: str, metadata: dict, components) -> None: ...
 
 
+class PipelineParts:
+    """The members every family spells the same way, from its `denoiser_name` and `components`."""
+    denoiser_name: str
+    components: tuple[str, ...]
+    TARGETS: dict[str, str | None]
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    def text_encoders(self) -> list:
+        """The LoRA-carrying text encoders this pipeline has (components after the denoiser)."""
+        return [getattr(self.pipe, c) for c in self.components[1:] if getattr(self.pipe, c, None) is not None]
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        """component name -> module, for the components this pipeline has."""
+        return {c: getattr(self.pipe, c) for c in self.components if getattr(self.pipe, c, None) is not None}
+
+    def target_pattern(self, key: str | None) -> str | None:
+        """A TARGETS key, or a peft regex passed through."""
+        return self.TARGETS.get(key, key) if key else None
+
+    # ---- images <-> latents through the VAE (SD3's and FLUX's VAEs shift their latents, SD's do not)
+    def encode_images(self, images) -> torch.Tensor:
+        """uint8 images (N, H, W, 3) -> clean latents (VAE mean, shifted and scaled), 8 at a time."""
+        import torch
+
+        vae = self.pipe.vae
+        x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        with torch.no_grad():
+            lat = torch.cat([vae.encode(x[i:i + 8].to(vae.device, vae.dtype)).latent_dist.mean
+                             for i in range(0, len(x), 8)])
+        return (lat - self._vae_shift()) * vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor):
+        """Clean latents -> uint8 images (N, H, W, 3) as a numpy array."""
+        import torch
+
+        vae = self.pipe.vae
+        with torch.no_grad():
+            out = vae.decode((latents / vae.config.scaling_factor + self._vae_shift()).to(vae.dtype)).sample
+        return ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    def _vae_shift(self) -> float:
+        return getattr(self.pipe.vae.config, "shift_factor", None) or 0.0
+
+
 def register(cls):
     FAMILIES.append(cls)
     return cls

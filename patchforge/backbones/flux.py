@@ -152,7 +152,7 @@ class Flux(FlowMatching):
 
     def encode_images(self, images) -> torch.Tensor:
         """uint8 images -> packed latents (tokens of 2x2 latent patches), as the pipeline denoises them."""
-        lat = self._vae_latents(images)
+        lat = super().encode_images(images)
         b, c, h, w = lat.shape
         return lat.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
 
@@ -161,4 +161,4 @@ class Flux(FlowMatching):
         side = math.isqrt(n)
         lat = latents.view(b, side, side, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
         lat = lat.reshape(b, c4 // 4, side * 2, side * 2)
-        return self._vae_images(lat)
+        return super().decode(lat)

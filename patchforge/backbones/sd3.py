@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from ..core.cond import Cond
-from . import concept_token_mask, register
+from . import PipelineParts, concept_token_mask, register
 
 TEXT_STREAM = r".*attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)$"  # the text stream of joint attention
 TEXT_KV = r".*attn\.(add_k_proj|add_v_proj)$"  # what the image queries read from the text
 T5_LENGTH = 256  # the pipeline's default max_sequence_length, used for training and generation alike
 
 
-class FlowMatching:
+class FlowMatching(PipelineParts):
     """Flow-matching noising, target and latents for the transformer families (SD3 and FLUX)."""
 
     PREDICTION = "flow"  # what patch metadata records as the base's prediction type (the scheduler names none)
@@ -86,27 +86,7 @@ class FlowMatching:
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
         return sched
 
-    # ---- images (the VAE's latents are shifted, then scaled)
-    def _vae_latents(self, images) -> torch.Tensor:
-        vae = self.pipe.vae
-        x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        with torch.no_grad():
-            lat = torch.cat([vae.encode(x[i:i + 8].to(vae.device, vae.dtype)).latent_dist.mean
-                             for i in range(0, len(x), 8)])
-        shift = vae.config.shift_factor or 0.0
-        return (lat - shift) * vae.config.scaling_factor
-
-    def _vae_images(self, latents: torch.Tensor):
-        vae = self.pipe.vae
-        shift = vae.config.shift_factor or 0.0
-        with torch.no_grad():
-            out = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
-        return ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
     # ---- structure shared by the transformer families
-    def __init__(self, pipe):
-        self.pipe = pipe
-
     @classmethod
     def matches(cls, pipe) -> bool:
         return type(getattr(pipe, "transformer", None)).__name__ == cls.TRANSFORMER_CLASS
@@ -118,24 +98,6 @@ class FlowMatching:
     def folder_family(cls, folder) -> tuple[str, dict] | None:
         config = cls._folder_config(folder)
         return (cls.family_from_config(config), config) if config else None
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
-
-    def text_encoders(self) -> list:
-        """The LoRA-carrying text encoders (the CLIPs; T5 stays frozen and unpatched)."""
-        return [getattr(self.pipe, c) for c in self.components[1:] if getattr(self.pipe, c, None) is not None]
-
-    def models(self) -> dict[str, torch.nn.Module]:
-        return {c: getattr(self.pipe, c) for c in self.components if getattr(self.pipe, c, None) is not None}
-
-    def target_pattern(self, key: str | None) -> str | None:
-        return self.TARGETS.get(key, key) if key else None
 
     def text_kv(self) -> list[tuple[str, torch.nn.Module]]:
         """The text stream's key and value projections of every joint-attention block."""
@@ -282,9 +244,3 @@ class SD3(FlowMatching):
         # float32 timesteps, as the pipeline passes its scheduler's (bf16 would round 985 to 984)
         return self.pipe.transformer(hidden_states=x_t, timestep=t.float(), encoder_hidden_states=cond.emb,
                                      pooled_projections=cond.pooled, return_dict=False)[0]
-
-    def encode_images(self, images) -> torch.Tensor:
-        return self._vae_latents(images)
-
-    def decode(self, latents: torch.Tensor):
-        return self._vae_images(latents)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..core.cond import Cond
-from . import concept_token_mask, register
+from . import PipelineParts, concept_token_mask, register
 
 XATTN = r".*attn2\.(to_q|to_k|to_v|to_out\.0)$"  # cross-attention: where text meets image
 XATTN_KV = r".*attn2\.(to_k|to_v)$"
@@ -52,7 +52,7 @@ class CrossAttentionRecorder:
 
 
 @register
-class SDUNet:
+class SDUNet(PipelineParts):
     """The backbone of StableDiffusion(XL)Pipeline and of every pipeline with a `unet` denoiser."""
 
     denoiser_name = "unet"
@@ -60,34 +60,14 @@ class SDUNet:
     TARGETS = {"xattn": XATTN, "xattn-kv": XATTN_KV, "none": None}
 
     def __init__(self, pipe):
-        self.pipe = pipe
+        super().__init__(pipe)
         self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
 
     @classmethod
     def matches(cls, pipe) -> bool:
         return getattr(pipe, cls.denoiser_name, None) is not None
 
-    # ---- structure
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.unet
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
-
-    def text_encoders(self) -> list:
-        return [m for m in (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None))
-                if m is not None]
-
-    def models(self) -> dict[str, torch.nn.Module]:
-        """component name -> module, for the components this pipeline has."""
-        return {c: getattr(self.pipe, c) for c in self.components if getattr(self.pipe, c, None) is not None}
-
-    def target_pattern(self, key: str | None) -> str | None:
-        """A TARGETS key, or a peft regex passed through."""
-        return self.TARGETS.get(key, key) if key else None
-
+    # ---- structure (denoiser, dtype, models, text_encoders, target_pattern: PipelineParts)
     def text_attention(self) -> list[tuple[str, torch.nn.Module]]:
         """The cross-attention blocks (attn2): where the image attends to the prompt's tokens."""
         return [(n, m) for n, m in self.pipe.unet.named_modules()
@@ -199,23 +179,6 @@ class SDUNet:
             time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=x_t.device, dtype=cond.emb.dtype)
             kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids.repeat(len(cond), 1)}
         return self.pipe.unet(x_t, t, encoder_hidden_states=cond.emb, **kwargs).sample
-
-    # ---- images
-    def encode_images(self, images) -> torch.Tensor:
-        """uint8 images (N, H, W, 3) -> clean latents (VAE mean, scaled), 8 at a time."""
-        vae = self.pipe.vae
-        x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        with torch.no_grad():
-            lat = torch.cat([vae.encode(x[i:i + 8].to(vae.device, vae.dtype)).latent_dist.mean
-                             for i in range(0, len(x), 8)])
-        return lat * vae.config.scaling_factor
-
-    def decode(self, latents: torch.Tensor):
-        """Clean latents -> uint8 images (N, H, W, 3) as a numpy array."""
-        vae = self.pipe.vae
-        with torch.no_grad():
-            out = vae.decode(latents / vae.config.scaling_factor).sample
-        return ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
     # ---- patches
     def load_lora(self, state_dict: dict, adapter_name: str, metadata: dict, components) -> None:
