@@ -94,3 +94,26 @@ def world_grid(path, per_concept: int = 6, seed: int = 0) -> None:
                 images.append(world.render(s, rng.randrange(1 << 30)))
     with atomic_path(path) as tmp:
         to_grid(np.stack(images), per_concept, min_side=64).save(tmp)
+
+
+def world_v2_sheet(path, seed: int = 0) -> None:
+    """Real world-v2 renders, no model (docs/toy-world-v2.png). Rows: the 24 identities (two rows, each
+    in the 6 x 4 species-by-tint order), each art style on random scenes, each background with a
+    character, bare characters in their contexts, and two-subject scenes."""
+    import random
+
+    from . import world_v2 as w
+
+    rng, rows = random.Random(seed), []
+    names = list(w.IDENTITIES)
+    rows += [[w.Scene(identity=n, size=20) for n in names[:12]], [w.Scene(identity=n, size=20) for n in names[12:]]]
+    for art in w.ART:
+        rows.append([replace(w.random_scene(rng), art=art) for _ in range(12)])
+    rows.append([replace(w.random_scene(rng, 1.0), background=b, implicit=w.NONE)
+                 for b in list(w.BACKGROUNDS) * 2 + [w.PLAIN, w.PLAIN]])
+    rows.append([replace(w.random_scene(rng, 1.0), background=w.IMPLICIT_CONTEXTS[i % 2], implicit=w.BARE, art=w.NONE)
+                 for i in range(12)])
+    rows.append([replace(w.random_scene(rng), art=w.NONE) for _ in range(12)])
+    images = np.stack([w.render(s) for row in rows for s in row])  # noise-free: a small file
+    with atomic_path(path) as tmp:
+        to_grid(images, 12, min_side=64).save(tmp)
