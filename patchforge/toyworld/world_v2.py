@@ -234,8 +234,8 @@ def _art(img: np.ndarray, art: str) -> np.ndarray:
         hatch = ((xx - yy) % 3 < 0.75) & (lum < 120)
         out[hatch] -= 45
         return out
-    if art == "poster":  # three levels per channel, black contours
-        out = np.round(img / 127.5) * 127.5
+    if art == "poster":  # four levels per channel (three would merge mossy and navy), black contours
+        out = np.round(img / 85) * 85
         out[edge > 80] = (20, 20, 20)
         return out
     raise KeyError(art)
