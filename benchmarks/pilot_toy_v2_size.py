@@ -1,7 +1,7 @@
 """Seconds per training step of the toy model's networks at v1's size and at world v2's candidate
 resolutions: a short pilot (a few steps each, one thread) to size the v2 build before running it.
 
-    OMP_NUM_THREADS=1 python benchmarks/pilot_toy_v2_size.py [--steps 12]
+    OMP_NUM_THREADS=1 python benchmarks/pilot_toy_v2_size.py [--steps 12] [--only '/4']
 
 UNet + text-encoder step at batch 64 (what `toy train` repeats thousands of times) and VAE step at
 batch 32, for: v1 (32 px, VAE /2 -> 16x16 latents), 48 px /2 (24x24), 64 px /2 (32x32), and 64 px
@@ -37,11 +37,14 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--only", default=None, help="run only the configurations whose name contains this")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     for name, pixels, factor in (("v1 32px /2", 32, 2), ("48px /2", 48, 2), ("64px /2", 64, 2),
                                  ("64px /4", 64, 4)):
+        if args.only and args.only not in name:
+            continue
         latent = pixels // factor
         unet = UNet2DConditionModel(sample_size=latent, in_channels=4, out_channels=4,
                                     block_out_channels=(32, 64, 128),

@@ -1,0 +1,60 @@
+"""`toy train --resume`: an interrupted build continued from its last checkpoint ends with exactly the
+model an uninterrupted build makes (tiny configuration, a few steps)."""
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from patchforge.errors import PatchforgeError
+from patchforge.toyworld import build
+
+TINY = dict(dataset_size=48, vae_steps=2, unet_steps=6, judge_steps=1, batch_size=4, checkpoint_every=2, threads=1)
+
+
+class Stop(Exception):
+    pass
+
+
+def _weights(out: Path) -> dict:
+    return {f"{c}/{k}": v for c in ("unet", "text_encoder", "vae")
+            for k, v in load_file(str(out / "pipeline" / c / "diffusion_pytorch_model.safetensors" if c != "text_encoder"
+                                      else out / "pipeline" / c / "model.safetensors")).items()}
+
+
+@pytest.mark.parametrize("world", ["v1", "v2"])
+def test_interrupted_build_resumes_bit_exactly(tmp_path, monkeypatch, world):
+    monkeypatch.setattr(build, "build_judges", lambda out, vae, cfg: (0.0, {}))  # not what is tested here
+    torch.manual_seed(123)  # the build seeds itself: what runs before it must not matter
+    cfg = build.ToyBuildConfig(**TINY, world=world)
+    build.build_toy_model(tmp_path / "whole", cfg)
+
+    def stop_after_first(step):
+        if step == 2:
+            raise Stop
+    with pytest.raises(Stop):
+        build.build_toy_model(tmp_path / "cut", cfg, on_checkpoint=stop_after_first)
+    assert (tmp_path / "cut" / "checkpoints" / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "cut" / "pipeline").exists()
+    torch.manual_seed(999)
+    report = build.build_toy_model(tmp_path / "cut", cfg, resume=True)
+    whole, cut = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert whole.keys() == cut.keys()
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    assert not (tmp_path / "cut" / "checkpoints" / "checkpoint.safetensors").exists()  # done: nothing to resume
+    assert report["unet_final_loss"] == __import__("json").loads((tmp_path / "whole" / "build_report.json")
+                                                                  .read_text())["unet_final_loss"]
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "build_judges", lambda out, vae, cfg: (0.0, {}))
+
+    def stop(step):
+        raise Stop
+    cfg = build.ToyBuildConfig(**TINY)
+    with pytest.raises(Stop):
+        build.build_toy_model(tmp_path, cfg, on_checkpoint=stop)
+    with pytest.raises(PatchforgeError, match="other settings"):
+        build.build_toy_model(tmp_path, build.ToyBuildConfig(**{**TINY, "unet_steps": 8}), resume=True)
+    with pytest.raises(PatchforgeError, match="unknown toy world"):
+        build.build_toy_model(tmp_path, build.ToyBuildConfig(**{**TINY, "world": "v9"}))
