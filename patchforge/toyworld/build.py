@@ -225,6 +225,8 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
                                             ("judge", JudgeNet(world_name=cfg.world)))}
     write_text(out_dir / "build_report.json", json.dumps(report, indent=2))
     ckpt.unlink(missing_ok=True)  # built: nothing left to resume
+    if ckpt.parent.is_dir() and not any(ckpt.parent.iterdir()):
+        ckpt.parent.rmdir()
     return report
 
 

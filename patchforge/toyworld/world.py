@@ -14,6 +14,7 @@ the held-out forms (`HELDOUT_SPLIT`) measure whether an erasure generalises.
 """
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -393,6 +394,11 @@ def mentions(text: str, scene: Scene, kind: str) -> bool:
 
 def vocabulary() -> list[str]:
     """Every word the world's captions can use (for building the tokenizer)."""
+    return list(_vocabulary())
+
+
+@functools.cache  # a few seconds of captioning, the same every time
+def _vocabulary() -> tuple[str, ...]:
     rng = random.Random(0)
     words = set()
     for _ in range(20000):
@@ -412,4 +418,4 @@ def vocabulary() -> list[str]:
     words.discard("x")
     # words the attack / concept catalogue prompts commonly use
     words.update("a an the of in on with and photo picture painting image style drawing".split())
-    return sorted(words)
+    return tuple(sorted(words))
