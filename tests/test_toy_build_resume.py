@@ -47,6 +47,21 @@ def test_interrupted_build_resumes_bit_exactly(tmp_path, monkeypatch, world):
     assert report["unet_final_loss"] == whole_report["unet_final_loss"]
 
 
+def test_resume_after_the_unet_stage_goes_straight_to_the_judges(tmp_path, monkeypatch):
+    judged = []
+    monkeypatch.setattr(build, "build_judges", lambda out, vae, cfg: judged.append(1) or (0.0, {}))
+
+    def stop_at_end(step):
+        if step == TINY["unet_steps"]:
+            raise Stop
+    cfg = build.ToyBuildConfig(**TINY)
+    with pytest.raises(Stop):
+        build.build_toy_model(tmp_path, cfg, on_checkpoint=stop_at_end)
+    seen = []
+    build.build_toy_model(tmp_path, cfg, resume=True, on_checkpoint=seen.append)
+    assert seen == [] and judged == [1]  # no UNet step was redone
+
+
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "build_judges", lambda out, vae, cfg: (0.0, {}))
 

@@ -204,7 +204,8 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         last_loss = round(loss.item(), 5)
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.unet_steps:
+        # the last step too: a build interrupted in the judge stage resumes straight to it
+        if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps):
             checkpoint.save(ckpt, step + 1, *state, rng, {**extra, "unet_loss": last_loss})
             if on_checkpoint is not None:
                 on_checkpoint(step + 1)
