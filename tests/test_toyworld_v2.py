@@ -124,7 +124,9 @@ def test_labels_are_consistent_with_captions():
     for k in w.KINDS:
         for c in w.concepts_of(k):
             for p in w.probes_for(c, w.TRAIN_SPLIT, n=2) + w.probes_for(c, w.HELDOUT_SPLIT, n=2):
-                assert p.expect.get(k if k != "implicit" else "implicit") == c, (c, p)
+                assert p.expect.get(k) == c, (c, p)
+                assert p.expect.get("second") != p.expect.get("object", "?"), p  # never ambiguous
+                assert p.expect.get("color2") != p.expect.get("color", "?"), p
 
 
 def test_tokenizer_covers_v2_words():

@@ -120,26 +120,16 @@ def all_aliases() -> set[str]:
 
 
 @dataclass(frozen=True)
-class Scene:
+class Scene(v1.Scene):
     """Ground truth of one image: the main subject (a shape: object/color/style; or a character: identity,
     maybe bare), an optional second subject (`second`: a shape name with `color2`, or a character), the
     background and the art style."""
-    object: str = NONE
-    color: str = NONE
-    style: str = NONE
-    identity: str = NONE
     art: str = NONE
     background: str = PLAIN
     implicit: str = NONE
     second: str = NONE
     color2: str = NONE
-    size: int = 22
-    dx: int = 0
-    dy: int = 0
     size2: int = 11
-
-    def label(self, kind: str) -> str:
-        return getattr(self, kind)
 
     def labels(self) -> dict[str, str]:
         return {k: self.label(k) for k in LABEL_KINDS}
@@ -361,6 +351,10 @@ def probes_for(name: str, split: str = TRAIN_SPLIT, n: int = 8, seed: int = 0) -
             scene = replace(scene, identity=name, implicit=NONE)
         if scene.second == scene.identity != NONE:
             scene = replace(scene, second=NONE)
+        # a second shape shares neither name with the main one, so what the prompt names says which is which
+        if scene.second in OBJECTS and scene.object != NONE:
+            scene = replace(scene, second=rng.choice([o for o in OBJECTS if o != scene.object]),
+                            color2=rng.choice([c for c in COLORS if c != scene.color]))
         while True:
             text = caption(scene, rng, split=split, drop=0.0 if kind != "object" else 0.3, implicit="named")
             if mentions(text, scene, kind):
