@@ -24,9 +24,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.atomic import write_text
-from .judges import Judge, JudgeNet, judge_accuracy, save_judge, train_judge
+from ..errors import PatchforgeError
+from . import checkpoint
+from .judges import WORLDS, Judge, JudgeNet, judge_accuracy, save_judge, train_judge
 from .tokenizer import build_tokenizer
-from .world import random_scene, render, caption
+
+# world -> (VAE block widths, tokenizer length). v2 draws 64x64: a third VAE block takes it to the same
+# 16x16x4 latents as v1, so the UNet costs what v1's does (benchmarks/pilot_toy_v2_size.py).
+WORLD_BUILD = {"v1": ((32, 64), 32), "v2": ((32, 64, 64), 48)}
 
 
 @dataclass
@@ -44,18 +49,21 @@ class ToyBuildConfig:
     # dominating the gradient, so the coarse layout and colour, decided at high noise, learn faster.
     min_snr_gamma: float = 5.0
     threads: int = 0  # 0: torch's default
+    world: str = "v1"  # v1: toyworld/world.py, 32x32; v2: toyworld/world_v2.py, 64x64
+    checkpoint_every: int = 500  # UNet steps between resumable checkpoints (0: none)
 
 
-def make_components(tokenizer):
+def make_components(tokenizer, image_size: int = 32, vae_blocks: tuple = (32, 64)):
     """The architecture of the toy model: a small but genuine Stable Diffusion."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-                        block_out_channels=(32, 64), layers_per_block=1)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128),
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size,
+                        down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
+                        up_block_types=("UpDecoderBlock2D",) * len(vae_blocks),
+                        block_out_channels=vae_blocks, layers_per_block=1)
+    latent = image_size // 2 ** (len(vae_blocks) - 1)
+    unet = UNet2DConditionModel(sample_size=latent, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128),
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                                 layers_per_block=1, cross_attention_dim=128, attention_head_dim=8)
@@ -71,9 +79,16 @@ def make_components(tokenizer):
     return vae, unet, text_encoder, scheduler
 
 
-def _images(scenes, rng) -> torch.Tensor:
+def _images(scenes, rng, render) -> torch.Tensor:
+    """uint8 NCHW: a quarter of float32's memory (v2's 40 000 64x64 images: 0.5 GB)."""
     arr = np.stack([render(s, rng.randrange(1 << 30)) for s in scenes])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+    # kept in the permuted (channels-last) layout v1 always had: convolutions sum in layout order,
+    # so a contiguous copy would change the build's bits
+    return torch.from_numpy(arr).permute(0, 3, 1, 2)
+
+
+def _pixels(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1
 
 
 def _cosine_lr(opt, steps, warmup=200):
@@ -81,32 +96,39 @@ def _cosine_lr(opt, steps, warmup=200):
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
 
 
-def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
+def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool = False, on_checkpoint=None) -> dict:
+    """resume: continue from out_dir's last checkpoint (bit-exactly; a fresh build if there is none).
+    on_checkpoint(step): called after each checkpoint is written."""
     from diffusers import StableDiffusionPipeline
 
+    if cfg.world not in WORLD_BUILD:
+        raise PatchforgeError(f"unknown toy world {cfg.world!r}; choose one of {', '.join(WORLD_BUILD)}")
+    wm, (vae_blocks, max_tokens) = WORLDS[cfg.world], WORLD_BUILD[cfg.world]
+    ckpt = Path(out_dir) / "checkpoints" / checkpoint.FILE
+    resumed = resume and ckpt.exists()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_start = time.time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    tokenizer = build_tokenizer()
-    vae, unet, text_encoder, scheduler = make_components(tokenizer)
+    tokenizer = build_tokenizer(wm.vocabulary(), max_tokens)
+    vae, unet, text_encoder, scheduler = make_components(tokenizer, wm.IMAGE_SIZE, vae_blocks)
     report = {"config": asdict(cfg), "device": "cpu", "torch_threads": torch.get_num_threads(), "stages": {}}
 
     # 1. dataset ---------------------------------------------------------------------------
     t0 = time.time()
-    scenes = [random_scene(rng) for _ in tqdm(range(cfg.dataset_size), desc="render scenes", leave=False)]
+    scenes = [wm.random_scene(rng) for _ in tqdm(range(cfg.dataset_size), desc="render scenes", leave=False)]
     chunks = tqdm(range(0, len(scenes), 1000), desc="render images")
-    images = torch.cat([_images(scenes[i:i + 1000], rng) for i in chunks])
+    images = torch.cat([_images(scenes[i:i + 1000], rng, wm.render) for i in chunks])
     report["stages"]["dataset_s"] = round(time.time() - t0, 1)
 
     # 2. VAE ---------------------------------------------------------------------------------
     t0 = time.time()
     opt = torch.optim.AdamW(vae.parameters(), 2e-3)
     sched = _cosine_lr(opt, cfg.vae_steps, warmup=100)
-    bar = tqdm(range(cfg.vae_steps), desc="train VAE")
+    bar = tqdm(range(0 if resumed else cfg.vae_steps), desc="train VAE")  # resumed: the checkpoint's VAE
     for step in bar:
-        x = images[torch.randint(0, len(images), (cfg.batch_size // 2,))]
+        x = _pixels(images[torch.randint(0, len(images), (cfg.batch_size // 2,))])
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
@@ -117,13 +139,23 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
         sched.step()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+    # what a checkpoint must have been built with to be resumed (threads and checkpointing may change)
+    same = {k: v for k, v in asdict(cfg).items() if k not in ("threads", "checkpoint_every")}
+    if resumed:
+        extra = checkpoint.read_extra(ckpt)
+        if extra.get("config") != same:
+            raise PatchforgeError(f"{ckpt} was written by a build with other settings ({extra.get('config')}); "
+                                  "resume with those, or delete it to start again")
+        checkpoint.load(ckpt, {"vae": vae}, {}, random.Random())
+    else:
+        extra = {"vae_final_loss": round(loss.item(), 5), "config": same}
     vae.eval().requires_grad_(False)
     report["stages"]["vae_s"] = round(time.time() - t0, 1)
-    report["vae_final_loss"] = round(loss.item(), 5)
+    report["vae_final_loss"] = extra["vae_final_loss"]
 
     # 3. latents -----------------------------------------------------------------------------
     with torch.no_grad():
-        dists = [vae.encode(images[i:i + 500]).latent_dist for i in range(0, len(images), 500)]
+        dists = [vae.encode(_pixels(images[i:i + 500])).latent_dist for i in range(0, len(images), 500)]
     means = torch.cat([d.mean for d in dists])
     stds = torch.cat([d.std for d in dists])
     scaling = float(1.0 / means.std())
@@ -141,11 +173,18 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
     alphas = train_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     snr_weight = snr.clamp(max=cfg.min_snr_gamma) / snr if cfg.min_snr_gamma else torch.ones_like(snr)
-    bar = tqdm(range(cfg.unet_steps), desc="train UNet + text encoder")
+    state = ({"vae": vae, "unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text},
+             {"optimizer": opt, "lr_schedule": sched})
+    start = checkpoint.load(ckpt, *state, rng)["step"] if resumed else 0
+    last_loss = extra.get("unet_loss")
+    if cfg.checkpoint_every and not resumed:  # the VAE stage's result: a resume never redoes it
+        checkpoint.save(ckpt, 0, *state, rng, extra)
+    bar = tqdm(range(start, cfg.unet_steps), desc="train UNet + text encoder", initial=start, total=cfg.unet_steps)
     for step in bar:
         idx = torch.randint(0, len(images), (cfg.batch_size,))
         latents = (means[idx] + stds[idx] * torch.randn_like(means[idx])) * scaling
-        texts = ["" if rng.random() < cfg.caption_dropout else caption(scenes[i], rng, "any") for i in idx.tolist()]
+        texts = ["" if rng.random() < cfg.caption_dropout else wm.caption(scenes[i], rng, "any")
+                 for i in idx.tolist()]
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
         cond = text_encoder(ids)[0]
@@ -164,8 +203,14 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
             torch._foreach_lerp_(ema_params, params, 1 - decay)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        last_loss = round(loss.item(), 5)
+        # the last step too: a build interrupted in the judge stage resumes straight to it
+        if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps):
+            checkpoint.save(ckpt, step + 1, *state, rng, {**extra, "unet_loss": last_loss})
+            if on_checkpoint is not None:
+                on_checkpoint(step + 1)
     report["stages"]["unet_s"] = round(time.time() - t0, 1)
-    report["unet_final_loss"] = round(loss.item(), 5)
+    report["unet_final_loss"] = last_loss
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text.eval(), tokenizer=tokenizer, unet=ema_unet.eval(),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -178,8 +223,11 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
     report["total_s"] = round(time.time() - t_start, 1)
     report["parameters"] = {name: sum(p.numel() for p in m.parameters())
                             for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder),
-                                            ("judge", JudgeNet()))}
+                                            ("judge", JudgeNet(world_name=cfg.world)))}
     write_text(out_dir / "build_report.json", json.dumps(report, indent=2))
+    ckpt.unlink(missing_ok=True)  # built: nothing left to resume
+    if ckpt.parent.is_dir() and not any(ckpt.parent.iterdir()):
+        ckpt.parent.rmdir()
     return report
 
 
@@ -189,7 +237,7 @@ def build_judges(out_dir: Path, vae, cfg: ToyBuildConfig) -> tuple[float, dict]:
     t0 = time.time()
     bar = tqdm(total=cfg.judge_steps, desc="train judges")
     net = train_judge(cfg.judge_steps, seed=cfg.seed + 1000, vae=vae, batch=cfg.batch_size,
-                      progress=lambda loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
+                      progress=lambda loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")), world_name=cfg.world)
     bar.close()
     save_judge(net, Path(out_dir) / "judges.safetensors")
     return round(time.time() - t0, 1), judge_accuracy(Judge(net))

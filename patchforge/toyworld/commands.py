@@ -9,6 +9,12 @@ from ..core.atomic import write_text
 from ..core.pipeline_loading import TOY_MODEL_DIR
 
 
+# extra argparse settings for some ToyBuildConfig fields
+TRAIN_FLAGS = {"world": {"choices": ["v1", "v2"],
+                         "help": "v1: the shipped 32x32 world; v2: the harder 64x64 world (docs/toy-model.md)"},
+               "checkpoint_every": {"help": "UNet steps between resumable checkpoints in OUT/checkpoints (0: none)"}}
+
+
 def register(sub) -> None:
     from .build import ToyBuildConfig
 
@@ -19,7 +25,11 @@ def register(sub) -> None:
     train.add_argument("--out", type=Path, default=TOY_MODEL_DIR,
                        help=f"output folder (default: the shipped one, {TOY_MODEL_DIR})")
     for f in fields(ToyBuildConfig):
-        train.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        train.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                           **TRAIN_FLAGS.get(f.name, {}))
+    train.add_argument("--resume", action="store_true",
+                       help="continue an interrupted build of --out from its last checkpoint (bit-exactly; "
+                            "a fresh build when there is none)")
     train.set_defaults(func=_train)
     judges = toy_sub.add_parser("judges",
                                 help="retrain only the judges of a built toy model (uses its VAE; same result as "
@@ -46,7 +56,7 @@ def _train(args) -> int:
     from .build import ToyBuildConfig, build_toy_model
 
     cfg = ToyBuildConfig(**{f.name: getattr(args, f.name) for f in fields(ToyBuildConfig)})
-    report = build_toy_model(args.out, cfg)
+    report = build_toy_model(args.out, cfg, resume=args.resume)
     acc = ", ".join(f"{k} {v:.1%}" for k, v in report["judge_accuracy_real"].items())
     print(f"toy model written to {args.out} in {report['total_s'] / 60:.1f} min; "
           f"judge accuracy on held-out real images: {acc}")
@@ -63,9 +73,11 @@ def _judges(args) -> int:
         raise PatchforgeError(f"{args.out} is not a toy model folder (no pipeline/vae in it); "
                               "build one with `patchforge toy train`")
     vae = AutoencoderKL.from_pretrained(args.out / "pipeline" / "vae").eval().requires_grad_(False)
-    cfg = ToyBuildConfig(seed=args.seed, judge_steps=args.judge_steps, batch_size=args.batch_size)
-    seconds, acc = build_judges(args.out, vae, cfg)
     report_path = args.out / "build_report.json"
+    built = json.loads(report_path.read_text())["config"] if report_path.exists() else {}
+    cfg = ToyBuildConfig(seed=args.seed, judge_steps=args.judge_steps, batch_size=args.batch_size,
+                         world=built.get("world", "v1"))  # a v2 model gets v2 judges
+    seconds, acc = build_judges(args.out, vae, cfg)
     if report_path.exists():  # keep the build report true to what is on disk
         report = json.loads(report_path.read_text())
         report["config"]["judge_steps"] = args.judge_steps

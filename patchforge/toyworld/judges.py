@@ -13,26 +13,35 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..core.atomic import atomic_path
-from .world import KINDS, LABELS, NONE, random_scene, render
+from . import world, world_v2
+from .world import LABELS, NONE
+
+WORLDS = {"v1": world, "v2": world_v2}  # world -> its generator; v2 heads read every label kind
 
 
 class JudgeNet(nn.Module):
-    def __init__(self, width: int = 48):
+    def __init__(self, width: int = 48, world_name: str = "v1"):
         super().__init__()
+        self.world_name = world_name
+        self.labels = LABELS if world_name == "v1" else WORLDS[world_name].LABELS
+        # v2's 64x64 images: a strided first convolution keeps the cost of v1's 32x32 judge
+        stride = 1 if world_name == "v1" else 2
 
         def block(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, stride=stride if cin == 3 else 1),
+                                 nn.BatchNorm2d(cout), nn.ReLU(),
                                  nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
 
         self.features = nn.Sequential(block(3, width), nn.MaxPool2d(2), block(width, width * 2), nn.MaxPool2d(2),
                                       block(width * 2, width * 4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.heads = nn.ModuleDict({k: nn.Linear(width * 4, len(LABELS[k])) for k in KINDS})
+        self.heads = nn.ModuleDict({k: nn.Linear(width * 4, len(v)) for k, v in self.labels.items()})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images: (B,3,32,32) in [-1, 1] -> logits per kind."""
+        """images: (B,3,H,W) in [-1, 1] -> logits per kind."""
         f = self.features(images)
         return {k: head(f) for k, head in self.heads.items()}
 
@@ -50,15 +59,19 @@ class Judge:
     @classmethod
     def load(cls, path) -> "Judge":
         state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            world_name = (f.metadata() or {}).get("world", "v1")
+        if world_name not in WORLDS:
+            raise ValueError(f"{path}: judges of an unknown toy world {world_name!r}")
         width = state["features.0.0.weight"].shape[0]
-        net = JudgeNet(width)
+        net = JudgeNet(width, world_name)
         net.load_state_dict(state)
         return cls(net)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, list[str]]:
         logits = self.net(_as_input(images))
-        return {k: [LABELS[k][i] for i in v.argmax(-1).tolist()] for k, v in logits.items()}
+        return {k: [self.net.labels[k][i] for i in v.argmax(-1).tolist()] for k, v in logits.items()}
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -76,13 +89,15 @@ def _as_input(images) -> torch.Tensor:
     return images.float()
 
 
-def _batch(rng: random.Random, n: int, vae=None, augment: bool = True):
-    scenes = [random_scene(rng) for _ in range(n)]
-    images = np.stack([render(s, rng.randrange(1 << 30)) for s in scenes])
+def _batch(rng: random.Random, n: int, vae=None, augment: bool = True, world_name: str = "v1"):
+    wm = WORLDS[world_name]
+    labels = LABELS if world_name == "v1" else wm.LABELS
+    scenes = [wm.random_scene(rng) for _ in range(n)]
+    images = np.stack([wm.render(s, rng.randrange(1 << 30)) for s in scenes])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     if augment:
         x = _like_generated(x, vae, torch.tensor([s.identity != NONE for s in scenes]))
-    y = {k: torch.tensor([LABELS[k].index(s.label(k)) for s in scenes]) for k in KINDS}
+    y = {k: torch.tensor([v.index(s.label(k)) for s in scenes]) for k, v in labels.items()}
     return x, y
 
 
@@ -121,16 +136,16 @@ def _like_generated(x: torch.Tensor, vae=None, character: torch.Tensor | None = 
     return x + torch.randn_like(x) * torch.rand(n, 1, 1, 1) * 0.12 + (torch.rand(n, 1, 1, 1) - 0.5) * 0.1
 
 
-def train_judge(steps: int, seed: int, vae=None, batch: int = 96, progress=None) -> JudgeNet:
+def train_judge(steps: int, seed: int, vae=None, batch: int = 96, progress=None, world_name: str = "v1") -> JudgeNet:
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    net = JudgeNet()
+    net = JudgeNet(world_name=world_name)
     opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
     for step in range(steps):
-        x, y = _batch(rng, batch, vae)
+        x, y = _batch(rng, batch, vae, world_name=world_name)
         logits = net(x)
-        loss = sum(F.cross_entropy(logits[k], y[k]) for k in KINDS)
+        loss = sum(F.cross_entropy(logits[k], y[k]) for k in net.labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -144,16 +159,18 @@ def train_judge(steps: int, seed: int, vae=None, batch: int = 96, progress=None)
 def judge_accuracy(judge: Judge, n: int = 2000, seed: int = 12345) -> dict[str, float]:
     """Accuracy per kind on fresh real toy images (a seed never used in training)."""
     rng = random.Random(seed)
-    correct = {k: 0 for k in KINDS}
+    kinds = list(judge.net.labels)
+    correct = {k: 0 for k in kinds}
     for start in range(0, n, 250):
-        x, y = _batch(rng, min(250, n - start), augment=False)
+        x, y = _batch(rng, min(250, n - start), augment=False, world_name=judge.net.world_name)
         pred = judge.net(x)
-        for k in KINDS:
+        for k in kinds:
             correct[k] += (pred[k].argmax(-1) == y[k]).sum().item()
-    return {k: correct[k] / n for k in KINDS}
+    return {k: correct[k] / n for k in kinds}
 
 
 def save_judge(net: JudgeNet, path) -> None:
     path = Path(path)
     with atomic_path(path) as tmp:  # measurements never read a half-written judge
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
+                  metadata=None if net.world_name == "v1" else {"world": net.world_name})

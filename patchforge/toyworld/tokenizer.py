@@ -55,7 +55,7 @@ def learn_bpe(words: list[str]) -> list[tuple[str, str]]:
             seqs[i] = out
 
 
-def build_tokenizer(words: list[str] | None = None) -> CLIPTokenizer:
+def build_tokenizer(words: list[str] | None = None, max_length: int = MAX_LENGTH) -> CLIPTokenizer:
     """A CLIPTokenizer whose BPE turns each world word into one token."""
     words = words if words is not None else vocabulary()
     pieces = sorted({p for w in words for p in _pieces(w)})
@@ -67,7 +67,7 @@ def build_tokenizer(words: list[str] | None = None) -> CLIPTokenizer:
     tokens += [a + b for a, b in merges if a + b not in base]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def _pieces(word: str) -> list[str]:

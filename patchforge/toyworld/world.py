@@ -14,6 +14,7 @@ the held-out forms (`HELDOUT_SPLIT`) measure whether an erasure generalises.
 """
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -103,10 +104,18 @@ class Scene:
 
 
 # ---------------------------------------------------------------- rendering
-_yy, _xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5
+def grid(pixels: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel centres (y, x) in the world's units (a 32-unit square), sampled `pixels` times per side:
+    a larger image draws the same geometry with finer pixels (world v2 renders at 64)."""
+    yy, xx = np.mgrid[0:pixels, 0:pixels].astype(np.float32) + 0.5
+    scale = np.float32(IMAGE_SIZE / pixels)
+    return (yy, xx) if pixels == IMAGE_SIZE else (yy * scale, xx * scale)
 
 
-def _polygon_mask(points, x, y):
+_yy, _xx = grid()
+
+
+def polygon_mask(points, x, y):
     """Inside test for a convex or star polygon by the even-odd rule."""
     inside = np.zeros_like(x, dtype=bool)
     n = len(points)
@@ -128,20 +137,22 @@ def _regular(n, r, cx, cy, rot=-np.pi / 2, inner=None):
     return pts
 
 
-def shape_mask(obj: str, size: float, cx: float, cy: float) -> np.ndarray:
+def shape_mask(obj: str, size: float, cx: float, cy: float, yx=None) -> np.ndarray:
+    """yx: the sampling grid (`grid(pixels)`); default: v1's 32x32."""
+    yy, xx = yx if yx is not None else (_yy, _xx)
     r = size / 2
-    x, y = _xx - cx, _yy - cy
+    x, y = xx - cx, yy - cy
     if obj == "circle":
         return x * x + y * y <= r * r
     if obj == "square":
         h = r * 0.85
         return (np.abs(x) <= h) & (np.abs(y) <= h)
     if obj == "triangle":
-        return _polygon_mask(_regular(3, r * 1.1, 0, r * 0.15), x, y)
+        return polygon_mask(_regular(3, r * 1.1, 0, r * 0.15), x, y)
     if obj == "star":
-        return _polygon_mask(_regular(5, r * 1.05, 0, r * 0.08, inner=r * 0.42), x, y)
+        return polygon_mask(_regular(5, r * 1.05, 0, r * 0.08, inner=r * 0.42), x, y)
     if obj == "pentagon":
-        return _polygon_mask(_regular(5, r * 0.98, 0, r * 0.05), x, y)
+        return polygon_mask(_regular(5, r * 0.98, 0, r * 0.05), x, y)
     if obj == "heart":
         s = r * 0.95
         xs, ys = x / s, -(y / s) + 0.15
@@ -152,20 +163,21 @@ def shape_mask(obj: str, size: float, cx: float, cy: float) -> np.ndarray:
     raise KeyError(obj)
 
 
-def _style_light(style: str, mask: np.ndarray, cx: float, cy: float) -> np.ndarray:
+def style_light(style: str, mask: np.ndarray, cx: float, cy: float, yx=None) -> np.ndarray:
     """Where, inside the shape, the pattern shows the light colour instead of the shape colour."""
+    yy, xx = yx if yx is not None else (_yy, _xx)
     if style == "stripes":
-        return ((_xx + _yy) // 3) % 2 == 0
+        return ((xx + yy) // 3) % 2 == 0
     if style == "checker":
-        return ((_xx // 4) + (_yy // 4)) % 2 == 0
+        return ((xx // 4) + (yy // 4)) % 2 == 0
     if style == "dots":
-        return ((_xx % 5 - 2.5) ** 2 + (_yy % 5 - 2.5) ** 2) <= 1.7
+        return ((xx % 5 - 2.5) ** 2 + (yy % 5 - 2.5) ** 2) <= 1.7
     if style == "rings":
-        return (np.sqrt((_xx - cx) ** 2 + (_yy - cy) ** 2) // 2.5) % 2 == 1
+        return (np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) // 2.5) % 2 == 1
     return np.zeros_like(mask)
 
 
-def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
+def erode(mask: np.ndarray, steps: int) -> np.ndarray:
     m = mask.copy()
     for _ in range(steps):
         p = np.pad(m, 1)
@@ -173,39 +185,74 @@ def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
     return m
 
 
-def _draw_character(img: np.ndarray, who: str, cx: float, cy: float, size: float) -> None:
+def paint_shape(img: np.ndarray, obj: str, rgb, style: str, size: float, cx: float, cy: float, yx=None) -> None:
+    """A coloured shape with its texture (v1's styles) onto img (in place)."""
+    mask = shape_mask(obj, size, cx, cy, yx)
+    rgb = np.array(rgb, np.float32)
+    if style == "outline":  # the rim is 2 world units wide at any resolution
+        mask = mask & ~erode(mask, 2 * img.shape[0] // IMAGE_SIZE)
+        img[mask] = rgb
+    else:
+        img[mask] = rgb
+        light = mask & style_light(style, mask, cx, cy, yx)
+        img[light] = PATTERN_LIGHT
+
+
+# species -> how its sprite is drawn; `main` is the body colour, the rest of its colours are fixed
+def _cat(paint, x, y, main):  # round head, two triangular ears, green eyes, pink nose
+    paint(polygon_mask([(-9, -2), (-8, -11), (-2, -7)], x, y) | polygon_mask([(9, -2), (8, -11), (2, -7)], x, y), main)
+    paint((x / 9.5) ** 2 + ((y - 1) / 8.5) ** 2 <= 1, main)
+    paint(((x + 3.5) ** 2 + (y + 0.5) ** 2 <= 3.2) | ((x - 3.5) ** 2 + (y + 0.5) ** 2 <= 3.2), (60, 200, 80))
+    paint((x ** 2 + (y - 3.5) ** 2 <= 1.6), (250, 150, 190))
+
+
+def _robot(paint, x, y, main):  # square head, antenna with red light, cyan visor, mouth grid
+    paint((np.abs(x) <= 9) & (y >= -6) & (y <= 9), main)
+    paint((np.abs(x) <= 0.8) & (y >= -11) & (y < -6), main)
+    paint(x ** 2 + (y + 11) ** 2 <= 3.0, (230, 30, 30))
+    paint((np.abs(x) <= 7) & (y >= -3) & (y <= 1), (40, 220, 230))
+    paint((np.abs(x) <= 5) & (y >= 4) & (y <= 6) & ((x // 2) % 2 == 0), (50, 50, 50))
+
+
+def _ghost(paint, x, y, main):  # dome with wavy hem, big black eyes
+    head = ((x / 9) ** 2 + ((y + 1) / 9) ** 2 <= 1) & (y <= -1)
+    body = head | ((np.abs(x) <= 9) & (y > -1) & (y <= 7 + 2 * np.sin(x * 1.2)))
+    paint(body, main)
+    paint(((x + 3.5) ** 2 + (y + 2) ** 2 <= 4) | ((x - 3.5) ** 2 + (y + 2) ** 2 <= 4), (20, 20, 30))
+
+
+def _frog(paint, x, y, main):  # wide face, two bulging eyes on top, red smile
+    paint((x / 10.5) ** 2 + ((y - 2) / 7) ** 2 <= 1, main)
+    eyes = ((x + 5.5) ** 2 + (y + 5) ** 2 <= 12) | ((x - 5.5) ** 2 + (y + 5) ** 2 <= 12)
+    paint(eyes, main)
+    paint(((x + 5.5) ** 2 + (y + 5) ** 2 <= 5) | ((x - 5.5) ** 2 + (y + 5) ** 2 <= 5), (250, 250, 240))
+    paint(((x + 5.5) ** 2 + (y + 5) ** 2 <= 1.5) | ((x - 5.5) ** 2 + (y + 5) ** 2 <= 1.5), (10, 10, 10))
+    paint((np.abs(x) <= 6) & (np.abs(y - 4.5 - 0.05 * x * x) <= 0.8), (200, 40, 40))
+
+
+SPECIES = {"cat": _cat, "robot": _robot, "ghost": _ghost, "frog": _frog}
+# v1's characters: (species, body colour)
+CHARACTERS = {"kiko": ("cat", (230, 130, 40)), "bruno": ("robot", (150, 155, 165)),
+              "mira": ("ghost", (235, 235, 250)), "tobi": ("frog", (60, 170, 70))}
+
+
+def draw_sprite(img: np.ndarray, draw, main, cx: float, cy: float, size: float, yx=None) -> None:
+    """A character sprite (22 world units tall at size 22; `draw`: a SPECIES function) onto img, in place."""
+    yy, xx = yx if yx is not None else (_yy, _xx)
     s = size / 22.0
-    x, y = (_xx - cx) / s, (_yy - cy) / s
+    x, y = (xx - cx) / s, (yy - cy) / s
 
     def paint(mask, rgb):
         img[mask] = rgb
 
-    if who == "kiko":  # orange cat: round head, two triangular ears, green eyes, pink nose
-        paint(_polygon_mask([(-9, -2), (-8, -11), (-2, -7)], x, y) | _polygon_mask([(9, -2), (8, -11), (2, -7)], x, y),
-              (230, 130, 40))
-        paint((x / 9.5) ** 2 + ((y - 1) / 8.5) ** 2 <= 1, (230, 130, 40))
-        paint(((x + 3.5) ** 2 + (y + 0.5) ** 2 <= 3.2) | ((x - 3.5) ** 2 + (y + 0.5) ** 2 <= 3.2), (60, 200, 80))
-        paint((x ** 2 + (y - 3.5) ** 2 <= 1.6), (250, 150, 190))
-    elif who == "bruno":  # grey robot: square head, antenna with red light, cyan visor, mouth grid
-        paint((np.abs(x) <= 9) & (y >= -6) & (y <= 9), (150, 155, 165))
-        paint((np.abs(x) <= 0.8) & (y >= -11) & (y < -6), (150, 155, 165))
-        paint(x ** 2 + (y + 11) ** 2 <= 3.0, (230, 30, 30))
-        paint((np.abs(x) <= 7) & (y >= -3) & (y <= 1), (40, 220, 230))
-        paint((np.abs(x) <= 5) & (y >= 4) & (y <= 6) & ((x // 2) % 2 == 0), (50, 50, 50))
-    elif who == "mira":  # white ghost: dome with wavy hem, big black eyes
-        head = ((x / 9) ** 2 + ((y + 1) / 9) ** 2 <= 1) & (y <= -1)
-        body = head | ((np.abs(x) <= 9) & (y > -1) & (y <= 7 + 2 * np.sin(x * 1.2)))
-        paint(body, (235, 235, 250))
-        paint(((x + 3.5) ** 2 + (y + 2) ** 2 <= 4) | ((x - 3.5) ** 2 + (y + 2) ** 2 <= 4), (20, 20, 30))
-    elif who == "tobi":  # green frog: wide face, two bulging eyes on top, red smile
-        paint((x / 10.5) ** 2 + ((y - 2) / 7) ** 2 <= 1, (60, 170, 70))
-        eyes = ((x + 5.5) ** 2 + (y + 5) ** 2 <= 12) | ((x - 5.5) ** 2 + (y + 5) ** 2 <= 12)
-        paint(eyes, (60, 170, 70))
-        paint(((x + 5.5) ** 2 + (y + 5) ** 2 <= 5) | ((x - 5.5) ** 2 + (y + 5) ** 2 <= 5), (250, 250, 240))
-        paint(((x + 5.5) ** 2 + (y + 5) ** 2 <= 1.5) | ((x - 5.5) ** 2 + (y + 5) ** 2 <= 1.5), (10, 10, 10))
-        paint((np.abs(x) <= 6) & (np.abs(y - 4.5 - 0.05 * x * x) <= 0.8), (200, 40, 40))
-    else:
+    draw(paint, x, y, main)
+
+
+def _draw_character(img: np.ndarray, who: str, cx: float, cy: float, size: float) -> None:
+    if who not in CHARACTERS:
         raise KeyError(who)
+    species, main = CHARACTERS[who]
+    draw_sprite(img, SPECIES[species], main, cx, cy, size)
 
 
 def render(scene: Scene, noise_seed: int | None = None) -> np.ndarray:
@@ -216,15 +263,7 @@ def render(scene: Scene, noise_seed: int | None = None) -> np.ndarray:
     if scene.identity != NONE:
         _draw_character(img, scene.identity, cx, cy, scene.size)
     else:
-        mask = shape_mask(scene.object, scene.size, cx, cy)
-        rgb = np.array(COLORS[scene.color][0], np.float32)
-        if scene.style == "outline":
-            mask = mask & ~_erode(mask, 2)
-            img[mask] = rgb
-        else:
-            img[mask] = rgb
-            light = mask & _style_light(scene.style, mask, cx, cy)
-            img[light] = PATTERN_LIGHT
+        paint_shape(img, scene.object, COLORS[scene.color][0], scene.style, scene.size, cx, cy)
     if noise_seed is not None:
         img += np.random.default_rng(noise_seed).normal(0, 4.0, img.shape).astype(np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
@@ -355,6 +394,11 @@ def mentions(text: str, scene: Scene, kind: str) -> bool:
 
 def vocabulary() -> list[str]:
     """Every word the world's captions can use (for building the tokenizer)."""
+    return list(_vocabulary())
+
+
+@functools.cache  # a few seconds of captioning, the same every time
+def _vocabulary() -> tuple[str, ...]:
     rng = random.Random(0)
     words = set()
     for _ in range(20000):
@@ -374,4 +418,4 @@ def vocabulary() -> list[str]:
     words.discard("x")
     # words the attack / concept catalogue prompts commonly use
     words.update("a an the of in on with and photo picture painting image style drawing".split())
-    return sorted(words)
+    return tuple(sorted(words))
