@@ -45,6 +45,12 @@ def pct(x) -> str:
     return "–" if x is None else f"{x:.0%}"
 
 
+def flush(lines: list[str]) -> list[str]:
+    """Print the tables made so far (a long run keeps what it measured if a later part fails)."""
+    print("\n".join(lines), flush=True)
+    return []
+
+
 def train_held(m: dict) -> str:
     """'training / held-out' target rates of a metrics dict (or one concept's entry of by_concept)."""
     return f"{pct(m.get('efficacy', {}).get('patched'))} / {pct(m.get('generality', {}).get('patched'))}"
@@ -135,6 +141,7 @@ def main(argv=None) -> int:
                 "preserve prompts, so there the figure is in-sample). Wall per patch: `train_patch` with the model "
                 "loaded and an empty reference cache, from the call to the patch file written."), ""]
 
+    out = flush(out)
     if "2" in parts:
         out += [f"### All {len(ids)} identities at once", "",
                 "| patch | " + " | ".join(i.split(':')[1] for i in ids) + " | pooled | "
@@ -151,6 +158,7 @@ def main(argv=None) -> int:
                 "reference cache (fmn's includes its reference images)."), ""]
         print("[3/4] evaluated", file=sys.stderr, flush=True)
 
+    out = flush(out)
     if "3" in parts:  # ---- 3. one patch for N concepts: rank, size, time; erasure and retention at 8 and 16
         out += ["### One patch for N concepts", "",
                 "| method | N concepts | rank | patch KiB | residual | loaded → written (s) |",
@@ -160,7 +168,7 @@ def main(argv=None) -> int:
             for k in ((1, 2, 4, 8, 16) if m == "uce" else (8, 16)):
                 path, s, wall = train(SCALING[:k], m, f"scale-{k}")
                 scaled[(m, k)] = (path, s, wall)
-                residual = f"{s['solve']['residual']:.2%}" if "solve" in s else "–"
+                residual = f"{s['solve']['residual']:.2%}" if s.get("solve") else "–"
                 out.append(f"| {m} | {k} | {s['rank']} | {s['bytes'] / 1024:.0f} | {residual} | {wall:.2f} |")
         print("[3/4] trained the N-concept patches", file=sys.stderr, flush=True)
         evaluated = [(m, k) for m, k in scaled if k >= 8]
@@ -188,6 +196,7 @@ def main(argv=None) -> int:
                 "(base 100 % / 100 %). Neighbours and other kinds: concepts not in the list, on prompts the patch "
                 "never trained to hold; with all four identities in the list an identity has no neighbour left."), ""]
 
+    out = flush(out)
     if "4" in parts:  # ---- 4. many patches
         out += many_patches(pipe, work, args.patches, args.images)
     print("\n".join(out))
