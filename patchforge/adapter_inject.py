@@ -24,14 +24,22 @@ CONFIG_KEYS = frozenset({"r", "lora_alpha", "target_modules", "rank_pattern", "a
                          "init_lora_weights"})
 
 
-def available() -> bool:
-    """Whether the installed PEFT has the per-module calls used here (else diffusers' loaders are used)."""
+def available(models: dict) -> bool:
+    """Whether this load can go module by module: the installed PEFT has the per-module calls used
+    here, and no component carries offloading or other hooks (accelerate's `_hf_hook`, diffusers'
+    `_diffusers_hook`: CPU / sequential / group offloading), which diffusers' loaders take off and
+    put back around a load. Otherwise diffusers' loaders are used."""
+    from .patch_format import base_modules
+
     try:
         from peft.tuners.lora import LoraLayer, LoraModel
     except ImportError:
         return False
-    return all(hasattr(LoraModel, a) for a in ("_create_and_replace", "_replace_module", "_create_new_module")) and \
-        hasattr(LoraLayer, "update_layer")
+    if not (all(hasattr(LoraModel, a) for a in ("_create_and_replace", "_replace_module", "_create_new_module"))
+            and hasattr(LoraLayer, "update_layer")):
+        return False
+    return not any("_hf_hook" in m.__dict__ or "_diffusers_hook" in m.__dict__
+                   for model in models.values() for _, m in base_modules(model))
 
 
 def inject(model, modules: dict[str, tuple], config_kwargs: dict, adapter_name: str) -> None:

@@ -370,10 +370,11 @@ def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None =
     if warning:
         warnings.warn(warning, stacklevel=2)
     active_before = _active(models)
-    snapshot = _Snapshot(pipe, models, patch, everything=not adapter_inject.available())
+    direct = adapter_inject.available(models)
+    snapshot = _Snapshot(pipe, models, patch, everything=not direct)
     try:
         with _quiet():
-            _load_adapter(pipe, models, patch, name)
+            _load_adapter(pipe, models, patch, name, direct)
         if not snapshot.base_unchanged():
             raise RuntimeError("the load changed the base model")
     except Exception as err:  # put everything back so the pipeline is as it was
@@ -394,13 +395,13 @@ def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None =
     return name
 
 
-def _load_adapter(pipe, models, patch: Patch, name: str) -> None:
+def _load_adapter(pipe, models, patch: Patch, name: str, direct: bool) -> None:
     """Build the already-validated patch's LoRA layers with a config rebuilt by patchforge (never the
-    file's own): module by module (adapter_inject) where PEFT allows it, else through diffusers' own
+    file's own): module by module (adapter_inject) when `direct`, else through diffusers' own
     per-component loaders (the backbone's load_lora)."""
     configs = {comp: peft_config_kwargs(patch, comp, not hasattr(models[comp], "text_model"))
                for comp in patch.components}
-    if adapter_inject.available():
+    if direct:
         for comp in patch.components:
             model, sd = models[comp], patch.state_dicts[comp]
             modules = {_local_name(model, comp, m): (sd[f"{m}.lora_A.weight"], sd[f"{m}.lora_B.weight"])

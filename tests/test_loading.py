@@ -178,7 +178,7 @@ def test_module_by_module_load_matches_diffusers_loaders(monkeypatch):
     from patchforge import adapter_inject
 
     def stack(direct: bool):
-        monkeypatch.setattr(adapter_inject, "available", lambda: direct)
+        monkeypatch.setattr(adapter_inject, "available", lambda models: direct)
         pipe = BUILDERS["sdxl"]()
         for p, w in zip(cached_patches("sdxl"), (1.0, 0.5, -0.7)):
             patchforge.load_forget_patch(pipe, p, weight=w)
@@ -193,3 +193,17 @@ def test_module_by_module_load_matches_diffusers_loaders(monkeypatch):
     assert all(ours[3][c].keys() == theirs[3][c].keys() and all(torch.equal(ours[3][c][k], theirs[3][c][k])
                                                                  for k in ours[3][c]) for c in ours[3])
     assert torch.equal(ours[4], theirs[4])
+
+
+def test_offloaded_components_load_through_diffusers():
+    """accelerate / diffusers offloading hooks move weights around a forward pass; diffusers' loaders
+    take them off and put them back, so such pipelines do not load module by module."""
+    from patchforge import adapter_inject
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    assert adapter_inject.available({"unet": model})
+    model[1][0]._hf_hook = object()  # what accelerate's cpu_offload leaves on each module
+    assert not adapter_inject.available({"unet": model})
+    del model[1][0]._hf_hook
+    model._diffusers_hook = object()  # diffusers' hook registry (group offloading)
+    assert not adapter_inject.available({"unet": model})

@@ -170,7 +170,7 @@ def test_after_a_failed_load_valid_patches_still_load(pipe, tmp_path, monkeypatc
                 broken()
         monkeypatch.setattr(adapter_inject, "inject", inject)
     else:
-        monkeypatch.setattr(adapter_inject, "available", lambda: False)
+        monkeypatch.setattr(adapter_inject, "available", lambda models: False)
         pipe.load_lora_into_text_encoder = broken
     try:
         with pytest.raises(PatchFormatError, match="disk on fire") as err:
@@ -222,7 +222,7 @@ def test_a_wrapper_slipped_past_the_allow_list_is_undone(pipe, monkeypatch, path
     from patchforge import adapter_inject
 
     if path != "module by module":
-        monkeypatch.setattr(adapter_inject, "available", lambda: False)
+        monkeypatch.setattr(adapter_inject, "available", lambda models: False)
     good = cached_patches("sd1")[0]
     before = pipeline_state(pipe)
     real = pf.peft_config_kwargs
