@@ -154,8 +154,9 @@ def main(argv=None) -> int:
                        f"{pct(kept(rep['metrics'], 'specificity.other_kinds'))} | {s['rank']} | {wall:.1f} |")
         out += ["", ("Cells: target rate on training prompts / on held-out aliases and paraphrases (base: 100 % / "
                 "100 %). The toy world has 4 identities, so all of them are erased and none is left to retain; "
-                "other kinds are out-of-sample. Total wall: `train_patch` with the model loaded and an empty "
-                "reference cache (fmn's includes its reference images)."), ""]
+                "other kinds are out-of-sample. Total wall: `train_patch` with the model loaded, from the call to "
+                "the patch written; the first fmn row generates the identities' reference images, the later "
+                "fmn rows find them in the cache."), ""]
         print("[3/4] evaluated", file=sys.stderr, flush=True)
 
     out = flush(out)
