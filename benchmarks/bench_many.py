@@ -10,10 +10,12 @@ same seeds, one model load):
    (out-of-sample: prompts the patch never trained to hold, where there are any), the wall time of
    one patch (`train_patch` with the model loaded and an empty reference cache: from model loaded to
    patch written) and uce/fmn.
-2. Every identity of the toy world erased at once (it has 4): one uce patch, one fmn patch, and uce
-   patches made one per identity then merged (`merge_patches`, ranks concatenated); each identity's
-   rate, the other kinds kept, total wall time.
-3. Rank, size and solve time of one uce patch against the number of concepts it erases.
+2. Every identity of the toy world erased at once (it has 4): one uce patch, one fmn patch, fmn started
+   from uce (`warm_start=uce`, at fmn's default steps and at 20), and uce patches made one per identity
+   then merged (`merge_patches`, ranks concatenated); each identity's rate on training and held-out
+   prompts, the other kinds kept, total wall time.
+3. One patch for N concepts mixed across kinds: rank, size and time of uce (N = 1..16) and fmn (8, 16);
+   at 8 and 16 the pooled and per-concept erasure and what is kept.
 4. 50 patches: load and activate with load_forget_patch against diffusers' own load_lora_weights +
    set_adapters for the same files (benchmarks/bench_loading.py), and the per-image cost of 50
    active patches unfused, fused (fuse_forget_patches) and merged into one patch, against the base.
@@ -41,6 +43,17 @@ SCALING = ["identity:kiko", "style:stripes", "object:star", "color:red", "identi
 
 def pct(x) -> str:
     return "–" if x is None else f"{x:.0%}"
+
+
+def flush(lines: list[str]) -> list[str]:
+    """Print the tables made so far (a long run keeps what it measured if a later part fails)."""
+    print("\n".join(lines), flush=True)
+    return []
+
+
+def train_held(m: dict) -> str:
+    """'training / held-out' target rates of a metrics dict (or one concept's entry of by_concept)."""
+    return f"{pct(m.get('efficacy', {}).get('patched'))} / {pct(m.get('generality', {}).get('patched'))}"
 
 
 def kept(m: dict, key: str) -> float | None:
@@ -79,8 +92,8 @@ def main(argv=None) -> int:
     def quiet(*_):
         return None
 
-    def train(concepts, method, name):
-        cfg = TrainConfig(method=method, progress=False)
+    def train(concepts, method, name, **kw):
+        cfg = TrainConfig(method=method, progress=False, **kw)
         t0 = time.perf_counter()
         path, s = train_patch(concepts, method, None, cfg, out=work / f"{name}.{method}.safetensors", pipe=pipe)
         return path, s, time.perf_counter() - t0
@@ -90,13 +103,18 @@ def main(argv=None) -> int:
            ""]
     parts = set(args.parts.split(","))
     if parts & {"1", "2"}:  # ---- 1. one concept per kind, 2. every identity at once
-        trained = {(m, c): train([c], m, c.replace(":", "-")) for m in methods for c in ONE_PER_KIND}
+        trained = ({(m, c): train([c], m, c.replace(":", "-")) for m in methods for c in ONE_PER_KIND}
+                   if "1" in parts else {})
         print(f"[1/4] trained {len(trained)} patches", file=sys.stderr, flush=True)
         from patchforge.toyworld import world
 
         ids = [f"identity:{i}" for i in world.IDENTITIES]
-        group = {m: train(ids, m, "all-identities") for m in methods}
-        if "uce" in methods:
+        group = {m: train(ids, m, "all-identities") for m in methods} if "2" in parts else {}
+        if "2" in parts and {"uce", "fmn"} <= set(methods):  # the combination: fmn's LoRA started from uce's edit
+            group["fmn, warm_start=uce"] = train(ids, "fmn", "all-identities-warm", options={"warm_start": "uce"})
+            group["fmn, warm_start=uce, 20 steps"] = train(ids, "fmn", "all-identities-warm20", steps=20,
+                                                           options={"warm_start": "uce"})
+        if "2" in parts and "uce" in methods:
             t0 = time.perf_counter()
             singles = [train([c], "uce", c.replace(":", "-") + "-single") for c in ids]
             merged = write_patch(merge_patches([read_patch(p) for p, _, _ in singles]),
@@ -107,7 +125,7 @@ def main(argv=None) -> int:
         paths = [v[0] for v in trained.values()] + [v[0] for v in group.values()]
         reports = evaluate(paths, None, seeds=args.seeds, n=args.n, pipe=pipe, progress=quiet)["patches"]
         by_path = {r["patch"]["path"]: r for r in reports}
-
+    if "1" in parts:
         out += ["### One concept per kind", "",
                 ("| method | concept | target, training prompts | held-out paraphrases | neighbours, % of base | "
                 "other kinds, % of base | rank | wall per patch (s) | uce / fmn |"),
@@ -123,29 +141,63 @@ def main(argv=None) -> int:
                 "preserve prompts, so there the figure is in-sample). Wall per patch: `train_patch` with the model "
                 "loaded and an empty reference cache, from the call to the patch file written."), ""]
 
+    out = flush(out)
+    if "2" in parts:
         out += [f"### All {len(ids)} identities at once", "",
-                "| patch | " + " | ".join(i.split(':')[1] for i in ids) + " | held-out (pooled) | "
+                "| patch | " + " | ".join(i.split(':')[1] for i in ids) + " | pooled | "
                 "other kinds, % of base | "
                 "rank | total wall (s) |", "|---|" + "---|" * (len(ids) + 4)]
         for name, (path, s, wall) in group.items():
             rep = by_path[str(path)]
-            per = rep.get("by_concept", {})
-            cells = [pct(per.get(i.split(':')[1], {}).get("efficacy", {}).get("patched")) for i in ids]
-            out.append(f"| {name} | " + " | ".join(cells) + f" | {pct(rep['metrics']['generality']['patched'])} | "
+            cells = [train_held(rep.get("by_concept", {}).get(i.split(':')[1], {})) for i in ids]
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {train_held(rep['metrics'])} | "
                        f"{pct(kept(rep['metrics'], 'specificity.other_kinds'))} | {s['rank']} | {wall:.1f} |")
-        out += ["", ("Per identity: its rate on its training prompts. The toy world has 4 identities, so none is "
-                "left to retain; other kinds are out-of-sample."), ""]
+        out += ["", ("Cells: target rate on training prompts / on held-out aliases and paraphrases (base: 100 % / "
+                "100 %). The toy world has 4 identities, so all of them are erased and none is left to retain; "
+                "other kinds are out-of-sample. Total wall: `train_patch` with the model loaded, from the call to "
+                "the patch written; the first fmn row generates the identities' reference images, the later "
+                "fmn rows find them in the cache."), ""]
         print("[3/4] evaluated", file=sys.stderr, flush=True)
 
-    if "3" in parts:  # ---- 3. scaling of one uce patch with the number of concepts
-        out += ["### uce: one patch for N concepts", "",
-                "| N concepts | rank | patch KiB | residual | loaded → written (s) |",
-                "|---|---|---|---|---|"]
-        for k in (1, 2, 4, 8, 16):
-            path, s, wall = train(SCALING[:k], "uce", f"scale-{k}")
-            out.append(f"| {k} | {s['rank']} | {s['bytes'] / 1024:.0f} | {s['solve']['residual']:.2%} | {wall:.2f} |")
-        out += ["", f"Concepts taken in turn from: {', '.join(SCALING)}.", ""]
+    out = flush(out)
+    if "3" in parts:  # ---- 3. one patch for N concepts: rank, size, time; erasure and retention at 8 and 16
+        out += ["### One patch for N concepts", "",
+                "| method | N concepts | rank | patch KiB | residual | loaded → written (s) |",
+                "|---|---|---|---|---|---|"]
+        scaled = {}
+        for m in methods:
+            for k in ((1, 2, 4, 8, 16) if m == "uce" else (8, 16)):
+                path, s, wall = train(SCALING[:k], m, f"scale-{k}")
+                scaled[(m, k)] = (path, s, wall)
+                residual = f"{s['solve']['residual']:.2%}" if s.get("solve") else "–"
+                out.append(f"| {m} | {k} | {s['rank']} | {s['bytes'] / 1024:.0f} | {residual} | {wall:.2f} |")
+        print("[3/4] trained the N-concept patches", file=sys.stderr, flush=True)
+        evaluated = [(m, k) for m, k in scaled if k >= 8]
+        reports = evaluate([scaled[mk][0] for mk in evaluated], None, seeds=args.seeds, n=args.n, pipe=pipe,
+                           progress=quiet)["patches"]
+        reps = dict(zip(evaluated, reports))
+        out += ["", f"Concepts taken in turn from: {', '.join(SCALING)} (8: two of each kind; 16: four of each).",
+                "", "| method | N | pooled | worst concept | neighbours, % of base | other kinds, % of base |",
+                "|---|---|---|---|---|---|"]
+        for (m, k), rep in reps.items():
+            per = rep.get("by_concept", {})
+            worst = max(per, key=lambda c: (per[c]["efficacy"]["patched"], per[c]["generality"]["patched"]))
+            out.append(f"| {m} | {k} | {train_held(rep['metrics'])} | {worst} {train_held(per[worst])} | "
+                       f"{pct(kept(rep['metrics'], 'specificity.neighbours'))} | "
+                       f"{pct(kept(rep['metrics'], 'specificity.other_kinds'))} |")
+        big = max(k for _, k in reps)
+        cols = [mk for mk in reps if mk[1] == big]
+        out += ["", f"Per concept at N = {big} (training prompts / held-out):", "",
+                "| concept | " + " | ".join(f"{m}, N = {k}" for m, k in cols) + " |", "|---|" + "---|" * len(cols)]
+        for c in SCALING[:big]:
+            name = c.split(":", 1)[1]
+            out.append(f"| {c} | " + " | ".join(train_held(reps[mk].get("by_concept", {}).get(name, {}))
+                                                 for mk in cols) + " |")
+        out += ["", ("Pooled and per concept: target rate on training prompts / on held-out aliases and paraphrases "
+                "(base 100 % / 100 %). Neighbours and other kinds: concepts not in the list, on prompts the patch "
+                "never trained to hold; with all four identities in the list an identity has no neighbour left."), ""]
 
+    out = flush(out)
     if "4" in parts:  # ---- 4. many patches
         out += many_patches(pipe, work, args.patches, args.images)
     print("\n".join(out))
@@ -166,9 +218,10 @@ def many_patches(pipe, work: Path, n: int, n_images: int) -> list[str]:
     folder = work / "many"
     folder.mkdir()
     paths = make_patches(pipe, folder, n)
-    ours = theirs = float("inf")
+    rounds = []
     for _ in range(3):  # in turns, best of 3 each: the machine's load drifts over minutes
-        ours, theirs = min(ours, load_patches(pipe, paths)), min(theirs, load_plain_loras(pipe, paths))
+        rounds.append((load_patches(pipe, paths), load_plain_loras(pipe, paths)))
+    ours, theirs = min(r[0] for r in rounds), min(r[1] for r in rounds)
     merged = write_patch(merge_patches([read_patch(p) for p in paths]), folder / "merged.safetensors")
     prompts, seeds = ["a red star in stripes style"] * n_images, list(range(n_images))
     # A second pipeline carries the patches; each variant is timed in turns with the bare base, in CPU
@@ -207,6 +260,7 @@ def many_patches(pipe, work: Path, n: int, n_images: int) -> list[str]:
              f"| {n} × `load_forget_patch` (all active) | {ours:.2f} |",
              f"| {n} × diffusers `load_lora_weights` + `set_adapters` | {theirs:.2f} |",
              f"| ratio | {ours / theirs:.2f}× |",
+             f"| ratio in each round | {', '.join(f'{a / b:.2f}×' for a, b in rounds)} |",
              f"| the merged patch, one `load_forget_patch` | {merged_load:.2f} |", "",
              "| inference | base, CPU s / image | with patches, CPU s / image | overhead |", "|---|---|---|---|"]
     lines += [f"| {what} | {b:.4f} | {v:.4f} | {v / b - 1:+.1%} |" for what, b, v in rows]

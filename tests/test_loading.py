@@ -170,3 +170,40 @@ def test_bake_keeps_the_stack_and_drops_the_lora_layers():
     with pytest.warns(UserWarning, match="other weights"):  # baked weights are no longer the base's
         patchforge.load_forget_patch(pipe, p1)
     assert len(patchforge.list_forget_patches(pipe)) == 1
+
+
+def test_module_by_module_load_matches_diffusers_loaders(monkeypatch):
+    """patchforge builds a patch's LoRA layers itself (adapter_inject); the same stack through
+    diffusers' own loaders leaves the same adapters, configs, tensors and output."""
+    from patchforge.io import adapter_inject
+
+    def stack(direct: bool):
+        monkeypatch.setattr(adapter_inject, "available", lambda models: direct)
+        pipe = BUILDERS["sdxl"]()
+        for p, w in zip(cached_patches("sdxl"), (1.0, 0.5, -0.7)):
+            patchforge.load_forget_patch(pipe, p, weight=w)
+        state = {c: {k: v.clone() for k, v in getattr(pipe, c).state_dict().items() if "lora_" in k}
+                 for c in ("unet", "text_encoder", "text_encoder_2")}
+        configs = {c: {n: (cfg.r, cfg.lora_alpha, cfg.rank_pattern, cfg.alpha_pattern)
+                       for n, cfg in getattr(pipe, c).peft_config.items()} for c in state}
+        return pipe.get_list_adapters(), sorted(pipe.get_active_adapters()), configs, state, run(pipe)
+
+    ours, theirs = stack(True), stack(False)
+    assert ours[:3] == theirs[:3]
+    assert all(ours[3][c].keys() == theirs[3][c].keys() and all(torch.equal(ours[3][c][k], theirs[3][c][k])
+                                                                 for k in ours[3][c]) for c in ours[3])
+    assert torch.equal(ours[4], theirs[4])
+
+
+def test_offloaded_components_load_through_diffusers():
+    """accelerate / diffusers offloading hooks move weights around a forward pass; diffusers' loaders
+    take them off and put them back, so such pipelines do not load module by module."""
+    from patchforge.io import adapter_inject
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    assert adapter_inject.available({"unet": model})
+    model[1][0]._hf_hook = object()  # what accelerate's cpu_offload leaves on each module
+    assert not adapter_inject.available({"unet": model})
+    del model[1][0]._hf_hook
+    model._diffusers_hook = object()  # diffusers' hook registry (group offloading)
+    assert not adapter_inject.available({"unet": model})

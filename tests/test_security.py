@@ -149,21 +149,36 @@ def test_reproductions_fail_closed(case, pipe, tmp_path):
     assert pf.list_forget_patches(pipe) == [] and pipe.get_list_adapters() == {}
 
 
-def test_after_a_failed_load_valid_patches_still_load(pipe, tmp_path):
-    """The rollback restores the module tree, not just the adapter names: a failure deep inside
-    diffusers (here: the text-encoder half of a load, after the UNet half went in) leaves nothing."""
+@pytest.mark.parametrize("path", ["module by module", "diffusers' loaders"])
+def test_after_a_failed_load_valid_patches_still_load(pipe, tmp_path, monkeypatch, path):
+    """The rollback restores the module tree, not just the adapter names: a failure deep inside the
+    load (here: the text-encoder half, after the UNet half went in; in patchforge's own module-by-module
+    injection once the text encoder's layers are built, or in diffusers' loaders) leaves nothing."""
+    from patchforge.io import adapter_inject
+
     good = cached_patches("sd1")[0]
     before = pipeline_state(pipe)
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    pipe.load_lora_into_text_encoder = broken
+    if path == "module by module":
+        real = adapter_inject.inject
+
+        def inject(model, *args, **kwargs):
+            real(model, *args, **kwargs)
+            if model is pipe.text_encoder:
+                broken()
+        monkeypatch.setattr(adapter_inject, "inject", inject)
+    else:
+        monkeypatch.setattr(adapter_inject, "available", lambda models: False)
+        pipe.load_lora_into_text_encoder = broken
     try:
         with pytest.raises(PatchFormatError, match="disk on fire") as err:
             pf.load_forget_patch(pipe, good)
     finally:
-        del pipe.load_lora_into_text_encoder
+        pipe.__dict__.pop("load_lora_into_text_encoder", None)
+        monkeypatch.undo()
     check_one_line(err.value)
     assert pipeline_state(pipe) == before
     name = pf.load_forget_patch(pipe, good, strict=True)  # the fingerprint still matches
@@ -171,9 +186,44 @@ def test_after_a_failed_load_valid_patches_still_load(pipe, tmp_path):
     assert pipeline_state(pipe) == before
 
 
-def test_a_wrapper_slipped_past_the_allow_list_is_undone(pipe, monkeypatch):
-    """Defence in depth: if a config option that wraps base modules ever reached PEFT, the load is
-    undone (base parameters renamed -> rollback) and later patches still load."""
+def test_a_failed_load_leaves_a_stack_as_it_was(monkeypatch):
+    """With a patch and a user's LoRA already in every layer the failing load touches, the rollback
+    puts the layers' adapter containers, scales and active sets back: the same tree, tensors, active
+    adapters and output, and the next load works."""
+    from patchforge.io import adapter_inject
+
+    pipe = tiny_sd1()
+    first, user, third = cached_patches("sd1")
+    name = pf.load_forget_patch(pipe, first, weight=0.7)
+    pipe.load_lora_weights(str(user), adapter_name="mine")
+    pf.list_forget_patches(pipe)  # the guard's repair: both active
+    before, out, active = pipeline_state(pipe), run(pipe), sorted(pipe.get_active_adapters())
+    real = adapter_inject.inject
+
+    def inject(model, *args, **kwargs):
+        real(model, *args, **kwargs)
+        if model is pipe.text_encoder:
+            raise RuntimeError("disk on fire")
+    monkeypatch.setattr(adapter_inject, "inject", inject)
+    with pytest.raises(PatchFormatError, match="disk on fire"):
+        pf.load_forget_patch(pipe, third)
+    monkeypatch.undo()
+    assert pipeline_state(pipe) == before and sorted(pipe.get_active_adapters()) == active
+    assert torch.equal(run(pipe), out)
+    assert [(p.adapter_name, p.weight) for p in pf.list_forget_patches(pipe)] == [(name, pytest.approx(0.7))]
+    pf.load_forget_patch(pipe, third)
+    assert len(pf.list_forget_patches(pipe)) == 2 and "mine" in pipe.get_active_adapters()
+
+
+@pytest.mark.parametrize("path", ["module by module", "diffusers' loaders"])
+def test_a_wrapper_slipped_past_the_allow_list_is_undone(pipe, monkeypatch, path):
+    """Defence in depth: if a config option that wraps base modules ever got past the allow-list, the
+    module-by-module injection refuses it before building a layer; through diffusers' loaders it
+    reaches PEFT and the load is undone (base parameters renamed -> rollback). Later patches still load."""
+    from patchforge.io import adapter_inject
+
+    if path != "module by module":
+        monkeypatch.setattr(adapter_inject, "available", lambda models: False)
     good = cached_patches("sd1")[0]
     before = pipeline_state(pipe)
     real = pf.peft_config_kwargs

@@ -96,3 +96,15 @@ def test_world_grid_draws_a_row_per_concept(tmp_path):
     n_concepts = sum(len(world.concepts_of(k)) for k in world.KINDS)
     w, h = Image.open(tmp_path / "w.png").size
     assert h / w == n_concepts / 3
+
+
+def test_eval_rows_when_a_whole_kind_is_erased():
+    """Erasing every identity leaves no identity to keep: the other-kind rows of the other concepts
+    simply have no identity row (it used to stop the evaluation)."""
+    from patchforge.toyworld.plugin import ToyWorld
+
+    targets = [f"identity:{i}" for i in world.IDENTITIES] + ["style:stripes"]
+    rows = ToyWorld().eval_rows([t.split(":")[1] for t in targets], n=2)
+    kept = [r for r in rows if r.set == "other_kind"]
+    assert kept and not any(r.concept in world.IDENTITIES for r in kept)
+    assert {r.concept for r in rows if r.set == "efficacy"} == {t.split(":")[1] for t in targets}

@@ -30,10 +30,11 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from . import adapter_inject
 from ..backbones import for_pipe
 from ..errors import PatchforgeError, PatchFormatError
-from .patch_format import (TEXT_COMPONENTS, TEXT_PREFIX, Patch, base_fingerprint, base_parameters, check_base,
-                           delta_norm, peft_config_kwargs, read_patch)
+from .patch_format import (K_BASE_WEIGHTS, K_BASE_WEIGHTS_V2, TEXT_COMPONENTS, TEXT_PREFIX, Patch, base_fingerprint,
+                           base_modules, base_parameters, check_base, delta_norm, peft_config_kwargs, read_patch)
 
 REGISTRY_ATTR = "_patchforge_patches"  # on the denoiser: adapter name -> LoadedPatch (provenance only)
 KEPT_ATTR = "_patchforge_unfused"  # on each component while fused: module name -> base weight before the fuse
@@ -76,7 +77,8 @@ def _registry(models) -> dict[str, LoadedPatch]:
 
 def _tuner_layers(model, named: bool = False):
     from peft.tuners.tuners_utils import BaseTunerLayer
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    # the adapter-blind walk: its cost does not grow with the number of adapters loaded
+    layers = [(n, m) for n, m in base_modules(model) if isinstance(m, BaseTunerLayer)]
     return layers if named else [m for _, m in layers]
 
 
@@ -262,14 +264,29 @@ def _restore_base(models) -> None:
 # ----------------------------------------------------------------------------- rollback
 
 class _Snapshot:
-    """Everything a load may change, to put back if it fails: every module's attributes (children,
+    """Everything a load may change, to put back if it fails: module attributes (children,
     parameters, buffers, hooks, PEFT bookkeeping: containers copied one level deep) and the values
-    of the base weights the patch touches."""
+    of the base weights the patch touches.
+
+    `everything`: every module of the patched components (diffusers' loaders walk and change the
+    whole model). Otherwise (adapter_inject, which builds exactly the patch's modules): the pipeline,
+    the components, each patched module, its parent and its direct children (a LoRA layer's adapter
+    containers). Either way base_unchanged() then checks the whole tree."""
 
     CONTAINERS = (dict, OrderedDict, list, set)
 
-    def __init__(self, pipe, models, patch: Patch):
-        objs = [pipe] + [m for comp in patch.components for m in models[comp].modules()]  # what a load can touch
+    def __init__(self, pipe, models, patch: Patch, everything: bool = True):
+        if everything:
+            objs = [pipe] + [m for comp in patch.components for m in models[comp].modules()]
+        else:
+            objs = [pipe] + [models[comp] for comp in patch.components]
+            for comp in patch.components:
+                for module in patch.modules(comp):
+                    name = _local_name(models[comp], comp, module)
+                    parent = models[comp].get_submodule(name.rpartition(".")[0])
+                    target = parent._modules[name.rpartition(".")[2]]
+                    objs += [parent, target, *target._modules.values()]
+            objs = list({id(o): o for o in objs if o is not None}.values())
         self.attrs = [(o, {k: (type(v)(v) if type(v) in self.CONTAINERS else v) for k, v in vars(o).items()})
                       for o in objs]
         self.models, self.params = models, _base_params(models)
@@ -277,7 +294,8 @@ class _Snapshot:
         for comp in patch.components:
             for module in patch.modules(comp):
                 target = _target(models[comp], comp, module)
-                for p in (target.parameters(recurse=True) if target is not None else []):
+                base = getattr(target, "base_layer", target)  # other adapters' tensors are not the base
+                for p in (base.parameters(recurse=True) if base is not None else []):
                     self.weights.append((p, p.detach().clone()))
 
     def base_unchanged(self) -> bool:
@@ -300,11 +318,15 @@ def _base_params(models) -> list[tuple[str, int]]:
     return [(f"{comp}.{name}", id(p)) for comp, model in models.items() for name, p in base_parameters(model)]
 
 
-def _target(model, comp: str, module: str):
+def _local_name(model, comp: str, module: str) -> str:
+    """A patch's (canonical) module name as this model names it."""
     flat = not hasattr(model, "text_model")  # transformers >= 5 dropped the text_model wrapper
-    name = module.removeprefix(TEXT_PREFIX) if comp in TEXT_COMPONENTS and flat else module
+    return module.removeprefix(TEXT_PREFIX) if comp in TEXT_COMPONENTS and flat else module
+
+
+def _target(model, comp: str, module: str):
     try:
-        return model.get_submodule(name)
+        return model.get_submodule(_local_name(model, comp, module))
     except AttributeError:
         return None
 
@@ -334,7 +356,7 @@ def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None =
     if _is_fused(models):
         raise PatchforgeError("the pipeline has fused LoRAs: call unfuse_forget_patches(pipe) (or pipe.unfuse_lora()) "
                               "before loading another patch")
-    fingerprint = base_fingerprint(pipe)
+    fingerprint = base_fingerprint(pipe, legacy=not patch.metadata.get(K_BASE_WEIGHTS_V2))
     warning = check_base(patch, pipe, strict=strict, fingerprint=fingerprint)
     _check_modules(patch, models)
     twin = next((e.adapter_name for e in reg.values() if e.digest == patch.digest), None)
@@ -349,15 +371,16 @@ def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None =
     if warning:
         warnings.warn(warning, stacklevel=2)
     active_before = _active(models)
-    snapshot = _Snapshot(pipe, models, patch)
+    direct = adapter_inject.available(models)
+    snapshot = _Snapshot(pipe, models, patch, everything=not direct)
     try:
         with _quiet():
-            _load_adapter(pipe, models, patch, name)
+            _load_adapter(pipe, models, patch, name, direct)
         if not snapshot.base_unchanged():
             raise RuntimeError("the load changed the base model")
     except Exception as err:  # put everything back so the pipeline is as it was
         snapshot.restore()
-        if base_fingerprint(pipe) != fingerprint:
+        if base_fingerprint(pipe, legacy=K_BASE_WEIGHTS in fingerprint) != fingerprint:
             raise PatchforgeError(f"loading {path} failed and the pipeline could not be restored: reload the "
                                   f"pipeline") from err
         raise PatchFormatError(f"{path} could not be loaded into this pipeline "
@@ -373,13 +396,20 @@ def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None =
     return name
 
 
-def _load_adapter(pipe, models, patch: Patch, name: str) -> None:
-    """Hand the already-validated tensors to diffusers' own per-component loaders (through the backbone),
-    with a LoRA config rebuilt by patchforge (never the file's own) so PEFT creates exactly these layers."""
-    metadata = {}
-    for comp in patch.components:
-        flat = not hasattr(models[comp], "text_model")
-        metadata.update({f"{comp}.{k}": v for k, v in peft_config_kwargs(patch, comp, flat).items()})
+def _load_adapter(pipe, models, patch: Patch, name: str, direct: bool) -> None:
+    """Build the already-validated patch's LoRA layers with a config rebuilt by patchforge (never the
+    file's own): module by module (adapter_inject) when `direct`, else through diffusers' own
+    per-component loaders (the backbone's load_lora)."""
+    configs = {comp: peft_config_kwargs(patch, comp, not hasattr(models[comp], "text_model"))
+               for comp in patch.components}
+    if direct:
+        for comp in patch.components:
+            model, sd = models[comp], patch.state_dicts[comp]
+            modules = {_local_name(model, comp, m): (sd[f"{m}.lora_A.weight"], sd[f"{m}.lora_B.weight"])
+                       for m in patch.modules(comp)}
+            adapter_inject.inject(model, modules, configs[comp], name)
+        return
+    metadata = {f"{comp}.{k}": v for comp in patch.components for k, v in configs[comp].items()}
     for_pipe(pipe).load_lora(patch.flat_state_dict(), name, metadata, patch.components)
 
 

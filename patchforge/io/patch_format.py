@@ -121,16 +121,38 @@ def pattern_value(pattern: dict, module: str, default):
 
 # ----------------------------------------------------------------------------- base fingerprint
 
+def base_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) in named_modules order, without going into PEFT's adapter containers (lora_A,
+    lora_B, lora_dropout, ...: one module per loaded adapter in every LoRA layer), so the walk costs
+    the same with 1 or 50 adapters loaded. LoRA layers themselves and their base layers are in it."""
+    out, seen = [], set()
+
+    def visit(prefix: str, module: torch.nn.Module) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        out.append((prefix, module))
+        for name, child in module._modules.items():
+            if child is not None and not name.startswith("lora_"):
+                visit(f"{prefix}.{name}" if prefix else name, child)
+
+    visit("", model)
+    return out
+
+
 def base_parameters(model: torch.nn.Module):
     """Base parameters under names that do not depend on LoRA wrapping or the transformers version."""
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            continue
-        name = name.replace(".base_layer.", ".").removeprefix(TEXT_PREFIX)
-        yield name, p
+    seen = set()
+    for prefix, module in base_modules(model):
+        for pname, p in module._parameters.items():
+            name = f"{prefix}.{pname}" if prefix else pname
+            if p is None or id(p) in seen or "lora_" in name:
+                continue
+            seen.add(id(p))
+            yield name.replace(".base_layer.", ".").removeprefix(TEXT_PREFIX), p
 
 
-def base_fingerprint(pipe) -> dict[str, str]:
+def base_fingerprint(pipe, legacy: bool = True) -> dict[str, str]:
     """Which base a pipeline is: a readable family, a hash of its architecture (parameter names and
     shapes of the denoiser and text encoders, in the family's component order) and hashes of its
     weights: v2 hashes sign bits, so fp32, fp16 and bf16 copies of one checkpoint agree (the legacy
@@ -141,8 +163,9 @@ def base_fingerprint(pipe) -> dict[str, str]:
     offset drawn from the tensor's own content. An edit that touches more than a sliver of a tensor
     changes it; keeping it while changing the weights takes deliberate work (it is a guard against
     wrong bases, not a signature). `base_weights` is the older 16-values-per-tensor hash, kept so
-    patches written before v2 still check (and for cache keys)."""
-    arch, legacy, weights = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+    patches written before v2 still check (and for cache keys); legacy=False leaves it out (half the
+    work: a load needs it only for a patch that records no v2 hash)."""
+    arch, old, weights = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
     for comp in for_pipe(pipe).components:  # the family's own order: other families never change a hash
         model = getattr(pipe, comp, None)
         if model is None:
@@ -151,15 +174,18 @@ def base_fingerprint(pipe) -> dict[str, str]:
         for name, p in sorted(base_parameters(model), key=lambda t: t[0]):
             arch.update(f"{name}{tuple(p.shape)};".encode())
             flat = p.detach().reshape(-1)
-            legacy.update(_legacy_sample(flat))
+            if legacy:
+                old.update(_legacy_sample(flat))
             weights.update(f"{name};".encode())
             weights.update(_strided_sample(flat))
     scheduler = getattr(pipe, "scheduler", None)
     prediction = (getattr(for_pipe(pipe), "PREDICTION", None)
                   or getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon")
-    return {K_BASE_ID: _model_id(pipe), K_BASE_FAMILY: _family(pipe), K_BASE_ARCH: arch.hexdigest()[:16],
-            K_BASE_WEIGHTS: legacy.hexdigest()[:16], K_BASE_WEIGHTS_V2: weights.hexdigest()[:32],
-            K_PREDICTION: prediction}
+    fp = {K_BASE_ID: _model_id(pipe), K_BASE_FAMILY: _family(pipe), K_BASE_ARCH: arch.hexdigest()[:16],
+          K_BASE_WEIGHTS: old.hexdigest()[:16], K_BASE_WEIGHTS_V2: weights.hexdigest()[:32], K_PREDICTION: prediction}
+    if not legacy:
+        del fp[K_BASE_WEIGHTS]
+    return fp
 
 
 def _legacy_sample(flat: torch.Tensor) -> bytes:
@@ -226,6 +252,8 @@ def check_base(patch: Patch, pipe, strict: bool = False, fingerprint: dict | Non
             f"{where} was made for {family_of(md)} (architecture {one_line(arch, 20)}) but this pipeline is "
             f"{family_of(fp)} (architecture {fp[K_BASE_ARCH]}): load it on its own base model")
     key = K_BASE_WEIGHTS_V2 if md.get(K_BASE_WEIGHTS_V2) else K_BASE_WEIGHTS  # patches from before v2: the old hash
+    if key not in fp:
+        fp = base_fingerprint(pipe)
     if md.get(key) != fp[key]:
         other = "other weights (a fine-tune?)" if md.get(key) else "weights the patch records no fingerprint of"
         text = (f"{where} was made for '{one_line(md.get(K_BASE_ID, '?'))}' and this pipeline "

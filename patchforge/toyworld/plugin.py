@@ -128,8 +128,10 @@ class ToyWorld:
                     if clean(p.prompt):
                         rows.append(Row("neighbour", p.prompt, nb, p.expect))
             for other_kind in [k for k in world.KINDS if k != kind]:
-                other = next(x for x in world.concepts_of(other_kind)[1:] + world.concepts_of(other_kind)[:1]
-                             if x not in targets)
+                other = next((x for x in world.concepts_of(other_kind)[1:] + world.concepts_of(other_kind)[:1]
+                              if x not in targets), None)
+                if other is None:  # every concept of that kind is erased (all four identities): none to keep
+                    continue
                 for p in world.probes_for(other, world.TRAIN_SPLIT, n=max(2, n // 2), seed=7):
                     if clean(p.prompt):
                         rows.append(Row("other_kind", p.prompt, other, p.expect))
