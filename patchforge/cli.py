@@ -79,7 +79,8 @@ def _train(sub) -> None:
                    help="one patch erasing every concept of --concept-file (and --concept) instead of one per entry")
     p.add_argument("--to", default=None, help="alternative the concept maps to (e.g. \"impressionist painting\")")
     p.add_argument("--method", default="fmn", help="fmn (default), sa, aob, redact, esd, uce (closed form, no steps)")
-    p.add_argument("--model", default=None, help="diffusers SD 1.x/2.x/SDXL folder or repo id (default: the toy model)")
+    p.add_argument("--model", default=None,
+                   help="diffusers SD 1.x/2.x/SDXL/SD3/FLUX folder or repo id (default: the toy model)")
     p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--lr", type=positive_float, default=None)
     p.add_argument("--rank", type=positive_int, default=4)
@@ -100,7 +101,7 @@ def _train(sub) -> None:
     p.add_argument("--robust", action="store_true", help="adversarially robust training (patchforge.train.robust)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no plan line")
     p.add_argument("--resolution", type=positive_int, default=None, metavar="PX",
-                   help="training and reference image size (default: the model family's: SD 1.x 512, SDXL 1024)")
+                   help="training and reference image size (default: the model family's, e.g. SD 1.x 512, SDXL 1024)")
     p.add_argument("--ref-images", type=positive_int, default=None, metavar="N",
                    help="reference images the base model generates of the concept (default: the family's)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
