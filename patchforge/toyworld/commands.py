@@ -6,7 +6,15 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..atomic import write_text
-from ..pipeline_loading import TOY_MODEL_DIR
+from ..pipeline_loading import TOY_MODEL_DIR, TOY_SD3_DIR
+
+
+def _configs() -> dict:
+    """--family -> its build config class (dataclass fields are the flags of `toy train`)."""
+    from .build import ToyBuildConfig
+    from .build_sd3 import ToyDiTBuildConfig
+
+    return {"sd": ToyBuildConfig, "sd3": ToyDiTBuildConfig}
 
 
 def register(sub) -> None:
@@ -15,11 +23,25 @@ def register(sub) -> None:
     toy = sub.add_parser("toy", help="the embedded toy text-to-image world: rebuild or measure it")
     toy_sub = toy.add_subparsers(dest="toy_verb", metavar="TOY_VERB")
     train = toy_sub.add_parser("train",
-                               help="rebuild the toy model and its judges from a seed (CPU: ~70 min on 2 cores)")
-    train.add_argument("--out", type=Path, default=TOY_MODEL_DIR,
-                       help=f"output folder (default: the shipped one, {TOY_MODEL_DIR})")
-    for f in fields(ToyBuildConfig):
-        train.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+                               help="rebuild a toy model from a seed: --family sd (UNet, with the judges; CPU: "
+                                    "~70 min on 2 cores) or sd3 (a diffusion transformer on the UNet toy's VAE and "
+                                    "text encoder)")
+    train.add_argument("--family", choices=sorted(_configs()), default="sd",
+                       help="sd: the UNet toy (patchforge/toy-sd); sd3: the SD3-layout DiT toy (patchforge/toy-sd3)")
+    train.add_argument("--out", type=Path, default=None,
+                       help=f"output folder (default: the shipped one, {TOY_MODEL_DIR} or {TOY_SD3_DIR})")
+    declared = {}
+    for family, config in _configs().items():
+        for f in fields(config):
+            if f.name in declared:
+                declared[f.name][1].append(family)
+                continue
+            declared[f.name] = (f, [family])
+    for name, (f, families) in declared.items():
+        # default None: each family's own default applies; a flag another family owns is an error
+        train.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=None,
+                           help=f"({', '.join(families)}) default: "
+                                + ", ".join(f"{fam} {getattr(_configs()[fam], name)!r}" for fam in families))
     train.set_defaults(func=_train)
     judges = toy_sub.add_parser("judges",
                                 help="retrain only the judges of a built toy model (uses its VAE; same result as "
@@ -43,9 +65,28 @@ def register(sub) -> None:
 
 
 def _train(args) -> int:
-    from .build import ToyBuildConfig, build_toy_model
+    from ..errors import PatchforgeError
 
-    cfg = ToyBuildConfig(**{f.name: getattr(args, f.name) for f in fields(ToyBuildConfig)})
+    config = _configs()[args.family]
+    own = {f.name for f in fields(config)}
+    foreign = [n for c in _configs().values() for n in (f.name for f in fields(c))
+               if n not in own and getattr(args, n, None) is not None]
+    if foreign:
+        raise PatchforgeError(f"--{foreign[0].replace('_', '-')} is no option of `toy train --family {args.family}`")
+    cfg = config(**{n: getattr(args, n) for n in own if getattr(args, n) is not None})
+    if args.family == "sd3":
+        from .build_sd3 import build_toy_dit
+
+        out = args.out or TOY_SD3_DIR
+        report = build_toy_dit(out, cfg)
+        params = report["parameters"]["transformer"] / 1e6
+        print(f"DiT toy written to {out / 'pipeline'} in {report['total_s'] / 60:.1f} min "
+              f"({report['total_cpu_s'] / 60:.1f} CPU-min; transformer {params:.2f} M parameters); "
+              f"measure it with `patchforge toy report --model {out / 'pipeline'}`")
+        return 0
+    from .build import build_toy_model
+
+    args.out = args.out or TOY_MODEL_DIR
     report = build_toy_model(args.out, cfg)
     acc = ", ".join(f"{k} {v:.1%}" for k, v in report["judge_accuracy_real"].items())
     print(f"toy model written to {args.out} in {report['total_s'] / 60:.1f} min; "
