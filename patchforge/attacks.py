@@ -32,6 +32,7 @@ from .loading import patches_suspended
 from .generate import GUIDANCE, SEED0, STEPS, empty_embeds, generate, generate_latents
 from .rows import Row, load_patch, patch_concepts, run_rows, unload_patch
 from .soft_tokens import SoftPrompt, invert_latents
+from .soft_tokens import unsupported as soft_unsupported
 from .stats import metric
 from .text_attacks import catalogue_attacks
 
@@ -41,7 +42,10 @@ DEFAULT_BUDGET = {"prompts": 4, "soft_tokens": 4, "soft_steps": 30, "soft_lr": N
 
 # ---------------------------------------------------------------- soft prompts
 def guided(backbone, x, t, cond, uncond, guidance):
-    """Classifier-free guided prediction; the unconditional branch carries no gradient."""
+    """Classifier-free guided prediction; the unconditional branch carries no gradient. A guidance-distilled
+    model (FLUX.1-dev) predicts the guided result itself."""
+    if backbone.guidance_distilled:
+        return backbone.predict(x, t, cond)
     with torch.no_grad():
         eu = backbone.predict(x, t, uncond)
     ec = backbone.predict(x, t, cond)
@@ -93,18 +97,17 @@ def textual_inversion(pipe, images: np.ndarray, steps: int = 40, n_tokens: int =
 @torch.no_grad()
 def partial_denoise(pipe, images: np.ndarray, strength: float, seeds: list[int], prompt: str = "") -> np.ndarray:
     """img2img by hand: encode, noise to `strength` of the schedule, denoise with guidance on `prompt`."""
-    from diffusers import DDIMScheduler
-
     backbone = for_pipe(pipe)
-    sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    sched.set_timesteps(STEPS)
+    lat = backbone.encode_images(np.asarray(images))
+    sched = backbone.sampler(STEPS, lat)
     start = int(STEPS * (1 - strength))
     timesteps = sched.timesteps[start:]
-    lat = backbone.encode_images(np.asarray(images))
     noise = torch.stack([torch.randn(lat.shape[1:], generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
-    x_t = sched.add_noise(lat, noise.to(lat.device, lat.dtype), timesteps[:1].repeat(len(lat)))
-    cond = empty_embeds(pipe, len(lat), [prompt] * len(lat))
-    uncond = empty_embeds(pipe, len(lat))
+    # DDPM-family schedulers noise with their own add_noise; a flow's is the backbone's straight line
+    add_noise = getattr(sched, "add_noise", backbone.add_noise)
+    x_t = add_noise(lat, noise.to(lat.device, lat.dtype), timesteps[:1].repeat(len(lat)))
+    cond = backbone.encode([prompt] * len(lat), lat.device)
+    uncond = backbone.encode([""] * len(lat), lat.device)
     for t in timesteps:
         eps = guided(backbone, x_t, t, cond, uncond, GUIDANCE)
         x_t = sched.step(eps, t, x_t).prev_sample
@@ -193,10 +196,15 @@ def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judg
     from .judging import default_judge
     from .pipeline_loading import load_pipeline
 
+    asked = which
     which = tuple(which or ("text", "soft_prompt", "inversion", "unconditional", "partial"))
     world = worlds.for_model(model)
     judge = judge or default_judge(model)
     pipe = pipe or load_pipeline(model, device="cpu" if world else None)
+    skipped = {}
+    if not asked and soft_unsupported(pipe):  # by default, run what this family supports; asked for, it fails
+        skipped = {a: soft_unsupported(pipe) for a in ("soft_prompt", "inversion")}
+        which = tuple(a for a in which if a not in skipped)
     targets = patch_concepts(path, qualified=world is None)
     t0 = time.perf_counter()
     name, _ = load_patch(pipe, path)
@@ -226,7 +234,7 @@ def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judg
     finally:
         unload_patch(pipe, name)
     return {"patch": str(path), "concepts": targets, "budget": {**DEFAULT_BUDGET, **(budget or {})}, "seeds": seeds,
-            "attacks": out, "seconds": round(time.perf_counter() - t0, 1)}
+            "attacks": out, "seconds": round(time.perf_counter() - t0, 1), **({"skipped": skipped} if skipped else {})}
 
 
 def run_command(args) -> int:
@@ -248,5 +256,7 @@ def run_command(args) -> int:
     for k, m in res["attacks"].items():
         ci = m["ci_patched"]
         print(f"| {k} | {m['base']:.0%} | {m['patched']:.0%} | [{ci[0]:.0%}, {ci[1]:.0%}] |")
+    for k, why in res.get("skipped", {}).items():
+        print(f"| {k} | skipped: {why} |||")
     print(f"wrote {out} ({res['seconds']} s)")
     return 0

@@ -114,6 +114,15 @@ def md_text(value, limit: int = 200) -> str:
     return _MD_SPECIAL.sub(r"\\\1", text)
 
 
+def family_tags(family: str) -> list[str]:
+    """The Hub tags of a patch for this base family (the conventions of diffusers' LoRA training cards)."""
+    if family.startswith("flux"):  # not a Stable Diffusion model
+        return [t for t in TAGS if t != "stable-diffusion"] + ["flux", "flux-diffusers"]
+    if family.startswith("sd3"):
+        return TAGS + ["sd3", "sd3-diffusers"]
+    return TAGS + (["stable-diffusion-xl"] if family.startswith("sdxl") else [])
+
+
 def base_repo_id(metadata: dict[str, str]) -> str | None:
     """The base's Hub repo id when the patch records a valid one (never a local path or free text)."""
     from huggingface_hub.errors import HFValidationError
@@ -135,7 +144,7 @@ def model_card(patch: Patch, repo_id: str, image: str | None = None) -> str:
 
     md = patch.metadata
     base = base_repo_id(md)
-    tags = TAGS + (["stable-diffusion-xl"] if md.get(K_BASE_FAMILY, "").startswith("sdxl") else [])
+    tags = family_tags(md.get(K_BASE_FAMILY, ""))
     data = ModelCardData(library_name="diffusers", base_model=base, base_model_relation="adapter",
                          tags=tags, license="other", pipeline_tag="text-to-image")
     concept, method = md_text(md.get(K_CONCEPT, "?")), md_text(md.get(K_METHOD, "?"))

@@ -4,7 +4,8 @@ diffusers loads each LoRA as a PEFT adapter and then activates only the newest o
 #10392); `pipe.set_adapters`, `load_lora_weights` and `disable_lora` switch adapters off the same
 way. The pipeline's PEFT layers are the only record of what is loaded, active and at which weight:
 patchforge reads them, and beside them keeps only where each patch came from (concept, method,
-source, content digest), on the UNet so it travels with the component into `from_pipe` pipelines.
+source, content digest), on the denoiser (UNet or transformer) so it travels with the component into
+`from_pipe` pipelines.
 
 Patches fail closed: a forward pre-hook on every patched component checks, before each forward
 pass, that every patch still loaded is active; one switched off behind patchforge's back is switched
@@ -567,8 +568,9 @@ def enable(pipe):
     Binding on the instance changes no class, so save_pretrained and from_pretrained behave as
     before; a pipeline made later with from_pipe needs its own enable()."""
     if not hasattr(pipe, "load_lora_weights"):
-        raise PatchforgeError(f"{type(pipe).__name__} cannot load LoRAs: use a Stable Diffusion (1.x, 2.x, XL) "
-                              f"pipeline")
+        raise PatchforgeError(f"{type(pipe).__name__} cannot load LoRAs: use a Stable Diffusion (1.x, 2.x, XL, 3, "
+                              f"3.5) or FLUX.1 pipeline")
+    for_pipe(pipe)  # a pipeline of no supported family fails here, not at the first load
     for name, fn in METHODS.items():
         object.__setattr__(pipe, name, types.MethodType(fn, pipe))
     return pipe

@@ -2,7 +2,8 @@
 
 Layout (spec in docs/patch-format.md):
   tensors   `{component}.{module}.lora_A.weight` / `.lora_B.weight`, component in unet / text_encoder /
-            text_encoder_2; text-encoder modules in canonical `text_model.encoder...` form.
+            text_encoder_2 (SD 1.x / 2.x / XL) or transformer / text_encoder / text_encoder_2 (SD3, FLUX),
+            the components of one family; text-encoder modules in canonical `text_model.encoder...` form.
   metadata  `format: pt`, diffusers' `lora_adapter_metadata` (JSON of `{component}.{LoraConfig field}`,
             so rank and alpha reload exactly) and `patchforge.*` keys (concept, method, base, ...).
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .backbones import all_components, for_pipe, text_components
+from .backbones import all_components, family_components, for_pipe, text_components
 from .errors import BaseModelMismatch, PatchFormatError, PatchforgeError
 
 FORMAT_VERSION = "1"
@@ -538,6 +539,9 @@ def validate(patch: Patch, where: str = "the patch") -> None:
     values, and a weight change |scale * B @ A| that is finite and not absurdly large."""
     if not patch.components:
         raise PatchFormatError(f"{where} holds no LoRA weights: re-train or re-save it")
+    if not any(set(patch.components) <= set(family) for family in family_components()):
+        raise PatchFormatError(f"{where} holds {' + '.join(patch.components)} weights, which no model family has "
+                               "together: not a forget patch, or a damaged one")
     for comp in patch.components:
         sd = patch.state_dicts[comp]
         for key in sd:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .backbones import for_pipe
+from .backbones import family_of_folder, for_pipe
 from .backbones.sd_unet import SDUNet
 from .errors import PatchforgeError
 
@@ -62,14 +62,20 @@ FAMILY_DEFAULTS = {
     "sd1": FamilyDefaults(512, 4, 1, 8),
     "sd2": FamilyDefaults(None, 4, 1, 8),  # 512 or 768 (v-prediction): the checkpoint's own
     "sdxl": FamilyDefaults(1024, 2, 1, 8),
+    # the transformers train at 512 px by default (they generate well there, at a quarter of 1024's tokens)
+    "sd3": FamilyDefaults(512, 2, 1, 8),
+    "flux": FamilyDefaults(512, 1, 1, 8),
 }
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+DENOISERS = ("unet", "transformer")
 family_name = SDUNet.family_from_config  # the readable family of a UNet config, as patch metadata spells it
 
 
 def family_key(name: str) -> str:
-    """'sd1.x' -> 'sd1', 'sd2.x' -> 'sd2', 'sdxl' -> 'sdxl'; every other (toy-sized) family -> 'toy'."""
-    return {"sd1.x": "sd1", "sd2.x": "sd2", "sdxl": "sdxl"}.get(name, TOY_FAMILY)
+    """'sd1.x' -> 'sd1', 'sd2.x' -> 'sd2', 'sdxl' -> 'sdxl', SD3 / SD3.5 -> 'sd3', FLUX.1 -> 'flux'; every
+    other (toy-sized) family -> 'toy'."""
+    return {"sd1.x": "sd1", "sd2.x": "sd2", "sdxl": "sdxl", "sd3": "sd3", "sd3.5-medium": "sd3",
+            "sd3.5-large": "sd3", "flux.1-dev": "flux", "flux.1-schnell": "flux"}.get(name, TOY_FAMILY)
 
 
 @dataclass
@@ -82,39 +88,39 @@ class ModelFacts:
     file_bytes: dict  # component -> bytes of its weight files (0 for a pipeline already in memory)
     native: int  # the checkpoint's own resolution in pixels
     vae_scale: int = 8
+    multiple: int = 0  # training pixels must be a multiple of this (0: the UNet rule, check_resolution)
 
     @classmethod
     def from_pipe(cls, pipe) -> "ModelFacts":
-        unet_cfg = dict(for_pipe(pipe).denoiser.config)
-        name = family_name(unet_cfg, getattr(pipe, "text_encoder_2", None) is not None)
+        backbone = for_pipe(pipe)
+        cfg = dict(backbone.denoiser.config)
+        name = backbone.family_name()
         params = {c: sum(p.numel() for n, p in getattr(pipe, c).named_parameters() if "lora_" not in n)
                   for c in COMPONENTS if getattr(pipe, c, None) is not None}
         scale = getattr(pipe, "vae_scale_factor", 8)
-        return cls(family_key(name), name, unet_cfg, params, {c: 0 for c in params}, unet_cfg["sample_size"] * scale,
-                   scale)
+        return cls(family_key(name), name, cfg, params, {c: 0 for c in params}, backbone.native_size(), scale,
+                   type(backbone).resolution_multiple(cfg, scale))
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelFacts | None":
         """From a diffusers folder without loading any weight (configs and safetensors headers);
         None when the folder does not hold what is needed (the load will say why)."""
         folder = Path(folder)
-        try:
-            index = json.loads((folder / "model_index.json").read_text())
-            unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
-        except (OSError, ValueError):
+        found = family_of_folder(folder)
+        if found is None:
             return None
-        te2 = isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None
+        family_cls, name, cfg = found
         params, sizes = {}, {}
         for comp in COMPONENTS:
             files = _weight_files(folder / comp)
             if files:
                 params[comp] = sum(_safetensors_numel(f) for f in files)
                 sizes[comp] = sum(f.stat().st_size for f in files)
-        if "unet" not in params:
+        if not set(DENOISERS) & set(params):
             return None
         scale = 2 ** (len(_vae_channels(folder)) - 1) if _vae_channels(folder) else 8
-        name = family_name(unet_cfg, te2)
-        return cls(family_key(name), name, unet_cfg, params, sizes, unet_cfg.get("sample_size", 64) * scale, scale)
+        return cls(family_key(name), name, cfg, params, sizes, family_cls.folder_native(folder, cfg, scale), scale,
+                   family_cls.resolution_multiple(cfg, scale))
 
 
 def _vae_channels(folder: Path) -> list:
@@ -176,7 +182,10 @@ def choose_dtype(precision: str, family: str, device: torch.device) -> torch.dty
 
 # ---------------------------------------------------------------- memory
 def feature_values(unet_cfg: dict, latent_side: int) -> int:
-    """F of the module docstring: feature-map values of one UNet row, weighted by block depth."""
+    """F of the module docstring: feature-map values of one UNet row, weighted by block depth. For a
+    transformer: tokens x width x blocks x TOKEN_VALUES (a rough count, not fitted like the UNet's)."""
+    if "block_out_channels" not in unet_cfg:
+        return transformer_values(unet_cfg, latent_side)
     channels = list(unet_cfg["block_out_channels"])
     lpb = unet_cfg.get("layers_per_block", 2)
     lpb = lpb if isinstance(lpb, int) else max(lpb)
@@ -189,6 +198,21 @@ def feature_values(unet_cfg: dict, latent_side: int) -> int:
         side = max(1, latent_side // 2 ** level)
         total += c * side * side * (2 * lpb + 1) * (1 + 3 * (depth[level] if attn else 0))
     return total
+
+
+TOKEN_VALUES = 6  # values per token and width unit one transformer block keeps for backward, beyond ACT_K
+
+
+def transformer_values(cfg: dict, latent_side: int) -> int:
+    """Feature values of one transformer row: image tokens (FLUX packs 2x2 latents into one token, SD3 has
+    patch_size 2) plus text tokens (FLUX: 512 T5 tokens; SD3: 77 CLIP + 256 T5), times the width and
+    the number of blocks."""
+    flux = "num_single_layers" in cfg
+    patch = 2 if flux else cfg.get("patch_size", 2)
+    tokens = (latent_side // patch) ** 2 + (512 if flux else 77 + 256)
+    width = cfg.get("num_attention_heads", 1) * cfg.get("attention_head_dim", 1)
+    blocks = cfg.get("num_layers", 1) + cfg.get("num_single_layers", 0)
+    return tokens * width * blocks * TOKEN_VALUES
 
 
 @dataclass
@@ -218,7 +242,8 @@ def estimate(facts: ModelFacts, dtype: torch.dtype, resolution: int, grad_rows: 
     loading = 0 if loaded else max(facts.file_bytes.values(), default=0)
     k = ACT_K_CHECKPOINTED if checkpointing else ACT_K
     acts = int(grad_rows * k * feature_values(facts.denoiser, resolution // facts.vae_scale) * nbytes)
-    acts += int(WORKSPACE * facts.params["unet"] * nbytes) if grad_rows else 0
+    denoiser = next(facts.params[c] for c in DENOISERS if c in facts.params)
+    acts += int(WORKSPACE * denoiser * nbytes) if grad_rows else 0
     return Estimate(weights, loading, acts)
 
 
@@ -246,8 +271,9 @@ def peak_rss() -> int:
 
 
 def check_resolution(resolution: int, facts: ModelFacts) -> None:
-    """The UNet halves the latent side once per level: it must divide evenly."""
-    step = facts.vae_scale * 2 ** (len(facts.denoiser["block_out_channels"]) - 1)
+    """The UNet halves the latent side once per level: it must divide evenly. A transformer needs whole
+    patches (facts.multiple)."""
+    step = facts.multiple or facts.vae_scale * 2 ** (len(facts.denoiser["block_out_channels"]) - 1)
     if resolution % step:
         raise PatchforgeError(f"--resolution {resolution}: this {facts.family_name} model needs a multiple of {step} "
                               f"(e.g. {max(step, resolution // step * step)})")
@@ -271,12 +297,14 @@ class RunPlan:
     budget: int
     device: torch.device
     capped: bool = False  # budget from --max-memory
+    denoiser: str = "UNet"  # what the plan line calls the rows' model
 
     def line(self, method: str) -> str:
         dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, str(self.dtype))
         side = self.resolution // 8
+        rows = self.denoiser
         return (f"plan: {method} on {self.family_name}, {self.resolution} px ({side}x{side} latents), {dtype} weights "
-                f"+ fp32 LoRA, batch {self.batch}: {self.steps} steps x {self.grad_rows} UNet rows with gradients "
+                f"+ fp32 LoRA, batch {self.batch}: {self.steps} steps x {self.grad_rows} {rows} rows with gradients "
                 f"+ {self.nograd_rows} without; {self.ref_images} reference images x {self.ref_steps} denoising steps; "
                 f"gradient checkpointing {'on' if self.checkpointing else 'off'}; expected peak "
                 f"{self.estimate.device_total(self.device) / GIB:.1f} GiB of {self.budget / GIB:.1f} GiB "
@@ -309,7 +337,8 @@ def make_plan(facts: ModelFacts, device: torch.device, *, precision: str, resolu
     ck = checkpointing if checkpointing is not None else not fits_without
     est = estimate(facts, dtype, res, grad_rows, ck, loaded)
     plan = RunPlan(facts.family, facts.family_name, dtype, res, b, n_refs, ref_steps, ck, grad_rows, nograd_rows,
-                   steps, est, budget, device, bool(max_memory_gib))
+                   steps, est, budget, device, bool(max_memory_gib),
+                   "UNet" if "block_out_channels" in facts.denoiser else "transformer")
     if est.device_total(device) > budget:
         where = "allowed by --max-memory" if max_memory_gib else f"free on this {device.type}"
         raise PatchforgeError(

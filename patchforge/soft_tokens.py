@@ -13,14 +13,23 @@ from .core.cond import Cond
 from .errors import PatchforgeError
 
 
+def unsupported(pipe) -> str | None:
+    """Why soft tokens cannot run on this pipeline (one line), or None where they can."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return None
+    family = "SDXL" if for_pipe(pipe).text_kv_reads_text else for_pipe(pipe).family_name()
+    return ("soft tokens (soft-prompt and inversion attacks, robust training, fmn invert_steps) support SD 1.x / 2.x "
+            f"pipelines, not {family} yet")
+
+
 class SoftPrompt(torch.nn.Module):
     """K continuous token embeddings appended after a prompt's words (before end-of-text)."""
 
     def __init__(self, pipe, n_tokens: int, init_word: str = "a", seed: int = 0):
         super().__init__()
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            raise PatchforgeError("soft tokens (soft-prompt and inversion attacks, robust training, fmn invert_steps) "
-                                  "support SD 1.x / 2.x pipelines, not SDXL yet")
+        why = unsupported(pipe)  # SDXL, SD3 and FLUX: more than one text encoder
+        if why:
+            raise PatchforgeError(why)
         table = pipe.text_encoder.get_input_embeddings().weight
         self.placeholder = pipe.tokenizer(init_word, add_special_tokens=False).input_ids[0]
         g = torch.Generator().manual_seed(seed)

@@ -1,4 +1,4 @@
-"""Loading, stacking, weights, unload, fuse on tiny SD 1.x, SD 2.x (v-prediction) and SDXL pipelines."""
+"""Loading, stacking, weights, unload, fuse on tiny SD 1.x, SD 2.x (v-prediction), SDXL, SD3 and FLUX pipelines."""
 import subprocess
 import sys
 import warnings
@@ -13,7 +13,7 @@ from patchforge.errors import BaseModelMismatch, PatchforgeError, PatchFormatErr
 from tiny_pipelines import BUILDERS, cached_patches, run
 
 
-@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl", "sd3", "flux"])
 def test_stack_weights_unload_fuse_restores_base(arch):
     pipe = BUILDERS[arch]()
     p1, p2, p3 = cached_patches(arch)

@@ -95,7 +95,58 @@ def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     return _finish(pipe)
 
 
-BUILDERS = {"sd1": tiny_sd1, "sd2": tiny_sd2_vpred, "sdxl": tiny_sdxl}
+def _t5(d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    tok = _tokenizer()
+    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                   decoder_start_token_id=tok.pad_token_id)).eval()  # T5 has dropout
+
+
+def _dit_vae() -> AutoencoderKL:
+    # SD3 / FLUX VAEs shift and scale their latents and have no quant convs
+    return AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         sample_size=32, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
+                         use_post_quant_conv=False)
+
+
+def tiny_sd3(seed: int = 0):
+    """SD3 layout: a 1-layer SD3Transformer2DModel (4 heads of 8), two CLIPs with projections, a T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=64, pooled_projection_dim=64, out_channels=4)
+    te = CLIPTextModelWithProjection(_text_config(32, projection_dim=32))
+    te2 = CLIPTextModelWithProjection(_text_config(32, projection_dim=32))
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=_dit_vae(), text_encoder=te, tokenizer=_tokenizer(), text_encoder_2=te2,
+                                    tokenizer_2=_tokenizer(), text_encoder_3=_t5(64), tokenizer_3=_tokenizer())
+    return _finish(pipe)
+
+
+def tiny_flux(seed: int = 0):
+    """FLUX layout: a FluxTransformer2DModel with 1 double- and 1 single-stream block (2 heads of 16) and a
+    guidance embedding, a CLIP for the pooled vector and a T5; 4 latent channels packed 2x2 into 16."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                                max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    pipe = FluxPipeline(scheduler=scheduler, vae=_dit_vae(), text_encoder=CLIPTextModel(_text_config(32)),
+                        tokenizer=_tokenizer(), text_encoder_2=_t5(32), tokenizer_2=_tokenizer(),
+                        transformer=transformer)
+    return _finish(pipe)
+
+
+BUILDERS = {"sd1": tiny_sd1, "sd2": tiny_sd2_vpred, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}
 
 
 def run(pipe, prompt: str = "a photo of a cat", seed: int = 0, steps: int = 2) -> torch.Tensor:
@@ -107,24 +158,30 @@ def run(pipe, prompt: str = "a photo of a cat", seed: int = 0, steps: int = 2) -
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# every attention projection of SD3 / FLUX blocks, image and text stream (FLUX single blocks: to_q/k/v)
+DIT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
 def make_patch(pipe, path, concept: str, seed: int = 1, rank: int = 4, alpha: float = 2.0, text: bool = True,
-               scale: float = 0.3, method: str = "test"):
-    """Write a random forget patch for `pipe` (alpha != rank on purpose) and leave `pipe` as it was."""
+               scale: float = 0.3, method: str = "test", targets=None):
+    """Write a random forget patch for `pipe` (alpha != rank on purpose) and leave `pipe` as it was.
+    `targets`: the denoiser's LoRA targets (default: every attention projection)."""
     import json
 
     from peft import LoraConfig
 
+    from patchforge.backbones import for_pipe
     from patchforge.patch_format import save_patch_from_pipeline
 
     name = f"_tmp_{seed}"
     torch.manual_seed(seed)
-    parts = [pipe.unet] + ([pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None)
-                                                   else []) if text else [])
+    models = for_pipe(pipe).models()
+    denoiser = next(iter(models.values()))
+    parts = [denoiser] + ([m for m in list(models.values())[1:]] if text else [])
     for model in parts:
-        targets = UNET_TARGETS if model is pipe.unet else TEXT_TARGETS
-        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False),
+        default = UNET_TARGETS if model is getattr(pipe, "unet", None) else DIT_TARGETS
+        own = (targets or default) if model is denoiser else TEXT_TARGETS
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=own, init_lora_weights=False),
                           adapter_name=name)
         with torch.no_grad():  # random A and B of a size that visibly changes the outputs
             for n, p in model.named_parameters():

@@ -12,12 +12,21 @@ the first registered family whose `matches(pipe)` is true.
     add_noise()        x0, noise, t -> x_t (the forward process the family was trained with)
     noised()           x0, a seeded generator -> (x_t, t, noise) at random timesteps
     training_target()  what the denoiser predicts: epsilon, v, or a flow-matching velocity
+    sampler()          a fresh scheduler set to N steps, for sampling by hand (attacks)
+    guidance_distilled True when sampling runs no classifier-free pair (FLUX.1-dev's guidance embedding)
     predict()          the denoiser call, with every extra input the family needs
     text_attention()   the attention blocks that read the text (what attention-hooking methods hook)
     text_kv()          their key/value projections (what closed-form and keep terms act on)
+    text_kv_reads_text True when text_kv() reads the text encoder's output itself (UNet cross-attention);
+                       False in joint attention, where they read the transformer's own text stream
+    attention_recorder() an attention processor for text_attention() that records the mass image
+                       queries put on the concept's text columns (FMN)
+    concept_mask()     prompts, words -> (prompts, text tokens) mask of the concept's columns
     family_name()      the readable family written into patch metadata
+    folder_family()    (family name, denoiser config) of a diffusers folder of this family, else None
 
-Adding a family (SD3, FLUX): a new module beside sd_unet.py; see docs/architecture.md.
+Families: sd_unet.py (SD 1.x / 2.x / XL), sd3.py (SD3 / SD3.5), flux.py (FLUX.1); a new family is a new
+module beside them, see docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -65,7 +74,22 @@ class Backbone(Protocol):
 
     def native_size(self) -> int: ...
 
+    text_kv_reads_text: bool
+
+    def attention_recorder(self): ...
+
+    def concept_mask(self, prompts: list[str], words: list[str]) -> torch.Tensor: ...
+
     def family_name(self) -> str: ...
+
+    @classmethod
+    def folder_family(cls, folder) -> tuple[str, dict] | None: ...
+
+    @staticmethod
+    def resolution_multiple(config: dict, vae_scale: int) -> int: ...
+
+    @staticmethod
+    def folder_native(folder, config: dict, vae_scale: int) -> int: ...
 
     def encode(self, prompts: list[str], device) -> Cond: ...
 
@@ -76,6 +100,10 @@ class Backbone(Protocol):
     def noised(self, x0: torch.Tensor, generator: torch.Generator): ...
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    guidance_distilled: bool
+
+    def sampler(self, steps: int, latents: torch.Tensor): ...
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, size: int | None = None) -> torch.Tensor: ...
 
@@ -118,6 +146,40 @@ def all_components() -> tuple[str, ...]:
     """Every component name any family's patches may carry (the patch file's allowed prefixes)."""
     _discover()
     return tuple(dict.fromkeys(c for cls in FAMILIES for c in cls.components))
+
+
+def family_of_folder(folder):
+    """(Backbone class, family name, denoiser config) of a diffusers folder, read from its configs
+    without loading anything; None when no family recognises it."""
+    _discover()
+    for cls in FAMILIES:
+        found = cls.folder_family(folder)
+        if found:
+            return cls, *found
+    return None
+
+
+def concept_token_mask(tokenizer, prompts: list[str], words: list[str], length: int | None = None) -> torch.Tensor:
+    """(len(prompts), length) float mask of the token positions spelling any of `words`, as `tokenizer`
+    pads prompts to `length` (default: its model_max_length)."""
+    import torch
+
+    length = length or tokenizer.model_max_length
+    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
+    pieces = {tuple(tokenizer(w, add_special_tokens=False).input_ids) for w in words for w in (w, w.lower())}
+    mask = torch.zeros(len(prompts), length)
+    for row, seq in enumerate(ids):
+        for piece in filter(None, pieces):
+            for i in range(len(seq) - len(piece) + 1):
+                if tuple(seq[i:i + len(piece)]) == piece:
+                    mask[row, i:i + len(piece)] = 1.0
+    return mask
+
+
+def family_components() -> list[tuple[str, ...]]:
+    """Each family's LoRA-carrying components: a patch's components must all belong to one of them."""
+    _discover()
+    return [cls.components for cls in FAMILIES]
 
 
 def text_components() -> tuple[str, ...]:

@@ -3,13 +3,52 @@ embeddings, DDPM noising, epsilon or v prediction. Also the toy model and the te
 which copy the SD 1.x layout."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from ..core.cond import Cond
-from . import register
+from . import concept_token_mask, register
 
 XATTN = r".*attn2\.(to_q|to_k|to_v|to_out\.0)$"  # cross-attention: where text meets image
 XATTN_KV = r".*attn2\.(to_k|to_v)$"
+
+
+class CrossAttentionRecorder:
+    """An attention processor for text-attention layers that computes attention the classic way (explicit
+    softmax, like diffusers' AttnProcessor) and keeps, while recording, the probability mass that
+    each pixel gives to the concept's token columns."""
+
+    def __init__(self):
+        self.mask = None  # (B, tokens) 1.0 on concept tokens; None = not recording
+        self.mass: list[torch.Tensor] = []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        residual = hidden_states
+        ndim = hidden_states.ndim
+        if ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attn.norm_cross and encoder_hidden_states is not None:
+            context = attn.norm_encoder_hidden_states(context)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(query, key, None)  # (B*heads, pixels, tokens)
+        if self.mask is not None and torch.is_grad_enabled() and len(self.mask) * attn.heads == len(probs):
+            m = self.mask.repeat_interleave(attn.heads, dim=0)[:, None, :].to(probs.dtype)
+            self.mass.append((probs * m).sum(-1))  # (B*heads, pixels)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
 
 
 @register
@@ -58,6 +97,14 @@ class SDUNet:
         """The key and value projections of the text attention: the only layers that see text tokens."""
         return [(n, m) for n, m in self.pipe.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
 
+    text_kv_reads_text = True  # cross-attention K/V read the text encoder's output itself
+
+    def attention_recorder(self) -> CrossAttentionRecorder:
+        return CrossAttentionRecorder()
+
+    def concept_mask(self, prompts: list[str], words: list[str]) -> torch.Tensor:
+        return concept_token_mask(self.pipe.tokenizer, prompts, words)
+
     def native_size(self) -> int:
         """Pixels of the checkpoint's own image side."""
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
@@ -79,6 +126,27 @@ class SDUNet:
         # other sizes (toy and test models): name the layout they copy; SD 2.x introduced linear projections
         kind = "sd2-like" if config.get("use_linear_projection") else "sd1-like"
         return f"{kind} (unet {list(config.get('block_out_channels', []))}, cross-attention {xdim})"
+
+    @classmethod
+    def folder_family(cls, folder) -> tuple[str, dict] | None:
+        """From a folder's model_index.json and unet/config.json, without loading."""
+        try:
+            index = json.loads((Path(folder) / "model_index.json").read_text())
+            config = json.loads((Path(folder) / "unet" / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        te2 = isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None
+        return cls.family_from_config(config, te2), config
+
+    @staticmethod
+    def folder_native(folder, config: dict, vae_scale: int) -> int:
+        """native_size() of a folder, before loading."""
+        return config.get("sample_size", 64) * vae_scale
+
+    @staticmethod
+    def resolution_multiple(config: dict, vae_scale: int) -> int:
+        """The UNet halves the latent side once per level: pixels must divide evenly."""
+        return vae_scale * 2 ** (len(config["block_out_channels"]) - 1)
 
     # ---- text
     def encode(self, prompts: list[str], device) -> Cond:
@@ -103,6 +171,17 @@ class SDUNet:
         t = torch.randint(0, self.num_timesteps(), (len(x0),), generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
         return self.add_noise(x0, noise, t), t, noise
+
+    guidance_distilled = False  # sampled with classifier-free guidance
+
+    def sampler(self, steps: int, latents: torch.Tensor):
+        """A DDIM scheduler from the pipeline's config set to `steps` denoising steps (hand-written sampling:
+        the partial-denoising attack)."""
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        sched.set_timesteps(steps)
+        return sched
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the denoiser learnt to predict: epsilon, or v for v-prediction bases (SD 2.x 768)."""

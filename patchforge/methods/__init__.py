@@ -153,14 +153,29 @@ class ProjectionKeeper:
 
     relative to the same quantity for the frozen W (so one weight suits any model width). It needs
     no denoiser call, so it covers every preserve prompt at every step -- the sampled preserve rows only
-    see a few. What it cannot see: to_q / to_out, which act on image features."""
+    see a few. What it cannot see: to_q / to_out, which act on image features.
 
-    def __init__(self, layers: list, cov: torch.Tensor):
-        self.layers, self.cov = layers, cov  # layers: (peft LoRA layer, tr(W C W^T))
+    In joint attention (SD3, FLUX) the text K/V read the transformer's own text stream, not the
+    encoder's output: H is then each layer's actual input, captured from the frozen base on noised
+    `latents` (text_kv_moments), and every layer has its own C."""
+
+    def __init__(self, layers: list, cov: torch.Tensor | None = None):
+        # layers: (peft LoRA layer, tr(W C W^T)) with one shared C, or (layer, tr(W C W^T), C) per layer
+        self.layers = [(m, ref, cov) for m, ref in layers] if cov is not None else layers
 
     @classmethod
-    def build(cls, trainer, prompts: list[str]) -> "ProjectionKeeper | None":
-        """Call after the LoRA exists (a method's start()); None when no K/V projection carries one."""
+    def build(cls, trainer, prompts: list[str], latents: torch.Tensor | None = None) -> "ProjectionKeeper | None":
+        """Call after the LoRA exists (a method's start()); None when no K/V projection carries one.
+        `latents`: clean latents to noise when the K/V inputs must be captured (joint attention)."""
+        if not trainer.backbone.text_kv_reads_text:
+            moments = text_kv_moments(trainer, prompts, latents)
+            layers = []
+            for name, m in trainer.backbone.text_kv():
+                if has_adapter(m):
+                    s_cc, _, count = moments[name]
+                    cov, w = s_cc / count, m.base_layer.weight.float()
+                    layers.append((m, ((w @ cov) * w).sum(), cov))
+            return cls(layers) if layers else None
         with torch.no_grad():
             h = trainer.embed(prompts, base=True).emb.float().flatten(0, 1)  # (prompts * tokens, dim)
             cov = h.T @ h / len(h)
@@ -173,8 +188,49 @@ class ProjectionKeeper:
 
     def penalty(self) -> torch.Tensor:
         total = 0.0
-        for m, ref in self.layers:
+        for m, ref, cov in self.layers:
             a, b = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
-            gram = a @ self.cov @ a.T  # (r, r)
+            gram = a @ cov @ a.T  # (r, r)
             total = total + ((b @ gram) * b).sum() * m.scaling[ADAPTER] ** 2 / ref
         return total / len(self.layers)
+
+
+def text_kv_moments(trainer, prompts: list[str], latents: torch.Tensor, paired: list[str] | None = None,
+                    seed: int = 0, chunk: int = 8) -> dict[str, tuple]:
+    """What each text K/V projection of a joint-attention transformer reads, from the frozen base:
+    `prompts` on `latents` (cycled) noised at seeded random timesteps. Per layer name:
+    (S_cc = sum of c c^T over every text token c, S_ac = sum of a c^T with a the same token's input
+    under the paired prompt on the same x_t and t (None without `paired`), token count).
+    Sums, not the tokens: a real SD3 has 48 such layers of width 1536."""
+    if latents is None:
+        raise PatchforgeError("this model's text attention is joint attention: its key/value inputs are captured "
+                              "on noised latents, and none were given")
+    layers = trainer.backbone.text_kv()
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def grab(module, args, output):
+            seen[name] = args[0].detach().float().flatten(0, 1)
+        return grab
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers]
+    gen = torch.Generator("cpu").manual_seed(seed)
+    sums: dict[str, list] = {n: [0.0, None, 0] for n, _ in layers}
+    try:
+        for i in range(0, len(prompts), chunk):
+            rows = list(range(i, min(i + chunk, len(prompts))))
+            x_t, t, _ = trainer.backbone.noised(latents[[j % len(latents) for j in rows]], gen)
+            trainer.eps(x_t, t, trainer.embed([prompts[j] for j in rows], base=True), base=True)
+            c = dict(seen)
+            if paired is not None:
+                trainer.eps(x_t, t, trainer.embed([paired[j] for j in rows], base=True), base=True)
+            for name, _ in layers:
+                s = sums[name]
+                s[0] = s[0] + c[name].T @ c[name]
+                s[2] += len(c[name])
+                if paired is not None:
+                    s[1] = (0.0 if s[1] is None else s[1]) + seen[name].T @ c[name]
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: tuple(s) for n, s in sums.items()}

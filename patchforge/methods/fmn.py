@@ -86,55 +86,6 @@ class FMNConfig(MethodConfig):
     warm_start: str = ""
 
 
-class AttentionRecorder:
-    """An attention processor for text-attention layers that computes attention the classic way (explicit
-    softmax, like diffusers' AttnProcessor) and keeps, while recording, the probability mass that
-    each pixel gives to the concept's token columns."""
-
-    def __init__(self):
-        self.mask = None  # (B, tokens) 1.0 on concept tokens; None = not recording
-        self.mass: list[torch.Tensor] = []
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        residual = hidden_states
-        ndim = hidden_states.ndim
-        if ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if attn.norm_cross and encoder_hidden_states is not None:
-            context = attn.norm_encoder_hidden_states(context)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(context))
-        value = attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(query, key, None)  # (B*heads, pixels, tokens)
-        if self.mask is not None and torch.is_grad_enabled() and len(self.mask) * attn.heads == len(probs):
-            m = self.mask.repeat_interleave(attn.heads, dim=0)[:, None, :].to(probs.dtype)
-            self.mass.append((probs * m).sum(-1))  # (B*heads, pixels)
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
-        out = attn.to_out[1](attn.to_out[0](out))
-        if ndim == 4:
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-
-def concept_token_mask(tokenizer, prompts: list[str], words: list[str]) -> torch.Tensor:
-    """(len(prompts), max_length) float mask of the token positions spelling any of `words`."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
-    pieces = {tuple(tokenizer(w, add_special_tokens=False).input_ids) for w in words for w in (w, w.lower())}
-    mask = torch.zeros(len(prompts), tokenizer.model_max_length)
-    for row, seq in enumerate(ids):
-        for piece in filter(None, pieces):
-            for i in range(len(seq) - len(piece) + 1):
-                if tuple(seq[i:i + len(piece)]) == piece:
-                    mask[row, i:i + len(piece)] = 1.0
-    return mask
-
-
 @register("fmn")
 class ForgetMeNot(Method):
     Config = FMNConfig
@@ -142,7 +93,7 @@ class ForgetMeNot(Method):
     def prepare(self):
         self.load_concept_rows()
         self.contrasts = cycle(self.contrast_prompts, len(self.refs))
-        self.mask = concept_token_mask(self.tr.pipe.tokenizer, self.prompts, self.words).to(self.tr.device)
+        self.mask = self.tr.backbone.concept_mask(self.prompts, self.words).to(self.tr.device)
         if self.hp.preserve_on not in ("concept", "own"):
             raise PatchforgeError(f"fmn preserve_on must be 'concept' or 'own', not {self.hp.preserve_on!r}")
         self.pres_refs = self.preserve_refs() if self.hp.preserve_on == "own" and self.hp.preserve_weight > 0 else None
@@ -166,9 +117,9 @@ class ForgetMeNot(Method):
         if self.hp.warm_start:
             self.warm_start()
         kept = self.preserve + [c for c in dict.fromkeys(self.contrast_prompts) if c]
-        self.keeper = ProjectionKeeper.build(self.tr, kept) if self.hp.keep_weight > 0 else None
+        self.keeper = ProjectionKeeper.build(self.tr, kept, self.refs) if self.hp.keep_weight > 0 else None
         # record only in the text attention (cross-attention); self-attention keeps its fast processor
-        self.recorder, self.saved = AttentionRecorder(), {}
+        self.recorder, self.saved = self.tr.backbone.attention_recorder(), {}
         for name, module in self.tr.backbone.text_attention():
             self.saved[name] = (module, module.processor)
             module.set_processor(self.recorder)

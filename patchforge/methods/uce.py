@@ -60,6 +60,9 @@ class UCE(Method):
         if not layers:
             raise PatchforgeError("uce: this model has no text cross-attention key/value projections to edit")
         tr = self.tr
+        if not tr.backbone.text_kv_reads_text:
+            self.prepare_joint(layers)
+            return
         with torch.no_grad():
             c = tr.embed(self.target, base=True).emb.float().flatten(0, 1)  # (targets * tokens, d)
             a = tr.embed(self.anchor, base=True).emb.float().flatten(0, 1)
@@ -72,6 +75,33 @@ class UCE(Method):
                 goal = a @ w0.T - hp.away * (c @ w0.T - a @ w0.T)  # (tokens, out): v*_e
                 rhs = hp.erase_weight * (goal - c @ w0.T).T @ c  # (out, d)
                 self.deltas[name] = torch.linalg.solve(cov, rhs.T).T  # rhs cov⁻¹ (cov is symmetric)
+            self.factors = {n: torch.linalg.svd(d, full_matrices=False) for n, d in self.deltas.items()}
+        self.rank = min(hp.max_rank, max(_energy_rank(s, hp.energy) for _, s, _ in self.factors.values()))
+
+    def prepare_joint(self, layers) -> None:
+        """Joint attention (SD3, FLUX): add_k/add_v read the transformer's text stream, which depends on the
+        block, the timestep and the image, so c_e, a_e and c_p are each layer's actual inputs, captured from
+        the frozen base on the concept's reference latents noised at seeded random timesteps, a_e on the
+        same x_t and t as c_e (methods.text_kv_moments). Only their sums enter the solution:
+
+            ΔW = (1 + away) W0 (S_ac − S_cc) · (C_e + preserve_weight C_p + λ I)⁻¹
+
+        An edit in one block also changes the text stream the next block reads; the capture sees the base's."""
+        from . import text_kv_moments
+
+        hp, tr = self.hp, self.tr
+        refs = self.concept_refs()
+        erased = text_kv_moments(tr, self.target, refs, paired=self.anchor, seed=tr.cfg.seed)
+        kept = text_kv_moments(tr, list(dict.fromkeys(self.preserve + [""])), refs, seed=tr.cfg.seed)
+        self.deltas, self.errors = {}, {}
+        with torch.no_grad():
+            for name, module in layers:
+                s_cc, s_ac, _ = erased[name]
+                cov = hp.erase_weight * s_cc + hp.preserve_weight * kept[name][0]
+                cov += hp.ridge * cov.diagonal().mean() * torch.eye(len(cov), device=cov.device)
+                w0 = getattr(module, "base_layer", module).weight.float()
+                rhs = hp.erase_weight * (1 + hp.away) * w0 @ (s_ac - s_cc)  # (out, d)
+                self.deltas[name] = torch.linalg.solve(cov, rhs.T).T
             self.factors = {n: torch.linalg.svd(d, full_matrices=False) for n, d in self.deltas.items()}
         self.rank = min(hp.max_rank, max(_energy_rank(s, hp.energy) for _, s, _ in self.factors.values()))
 

@@ -1,0 +1,287 @@
+"""Stable Diffusion 3 / 3.5 (MMDiT): a transformer denoiser with joint attention over image and text
+tokens, two CLIP text encoders plus an optional T5, flow matching.
+
+What the seam's members mean here:
+
+- Prompt encoding is the pipeline's own `encode_prompt`: the token sequence the transformer reads is
+  [CLIP-L ‖ CLIP-G on the feature axis, padded to the T5 width] followed by the T5 tokens (zeros
+  when the pipeline has no T5), and the pooled embedding is [CLIP-L pooled ‖ CLIP-G pooled].
+- Noising is the flow's straight line x_t = (1 − σ) x0 + σ ε with σ from the scheduler's own
+  training table (its `shift` applied, as the diffusers training scripts draw it); `t` is the
+  timestep the transformer takes, σ · num_train_timesteps. The target is the velocity ε − x0.
+- Text attention: in a joint-attention block image and text tokens attend together. The text
+  stream's keys and values come from `add_k_proj` / `add_v_proj`, and the attention mass that
+  image queries put on the concept's text columns plays the role a UNet's cross-attention map
+  plays. Blocks of SD3.5's "dual attention" layers also have an image-only `attn2`: not text
+  attention, never hooked.
+- LoRA components follow `SD3LoraLoaderMixin`: transformer, text_encoder, text_encoder_2 (the CLIPs;
+  T5 has no LoRA path in diffusers, so patches never touch it).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..core.cond import Cond
+from . import concept_token_mask, register
+
+TEXT_STREAM = r".*attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)$"  # the text stream of joint attention
+TEXT_KV = r".*attn\.(add_k_proj|add_v_proj)$"  # what the image queries read from the text
+T5_LENGTH = 256  # the pipeline's default max_sequence_length, used for training and generation alike
+
+
+class FlowMatching:
+    """Flow-matching noising, target and latents for the transformer families (SD3 and FLUX)."""
+
+    def _training_schedule(self):
+        """The scheduler's training-time timesteps (a fresh copy: generation resets the pipeline's own)."""
+        if getattr(self, "_train_sched", None) is None:
+            sched = self.pipe.scheduler
+            self._train_sched = type(sched).from_config(sched.config)
+        return self._train_sched
+
+    def num_timesteps(self) -> int:
+        return self.pipe.scheduler.config.num_train_timesteps
+
+    def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        sigma = (t.float() / self.num_timesteps()).to(like.device)
+        return sigma.reshape(-1, *[1] * (like.dim() - 1))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = (1 − σ) x0 + σ ε: the flow's straight line from data to noise."""
+        s = self.sigma(t, x0)
+        return ((1 - s) * x0.float() + s * noise.float()).to(x0.dtype)
+
+    def noised(self, x0: torch.Tensor, generator: torch.Generator):
+        """x0 at random steps of the scheduler's training table -> (x_t, t, noise), t in timestep units.
+        Indices, then noise, are drawn from the CPU `generator` (same draws on every device)."""
+        table = self._training_schedule().timesteps
+        idx = torch.randint(0, len(table), (len(x0),), generator=generator)
+        t = table[idx].float().to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+        return self.add_noise(x0, noise, t), t, noise
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The velocity the transformer predicts: ε − x0."""
+        return noise - x0
+
+    def sampler(self, steps: int, latents: torch.Tensor):
+        """A fresh copy of the pipeline's flow-matching scheduler set to `steps` denoising steps, shifted
+        for these latents' size where the scheduler shifts dynamically (FLUX), as the pipeline does."""
+        import numpy as np
+
+        sched = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        if not sched.config.get("use_dynamic_shifting"):
+            sched.set_timesteps(steps)
+            return sched
+        cfg = sched.config
+        tokens = latents.shape[1] if latents.dim() == 3 else latents.shape[-1] * latents.shape[-2]
+        slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+        mu = cfg.base_shift + slope * (tokens - cfg.base_image_seq_len)
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        return sched
+
+    # ---- images (the VAE's latents are shifted, then scaled)
+    def _vae_latents(self, images) -> torch.Tensor:
+        vae = self.pipe.vae
+        x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        with torch.no_grad():
+            lat = torch.cat([vae.encode(x[i:i + 8].to(vae.device, vae.dtype)).latent_dist.mean
+                             for i in range(0, len(x), 8)])
+        shift = vae.config.shift_factor or 0.0
+        return (lat - shift) * vae.config.scaling_factor
+
+    def _vae_images(self, latents: torch.Tensor):
+        vae = self.pipe.vae
+        shift = vae.config.shift_factor or 0.0
+        with torch.no_grad():
+            out = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+        return ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    # ---- structure shared by the transformer families
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    def text_encoders(self) -> list:
+        """The LoRA-carrying text encoders (the CLIPs; T5 stays frozen and unpatched)."""
+        return [getattr(self.pipe, c) for c in self.components[1:] if getattr(self.pipe, c, None) is not None]
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {c: getattr(self.pipe, c) for c in self.components if getattr(self.pipe, c, None) is not None}
+
+    def target_pattern(self, key: str | None) -> str | None:
+        return self.TARGETS.get(key, key) if key else None
+
+    def text_kv(self) -> list[tuple[str, torch.nn.Module]]:
+        """The text stream's key and value projections of every joint-attention block."""
+        return [(n, m) for n, m in self.pipe.transformer.named_modules() if n.endswith(("attn.add_k_proj",
+                                                                                         "attn.add_v_proj"))]
+
+    guidance_distilled = False  # classifier-free guidance at sampling time (FLUX.1-dev: a guidance embedding)
+    text_kv_reads_text = False  # their input is the text stream inside the transformer, not the encoder output
+
+    def load_lora(self, state_dict: dict, adapter_name: str, metadata: dict, components) -> None:
+        """Hand a patch to the pipeline's own loaders (SD3LoraLoaderMixin / FluxLoraLoaderMixin)."""
+        try:
+            from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA as low_mem
+        except ImportError:
+            low_mem = False
+        pipe = self.pipe
+        if self.denoiser_name in components:
+            extra = {"network_alphas": None} if self.LOADER_TAKES_ALPHAS else {}
+            pipe.load_lora_into_transformer(state_dict, transformer=pipe.transformer, adapter_name=adapter_name,
+                                            metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=low_mem, **extra)
+        for comp in self.components[1:]:
+            if comp in components:
+                pipe.load_lora_into_text_encoder(state_dict, network_alphas=None, text_encoder=getattr(pipe, comp),
+                                                 prefix=comp, lora_scale=1.0, adapter_name=adapter_name,
+                                                 metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=low_mem)
+
+    @classmethod
+    def _folder_config(cls, folder: Path) -> dict | None:
+        """The transformer config of a diffusers folder of this family, else None."""
+        try:
+            index = json.loads((Path(folder) / "model_index.json").read_text())
+            config = json.loads((Path(folder) / "transformer" / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return config if config.get("_class_name") == cls.TRANSFORMER_CLASS or \
+            index.get("_class_name") in cls.PIPELINE_CLASSES else None
+
+
+class JointAttentionRecorder:
+    """Attention processor for SD3 joint attention that, while recording, computes the softmax
+    explicitly and keeps the mass every image query puts on the concept's text columns (one row per
+    sample and head, like the UNet recorder). Otherwise it hands the call to the original processor."""
+
+    def __init__(self, fallback=None):
+        self.mask = None  # (B, text tokens) 1.0 on concept tokens; None = not recording
+        self.mass: list[torch.Tensor] = []
+        self.fallback = fallback
+
+    def recording(self, batch: int) -> bool:
+        return self.mask is not None and torch.is_grad_enabled() and len(self.mask) == batch
+
+    def keep(self, probs: torch.Tensor, image: slice, text: slice) -> None:
+        """probs (B, heads, queries, keys): the image queries' mass on the concept's text keys."""
+        m = self.mask[:, None, None, :].to(probs.dtype)
+        mass = (probs[:, :, image, text] * m).sum(-1)  # (B, heads, image tokens)
+        self.mass.append(mass.flatten(0, 1))
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if encoder_hidden_states is None or not self.recording(len(hidden_states)):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        b, n_img = hidden_states.shape[:2]
+
+        def heads(x, norm=None):
+            x = x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+            return norm(x) if norm is not None else x
+
+        q = torch.cat([heads(attn.to_q(hidden_states), attn.norm_q),
+                       heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], dim=2)
+        k = torch.cat([heads(attn.to_k(hidden_states), attn.norm_k),
+                       heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=2)
+        v = torch.cat([heads(attn.to_v(hidden_states)), heads(attn.add_v_proj(encoder_hidden_states))], dim=2)
+        probs = F.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+        self.keep(probs, slice(0, n_img), slice(n_img, None))
+        out = (probs @ v).transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
+        hidden, context = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        return attn.to_out[1](attn.to_out[0](hidden)), context
+
+
+@register
+class SD3(FlowMatching):
+    """The backbone of StableDiffusion3Pipeline (SD3, SD3.5 medium / large)."""
+
+    denoiser_name = "transformer"
+    components = ("transformer", "text_encoder", "text_encoder_2")  # SD3LoraLoaderMixin's
+    TARGETS = {"xattn": TEXT_STREAM, "xattn-kv": TEXT_KV, "none": None}
+    TRANSFORMER_CLASS = "SD3Transformer2DModel"
+    PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
+    LOADER_TAKES_ALPHAS = False
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @classmethod
+    def matches(cls, pipe) -> bool:
+        return type(getattr(pipe, "transformer", None)).__name__ == cls.TRANSFORMER_CLASS
+
+    def text_attention(self) -> list[tuple[str, torch.nn.Module]]:
+        """The joint-attention modules (those with a text stream; SD3.5's image-only attn2 is not one)."""
+        return [(n, m) for n, m in self.pipe.transformer.named_modules()
+                if n.endswith(".attn") and getattr(m, "add_k_proj", None) is not None]
+
+    def attention_recorder(self):
+        """A recording processor for text_attention() (FMN hooks it)."""
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        return JointAttentionRecorder(JointAttnProcessor2_0())
+
+    def native_size(self) -> int:
+        return self.pipe.transformer.config.sample_size * self.pipe.vae_scale_factor
+
+    def family_name(self) -> str:
+        return self.family_from_config(dict(self.pipe.transformer.config))
+
+    @staticmethod
+    def family_from_config(config: dict) -> str:
+        """sd3 (SD3 medium), sd3.5-medium, sd3.5-large; a toy-sized copy names its shape."""
+        layers, width = config.get("num_layers"), config.get("caption_projection_dim")
+        if config.get("joint_attention_dim") == 4096 and width in (1536, 2432):
+            if width == 2432:
+                return "sd3.5-large"
+            return "sd3.5-medium" if config.get("dual_attention_layers") else "sd3"
+        return (f"sd3-like (transformer {layers} layers, {config.get('num_attention_heads')} heads of "
+                f"{config.get('attention_head_dim')})")
+
+    @classmethod
+    def folder_family(cls, folder) -> tuple[str, dict] | None:
+        config = cls._folder_config(folder)
+        return (cls.family_from_config(config), config) if config else None
+
+    @staticmethod
+    def folder_native(folder, config: dict, vae_scale: int) -> int:
+        return config.get("sample_size", 128) * vae_scale
+
+    @staticmethod
+    def resolution_multiple(config: dict, vae_scale: int) -> int:
+        return vae_scale * config.get("patch_size", 2)
+
+    # ---- text
+    def encode(self, prompts: list[str], device) -> Cond:
+        emb, _, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None, device=device,
+                                                    num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                                    max_sequence_length=T5_LENGTH)
+        return Cond(emb, pooled)
+
+    def concept_mask(self, prompts: list[str], words: list[str]) -> torch.Tensor:
+        """(prompts, text tokens) 1.0 where the transformer's text sequence spells one of `words`:
+        in the CLIP part and in the T5 part (zeros there when the pipeline has no T5)."""
+        pipe = self.pipe
+        clip = concept_token_mask(pipe.tokenizer, prompts, words)
+        t5 = (concept_token_mask(pipe.tokenizer_3, prompts, words, T5_LENGTH)
+              if getattr(pipe, "text_encoder_3", None) is not None else torch.zeros(len(prompts), T5_LENGTH))
+        return torch.cat([clip, t5], dim=1)
+
+    # ---- diffusion
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, size: int | None = None) -> torch.Tensor:
+        t = t.expand(len(x_t)) if t.dim() == 0 else t
+        return self.pipe.transformer(hidden_states=x_t, timestep=t.to(x_t.dtype), encoder_hidden_states=cond.emb,
+                                     pooled_projections=cond.pooled, return_dict=False)[0]
+
+    def encode_images(self, images) -> torch.Tensor:
+        return self._vae_latents(images)
+
+    def decode(self, latents: torch.Tensor):
+        return self._vae_images(latents)
