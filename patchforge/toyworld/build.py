@@ -71,7 +71,7 @@ def make_components(tokenizer):
     return vae, unet, text_encoder, scheduler
 
 
-def _images(scenes, rng) -> torch.Tensor:
+def render_images(scenes, rng) -> torch.Tensor:
     arr = np.stack([render(s, rng.randrange(1 << 30)) for s in scenes])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
 
@@ -97,7 +97,7 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print) -> dict:
     t0 = time.time()
     scenes = [random_scene(rng) for _ in tqdm(range(cfg.dataset_size), desc="render scenes", leave=False)]
     chunks = tqdm(range(0, len(scenes), 1000), desc="render images")
-    images = torch.cat([_images(scenes[i:i + 1000], rng) for i in chunks])
+    images = torch.cat([render_images(scenes[i:i + 1000], rng) for i in chunks])
     report["stages"]["dataset_s"] = round(time.time() - t0, 1)
 
     # 2. VAE ---------------------------------------------------------------------------------

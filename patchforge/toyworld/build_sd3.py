@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_path, write_text
 from ..errors import PatchforgeError
 from ..pipeline_loading import TOY_MODEL_DIR
-from .build import _images
+from .build import render_images
 from .world import caption, random_scene
 
 T5_PADDING = 256  # StableDiffusion3Pipeline's default max_sequence_length: the zero "T5" tokens it appends
@@ -212,7 +212,7 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
         means, stds = saved["means"], saved["stds"]
         rng.setstate((3, tuple(saved["py_rng"]), None))  # where rendering the images left it
     else:
-        images = torch.cat([_images(scenes[i:i + 1000], rng)
+        images = torch.cat([render_images(scenes[i:i + 1000], rng)
                             for i in tqdm(range(0, len(scenes), 1000), desc="render images")])
         # 2. latents, with SD3's shift and scale: (z - shift) * scale has mean 0 and std 1
         with torch.no_grad():
