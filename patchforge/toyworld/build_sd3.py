@@ -163,15 +163,16 @@ def _model_key(cfg: ToyDiTBuildConfig) -> str:
     return json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("steps", "threads", "checkpoint_every")})
 
 
-def _save_checkpoint(path: Path, step: int, cfg, transformer, ema, opt, sched, rng: random.Random) -> None:
-    state = {"step": step, "key": _model_key(cfg), "transformer": transformer.state_dict(), "ema": ema.state_dict(),
-             "opt": opt.state_dict(), "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-             "py_rng": list(rng.getstate()[1])}
+def _save_checkpoint(path: Path, step: int, cfg, transformer, ema, opt, sched, rng: random.Random,
+                     spent: dict) -> None:
+    state = {"step": step, "key": _model_key(cfg), "spent": spent, "transformer": transformer.state_dict(),
+             "ema": ema.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+             "torch_rng": torch.get_rng_state(), "py_rng": list(rng.getstate()[1])}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path: Path, cfg, transformer, ema, opt, sched, rng: random.Random) -> int:
+def _load_checkpoint(path: Path, cfg, transformer, ema, opt, sched, rng: random.Random) -> tuple[int, dict]:
     state = torch.load(path, weights_only=True)  # our own build artefact, still never unpickled
     if state["key"] != _model_key(cfg):
         raise PatchforgeError(f"{path} is from a build with other settings ({state['key']}); "
@@ -182,7 +183,8 @@ def _load_checkpoint(path: Path, cfg, transformer, ema, opt, sched, rng: random.
     sched.load_state_dict(state["sched"])
     torch.set_rng_state(state["torch_rng"])
     rng.setstate((3, tuple(state["py_rng"]), None))
-    return state["step"]
+    # training time spent before the checkpoint, so a resumed build reports its whole cost
+    return state["step"], state.get("spent", {"train_s": None, "train_cpu_s": None, "losses": []})
 
 
 def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
@@ -239,13 +241,19 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
     ema = copy.deepcopy(transformer).requires_grad_(False)
     ema_params = list(ema.parameters())
-    ckpt, start = out_dir / CHECKPOINT, 0
+    ckpt, start, before = out_dir / CHECKPOINT, 0, {"train_s": 0.0, "train_cpu_s": 0.0, "losses": []}
     if ckpt.exists():
-        start = _load_checkpoint(ckpt, cfg, transformer, ema, opt, sched, rng)
+        start, before = _load_checkpoint(ckpt, cfg, transformer, ema, opt, sched, rng)
         log(f"resuming from {ckpt} at step {start}")
     transformer.set_attn_processor(PaddedJointAttnProcessor())
     bar = tqdm(range(start, cfg.steps), desc="train SD3 transformer", initial=start, total=cfg.steps)
-    losses = []
+    losses = list(before["losses"])
+
+    def spent() -> dict:
+        add = lambda a, b: None if a is None else round(a + b, 1)  # noqa: E731 (None: not recorded)
+        return {"train_s": add(before["train_s"], time.time() - t0),
+                "train_cpu_s": add(before["train_cpu_s"], time.process_time() - c0), "losses": losses[-100:]}
+
     for step in bar:
         idx = torch.randint(0, len(means), (cfg.batch_size,))
         latents = ((means[idx] + stds[idx] * torch.randn_like(means[idx])) - shift) * scale
@@ -271,15 +279,15 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(ckpt, step + 1, cfg, transformer, ema, opt, sched, rng)
+            _save_checkpoint(ckpt, step + 1, cfg, transformer, ema, opt, sched, rng, spent())
     bar.close()
-    steps_run = cfg.steps - start
-    report["stages"]["transformer_s"] = round(time.time() - t0, 1)
-    report["cpu_s"]["transformer"] = round(time.process_time() - c0, 1)
+    total = spent()  # all segments of the build, if it was resumed
+    report["stages"]["transformer_s"], report["cpu_s"]["transformer"] = total["train_s"], total["train_cpu_s"]
     report["resumed_at_step"] = start
-    if steps_run and losses:
-        report["s_per_step"] = round((time.time() - t0) / steps_run, 3)
-        report["cpu_s_per_step"] = round((time.process_time() - c0) / steps_run, 3)
+    if total["train_s"] is not None and cfg.steps:
+        report["s_per_step"] = round(total["train_s"] / cfg.steps, 3)
+        report["cpu_s_per_step"] = round(total["train_cpu_s"] / cfg.steps, 3)
+    if losses:
         report["final_loss_last100"] = round(sum(losses[-100:]) / len(losses[-100:]), 5)
 
     # 4. save: diffusers' own attention processor, the EMA weights --------------------------------
@@ -301,8 +309,10 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
         shutil.copyfile(base / "judges.safetensors", out_dir / "judges.safetensors")
     ckpt.unlink(missing_ok=True)
     cache.unlink(missing_ok=True)
-    report["total_s"] = round(time.time() - t_start, 1)
-    report["total_cpu_s"] = round(time.process_time() - cpu_start, 1)
+    # this process, plus the training of earlier segments when resumed (None: they did not record it)
+    report["total_s"] = None if before["train_s"] is None else round(time.time() - t_start + before["train_s"], 1)
+    report["total_cpu_s"] = (None if before["train_cpu_s"] is None
+                             else round(time.process_time() - cpu_start + before["train_cpu_s"], 1))
     report["parameters"] = {"transformer": sum(p.numel() for p in ema.parameters()),
                             "vae (shared)": sum(p.numel() for p in vae.parameters()),
                             "text_encoder (shared)": sum(p.numel() for p in pipe.text_encoder.parameters())}

@@ -80,8 +80,9 @@ def _train(args) -> int:
         out = args.out or TOY_SD3_DIR
         report = build_toy_dit(out, cfg)
         params = report["parameters"]["transformer"] / 1e6
-        print(f"DiT toy written to {out / 'pipeline'} in {report['total_s'] / 60:.1f} min "
-              f"({report['total_cpu_s'] / 60:.1f} CPU-min; transformer {params:.2f} M parameters); "
+        took = ("in an unrecorded time (resumed from a checkpoint that did not record it)" if report["total_s"] is None
+                else f"in {report['total_s'] / 60:.1f} min ({report['total_cpu_s'] / 60:.1f} CPU-min)")
+        print(f"DiT toy written to {out / 'pipeline'} {took}; transformer {params:.2f} M parameters; "
               f"measure it with `patchforge toy report --model {out / 'pipeline'}`")
         return 0
     from .build import build_toy_model
