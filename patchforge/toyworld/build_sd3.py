@@ -120,7 +120,7 @@ class PaddedJointAttnProcessor:
     Without T5 the pipeline appends 256 zero vectors to the prompt; every block maps them to 256
     identical tokens, so any query's attention gives them 256 equal shares. Two such tokens whose
     attention logits are raised by log(256 / 2) get exactly their total share and give the same output:
-    the same model, computed on 64 + 34 tokens instead of 64 + 288 (about 3x faster on CPU).
+    the same model, computed on 64 + 34 tokens instead of 64 + 288.
     Generation uses diffusers' own processor on the full padding."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
