@@ -234,8 +234,11 @@ class SD3(FlowMatching):
         in the CLIP part and in the T5 part (zeros there when the pipeline has no T5)."""
         pipe = self.pipe
         clip = concept_token_mask(pipe.tokenizer, prompts, words)
+        # a T5 slot with no layers (the DiT toy's, which outputs SD3's no-T5 zeros) carries no words either
+        t5_model = getattr(pipe, "text_encoder_3", None)
+        has_t5 = t5_model is not None and getattr(t5_model.config, "num_layers", 1) > 0
         t5 = (concept_token_mask(pipe.tokenizer_3, prompts, words, T5_LENGTH)
-              if getattr(pipe, "text_encoder_3", None) is not None else torch.zeros(len(prompts), T5_LENGTH))
+              if has_t5 else torch.zeros(len(prompts), T5_LENGTH))
         return torch.cat([clip, t5], dim=1)
 
     # ---- diffusion

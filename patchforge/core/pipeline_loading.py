@@ -12,26 +12,38 @@ from ..errors import PatchforgeError
 
 TOY_MODEL_DIR = Path(__file__).parents[1] / "toy_model"  # patchforge/toy_model
 TOY_MODEL_ID = "patchforge/toy-sd"  # the name the embedded default goes by in metadata and reports
+# The embedded diffusion-transformer toy (SD3 layout), sharing the UNet toy's VAE, text encoder and judges
+TOY_SD3_DIR = TOY_MODEL_DIR / "sd3"
+TOY_SD3_ID = "patchforge/toy-sd3"
+_TOY_NAMES = {None: TOY_MODEL_ID, "toy": TOY_MODEL_ID, TOY_MODEL_ID: TOY_MODEL_ID, TOY_SD3_ID: TOY_SD3_ID}
+_TOY_FOLDERS = {TOY_MODEL_ID: TOY_MODEL_DIR, TOY_SD3_ID: TOY_SD3_DIR}
+_TOY_BUILD = {TOY_MODEL_ID: "patchforge toy train", TOY_SD3_ID: "patchforge toy train --family sd3"}
 
 
 def resolve_model(model: str | None) -> str:
-    """None or 'toy' -> the embedded default's folder; anything else is passed to diffusers."""
-    if model in (None, "toy", TOY_MODEL_ID):  # by name (a folder inside it is passed to diffusers as is)
-        path = TOY_MODEL_DIR / "pipeline"
+    """None, 'toy' or an embedded toy's name -> its folder; anything else is passed to diffusers."""
+    if model in _TOY_NAMES:  # by name (a folder inside it is passed to diffusers as is)
+        name = _TOY_NAMES[model]
+        path = _TOY_FOLDERS[name] / "pipeline"
         if not (path / "model_index.json").exists():
-            raise FileNotFoundError(f"the embedded toy model is missing at {path}; "
-                                    "rebuild it with `patchforge toy train`")
+            raise FileNotFoundError(f"the embedded toy model {name} is missing at {path}; "
+                                    f"rebuild it with `{_TOY_BUILD[name]}`")
         return str(path)
     return model
 
 
 def model_id(model: str | None) -> str:
-    return TOY_MODEL_ID if is_toy(model) else str(model)
+    if model in _TOY_NAMES:
+        return _TOY_NAMES[model]
+    if not is_toy(model):
+        return str(model)
+    inside = Path(str(model)).expanduser().resolve().is_relative_to(TOY_SD3_DIR.resolve())
+    return TOY_SD3_ID if inside else TOY_MODEL_ID
 
 
 def is_toy(model: str | None) -> bool:
-    """The embedded toy model, by name or by its folder: the one place that decides."""
-    if model in (None, "toy", TOY_MODEL_ID):
+    """An embedded toy model (UNet or DiT), by name or by its folder: the one place that decides."""
+    if model in _TOY_NAMES:
         return True
     path = Path(str(model)).expanduser()
     return path.exists() and path.resolve().is_relative_to(TOY_MODEL_DIR.resolve())

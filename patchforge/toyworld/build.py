@@ -79,7 +79,7 @@ def make_components(tokenizer, image_size: int = 32, vae_blocks: tuple = (32, 64
     return vae, unet, text_encoder, scheduler
 
 
-def _images(scenes, rng, render) -> torch.Tensor:
+def render_images(scenes, rng, render) -> torch.Tensor:
     """uint8 NCHW: a quarter of float32's memory (v2's 40 000 64x64 images: 0.5 GB)."""
     arr = np.stack([render(s, rng.randrange(1 << 30)) for s in scenes])
     # kept in the permuted (channels-last) layout v1 always had: convolutions sum in layout order,
@@ -87,7 +87,7 @@ def _images(scenes, rng, render) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2)
 
 
-def _pixels(images: torch.Tensor) -> torch.Tensor:
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1
 
 
@@ -119,7 +119,7 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
     t0 = time.time()
     scenes = [wm.random_scene(rng) for _ in tqdm(range(cfg.dataset_size), desc="render scenes", leave=False)]
     chunks = tqdm(range(0, len(scenes), 1000), desc="render images")
-    images = torch.cat([_images(scenes[i:i + 1000], rng, wm.render) for i in chunks])
+    images = torch.cat([render_images(scenes[i:i + 1000], rng, wm.render) for i in chunks])
     report["stages"]["dataset_s"] = round(time.time() - t0, 1)
 
     # 2. VAE ---------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
     sched = _cosine_lr(opt, cfg.vae_steps, warmup=100)
     bar = tqdm(range(0 if resumed else cfg.vae_steps), desc="train VAE")  # resumed: the checkpoint's VAE
     for step in bar:
-        x = _pixels(images[torch.randint(0, len(images), (cfg.batch_size // 2,))])
+        x = to_pixels(images[torch.randint(0, len(images), (cfg.batch_size // 2,))])
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
@@ -155,7 +155,7 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
 
     # 3. latents -----------------------------------------------------------------------------
     with torch.no_grad():
-        dists = [vae.encode(_pixels(images[i:i + 500])).latent_dist for i in range(0, len(images), 500)]
+        dists = [vae.encode(to_pixels(images[i:i + 500])).latent_dist for i in range(0, len(images), 500)]
     means = torch.cat([d.mean for d in dists])
     stds = torch.cat([d.std for d in dists])
     scaling = float(1.0 / means.std())

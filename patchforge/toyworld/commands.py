@@ -6,10 +6,18 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..core.atomic import write_text
-from ..core.pipeline_loading import TOY_MODEL_DIR
+from ..core.pipeline_loading import TOY_MODEL_DIR, TOY_SD3_DIR
 
 
-# extra argparse settings for some ToyBuildConfig fields
+def _configs() -> dict:
+    """--family -> its build config class (dataclass fields are the flags of `toy train`)."""
+    from .build import ToyBuildConfig
+    from .build_sd3 import ToyDiTBuildConfig
+
+    return {"sd": ToyBuildConfig, "sd3": ToyDiTBuildConfig}
+
+
+# extra argparse settings for some build-config fields
 TRAIN_FLAGS = {"world": {"choices": ["v1", "v2"],
                          "help": "v1: the shipped 32x32 world; v2: the harder 64x64 world (docs/toy-model.md)"},
                "checkpoint_every": {"help": "UNet steps between resumable checkpoints in OUT/checkpoints (0: none)"}}
@@ -21,15 +29,30 @@ def register(sub) -> None:
     toy = sub.add_parser("toy", help="the embedded toy text-to-image world: rebuild or measure it")
     toy_sub = toy.add_subparsers(dest="toy_verb", metavar="TOY_VERB")
     train = toy_sub.add_parser("train",
-                               help="rebuild the toy model and its judges from a seed (CPU: ~70 min on 2 cores)")
-    train.add_argument("--out", type=Path, default=TOY_MODEL_DIR,
-                       help=f"output folder (default: the shipped one, {TOY_MODEL_DIR})")
-    for f in fields(ToyBuildConfig):
-        train.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                           **TRAIN_FLAGS.get(f.name, {}))
+                               help="rebuild a toy model from a seed: --family sd (UNet, with the judges; CPU: "
+                                    "~70 min on 2 cores) or sd3 (a diffusion transformer on the UNet toy's VAE and "
+                                    "text encoder)")
+    train.add_argument("--family", choices=sorted(_configs()), default="sd",
+                       help="sd: the UNet toy (patchforge/toy-sd); sd3: the SD3-layout DiT toy (patchforge/toy-sd3)")
+    train.add_argument("--out", type=Path, default=None,
+                       help=f"output folder (default: the shipped one, {TOY_MODEL_DIR} or {TOY_SD3_DIR})")
+    declared = {}
+    for family, config in _configs().items():
+        for f in fields(config):
+            if f.name in declared:
+                declared[f.name][1].append(family)
+                continue
+            declared[f.name] = (f, [family])
+    for name, (f, families) in declared.items():
+        # default None: each family's own default applies; a flag another family owns is an error
+        extra = dict(TRAIN_FLAGS.get(name, {}))
+        own_help = extra.pop("help", "")
+        train.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=None, **extra,
+                           help=(own_help + "; " if own_help else "") + f"({', '.join(families)}) default: "
+                                + ", ".join(f"{fam} {getattr(_configs()[fam], name)!r}" for fam in families))
     train.add_argument("--resume", action="store_true",
-                       help="continue an interrupted build of --out from its last checkpoint (bit-exactly; "
-                            "a fresh build when there is none)")
+                       help="(sd) continue an interrupted build of --out from its last checkpoint (bit-exactly; "
+                            "a fresh build when there is none; the sd3 build always resumes from its checkpoint)")
     train.set_defaults(func=_train)
     judges = toy_sub.add_parser("judges",
                                 help="retrain only the judges of a built toy model (uses its VAE; same result as "
@@ -53,9 +76,29 @@ def register(sub) -> None:
 
 
 def _train(args) -> int:
-    from .build import ToyBuildConfig, build_toy_model
+    from ..errors import PatchforgeError
 
-    cfg = ToyBuildConfig(**{f.name: getattr(args, f.name) for f in fields(ToyBuildConfig)})
+    config = _configs()[args.family]
+    own = {f.name for f in fields(config)}
+    foreign = [n for c in _configs().values() for n in (f.name for f in fields(c))
+               if n not in own and getattr(args, n, None) is not None]
+    if foreign:
+        raise PatchforgeError(f"--{foreign[0].replace('_', '-')} is no option of `toy train --family {args.family}`")
+    cfg = config(**{n: getattr(args, n) for n in own if getattr(args, n) is not None})
+    if args.family == "sd3":
+        from .build_sd3 import build_toy_dit
+
+        out = args.out or TOY_SD3_DIR
+        report = build_toy_dit(out, cfg)
+        params = report["parameters"]["transformer"] / 1e6
+        took = ("in an unrecorded time (resumed from a checkpoint that did not record it)" if report["total_s"] is None
+                else f"in {report['total_s'] / 60:.1f} min ({report['total_cpu_s'] / 60:.1f} CPU-min)")
+        print(f"DiT toy written to {out / 'pipeline'} {took}; transformer {params:.2f} M parameters; "
+              f"measure it with `patchforge toy report --model {out / 'pipeline'}`")
+        return 0
+    from .build import build_toy_model
+
+    args.out = args.out or TOY_MODEL_DIR
     report = build_toy_model(args.out, cfg, resume=args.resume)
     acc = ", ".join(f"{k} {v:.1%}" for k, v in report["judge_accuracy_real"].items())
     print(f"toy model written to {args.out} in {report['total_s'] / 60:.1f} min; "

@@ -73,7 +73,7 @@ def format_report(r: dict) -> str:
         for n in wm.concepts_of(k):
             lines.append(f"| {k}:{n} | {r['rates']['train'][n]:.0%} | {r['rates']['heldout'][n]:.0%} |")
     lines.append(f"\n{r['seeds_per_concept']} seeds per concept and split, guidance {r['guidance']}, "
-                 f"{r['steps']} DDIM steps; {r['seconds']} s.")
+                 f"{r['steps']} sampler steps; {r['seconds']} s.")
     return "\n".join(lines)
 
 
