@@ -35,20 +35,25 @@ WORLD_BUILD = {"v1": ((32, 64), 32), "v2": ((32, 64, 64), 48)}
 
 
 @dataclass
-class ToyBuildConfig:
+class BuildCommon:
+    """What every toy build shares: the dataset, caption dropout (for guidance), the EMA that ships."""
     seed: int = 0
     dataset_size: int = 40_000
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    threads: int = 0  # 0: torch's default
+
+
+@dataclass
+class ToyBuildConfig(BuildCommon):
     vae_steps: int = 600
     unet_steps: int = 8500
     judge_steps: int = 1200
     batch_size: int = 64
     lr: float = 6e-4
-    caption_dropout: float = 0.1
-    ema_decay: float = 0.999
     # Min-SNR-gamma loss weighting (Hang et al. 2023): stops the many easy low-noise timesteps from
     # dominating the gradient, so the coarse layout and colour, decided at high noise, learn faster.
     min_snr_gamma: float = 5.0
-    threads: int = 0  # 0: torch's default
     world: str = "v1"  # v1: toyworld/world.py, 32x32; v2: toyworld/world_v2.py, 64x64
     checkpoint_every: int = 500  # UNet steps between resumable checkpoints (0: none)
 
@@ -85,6 +90,18 @@ def render_images(scenes, rng, render) -> torch.Tensor:
     # kept in the permuted (channels-last) layout v1 always had: convolutions sum in layout order,
     # so a contiguous copy would change the build's bits
     return torch.from_numpy(arr).permute(0, 3, 1, 2)
+
+
+def ema_step(loss, opt, sched, params, ema_params, ema_decay: float, step: int) -> None:
+    """One optimiser step of a denoiser (gradient clipped to 1) and its EMA update, warmed up early."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():  # one fused call: a Python loop over ~300 tensors costs ~5 % of a step
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -193,14 +210,7 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
         pred = unet(train_sched.add_noise(latents, noise, t), t, cond).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * snr_weight[t]).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():  # one fused call: a Python loop over ~300 tensors costs ~5 % of a step
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        ema_step(loss, opt, sched, params, ema_params, cfg.ema_decay, step)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         last_loss = round(loss.item(), 5)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..core.atomic import atomic_path, write_text
 from ..errors import PatchforgeError
 from ..core.pipeline_loading import TOY_MODEL_DIR
-from .build import render_images, to_pixels
+from .build import BuildCommon, ema_step, render_images, to_pixels
 from .world import caption, random_scene, render
 
 T5_PADDING = 256  # StableDiffusion3Pipeline's default max_sequence_length: the zero "T5" tokens it appends
@@ -41,19 +41,14 @@ LATENTS = "latents.pt"  # the encoded dataset, kept while a build runs, so a res
 
 
 @dataclass
-class ToyDiTBuildConfig:
-    seed: int = 0
-    dataset_size: int = 40_000
+class ToyDiTBuildConfig(BuildCommon):
     steps: int = 1000  # what the shipped build ran (docs/toy-model.md: measured at 250 / 500 / 1000 steps)
     batch_size: int = 32
     lr: float = 1e-3
-    caption_dropout: float = 0.1
-    ema_decay: float = 0.999
     layers: int = 4
     heads: int = 3
     head_dim: int = 32
     checkpoint_every: int = 250
-    threads: int = 0  # 0: torch's default
     base: str = ""  # the UNet toy folder whose VAE, tokenizer, text encoder and judges are reused (default: shipped)
 
 
@@ -174,7 +169,7 @@ def _save_checkpoint(path: Path, step: int, cfg, transformer, ema, opt, sched, r
 
 def _load_checkpoint(path: Path, cfg, transformer, ema, opt, sched, rng: random.Random) -> tuple[int, dict]:
     state = torch.load(path, weights_only=True)  # our own build artefact, still never unpickled
-    if state["key"] != _model_key(cfg):
+    if json.loads(state["key"]) != json.loads(_model_key(cfg)):  # as dicts: field order does not matter
         raise PatchforgeError(f"{path} is from a build with other settings ({state['key']}); "
                               "delete it or build into another --out")
     transformer.load_state_dict(state["transformer"])
@@ -267,14 +262,7 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
         pred = transformer(noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
                            timestep=s * 1000, return_dict=False)[0]
         loss = F.mse_loss(pred, noise - latents)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        ema_step(loss, opt, sched, params, ema_params, cfg.ema_decay, step)
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
