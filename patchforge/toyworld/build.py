@@ -134,8 +134,9 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
 
     # 1. dataset ---------------------------------------------------------------------------
     t0 = time.time()
-    scenes = [wm.random_scene(rng) for _ in tqdm(range(cfg.dataset_size), desc="render scenes", leave=False)]
-    chunks = tqdm(range(0, len(scenes), 1000), desc="render images")
+    scenes = [wm.random_scene(rng)
+              for _ in tqdm(range(cfg.dataset_size), desc="render scenes", leave=False, disable=None)]
+    chunks = tqdm(range(0, len(scenes), 1000), desc="render images", disable=None)
     images = torch.cat([render_images(scenes[i:i + 1000], rng, wm.render) for i in chunks])
     report["stages"]["dataset_s"] = round(time.time() - t0, 1)
 
@@ -143,7 +144,7 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
     t0 = time.time()
     opt = torch.optim.AdamW(vae.parameters(), 2e-3)
     sched = _cosine_lr(opt, cfg.vae_steps, warmup=100)
-    bar = tqdm(range(0 if resumed else cfg.vae_steps), desc="train VAE")  # resumed: the checkpoint's VAE
+    bar = tqdm(range(0 if resumed else cfg.vae_steps), desc="train VAE", disable=None)  # resumed: the checkpoint's VAE
     for step in bar:
         x = to_pixels(images[torch.randint(0, len(images), (cfg.batch_size // 2,))])
         post = vae.encode(x).latent_dist
@@ -196,7 +197,8 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
     last_loss = extra.get("unet_loss")
     if cfg.checkpoint_every and not resumed:  # the VAE stage's result: a resume never redoes it
         checkpoint.save(ckpt, 0, *state, rng, extra)
-    bar = tqdm(range(start, cfg.unet_steps), desc="train UNet + text encoder", initial=start, total=cfg.unet_steps)
+    bar = tqdm(range(start, cfg.unet_steps), desc="train UNet + text encoder", initial=start, total=cfg.unet_steps,
+               disable=None)
     for step in bar:
         idx = torch.randint(0, len(images), (cfg.batch_size,))
         latents = (means[idx] + stds[idx] * torch.randn_like(means[idx])) * scaling
@@ -245,7 +247,7 @@ def build_judges(out_dir: Path, vae, cfg: ToyBuildConfig) -> tuple[float, dict]:
     """Train the judges with the model's own VAE (they must read decoded images) and save them.
     Also `patchforge toy judges`, which reloads the VAE: the result is the same either way."""
     t0 = time.time()
-    bar = tqdm(total=cfg.judge_steps, desc="train judges")
+    bar = tqdm(total=cfg.judge_steps, desc="train judges", disable=None)
     net = train_judge(cfg.judge_steps, seed=cfg.seed + 1000, vae=vae, batch=cfg.batch_size,
                       progress=lambda loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")), world_name=cfg.world)
     bar.close()

@@ -201,7 +201,7 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
 
     # 1. dataset: the same generator, rendered in the same order as the UNet toy's build --------------
     t0, c0 = time.time(), time.process_time()
-    scenes = [random_scene(rng) for _ in tqdm(range(cfg.dataset_size), desc="render scenes", leave=False)]
+    scenes = [random_scene(rng) for _ in tqdm(range(cfg.dataset_size), desc="render scenes", leave=False, disable=None)]
     key = {"seed": cfg.seed, "dataset_size": cfg.dataset_size, "base": str(base.resolve())}
     cache = out_dir / LATENTS
     saved = torch.load(cache, weights_only=True) if cache.exists() else None
@@ -210,11 +210,11 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
         rng.setstate((3, tuple(saved["py_rng"]), None))  # where rendering the images left it
     else:
         images = torch.cat([to_pixels(render_images(scenes[i:i + 1000], rng, render))
-                            for i in tqdm(range(0, len(scenes), 1000), desc="render images")])
+                            for i in tqdm(range(0, len(scenes), 1000), desc="render images", disable=None)])
         # 2. latents, with SD3's shift and scale: (z - shift) * scale has mean 0 and std 1
         with torch.no_grad():
             dists = [vae.encode(images[i:i + 500]).latent_dist
-                     for i in tqdm(range(0, len(images), 500), desc="encode images")]
+                     for i in tqdm(range(0, len(images), 500), desc="encode images", disable=None)]
         means, stds = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
         del images
         with atomic_path(cache) as tmp:
@@ -241,7 +241,7 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
         start, before = _load_checkpoint(ckpt, cfg, transformer, ema, opt, sched, rng)
         log(f"resuming from {ckpt} at step {start}")
     transformer.set_attn_processor(PaddedJointAttnProcessor())
-    bar = tqdm(range(start, cfg.steps), desc="train SD3 transformer", initial=start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc="train SD3 transformer", initial=start, total=cfg.steps, disable=None)
     losses = list(before["losses"])
 
     def spent() -> dict:
