@@ -31,12 +31,13 @@ from tqdm.auto import tqdm
 from ..core.atomic import atomic_path, write_text
 from ..errors import PatchforgeError
 from ..core.pipeline_loading import TOY_MODEL_DIR
+from . import checkpoint
 from .build import BuildCommon, ema_step, render_images, to_pixels
 from .world import caption, random_scene, render
 
 T5_PADDING = 256  # StableDiffusion3Pipeline's default max_sequence_length: the zero "T5" tokens it appends
 FOLDED = 2  # training computes the padding as this many tokens (a CLIP tokenizer needs 2 for BOS and EOS)
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = checkpoint.FILE
 LATENTS = "latents.pt"  # the encoded dataset, kept while a build runs, so a resumed build skips encoding
 
 
@@ -160,26 +161,18 @@ def _model_key(cfg: ToyDiTBuildConfig) -> str:
 
 def _save_checkpoint(path: Path, step: int, cfg, transformer, ema, opt, sched, rng: random.Random,
                      spent: dict) -> None:
-    state = {"step": step, "key": _model_key(cfg), "spent": spent, "transformer": transformer.state_dict(),
-             "ema": ema.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-             "torch_rng": torch.get_rng_state(), "py_rng": list(rng.getstate()[1])}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    checkpoint.save(path, step, {"transformer": transformer, "ema": ema}, {"opt": opt, "sched": sched}, rng,
+                    {"key": _model_key(cfg), "spent": spent})
 
 
 def _load_checkpoint(path: Path, cfg, transformer, ema, opt, sched, rng: random.Random) -> tuple[int, dict]:
-    state = torch.load(path, weights_only=True)  # our own build artefact, still never unpickled
-    if json.loads(state["key"]) != json.loads(_model_key(cfg)):  # as dicts: field order does not matter
-        raise PatchforgeError(f"{path} is from a build with other settings ({state['key']}); "
+    extra = checkpoint.read_extra(path)
+    if json.loads(extra["key"]) != json.loads(_model_key(cfg)):  # as dicts: field order does not matter
+        raise PatchforgeError(f"{path} is from a build with other settings ({extra['key']}); "
                               "delete it or build into another --out")
-    transformer.load_state_dict(state["transformer"])
-    ema.load_state_dict(state["ema"])
-    opt.load_state_dict(state["opt"])
-    sched.load_state_dict(state["sched"])
-    torch.set_rng_state(state["torch_rng"])
-    rng.setstate((3, tuple(state["py_rng"]), None))
+    state = checkpoint.load(path, {"transformer": transformer, "ema": ema}, {"opt": opt, "sched": sched}, rng)
     # training time spent before the checkpoint, so a resumed build reports its whole cost
-    return state["step"], state.get("spent", {"train_s": None, "train_cpu_s": None, "losses": []})
+    return state["step"], extra.get("spent", {"train_s": None, "train_cpu_s": None, "losses": []})
 
 
 def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
