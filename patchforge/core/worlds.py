@@ -14,6 +14,7 @@ This is the one module outside a world's package that names it. A world is a cla
     attack_prompts(concept, n) the target prompts white-box attacks start from
     text_attacks(concept, n)   prompts asking for the concept without its exact wording
     concept_images(concept, n, seed)  real images of the concept (inversion and partial denoising)
+    neutral(concept)           (words, labels): what an erasure should leave in the concept's place
     real_features(judge)       judge features of real images (the Fréchet reference)
     judge(arg)                 its judge ("toy:PATH" -> arg PATH); default_judge(model)
 

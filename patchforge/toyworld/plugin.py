@@ -104,6 +104,12 @@ class ToyWorld:
         return ConceptSpec(kind, name, target, anchor, list(dict.fromkeys(preserve)), to=to, words=words,
                            world=self.name, contrast=contrast)
 
+    def neutral(self, concept: str) -> tuple[str | None, dict]:
+        """What an erasure of `concept` should leave in its place: (prompt words, or None when the concept
+        is simply left out; judge labels kind -> label a neutral replacement shows, {} when the kind has
+        no neutral). See world.neutral."""
+        return world.neutral(concept.lower())
+
     def general_prompts(self) -> list[str]:
         """One canonical prompt of every toy concept."""
         return [world.probes_for(n, world.TRAIN_SPLIT, 1, 0)[0].prompt

@@ -76,6 +76,27 @@ NEIGHBOURS = {
 TRAIN_SPLIT, HELDOUT_SPLIT = "train", "heldout"
 
 
+# What an erasure should leave where the concept was (`neutral`): the plain member of its kind.
+PLAIN_OBJECTS = ("circle", "square", "triangle")
+
+
+def neutral(name: str) -> tuple[str | None, dict]:
+    """The neutral replacement of a concept: (words a prompt uses for it, or None when the concept is
+    simply left out; the judge labels a neutral replacement shows). A style's neutral is solid; an
+    object's a plain shape that is neither the concept nor one of its neighbours; an identity's, no
+    character (v1 has no unnamed characters). v1 has no neutral colour: (None, {}) -- nothing to land on,
+    any colour but the concept and its neighbours counts as "other"."""
+    kind = kind_of(name)
+    if kind == "style":
+        return None, {"style": SOLID}
+    if kind == "object":
+        plain = next(o for o in PLAIN_OBJECTS if o != name and o not in NEIGHBOURS[name])
+        return plain, {"object": plain}
+    if kind == "identity":
+        return None, {"identity": NONE}
+    return None, {}
+
+
 def concepts_of(kind: str) -> list[str]:
     return {"object": list(OBJECTS), "color": list(COLORS), "style": list(STYLES),
             "identity": list(IDENTITIES)}[kind]
