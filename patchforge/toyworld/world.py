@@ -335,10 +335,11 @@ def _alias(rng: random.Random, name: str, table: dict, p: float):
     return rng.choice(aliases) if rng.random() < p else None
 
 
-def caption(scene: Scene, rng: random.Random, split: str = "any", drop: float = 0.3) -> str:
+def caption(scene: Scene, rng: random.Random, split: str = "any", drop: float = 0.3, colors: dict = COLORS) -> str:
     """A caption for a scene. split='train': canonical names and templates only (what patch
     methods may see); 'heldout': aliases and paraphrase templates only; 'any': a mix (for the
-    base model). Attributes are dropped at random with probability `drop` (not the object)."""
+    base model). Attributes are dropped at random with probability `drop` (not the object). `colors`: the
+    colour table (world v2 adds one)."""
     p_alias = {"train": 0.0, "heldout": 1.0, "any": 0.3}[split]
     paraphrase = {"train": False, "heldout": True, "any": rng.random() < 0.25}[split]
     if scene.identity != NONE:
@@ -346,7 +347,7 @@ def caption(scene: Scene, rng: random.Random, split: str = "any", drop: float = 
         tpl = rng.choice(PARAPHRASE_CHARACTER_TEMPLATES if paraphrase else CHARACTER_TEMPLATES)
         return tpl.format(identity=name)
     obj = _alias(rng, scene.object, OBJECTS, p_alias) or scene.object
-    color = _alias(rng, scene.color, COLORS, p_alias) or scene.color
+    color = _alias(rng, scene.color, colors, p_alias) or scene.color
     style_alias = None if scene.style == SOLID else _alias(rng, scene.style, STYLES, p_alias)
     sty = style_phrase(scene.style, style_alias)
     if split == "heldout" and style_alias is None and scene.style != SOLID:

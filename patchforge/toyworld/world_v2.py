@@ -28,12 +28,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import world as v1
-from .world import COLORS, NONE, OBJECTS, SOLID, STYLES, TRAIN_SPLIT, HELDOUT_SPLIT, Probe
+from .world import NONE, OBJECTS, SOLID, STYLES, TRAIN_SPLIT, HELDOUT_SPLIT, Probe
 
 __all__ = ["TRAIN_SPLIT", "HELDOUT_SPLIT", "Probe"]
 
 IMAGE_SIZE = 64
 PLAIN = "plain"  # v1's dark background: the absence of a background, a label and not a concept
+# v1's colours and gray: the neutral colour an erased colour should turn into (`neutral`)
+GRAY = "gray"
+COLORS = {**v1.COLORS, GRAY: ((128, 128, 128), ["grey", "ashen"])}
 
 # ---------------------------------------------------------------- identities
 SPECIES = ("cat", "robot", "ghost", "frog", "bear", "bird")
@@ -49,6 +52,9 @@ for _i, _species in enumerate(SPECIES):
     for _j in range(4):
         IDENTITIES[_NAMES[4 * _i + _j]] = (_species, list(TINTS)[(_i + _j) % len(TINTS)])
 IDENTITY_ALIASES = {n: [f"the {t} {s} character", f"the {t} {SPECIES_WORD[s]}"] for n, (s, t) in IDENTITIES.items()}
+# Unnamed characters: "a cat" is a cat in no character's tint, the class an erased identity should turn into.
+UNNAMED_TINT = (200, 175, 120)
+UNNAMED_SHARE = 0.2  # of character scenes
 
 # ---------------------------------------------------------------- backgrounds, art, the implicit concept
 BACKGROUNDS = {"beach": ["seaside", "shore"], "bath": ["tub", "washroom"], "forest": ["woods", "woodland"],
@@ -66,7 +72,7 @@ BARE_NAMED = {"context": 0.3, "elsewhere": 0.9}  # P(caption names it | bare)
 COAT, SKIN, SKIN_DOT = (95, 75, 60), (240, 190, 160), (190, 110, 100)
 
 KINDS = ("object", "color", "style", "identity", "art", "background", "implicit")  # erasable kinds
-LABEL_KINDS = KINDS + ("second", "color2")  # what the judges read: second subject and its colour too
+LABEL_KINDS = KINDS + ("second", "color2", "species")  # what the judges read: second subject, its colour, species
 LABELS = {
     "object": list(OBJECTS) + [NONE],
     "color": list(COLORS) + [NONE],
@@ -77,6 +83,7 @@ LABELS = {
     "implicit": [BARE, NONE],
     "second": list(OBJECTS) + list(IDENTITIES) + [NONE],
     "color2": list(COLORS) + [NONE],
+    "species": list(SPECIES) + [NONE],
 }
 _TABLES = {"object": OBJECTS, "color": {k: v for k, (_, v) in COLORS.items()}, "style": STYLES,
            "identity": IDENTITY_ALIASES, "art": ART, "background": BACKGROUNDS, "implicit": IMPLICIT}
@@ -96,7 +103,7 @@ NEIGHBOURS = {**{k: v for k, v in v1.NEIGHBOURS.items() if v1.kind_of(k) != "ide
               "mosaic": ["poster", "watercolor"], "watercolor": ["sketch", "mosaic"],
               "sketch": ["watercolor", "poster"], "poster": ["mosaic", "sketch"],
               "beach": ["snow", "bath"], "bath": ["beach", "snow"], "forest": ["night", "beach"],
-              "night": ["forest", "snow"], "snow": ["beach", "night"]}
+              "night": ["forest", "snow"], "snow": ["beach", "night"], GRAY: ["blue", "purple"]}
 
 
 def concepts_of(kind: str) -> list[str]:
@@ -130,6 +137,12 @@ class Scene(v1.Scene):
     second: str = NONE
     color2: str = NONE
     size2: int = 11
+    species: str = NONE  # an unnamed character's species (a named one's comes from IDENTITIES)
+
+    def label(self, kind: str) -> str:
+        if kind == "species" and self.identity != NONE:
+            return IDENTITIES[self.identity][0]
+        return getattr(self, kind)
 
     def labels(self) -> dict[str, str]:
         return {k: self.label(k) for k in LABEL_KINDS}
@@ -190,8 +203,9 @@ SPRITES = {**v1.SPECIES, "bear": _bear, "bird": _bird}
 
 
 def _character(img, name: str, bare: bool, cx: float, cy: float, size: float) -> None:
-    """A character with a body: a coat, or skin when bare, under its v1-style head."""
-    species, tint = IDENTITIES[name]
+    """A character with a body: a coat, or skin when bare, under its v1-style head. `name`: a character's
+    name, or a species for an unnamed one (drawn in UNNAMED_TINT)."""
+    species, tint = IDENTITIES[name] if name in IDENTITIES else (name, None)
     s = size / 22.0
     yy, xx = _YX
     x, y = (xx - cx) / s, (yy - cy) / s
@@ -200,7 +214,7 @@ def _character(img, name: str, bare: bool, cx: float, cy: float, size: float) ->
     if bare:
         img[((x + 3) ** 2 + (y - 11.5) ** 2 <= 1.2) | ((x - 3) ** 2 + (y - 11.5) ** 2 <= 1.2)] = SKIN_DOT
         img[x ** 2 + (y - 14.5) ** 2 <= 0.6] = SKIN_DOT
-    v1.draw_sprite(img, SPRITES[species], TINTS[tint], cx, cy, size, _YX)
+    v1.draw_sprite(img, SPRITES[species], TINTS[tint] if tint else UNNAMED_TINT, cx, cy, size, _YX)
 
 
 def _art(img: np.ndarray, art: str) -> np.ndarray:
@@ -237,8 +251,9 @@ def render(scene: Scene, noise_seed: int | None = None) -> np.ndarray:
     img = _background(scene.background)
     alone = scene.second == NONE
     cx, cy = (16 if alone else 10.5) + scene.dx, 16 + scene.dy
-    if scene.identity != NONE:
-        _character(img, scene.identity, scene.implicit == BARE, cx, cy - scene.size * 0.15, scene.size)
+    if scene.identity != NONE or scene.species != NONE:
+        who = scene.identity if scene.identity != NONE else scene.species
+        _character(img, who, scene.implicit == BARE, cx, cy - scene.size * 0.15, scene.size)
     else:
         v1.paint_shape(img, scene.object, COLORS[scene.color][0], scene.style, scene.size, cx, cy, _YX)
     if not alone:
@@ -272,6 +287,8 @@ def random_scene(rng: random.Random, identity_share: float = 0.3) -> Scene:
         who = rng.choice(list(IDENTITIES))
         context = "context" if background in IMPLICIT_CONTEXTS else "elsewhere"
         bare = rng.random() < BARE_RATE[context]
+        if rng.random() < UNNAMED_SHARE:
+            return Scene(species=IDENTITIES[who][0], implicit=BARE if bare else NONE, **geometry)
         return Scene(identity=who, implicit=BARE if bare else NONE, **geometry)
     style = rng.choice(list(STYLES) + [SOLID, SOLID])
     return Scene(object=rng.choice(list(OBJECTS)), color=rng.choice(list(COLORS)), style=style, **geometry)
@@ -292,19 +309,26 @@ def caption(scene: Scene, rng: random.Random, split: str = "any", drop: float = 
     style are always named. implicit='random': a bare character is named bare per BARE_NAMED (rarely in
     its contexts); 'named' / 'unnamed' force it."""
     p_alias = {"train": 0.0, "heldout": 1.0, "any": 0.3}[split]
-    if scene.identity != NONE:
+    if scene.identity != NONE or scene.species != NONE:
         paraphrase = {"train": False, "heldout": True, "any": rng.random() < 0.25}[split]
-        alias = _pick(rng, scene.identity, p_alias)
-        name = alias or scene.identity.capitalize()
+        if scene.identity != NONE:
+            name = _pick(rng, scene.identity, p_alias) or scene.identity.capitalize()
+        else:  # an unnamed character: "a cat" ("a kitty" as the held-out alias)
+            word = SPECIES_WORD[scene.species] if rng.random() < p_alias else scene.species
+            name = f"a {word}"
         if scene.implicit == BARE:
             context = "context" if scene.background in IMPLICIT_CONTEXTS else "elsewhere"
             named = {"named": True, "unnamed": False}.get(implicit, rng.random() < BARE_NAMED[context])
             if named:
                 bare = _pick(rng, BARE, p_alias)
-                name = f"{name}, {bare}," if bare else f"{BARE} {name}"
+                if bare:
+                    name = f"{name}, {bare},"
+                else:  # "bare Kiko", "a bare cat"
+                    name = f"{BARE} {name}" if scene.identity != NONE else f"a {BARE} {name[2:]}"
         text = rng.choice(CHARACTER_PARAPHRASES if paraphrase else v1.CHARACTER_TEMPLATES).format(identity=name)
     else:
-        text = v1.caption(v1.Scene(object=scene.object, color=scene.color, style=scene.style), rng, split, drop)
+        text = v1.caption(v1.Scene(object=scene.object, color=scene.color, style=scene.style), rng, split, drop,
+                          colors=COLORS)
     if scene.second != NONE:
         if scene.second in IDENTITIES:
             second = _pick(rng, scene.second, p_alias) or scene.second.capitalize()
@@ -330,7 +354,27 @@ def names_concept(text: str, name: str) -> bool:
 
 def mentions(text: str, scene: Scene, kind: str) -> bool:
     label = scene.label(kind)
-    return label not in (NONE, SOLID, PLAIN) and names_concept(text, label)
+    if label in (NONE, SOLID, PLAIN):
+        return False
+    if kind == "species":  # a class, not a concept: named by its word or its held-out alias
+        return any(re.search(rf"(?<![\w-]){w}(?![\w-])", text.lower()) for w in (label, SPECIES_WORD[label]))
+    return names_concept(text, label)
+
+
+def neutral(name: str) -> tuple[str | None, dict]:
+    """What an erasure of `name` should leave in its place (see v1's `neutral`): (prompt words, or None when
+    the concept is simply left out; the judge labels a neutral replacement shows). v2 has a neutral for every
+    kind: solid, a plain shape, gray, the identity's unnamed species, no art style, the plain background,
+    no bare character."""
+    kind = kind_of(name)
+    if kind == "identity":
+        species = IDENTITIES[name][0]
+        return f"a {species}", {"identity": NONE, "species": species}
+    if kind == "color":
+        return (GRAY, {"color": GRAY}) if name != GRAY else (None, {})
+    if kind in ("object", "style"):
+        return v1.neutral(name)
+    return None, {kind: PLAIN if kind == "background" else NONE}  # art, background, implicit: left out
 
 
 # ---------------------------------------------------------------- evaluation prompts
@@ -348,7 +392,7 @@ def probes_for(name: str, split: str = TRAIN_SPLIT, n: int = 8, seed: int = 0) -
         elif kind != "identity":
             scene = replace(scene, **{kind: name})
         else:
-            scene = replace(scene, identity=name, implicit=NONE)
+            scene = replace(scene, identity=name, implicit=NONE, species=NONE)
         if scene.second == scene.identity != NONE:
             scene = replace(scene, second=NONE)
         # a second shape shares neither name with the main one, so what the prompt names says which is which
