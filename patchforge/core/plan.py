@@ -298,10 +298,11 @@ class RunPlan:
     device: torch.device
     capped: bool = False  # budget from --max-memory
     denoiser: str = "UNet"  # what the plan line calls the rows' model
+    vae_scale: int = 8  # pixels per latent (the toys' VAEs: 2)
 
     def line(self, method: str) -> str:
         dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, str(self.dtype))
-        side = self.resolution // 8
+        side = self.resolution // self.vae_scale
         rows = self.denoiser
         return (f"plan: {method} on {self.family_name}, {self.resolution} px ({side}x{side} latents), {dtype} weights "
                 f"+ fp32 LoRA, batch {self.batch}: {self.steps} steps x {self.grad_rows} {rows} rows with gradients "
@@ -338,7 +339,7 @@ def make_plan(facts: ModelFacts, device: torch.device, *, precision: str, resolu
     est = estimate(facts, dtype, res, grad_rows, ck, loaded)
     plan = RunPlan(facts.family, facts.family_name, dtype, res, b, n_refs, ref_steps, ck, grad_rows, nograd_rows,
                    steps, est, budget, device, bool(max_memory_gib),
-                   "UNet" if "block_out_channels" in facts.denoiser else "transformer")
+                   "UNet" if "block_out_channels" in facts.denoiser else "transformer", facts.vae_scale)
     if est.device_total(device) > budget:
         where = "allowed by --max-memory" if max_memory_gib else f"free on this {device.type}"
         raise PatchforgeError(
