@@ -183,7 +183,7 @@ def invert_latents(pipe, latents: torch.Tensor, steps: int = 40, n_tokens: int =
         soft.vectors.grad = grad
         opt.step()
         soft.vectors.grad = None
-        soft.losses.append(float(loss))
+        soft.losses.append(float(loss.detach()))
         if stop is not None and stop.done(soft.losses[-1]):
             break
     return soft
