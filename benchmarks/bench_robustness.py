@@ -11,8 +11,8 @@ Patch variants (--variants):
     shipped     the shipped default patch (patches/<kind>-<name>.fmn.safetensors), not retrained
 
     .venv/bin/python benchmarks/bench_robustness.py [--model M] [--concepts style:stripes object:star identity:kiko]
-        [--variants default robust] [--attacks ...] [--prompts 4] [--seeds 2] [--skip-eval] [--reuse]
-        [--steps N] [--out benchmarks/robustness.json]
+        [--variants default robust] [--attacks ...] [--prompts 4] [--seeds 2] [--budget KEY=VALUE]
+        [--skip-eval] [--reuse] [--steps N] [--out benchmarks/robustness.json]
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from patchforge.cli import key_value  # noqa: E402
 from patchforge.eval.attacks import attack_patch  # noqa: E402
 from patchforge.eval.evaluation import default_judge, evaluate  # noqa: E402
 from patchforge.core.pipeline_loading import load_pipeline  # noqa: E402
@@ -50,12 +51,14 @@ def main() -> None:
     ap.add_argument("--inner-steps", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=BUDGET["prompts"], help="target prompts attacked per concept")
     ap.add_argument("--seeds", type=int, default=2, help="image seeds per prompt (cells: prompts x seeds images)")
+    ap.add_argument("--budget", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                    help="attack budget override, as `patchforge attack --budget`")
     ap.add_argument("--skip-eval", action="store_true", help="attacks only, no specificity eval")
     ap.add_argument("--reuse", action="store_true", help="attack patches already in --patch-dir instead of retraining")
     ap.add_argument("--out", default="benchmarks/robustness.json")
     ap.add_argument("--patch-dir", default="benchmarks/robustness_patches")
     args = ap.parse_args()
-    budget = {**BUDGET, "prompts": args.prompts}
+    budget = {**BUDGET, "prompts": args.prompts, **dict(args.budget)}
     which = sorted({"text" if a in TEXT else a for a in args.attacks})
     pipe, judge = load_pipeline(args.model, device="cpu"), default_judge(args.model)
     # Rows for (concept, variant) pairs not rerun now are kept, so one can be re-measured without redoing all.

@@ -231,6 +231,13 @@ def test_run_attacks_reports_the_new_attacks(monkeypatch):
     assert pairs and all("car" not in without for _, without in pairs)
     assert "5-token prefix, 2 steps, lr 0.01, 1 target image" in res["unlearndiff"]["metric"]["what"]  # published
     assert "8-token prefix" in res["unlearndiff_strong"]["metric"]["what"]
+    # a concept world's concept (the toy world's prompts and real images on the tiny pipeline)
+    res = attacks.run_attacks(pipe, ["star"], Bright(), {"prompts": 1, "inv_images": 2, "invc_max_steps": 12,
+                                                         "invc_patience": 3}, seeds=1, world=worlds.get("toy"),
+                              which=("inversion_converged",))
+    steps = res["inversion_converged"]["steps"]
+    assert len(steps) == 1 and 3 <= steps[0] <= 12 and f"steps taken: {steps}" in res["inversion_converged"][
+        "metric"]["what"]
 
 
 def test_inversion_until_plateau_stops_and_reports_its_steps():

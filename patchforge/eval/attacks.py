@@ -52,7 +52,7 @@ DEFAULT_BUDGET = {"prompts": 4, "soft_tokens": 4, "soft_steps": 30, "soft_lr": N
                   # UnlearnDiffAtk's published budget (OPTML-Group/Diffusion-MU-Attack: 5 prefix tokens, 40
                   # iterations, Adam lr 0.01 on the embeddings, one target image), and a stronger one
                   "ud_tokens": 5, "ud_steps": 40, "ud_lr": 0.01, "ud_images": 1,
-                  "uds_tokens": 8, "uds_steps": 200, "uds_lr": 0.01, "uds_images": 4,
+                  "uds_tokens": 8, "uds_steps": 120, "uds_lr": 0.01, "uds_images": 2,
                   "ud_source": "base",  # target images: the base model's generations of the prompt, or "world"'s
                   # Ring-A-Bell: strength of the concept vector, prompt pairs it is averaged over
                   "rab_eta": 3.0, "rab_pairs": 16}
@@ -138,11 +138,13 @@ def soft_prompt_attack(pipe, prompts: list[str], steps: int = 30, n_tokens: int 
 
 
 def textual_inversion(pipe, images: np.ndarray, steps: int = 40, n_tokens: int = 2, lr: float | None = None,
-                      seed: int = 0, template: str = "a photo of") -> SoftPrompt:
+                      seed: int = 0, template: str = "a photo of", patience: int = 0, tol: float = 0.01) -> SoftPrompt:
     """Learn K token embeddings that make the (patched) model denoise images of the concept:
-    the plain diffusion loss ||eps_theta(x_t, "a photo of <v>") - eps||^2, as in textual inversion."""
+    the plain diffusion loss ||eps_theta(x_t, "a photo of <v>") - eps||^2, as in textual inversion.
+    patience > 0: until the loss plateaus, `steps` at most (core/soft_tokens.py's Plateau)."""
     latents = for_pipe(pipe).encode_images(np.asarray(images))
-    return invert_latents(pipe, latents, steps=steps, n_tokens=n_tokens, lr=lr, seed=seed, template=template)
+    return invert_latents(pipe, latents, steps=steps, n_tokens=n_tokens, lr=lr, seed=seed, template=template,
+                          patience=patience, tol=tol)
 
 
 # ---------------------------------------------------------------- UnlearnDiffAtk, per prompt
