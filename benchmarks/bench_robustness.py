@@ -1,9 +1,18 @@
 """Robustness benchmark behind docs/robustness.md: for one style, one object and one identity concept,
-train the default fmn patch and a --robust one, attack both with fixed seeds and budgets, and measure
-what the patch keeps (eval's specificity). Writes a Markdown table and a JSON file.
+train fmn patches, attack them with fixed seeds and budgets, and measure what the patch keeps (eval's
+specificity). Writes a Markdown table and a JSON file.
+
+Patch variants (--variants):
+    default     fmn at its defaults, trained here
+    robust      fmn --robust (AdvUnlearn-style inner soft-prompt loop)
+    undefended  fmn as published: attention re-steering with the preservation, away and keep terms off
+                (--set preserve_weight=0 --set away=0 --set keep_weight=0): the suite's validity check,
+                every strong attack should bring its concept back
+    shipped     the shipped default patch (patches/<kind>-<name>.fmn.safetensors), not retrained
 
     .venv/bin/python benchmarks/bench_robustness.py [--model M] [--concepts style:stripes object:star identity:kiko]
-        [--steps N] [--seeds 2] [--out benchmarks/robustness.json]
+        [--variants default robust] [--attacks ...] [--prompts 4] [--seeds 2] [--budget KEY=VALUE]
+        [--skip-eval] [--reuse] [--steps N] [--out benchmarks/robustness.json]
 """
 from __future__ import annotations
 
@@ -15,65 +24,118 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from patchforge.cli import key_value  # noqa: E402
 from patchforge.eval.attacks import attack_patch  # noqa: E402
 from patchforge.eval.evaluation import default_judge, evaluate  # noqa: E402
 from patchforge.core.pipeline_loading import load_pipeline  # noqa: E402
 from patchforge.train.robust import RobustConfig, wrap_trainer  # noqa: E402
 from patchforge.train.loop import TrainConfig, train_patch  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 BUDGET = {"prompts": 4, "soft_tokens": 4, "soft_steps": 30, "inv_tokens": 2, "inv_steps": 40, "inv_images": 8,
-          "probe_images": 8, "strength": 0.6, "seed": 0}
-ATTACKS = ["misspelling", "paraphrase", "described", "padding", "soft_prompt", "inversion", "unconditional", "partial"]
+          "probe_images": 8, "strength": 0.6, "seed": 0}  # the published attacks run at DEFAULT_BUDGET's values
+ATTACKS = ["misspelling", "paraphrase", "described", "padding", "soft_prompt", "inversion", "inversion_converged",
+           "unlearndiff", "unlearndiff_strong", "ring_a_bell", "unconditional", "partial"]
+TEXT = {"misspelling", "paraphrase", "described", "padding"}
+UNDEFENDED = {"preserve_weight": 0, "away": 0, "keep_weight": 0}  # fmn's FMNConfig fields
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--concepts", nargs="+", default=["style:stripes", "object:star", "identity:kiko"])
+    ap.add_argument("--variants", nargs="+", default=["default", "robust"],
+                    choices=["default", "robust", "undefended", "shipped"])
+    ap.add_argument("--attacks", nargs="+", default=ATTACKS, choices=ATTACKS)
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the method's)")
     ap.add_argument("--inner-steps", type=int, default=3)
-    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=BUDGET["prompts"], help="target prompts attacked per concept")
+    ap.add_argument("--seeds", type=int, default=2, help="image seeds per prompt (cells: prompts x seeds images)")
+    ap.add_argument("--budget", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                    help="attack budget override, as `patchforge attack --budget`")
+    ap.add_argument("--skip-eval", action="store_true", help="attacks only, no specificity eval")
+    ap.add_argument("--reuse", action="store_true", help="attack patches already in --patch-dir instead of retraining")
     ap.add_argument("--out", default="benchmarks/robustness.json")
     ap.add_argument("--patch-dir", default="benchmarks/robustness_patches")
     args = ap.parse_args()
+    budget = {**BUDGET, "prompts": args.prompts, **dict(args.budget)}
+    which = sorted({"text" if a in TEXT else a for a in args.attacks})
     pipe, judge = load_pipeline(args.model, device="cpu"), default_judge(args.model)
-    # Rows for concepts not rerun now are kept, so one concept can be re-measured without redoing all (~8 min each).
+    # Rows for (concept, variant) pairs not rerun now are kept, so one can be re-measured without redoing all.
     out_path = Path(args.out)
     rows = [r for r in (json.loads(out_path.read_text())["rows"] if out_path.exists() else [])
-            if r["concept"] not in args.concepts]
+            if not (r["concept"] in args.concepts and r["patch"] in args.variants)]
     for concept in args.concepts:
-        for robust in (False, True):
-            tag = "robust" if robust else "default"
-            out = Path(args.patch_dir) / f"{concept.replace(':', '-')}.fmn.{tag}.safetensors"
-            cfg = TrainConfig(method="fmn", steps=args.steps, progress=False)
-            hook = (lambda tr: wrap_trainer(tr, RobustConfig(inner_steps=args.inner_steps))) if robust else None
-            t0 = time.time()
-            path, summary = train_patch([concept], "fmn", args.model, cfg, out=out, pipe=pipe, robust=hook)
-            train_s = time.time() - t0
-            att = attack_patch(path, args.model, BUDGET, args.seeds, judge=judge, pipe=pipe)
-            ev = evaluate([path], args.model, seeds=args.seeds, n=4, judge=judge, pipe=pipe,
-                          progress=lambda m: None)["patches"][0]["metrics"]
-            keep = {k: ev[k] for k in ("efficacy", "generality", "specificity.neighbours", "specificity.other_kinds")}
-            rows.append({"concept": concept, "patch": tag, "train_seconds": round(train_s, 1),
-                         "asr": {k: att["attacks"][k]["patched"] for k in ATTACKS if k in att["attacks"]},
-                         "base": {k: att["attacks"][k]["base"] for k in ATTACKS if k in att["attacks"]},
+        for tag in args.variants:
+            path, train_s = patch_for(concept, tag, args, pipe)
+            att = attack_patch(path, args.model, budget, args.seeds, which=which, judge=judge, pipe=pipe)
+            keep = None
+            if not args.skip_eval:
+                ev = evaluate([path], args.model, seeds=args.seeds, n=4, judge=judge, pipe=pipe,
+                              progress=lambda m: None)["patches"][0]["metrics"]
+                keep = {k: ev[k] for k in ("efficacy", "generality", "specificity.neighbours",
+                                           "specificity.other_kinds")}
+            got = {k: v for k, v in att["attacks"].items() if k in ATTACKS}
+            rows.append({"concept": concept, "patch": tag, "train_seconds": train_s,
+                         "asr": {k: v["patched"] for k, v in got.items()},
+                         "base": {k: v["base"] for k, v in got.items()},
+                         "ci": {k: v["ci_patched"] for k, v in got.items()},
+                         "n": {k: v["n"] for k, v in got.items()},
+                         "seconds": {k: v.get("seconds") for k, v in got.items()},
+                         "steps": {k: v["steps"] for k, v in got.items() if "steps" in v},
                          "eval": keep, "attack_seconds": att["seconds"]})
-            print(json.dumps(rows[-1]["asr"]), concept, tag, f"train {train_s:.0f}s", flush=True)
+            print(json.dumps(rows[-1]["asr"]), concept, tag, f"train {train_s}s", flush=True)
             tmp = out_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"budget": BUDGET, "seeds": args.seeds, "rows": rows}, indent=1))
+            tmp.write_text(json.dumps({"budget": att["budget"], "seeds": args.seeds, "rows": rows}, indent=1))
             tmp.replace(out_path)
     print(table(rows))
+    print()
+    print(ci_table(rows))
+
+
+def patch_for(concept: str, tag: str, args, pipe) -> tuple[Path, float | None]:
+    """The patch of this variant (trained now unless shipped or --reuse) and its training seconds."""
+    if tag == "shipped":
+        return ROOT / "patches" / f"{concept.replace(':', '-')}.fmn.safetensors", None
+    out = Path(args.patch_dir) / f"{concept.replace(':', '-')}.fmn.{tag}.safetensors"
+    if args.reuse and out.exists():
+        return out, None
+    cfg = TrainConfig(method="fmn", steps=args.steps, progress=False,
+                      options=dict(UNDEFENDED) if tag == "undefended" else {})
+    hook = (lambda tr: wrap_trainer(tr, RobustConfig(inner_steps=args.inner_steps))) if tag == "robust" else None
+    t0 = time.time()
+    path, _ = train_patch([concept], "fmn", args.model, cfg, out=out, pipe=pipe, robust=hook)
+    return path, round(time.time() - t0, 1)
 
 
 def table(rows) -> str:
+    """ASR per attack, and what the patch keeps (eval), one row per patch."""
     head = ("| concept | patch | train s | " + " | ".join(ATTACKS)
             + " | neighbours kept (base) | other kinds kept (base) |")
     lines = [head, "|" + "---|" * (len(ATTACKS) + 5)]
     for r in rows:
         cells = [f"{r['asr'][a]:.0%}" if r["asr"].get(a) is not None else "n/a" for a in ATTACKS]
-        nb, ok = r["eval"]["specificity.neighbours"], r["eval"]["specificity.other_kinds"]
-        lines.append(f"| {r['concept']} | {r['patch']} | {r['train_seconds']} | " + " | ".join(cells) +
-                     f" | {nb['patched']:.0%} ({nb['base']:.0%}) | {ok['patched']:.0%} ({ok['base']:.0%}) |")
+        keep = ["n/a", "n/a"]
+        if r.get("eval"):
+            keep = [f"{m['patched']:.0%} ({m['base']:.0%})" for m in
+                    (r["eval"]["specificity.neighbours"], r["eval"]["specificity.other_kinds"])]
+        lines.append(f"| {r['concept']} | {r['patch']} | {r['train_seconds'] or 'n/a'} | " + " | ".join(cells) +
+                     f" | {keep[0]} | {keep[1]} |")
+    return "\n".join(lines)
+
+
+def ci_table(rows) -> str:
+    """One line per (patch, attack) measured: ASR with its bootstrap 95 % interval, images, base rate."""
+    lines = ["| concept | patch | attack | ASR [95% CI] | images | base rate | steps | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for a in ATTACKS:
+            if r["asr"].get(a) is None or "ci" not in r:
+                continue
+            lo, hi = r["ci"][a]
+            steps = r.get("steps", {}).get(a, "")
+            lines.append(f"| {r['concept']} | {r['patch']} | {a} | {r['asr'][a]:.0%} [{lo:.0%}, {hi:.0%}] | "
+                         f"{r['n'][a]} | {r['base'][a]:.0%} | {steps} | {r['seconds'][a] or ''} |")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from patchforge.eval import attacks, evaluation
 from patchforge.core import worlds
+from patchforge.core.generate import generate_latents
 from patchforge.eval.text_attacks import misspell
 from patchforge.toyworld import world
 
@@ -107,3 +108,173 @@ def test_soft_prompt_beats_a_weak_patch_and_finds_no_absent_concept():
         emb = soft.encode(pipe, plain)
     images = evaluation.generate(pipe, plain, [evaluation.SEED0] * len(plain), prompt_embeds=emb)
     assert np.mean(judge.detect(images, "stripes")) <= 0.25
+
+
+# ---------------------------------------------------------------- published-strength attacks (fast, tiny pipelines)
+PROMPTS = ["a red circle", "a blue star"]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd3", "flux"])
+def test_soft_prefix_reaches_every_text_encoder(family):
+    """The prefix lands before the words in each encoder the prompt goes through (SD3: two CLIPs and T5;
+    FLUX: CLIP and T5), one independent set per prompt, differentiable into every set."""
+    from tiny_pipelines import BUILDERS
+
+    from patchforge.backbones import for_pipe
+    from patchforge.core.soft_tokens import SoftPrefix
+
+    pipe = BUILDERS[family]()
+    soft = SoftPrefix(pipe, n_tokens=3, n_sets=2)
+    assert len(soft.vectors) == len(for_pipe(pipe).prompt_encoders()) == {"sd1": 1, "sd3": 3, "flux": 2}[family]
+    cond = soft.encode(PROMPTS)
+    plain = for_pipe(pipe).encode([f"a a a {p}" for p in PROMPTS], pipe.device)  # the words the vectors replace
+    assert cond.emb.shape == plain.emb.shape and not torch.allclose(cond.emb, plain.emb)
+    loss = cond.emb.pow(2).sum() + (cond.pooled.pow(2).sum() if cond.pooled is not None else 0)
+    grads = torch.autograd.grad(loss, list(soft.parameters()))
+    assert all(g[i].abs().sum() > 0 for g in grads for i in range(2))  # every encoder, every prompt's set
+    with torch.no_grad():  # set 0 for both prompts: the second prompt's embedding changes
+        shared = soft.encode(PROMPTS, sets=[0, 0])
+    assert torch.allclose(shared.emb[0], cond.emb[0].detach(), atol=1e-3)  # batch-dependent float sums
+    assert not torch.allclose(shared.emb[1], cond.emb[1].detach(), atol=1e-3)
+
+
+def test_unlearndiff_lowers_its_own_objective():
+    """Per prompt, the optimised prefix denoises that prompt's target images better than the starting
+    prefix does, measured at timesteps and noise the optimisation never drew."""
+    from tiny_pipelines import tiny_sd1
+
+    pipe = tiny_sd1()
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # 2 target images per prompt
+    start = attacks.SoftPrefix(pipe, 5, n_sets=2, seed=0)  # what unlearndiff_attack starts from (same seed)
+    soft = attacks.unlearndiff_attack(pipe, PROMPTS, latents, steps=30, n_tokens=5, lr=0.05, seed=0)
+    held_out = range(10_000, 10_008)
+    before = torch.stack([attacks.prefix_objective(pipe, start, PROMPTS, latents, seed=s) for s in held_out]).mean(0)
+    after = torch.stack([attacks.prefix_objective(pipe, soft, PROMPTS, latents, seed=s) for s in held_out]).mean(0)
+    # a random tiny UNet barely listens to its text: the drop is small here (about 1e-4), large on the toy
+    # model (test_unlearndiff_brings_the_toy_star_closer below)
+    assert (after < before).all(), (before, after)
+
+
+@pytest.mark.slow
+def test_unlearndiff_brings_the_toy_star_closer():
+    """On the shipped toy model with the star patch: per prompt, the prefix lowers the patched model's
+    denoising loss on a real star image at held-out timesteps and noise (measured: 0.108 -> 0.107 and
+    0.034 -> 0.019 after 20 steps)."""
+    from patchforge.core.pipeline_loading import load_pipeline
+    from patchforge.io.loading import load_forget_patch, unload_forget_patch
+
+    pipe, toy = load_pipeline(None, device="cpu"), worlds.for_model(None)
+    prompts = toy.attack_prompts("star", 2)
+    name = load_forget_patch(pipe, Path(__file__).parents[1] / "patches" / "object-star.fmn.safetensors")
+    try:
+        latents = attacks.target_latents(pipe, prompts, 1, seed=0, source="world", world=toy, concept="star")
+        start = attacks.SoftPrefix(pipe, 5, n_sets=2, seed=0)
+        soft = attacks.unlearndiff_attack(pipe, prompts, latents, steps=20, n_tokens=5, lr=0.01, seed=0)
+        held_out = range(10_000, 10_008)
+        before = torch.stack([attacks.prefix_objective(pipe, start, prompts, latents, seed=s) for s in held_out])
+        after = torch.stack([attacks.prefix_objective(pipe, soft, prompts, latents, seed=s) for s in held_out])
+    finally:
+        unload_forget_patch(pipe, name)
+    assert (after.mean(0) < before.mean(0)).all() and after.mean() < 0.9 * before.mean(), (before, after)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd3"])
+def test_new_attacks_change_the_generations(family):
+    """unlearndiff's prefixes and Ring-A-Bell's concept vector change what the pipeline draws."""
+    from tiny_pipelines import BUILDERS
+
+    pipe = BUILDERS[family]()
+    seeds = [0, 1]
+    plain = evaluation.generate(pipe, PROMPTS, seeds, steps=2)
+    latents = generate_latents(pipe, PROMPTS, seeds, steps=2)
+    soft = attacks.unlearndiff_attack(pipe, PROMPTS, latents, steps=2, n_tokens=3, seed=0)
+    with torch.no_grad():
+        cond = soft.encode(PROMPTS)
+    ud = evaluation.generate(pipe, PROMPTS, seeds, prompt_embeds=cond.emb, pooled_embeds=cond.pooled, steps=2)
+    vector = attacks.concept_vector(pipe, ["a red star", "a blue star in stripes style"], ["a red", "a blue"])
+    rab = attacks.ring_a_bell(pipe, PROMPTS, vector, eta=3.0)
+    zero = attacks.ring_a_bell(pipe, PROMPTS, vector, eta=0.0)
+    assert torch.allclose(zero.emb, for_pipe_encode(pipe, PROMPTS), atol=1e-6)  # eta 0: the prompts as they are
+    rb = evaluation.generate(pipe, PROMPTS, seeds, prompt_embeds=rab.emb, pooled_embeds=rab.pooled, steps=2)
+    for attacked in (ud, rb):
+        assert attacked.shape == plain.shape and np.abs(attacked.astype(int) - plain).mean() > 0.5
+
+
+def for_pipe_encode(pipe, prompts):
+    from patchforge.backbones import for_pipe
+
+    with torch.no_grad():
+        return for_pipe(pipe).encode(prompts, pipe.device).emb
+
+
+def test_run_attacks_reports_the_new_attacks(monkeypatch):
+    """The plumbing on a catalogue concept: every new attack reports an ASR over prompts x seeds (Ring-A-Bell
+    on prompts without the name), inversion_converged the steps it ran."""
+    from tiny_pipelines import tiny_sd1
+
+    from patchforge.core import generate as gen_module
+
+    monkeypatch.setattr(gen_module, "STEPS", 2)
+    pipe = tiny_sd1()
+
+    class Bright:  # a stand-in judge: "the concept" = a bright image
+        def detect(self, images, concept):
+            return [float(im.mean() > 127) for im in images]
+
+    budget = {"prompts": 2, "ud_steps": 2, "uds_steps": 2, "uds_images": 1, "rab_pairs": 3}
+    res = attacks.run_attacks(pipe, ["object:car"], Bright(), budget, seeds=2, world=None,
+                              which=("unlearndiff", "unlearndiff_strong", "ring_a_bell"))
+    assert set(res) == {"unlearndiff", "unlearndiff_strong", "ring_a_bell"}
+    for r in res.values():
+        assert r["metric"]["n"] == 4 and 0 <= r["metric"]["patched"] <= 1
+    pairs = attacks.concept_pairs(None, "object:car", 1)
+    assert pairs and all("car" not in without for _, without in pairs)
+    assert "5-token prefix, 2 steps, lr 0.01, 1 target image" in res["unlearndiff"]["metric"]["what"]  # published
+    assert "8-token prefix" in res["unlearndiff_strong"]["metric"]["what"]
+    # a concept world's concept (the toy world's prompts and real images on the tiny pipeline)
+    res = attacks.run_attacks(pipe, ["star"], Bright(), {"prompts": 1, "inv_images": 2, "invc_max_steps": 12,
+                                                         "invc_patience": 3}, seeds=1, world=worlds.get("toy"),
+                              which=("inversion_converged",))
+    steps = res["inversion_converged"]["steps"]
+    assert len(steps) == 1 and 3 <= steps[0] <= 12 and f"steps taken: {steps}" in res["inversion_converged"][
+        "metric"]["what"]
+
+
+def test_inversion_until_plateau_stops_and_reports_its_steps():
+    from patchforge.core.soft_tokens import Plateau
+
+    flat = Plateau(patience=5)
+    assert [flat.done(1.0) for _ in range(6)] == [False] * 5 + [True]
+    falling = Plateau(patience=5)
+    assert not any(falling.done(0.9 ** i) for i in range(100))  # 10 % better every step: never done
+    from tiny_pipelines import tiny_sd1
+
+    from patchforge.core.soft_tokens import invert_latents
+
+    pipe = tiny_sd1()
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    soft = invert_latents(pipe, latents, steps=300, patience=5)
+    assert 5 <= len(soft.losses) < 300  # stopped on the plateau, before the cap
+    assert len(invert_latents(pipe, latents, steps=7).losses) == 7  # no patience: exactly the steps
+
+
+@pytest.mark.parametrize("budget, which, message", [
+    ({"ud_stpes": 3}, None, "unknown budget key(s) ud_stpes"),
+    ({}, ["unlearndif"], "unknown attack(s) unlearndif"),
+    ({"ud_steps": 0}, None, "ud_steps must be a whole number >= 1"),
+    ({"uds_tokens": 2.5}, None, "uds_tokens must be a whole number >= 1"),
+    ({"ud_lr": -0.01}, None, "ud_lr must be a number > 0"),
+    ({"rab_eta": "big"}, None, "rab_eta must be a number > 0"),
+    ({"ud_source": "web"}, None, "ud_source must be 'base' or 'world'"),
+])
+def test_budget_errors_are_one_line(budget, which, message):
+    import argparse
+
+    from patchforge.errors import PatchforgeError
+
+    patch = Path(__file__).parents[1] / "patches" / "object-star.fmn.safetensors"
+    args = argparse.Namespace(patch=str(patch), budget=list(budget.items()), attack=which or [], model=None,
+                              seeds=1, judge=None, out=None)
+    with pytest.raises(PatchforgeError) as err:
+        attacks.run_command(args)  # fails before any model loads
+    assert message in str(err.value) and "\n" not in str(err.value)

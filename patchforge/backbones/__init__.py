@@ -64,6 +64,8 @@ class Backbone(Protocol):
 
     def text_encoders(self) -> list: ...
 
+    def prompt_encoders(self) -> list: ...
+
     def models(self) -> dict[str, torch.nn.Module]: ...
 
     def target_pattern(self, key: str | None) -> str | None: ...
@@ -134,6 +136,13 @@ class PipelineParts:
     def text_encoders(self) -> list:
         """The LoRA-carrying text encoders this pipeline has (components after the denoiser)."""
         return [getattr(self.pipe, c) for c in self.components[1:] if getattr(self.pipe, c, None) is not None]
+
+    def prompt_encoders(self) -> list:
+        """(tokenizer, text encoder) pairs every prompt goes through, LoRA-carrying or not (FLUX's and SD3's
+        T5 too): where soft tokens (patchforge/core/soft_tokens.py) enter the prompt."""
+        pairs = [(getattr(self.pipe, f"tokenizer{s}", None), getattr(self.pipe, f"text_encoder{s}", None))
+                 for s in ("", "_2", "_3")]
+        return [(tok, te) for tok, te in pairs if tok is not None and te is not None]
 
     def models(self) -> dict[str, torch.nn.Module]:
         """component name -> module, for the components this pipeline has."""

@@ -17,9 +17,10 @@ SEED0 = 1000  # eval's image seeds are SEED0 + 0..seeds-1, the same for base and
 
 def generate(pipe, prompts: list[str], seeds: list[int], negative: list[str] | None = None,
              prompt_embeds: torch.Tensor | None = None, batch: int = 32, steps: int | None = None,
-             guidance: float | None = None) -> np.ndarray:
+             guidance: float | None = None, pooled_embeds: torch.Tensor | None = None) -> np.ndarray:
     """One image per (prompt, seed): uint8 NHWC. Each image has its own generator, so it depends only
-    on its prompt and seed, never on batch composition. `prompt_embeds` (N,L,D) replaces prompts.
+    on its prompt and seed, never on batch composition. `prompt_embeds` (N,L,D) replaces prompts, with
+    `pooled_embeds` (N,D') for the families that also condition on a pooled embedding (SDXL, SD3, FLUX).
     steps / guidance: default STEPS / GUIDANCE of this module, read at call time."""
     steps, guidance = steps or STEPS, GUIDANCE if guidance is None else guidance
     out = []
@@ -27,8 +28,15 @@ def generate(pipe, prompts: list[str], seeds: list[int], negative: list[str] | N
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch]]
         kw = {}
         if prompt_embeds is not None:
+            from ..backbones import for_pipe
+
             kw["prompt_embeds"] = prompt_embeds[i:i + batch]
-            kw["negative_prompt_embeds"] = empty_embeds(pipe, len(gens), negative[i:i + batch] if negative else None)
+            with torch.no_grad():
+                neg = for_pipe(pipe).encode(negative[i:i + batch] if negative else [""] * len(gens), pipe.device)
+            kw["negative_prompt_embeds"] = neg.emb
+            if pooled_embeds is not None:
+                kw["pooled_prompt_embeds"] = pooled_embeds[i:i + batch]
+                kw["negative_pooled_prompt_embeds"] = neg.pooled
         else:
             kw["prompt"] = prompts[i:i + batch]
             if negative:

@@ -1,7 +1,11 @@
 """Soft tokens: K continuous token embeddings spliced into a prompt, and textual inversion.
 
-Shared by the attacks (soft-prompt attack, concept inversion), robust training and fmn's optional
-inversion step, so it imports nothing of either side. SD 1.x / 2.x pipelines (one CLIP text encoder).
+Shared by the attacks (soft-prompt attack, concept inversion, the per-prompt UnlearnDiffAtk prefix),
+robust training and fmn's optional inversion step, so it imports nothing of either side.
+
+    SoftPrompt   a suffix after the prompt's words, SD 1.x / 2.x pipelines (one CLIP text encoder)
+    SoftPrefix   a prefix before the words, in every text encoder the prompt goes through (CLIP, CLIP-G,
+                 T5), so it serves every family through the backbone's own prompt encoding
 """
 from __future__ import annotations
 
@@ -22,6 +26,14 @@ def unsupported(pipe) -> str | None:
             f"pipelines, not {family} yet")
 
 
+def _init_vectors(table: torch.Tensor, token: int, shape: tuple, g: torch.Generator) -> tuple[torch.Tensor, float]:
+    """Soft vectors started at a real token's embedding plus a little noise (10 % of the table's spread,
+    so that vectors of one prompt differ), and that spread: the natural step size of the embedding space."""
+    init = table[token].detach().float().cpu()
+    scale = float(table.detach().float().std())
+    return (init + scale * 0.1 * torch.randn(*shape, init.shape[0], generator=g)).to(table.device), scale
+
+
 class SoftPrompt(torch.nn.Module):
     """K continuous token embeddings appended after a prompt's words (before end-of-text)."""
 
@@ -32,11 +44,8 @@ class SoftPrompt(torch.nn.Module):
             raise PatchforgeError(why)
         table = pipe.text_encoder.get_input_embeddings().weight
         self.placeholder = pipe.tokenizer(init_word, add_special_tokens=False).input_ids[0]
-        g = torch.Generator().manual_seed(seed)
-        init = table[self.placeholder].detach().float().cpu()
-        self.scale = float(table.detach().float().std())
-        self.vectors = torch.nn.Parameter((init + self.scale * 0.1 * torch.randn(n_tokens, init.shape[0], generator=g))
-                                          .to(table.device))
+        vectors, self.scale = _init_vectors(table, self.placeholder, (n_tokens,), torch.Generator().manual_seed(seed))
+        self.vectors = torch.nn.Parameter(vectors)
 
     def token_ids(self, tokenizer, prompts: list[str]):
         """(ids (N, L) with the K placeholder ids before end-of-text, positions (N, K) of those ids)."""
@@ -69,22 +78,112 @@ class SoftPrompt(torch.nn.Module):
         return emb.to(for_pipe(pipe).dtype)
 
 
+class SoftPrefix(torch.nn.Module):
+    """K continuous token embeddings put before a prompt's words, in each text encoder the pipeline's prompt
+    goes through (backbone.prompt_encoders(): CLIP; CLIP-L + CLIP-G (+ T5) for SDXL / SD3; CLIP + T5 for
+    FLUX). A prefix sits at the same token positions whatever the prompt, so the prompt is encoded by the
+    backbone's own `encode` with K copies of `init_word` in front, and a hook on each encoder's token-embedding
+    table writes the vectors over those copies. `n_sets` independent sets: row i of a batch uses set
+    `sets[i]` (one set per prompt for the per-prompt attack)."""
+
+    def __init__(self, pipe, n_tokens: int, n_sets: int = 1, init_word: str = "a", seed: int = 0):
+        super().__init__()
+        if n_tokens < 1 or n_sets < 1:
+            raise PatchforgeError(f"a soft prefix needs at least one token and one set, not {n_tokens} and {n_sets}")
+        self.backbone, self.k, self.n_sets = for_pipe(pipe), n_tokens, n_sets
+        self.text = " ".join([init_word] * n_tokens)
+        g = torch.Generator().manual_seed(seed)
+        self.vectors, self.offsets, self.scales = torch.nn.ParameterList(), [], []
+        for tok, te in self.backbone.prompt_encoders():
+            word = tok(init_word, add_special_tokens=False).input_ids
+            ids = tok(self.text).input_ids
+            offset = ids.index(word[0]) if len(word) == 1 and word[0] in ids else -1
+            if offset < 0 or ids[offset:offset + n_tokens] != word * n_tokens:
+                raise PatchforgeError(f"soft prefix: {init_word!r} is not one token of {type(tok).__name__}; "
+                                      "pick another init word")
+            vectors, scale = _init_vectors(te.get_input_embeddings().weight, word[0], (n_sets, n_tokens), g)
+            self.vectors.append(torch.nn.Parameter(vectors))
+            self.offsets.append(offset)  # after a begin-of-text token (CLIP), at 0 without one (T5)
+            self.scales.append(scale)
+
+    def encode(self, prompts: list[str], sets: list[int] | None = None) -> Cond:
+        """The backbone's Cond of "<prefix> prompt" for each prompt; differentiable w.r.t. the vectors.
+        `sets`: the vector set of each prompt (default: set i for prompt i when there is one set per
+        prompt, else set 0)."""
+        if sets is None:
+            sets = list(range(len(prompts))) if self.n_sets == len(prompts) else [0] * len(prompts)
+        idx = torch.as_tensor(sets)
+        handles = []
+
+        def hook_for(vectors, offset):
+            def hook(module, inputs, output):
+                if output.shape[0] != len(idx):  # a call this prefix does not own (never expected)
+                    return output
+                output = output.clone()
+                output[:, offset:offset + self.k] = vectors[idx.to(vectors.device)].to(output.dtype)
+                return output
+            return hook
+
+        try:
+            for (_, te), vectors, offset in zip(self.backbone.prompt_encoders(), self.vectors, self.offsets):
+                handles += [m.register_forward_hook(hook_for(vectors, offset)) for m in _token_tables(te)]
+            cond = self.backbone.encode([f"{self.text} {p}" for p in prompts], self.backbone.denoiser.device)
+        finally:
+            for h in handles:
+                h.remove()
+        dtype = self.backbone.dtype
+        return Cond(cond.emb.to(dtype), None if cond.pooled is None else cond.pooled.to(dtype))
+
+
+def _token_tables(te) -> list[torch.nn.Module]:
+    """Every embedding module reading the encoder's token table: T5 calls its encoder's own module, which
+    shares the weight of get_input_embeddings() but is not that module (transformers 5)."""
+    table = te.get_input_embeddings().weight
+    return [m for m in te.modules() if isinstance(m, torch.nn.Embedding) and m.weight is table]
+
+
+class Plateau:
+    """Stops a noisy optimisation once it has converged: the exponential moving average of the loss
+    (weight `1 - beta` on the newest value) has not fallen by more than `tol` (relative) below its best
+    for `patience` steps."""
+
+    def __init__(self, patience: int, tol: float = 0.01, beta: float = 0.95):
+        self.patience, self.tol, self.beta = patience, tol, beta
+        self.ema = self.best = None
+        self.since = 0
+
+    def done(self, loss: float) -> bool:
+        self.ema = loss if self.ema is None else self.beta * self.ema + (1 - self.beta) * loss
+        if self.best is None or self.ema < self.best * (1 - self.tol):
+            self.best, self.since = self.ema, 0
+        else:
+            self.since += 1
+        return self.since >= self.patience
+
+
 def invert_latents(pipe, latents: torch.Tensor, steps: int = 40, n_tokens: int = 2, lr: float | None = None,
-                   seed: int = 0, template: str = "a photo of") -> SoftPrompt:
+                   seed: int = 0, template: str = "a photo of", patience: int = 0, tol: float = 0.01) -> SoftPrompt:
     """Textual inversion: K token embeddings <v> that make the pipeline's current UNet denoise the clean
     `latents` when prompted "<template> <v>" -- the plain diffusion loss ||pred(x_t, c) - target||^2
-    (target: what the backbone predicts, epsilon or v). Only the K vectors train."""
+    (target: what the backbone predicts, epsilon or v). Only the K vectors train.
+    patience > 0: run until the loss plateaus (Plateau(patience, tol)), `steps` at most. The returned
+    SoftPrompt carries `losses`, one per step run."""
     backbone = for_pipe(pipe)
     soft = SoftPrompt(pipe, n_tokens, seed=seed)
     opt = torch.optim.Adam([soft.vectors], lr=lr or 0.5 * soft.scale)
     g = torch.Generator("cpu").manual_seed(seed + 1)
     prompts = [template] * len(latents)
+    stop, soft.losses = Plateau(patience, tol) if patience > 0 else None, []
     for _ in range(steps):
         x_t, t, noise = backbone.noised(latents, g)
         target = backbone.training_target(latents, noise, t)
         pred = backbone.predict(x_t, t, Cond(soft.encode(pipe, prompts)))
-        (grad,) = torch.autograd.grad(F.mse_loss(pred.float(), target.float()), [soft.vectors])
+        loss = F.mse_loss(pred.float(), target.float())
+        (grad,) = torch.autograd.grad(loss, [soft.vectors])
         soft.vectors.grad = grad
         opt.step()
         soft.vectors.grad = None
+        soft.losses.append(float(loss.detach()))
+        if stop is not None and stop.done(soft.losses[-1]):
+            break
     return soft
