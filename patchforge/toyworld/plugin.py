@@ -38,12 +38,12 @@ def judges_world(path) -> str:
     read, no judge code imported: training resolves a model's world and must never load a judge). v1's
     judges carry no metadata (judges.save_judge). An unreadable file counts as v1's, as before worlds had
     versions: loading it later says what is wrong."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as f:
             return (f.metadata() or {}).get("world", "v1")
-    except Exception:  # noqa: BLE001 -- any unreadable header (the judge loader reports it)
+    except (OSError, SafetensorError):
         return "v1"
 
 
