@@ -1,6 +1,8 @@
 """Toy world v2 as a concept world: a v2 model (a tiny one, built once per session: conftest.toy_v2_model) is
 claimed by the v2 plug-in and not v1's, its concepts resolve to v2's prompts, training and eval on it use
-them, and the eval reports v2's extra sets. A v1 model asked for a v2-only concept is a one-line error."""
+them, and the eval reports v2's extra sets. A v1 model asked for a v2-only concept is a one-line error.
+The tests on the built model are slow: about 80 CPU-seconds together (build, 2 training steps, an eval with
+1 seed and 2 denoising steps); the others take a few seconds."""
 import json
 
 import pytest
@@ -15,6 +17,7 @@ def _v2_prompts(name: str, n: int = 16) -> set[str]:
     return {p.prompt for p in v2.probes_for(name, v2.TRAIN_SPLIT, n=n, seed=0)}
 
 
+@pytest.mark.slow  # builds the tiny v2 model (once per session)
 def test_each_toy_world_claims_only_its_own_models(toy_v2_model, tmp_path):
     from patchforge.toyworld.judges import JudgeNet, save_judge
 
@@ -83,6 +86,7 @@ def bare_patch(toy_v2_model, tmp_path_factory):
     return out, seen
 
 
+@pytest.mark.slow  # builds the tiny v2 model (once per session)
 def test_training_on_a_v2_model_uses_v2_prompts(bare_patch):
     _, seen = bare_patch
     assert len(seen) == 1
@@ -90,6 +94,7 @@ def test_training_on_a_v2_model_uses_v2_prompts(bare_patch):
     assert set(seen[0]["target"]) == set(ToyWorldV2().resolve("implicit", "bare", None, 0).target)
 
 
+@pytest.mark.slow  # builds the tiny v2 model (once per session)
 def test_eval_on_a_v2_model_reports_the_implicit_set(bare_patch, toy_v2_model, tmp_path, monkeypatch):
     from patchforge.cli import main
 
