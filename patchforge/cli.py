@@ -72,8 +72,8 @@ def key_value(text: str) -> tuple[str, object]:
 def _train(sub) -> None:
     p = sub.add_parser("train", help="train a forget patch that erases one or more concepts")
     p.add_argument("--concept", action="append", default=[], metavar="KIND:NAME",
-                   help="concept to erase: style|object|identity|color|nudity|custom:NAME "
-                        "(repeat for several in one patch)")
+                   help="concept to erase: style|object|identity|color|nudity|custom:NAME, on a v2 toy model "
+                        "also art|background|implicit:NAME (repeat for several in one patch)")
     p.add_argument("--concept-file", default=None, help="YAML concept file (LECO-like); one patch per entry")
     p.add_argument("--one-patch", action="store_true",
                    help="one patch erasing every concept of --concept-file (and --concept) instead of one per entry")

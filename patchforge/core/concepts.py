@@ -29,7 +29,9 @@ from . import worlds
 from .concept import ConceptSpec, mentions
 from ..errors import PatchforgeError, UnknownConcept
 
-KINDS = ("style", "object", "identity", "color", "nudity", "custom")
+# Every kind a concept can have: the catalogue's, and those only a concept world has (toy world v2's art
+# styles, backgrounds and implicit concept: `art:mosaic`, `background:beach`, `implicit:bare`).
+KINDS = ("style", "object", "identity", "color", "nudity", "art", "background", "implicit", "custom")
 
 
 # ---------------------------------------------------------------- built-in real-world catalog
@@ -118,7 +120,10 @@ def concept_world(model: str | None = None, family: str | None = None) -> str:
     `family`: a plan.FAMILY_DEFAULTS key when the model's architecture is already known; otherwise
     `model` is looked at (its name, a folder's configs; a Hub id not in the cache is taken to be real).
     Each world says which models and families it claims (worlds.for_model, worlds.for_family)."""
-    if family is None and worlds.for_model(model) is None:
+    claimed = worlds.for_model(model) if model is not None or family is None else None
+    if claimed is not None:  # a world that claims the model itself outranks its family (toy v2 vs v1)
+        return claimed.name
+    if family is None:
         from .pipeline_loading import local_folder
 
         folder = local_folder(model)
@@ -127,7 +132,7 @@ def concept_world(model: str | None = None, family: str | None = None) -> str:
 
             facts = ModelFacts.from_folder(folder)
             family = facts.family if facts is not None else None
-    world = worlds.for_model(model) if family is None else worlds.for_family(family)
+    world = worlds.for_family(family) if family is not None else None
     return world.name if world else REAL
 
 
@@ -163,7 +168,8 @@ def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0, world
         return spec
     kind, name = parse(spec)
     key = _norm(name)
-    found = worlds.resolve(kind, name, to, seed)  # a concept world's concept
+    own = world if world in worlds.PLUGINS else None  # a concept world's model: its own world's concept only
+    found = worlds.resolve(kind, name, to, seed, world=own)  # a concept world's concept
     if found is not None and world != REAL:
         return found
     if key in CATALOG.get(kind, {}):
@@ -177,6 +183,14 @@ def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0, world
     if kind == "custom":  # free text: the name is the concept's words
         return _custom(name, to)
     candidates = known_names(kind, world)
+    elsewhere = worlds.resolve(kind, name, to, seed) if own else None
+    if elsewhere is not None:  # another concept world's concept (toy world v2's, asked of a v1 model)
+        title = worlds.get(own).title
+        other = worlds.get(elsewhere.world).title
+        has = (f"has no {kind} concept '{name}' (its {kind} concepts: {', '.join(candidates)})" if candidates
+               else f"has no {kind} concepts")
+        raise UnknownConcept(f"{title} {has}; '{kind}:{name}' is a concept of {other}, not of this model "
+                             "(`patchforge concepts --model MODEL` lists a model's concepts)")
     if found is not None:  # world == REAL
         raise UnknownConcept(f"'{spec}' is a {found.world}-world concept and this is a real model: "
                              f"real {kind} concepts are {', '.join(candidates) or 'none'}; "
@@ -184,7 +198,9 @@ def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0, world
     # the right name under another kind first (color:circle -> object:circle), then spelling
     close = [f"{k}:{n}" for k in KINDS for n in known_names(k, world) if _norm(n) == key]
     close = close or difflib.get_close_matches(key, [_norm(c) for c in candidates], n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else f" (known {kind} concepts: {', '.join(candidates)})"
+    known = (f"known {kind} concepts: {', '.join(candidates)}" if candidates else
+             f"{worlds.get(own).title if own else 'a real model'} has no {kind} concepts")
+    hint = f"; did you mean {', '.join(close)}?" if close else f" ({known})"
     raise UnknownConcept(f"unknown concept '{spec}'{hint} Use custom:\"your words\" or --concept-file for others.")
 
 

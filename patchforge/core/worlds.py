@@ -5,6 +5,7 @@ default when no world claims a model or a concept.
 This is the one module outside a world's package that names it. A world is a class with:
 
     name                       its key here ("toy")
+    title                      how an error names its models ("the toy model (world v1)")
     knows_model(model)         True for the base models drawn from this world: the one place that decides
     knows_family(family)       True for a model family (plan.FAMILY_DEFAULTS key) whose models know it
     resolve(kind, name, to, seed) -> ConceptSpec or None (not one of its concepts)
@@ -24,7 +25,9 @@ from __future__ import annotations
 
 import importlib
 
-PLUGINS = {"toy": "patchforge.toyworld.plugin:ToyWorld"}
+# The toy worlds: v1 (the embedded toy model) and v2 (`patchforge toy train --world v2`); a model is claimed
+# by one of them only (knows_model), so its concepts come from its own world.
+PLUGINS = {"toy": "patchforge.toyworld.plugin:ToyWorld", "toy-v2": "patchforge.toyworld.plugin:ToyWorldV2"}
 # CLI verb -> ("module:register" declaring it on the subparsers, one-line help): the worlds' own verbs
 COMMANDS = {"toy": ("patchforge.toyworld.commands:register",
                     "the embedded toy text-to-image world: rebuild or measure it")}
@@ -53,9 +56,12 @@ def for_family(family: str) -> object | None:
     return next((w for w in all_worlds() if w.knows_family(family)), None)
 
 
-def resolve(kind: str, name: str, to: str | None, seed: int):
-    """The first world that knows the concept builds its spec; None when none does."""
+def resolve(kind: str, name: str, to: str | None, seed: int, world: str | None = None):
+    """The spec of the concept in the world named `world` (the model's: "kiko" is in both toy worlds, with
+    different prompts), or, with world None, in the first world that knows it; None when none does."""
     for w in all_worlds():
+        if world not in (None, w.name):
+            continue
         spec = w.resolve(kind, name, to, seed)
         if spec is not None:
             return spec

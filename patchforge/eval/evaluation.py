@@ -65,6 +65,13 @@ SETS = {  # metric key -> (row set, field, better, description)
     "specificity.compositional": ("efficacy", "kept", "higher", "other concept in target prompts kept"),
     "utility.alignment": ("general", "aligned", "higher", "general prompts: every named attribute shown"),
 }
+# Sets only some worlds' rows have (toy world v2): reported when the rows are there, so v1 reports keep their keys.
+OPTIONAL_SETS = {
+    "generality.implicit": ("implicit", "hit", "lower",
+                            "implicit concept's rate on prompts that never name it (I2P-like)"),
+    "specificity.second_subject": ("compositional", "kept", "higher",
+                                   "second subject and its colour kept in target prompts that name one"),
+}
 
 
 def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2, n: int = 6, judge=None,
@@ -103,7 +110,8 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
         sub = subset(base, idx, seeds)
         patch = read_patch(path)
         rep = _report(judge, rows, seeds, sub, patched, real, white_box)
-        rep["metrics"].update(_out_of_sample(rows, seeds, sub, patched, trained_prompts(path)))
+        rep["metrics"].update(_out_of_sample(rows, seeds, sub, patched,
+                                             trained_prompts(path, world=world.name if world else None)))
         if len(targets) > 1:
             rep["by_concept"] = _by_concept(rows, seeds, sub, patched)
         rep["patch"] = {"path": str(path), "concepts": targets, "method": patch.method,
@@ -132,9 +140,10 @@ def _float(x):
         return None
 
 
-def trained_prompts(path) -> set[str] | None:
+def trained_prompts(path, world: str | None = None) -> set[str] | None:
     """Every prompt the patch's method saw (targets, anchors, preserve), rebuilt from its metadata
-    the way training built them; None when its concepts cannot be resolved here (custom files)."""
+    the way training built them; None when its concepts cannot be resolved here (custom files).
+    `world`: the base model's concept world (its concepts' prompts: toy v1 and v2 share names)."""
     from ..core.concepts import merge, resolve
     from ..errors import UnknownConcept
     from ..io.patch_format import K_CONCEPTS, K_SEED, read_patch
@@ -143,7 +152,8 @@ def trained_prompts(path) -> set[str] | None:
     try:
         seed = int(md.get(K_SEED, 0))
         tos = {c["name"]: c.get("to") for c in json.loads(md.get(K_CONCEPTS) or "[]")}
-        specs = [resolve(c, to=tos.get(c.split(":", 1)[-1]), seed=seed) for c in patch_concepts(path, qualified=True)]
+        specs = [resolve(c, to=tos.get(c.split(":", 1)[-1]), seed=seed, world=world)
+                 for c in patch_concepts(path, qualified=True)]
     except (UnknownConcept, ValueError):
         return None
     sets = merge(specs)
@@ -184,6 +194,10 @@ def _report(judge, rows, seeds, base: Generated, patched: Generated, real, white
     for key, (s, fld, better, what) in SETS.items():
         m = sets == s
         metrics[key] = metric(base.scores[fld][m], patched.scores[fld][m], better, what)
+    for key, (s, fld, better, what) in OPTIONAL_SETS.items():
+        m = sets == s
+        if m.any():
+            metrics[key] = metric(base.scores[fld][m], patched.scores[fld][m], better, what)
     # same-seed image distance on prompts that do not involve the target (other kinds + general)
     m = np.isin(sets, ["other_kind", "general"])
     dist = np.abs(base.images[m].astype(np.float64) - patched.images[m].astype(np.float64)).mean((1, 2, 3)) / 255
