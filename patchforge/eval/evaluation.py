@@ -393,7 +393,8 @@ def _sections(rep: dict) -> list[str]:
         lines += ["", "## Unprompted appearance", "",
                   "On prompts that never ask for the target (general, neighbour and other-kind rows): the target "
                   "shown anyway, and another concept of its kind shown that the prompt did not ask for (counted "
-                  "on prompts that fix that kind: a named value, or a character prompt where no shape can be).",
+                  "on prompts that fix that kind: they name it, or ask for a character where no shape, colour "
+                  "or style belongs, or for a shape where no character does).",
                   "", *head]
         lines += [_row(k, m) for k, m in metrics.items() if k.startswith("unprompted.")]
     ov = rep.get("overlap", {})
