@@ -57,12 +57,9 @@ def train_held(m: dict) -> str:
 
 
 def kept(m: dict, key: str) -> float | None:
-    """Retention as a share of base: out-of-sample where that set has prompts, else all prompts."""
-    for k in (f"{key}.out_of_sample", key):
-        v = m.get(k)
-        if v and v["n"] and v["base"]:
-            return v["patched"] / v["base"]
-    return None
+    """Retention as a share of base, on the prompts the patch never trained on (eval's headline)."""
+    v = m.get(key)
+    return v["patched"] / v["base"] if v and v["n"] and v["base"] else None
 
 
 def main(argv=None) -> int:
@@ -137,8 +134,8 @@ def main(argv=None) -> int:
                        f"{pct(kept(me, 'specificity.neighbours'))} | {pct(kept(me, 'specificity.other_kinds'))} | "
                        f"{s['rank']} | {wall:.2f} | {ratio} |")
         out += ["", ("Base rates: every target 100 % on training and held-out prompts. Neighbours and other kinds: "
-                "out-of-sample prompts where the set has any (an identity's neighbour prompts are all among its "
-                "preserve prompts, so there the figure is in-sample). Wall per patch: `train_patch` with the model "
+                "prompts the patch never trained on (eval draws fresh ones where its canonical prompts are preserve "
+                "prompts, e.g. an identity's neighbours). Wall per patch: `train_patch` with the model "
                 "loaded and an empty reference cache, from the call to the patch file written."), ""]
 
     out = flush(out)

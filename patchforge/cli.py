@@ -56,6 +56,23 @@ def positive_float(text: str) -> float:
     return value
 
 
+MAX_EVAL_WEIGHT = 4.0  # patchforge.eval.evaluation.MAX_EVAL_WEIGHT (not imported: it would load torch)
+
+
+def eval_weights(text: str) -> list[float]:
+    """'0,0.25,1' -> [0.0, 0.25, 1.0]: adapter weights for eval's weight response, each from 0 to 4."""
+    out = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} is not a number (give e.g. 0,0.5,1)") from None
+        if not math.isfinite(value) or not 0 <= value <= MAX_EVAL_WEIGHT:
+            raise argparse.ArgumentTypeError(f"weight {part.strip()} is outside 0..{MAX_EVAL_WEIGHT:g}")
+        out.append(value)
+    return out
+
+
 def key_value(text: str) -> tuple[str, object]:
     """KEY=VALUE -> (key, value), the value read as JSON (numbers, true/false) or kept as a word.
     The one parser for `train --set`, `attack --budget` and the benchmarks' --set."""
@@ -133,6 +150,8 @@ def _eval(sub) -> None:
     p.add_argument("--judge", default=None,
                    help="toy (default on the toy model), nudenet, clip:PATH, python:FILE.py:FUNC")
     p.add_argument("--attacks", action="store_true", help="also run the white-box attacks (patchforge attack)")
+    p.add_argument("--weights", type=eval_weights, default=[], metavar="W1,W2,...",
+                   help="also measure the patch at these adapter weights (0 to 4), e.g. 0,0.5,1,1.25")
     p.add_argument("--out", default=None, help="folder for the reports (default: beside each patch)")
     p.set_defaults(run="patchforge.eval.evaluation:run_command")
 

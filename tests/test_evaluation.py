@@ -60,6 +60,9 @@ def tiny(tmp_path_factory):
 
 def test_noop_patch_measures_nothing_and_numbers_reproduce(tiny):
     a, b = tiny
+    # what is drawn instead and what shows up unprompted are among the metrics that must not move
+    assert {"replacement.kept", "replacement.neutral", "replacement.neighbour", "unprompted.target",
+            "unprompted.other_same_kind", "specificity.neighbours.in_sample"} <= set(a["patches"][0]["metrics"])
     for key, m in a["patches"][0]["metrics"].items():
         assert m["change"] == pytest.approx(0, abs=1e-9), key
         assert m["ci_change"][0] <= 1e-9 and m["ci_change"][1] >= -1e-9, key
@@ -83,7 +86,13 @@ def test_reports_have_stable_keys_and_compare_table(tiny, tmp_path):
         assert {"base", "patched", "change", "ci_patched", "ci_change", "n", "better", "what"} == set(m)
     assert {"efficacy", "generality", "specificity.neighbours", "specificity.other_kinds", "specificity.compositional",
             "specificity.image_distance", "utility.frechet", "utility.alignment",
-            "robustness.misspelling"} <= set(js["metrics"])
+            "robustness.misspelling", "specificity.neighbours.in_sample", "specificity.other_kinds.in_sample",
+            "replacement.kept", "replacement.neutral", "replacement.neighbour", "replacement.other",
+            "replacement.absent", "unprompted.target", "unprompted.other_same_kind"} <= set(js["metrics"])
+    assert js["version"] == evaluation.JSON_VERSION == 2
+    assert set(js["overlap"]) == {"neighbour", "other_kind"}
+    assert js["replacement_targets"]["stripes"]["label"] == "solid"
+    assert all(set(p) == {"set", "prompt", "concept", "trained"} for p in js["prompts"])
     assert {"patch_bytes", "training_seconds", "load_seconds", "inference_overhead"} <= set(js["cost"])
     table = (tmp_path / "compare.eval.md").read_text()
     assert "noop.safetensors" in table and "destroy.safetensors" in table

@@ -11,7 +11,9 @@ This is the one module outside a world's package that names it. A world is a cla
     resolve(kind, name, to, seed) -> ConceptSpec or None (not one of its concepts)
     known_names(kind)          its concepts of a kind (for "did you mean" hints)
     general_prompts()          one prompt per concept: what a Fisher estimate averages over
-    eval_rows(targets, n)      the eval's prompt sets for an erasure of `targets`
+    eval_rows(targets, n, avoid)  the eval's prompt sets for an erasure of `targets`; kept concepts get fresh
+                               prompts for those among `avoid` (the prompts the patch trained on)
+    kind_of(concept), neighbours(concept)  a concept's kind and the near neighbours an erasure must keep
     attack_prompts(concept, n) the target prompts white-box attacks start from
     text_attacks(concept, n)   prompts asking for the concept without its exact wording
     concept_images(concept, n, seed)  real images of the concept (inversion and partial denoising)

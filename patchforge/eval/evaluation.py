@@ -7,7 +7,11 @@ change and a paired bootstrap 95% interval (resampling prompt x seed units):
     efficacy       target concept's rate on its training prompts               (lower is better)
     generality     same on held-out aliases / paraphrases no method saw       (lower is better)
     specificity    neighbours of the same kind, concepts of other kinds, compositional prompts
-                   (the other concept must survive), same-seed pixel distance on unrelated prompts
+                   (the other concept must survive), same-seed pixel distance on unrelated prompts.
+                   Neighbours and other kinds are headlined on prompts the patch never trained on;
+                   those among its training (preserve) prompts are reported apart (.in_sample)
+    replacement    what the patched model draws where the target was asked for (patchforge.eval.drawn)
+    unprompted     the target, or another concept of its kind, showing up where nobody asked for it
     utility        Fréchet distance to real toy images in the judge's features, projected on their
                    top 16 principal components (not FID: the judge's CNN, few samples, biased
                    upwards -- compare base vs patched only), and
@@ -15,6 +19,9 @@ change and a paired bootstrap 95% interval (resampling prompt x seed units):
     robustness     the concept's rate under text attacks (patchforge.eval.attacks); white-box attacks
                    join with --attacks
     cost           patch size, training time (patch metadata), load time, inference overhead
+
+With `weights` (`--weights 0,0.5,1`), the target rates and the out-of-sample specificity again at
+each adapter weight of the patch.
 
 Output: <out>.eval.json (stable keys), <out>.eval.md (a table) and <out>.eval.png (rows: prompts;
 columns: base | patched per seed). `--compare P1 P2 ...` puts several patches in one table.
@@ -33,12 +40,16 @@ from ..core.atomic import atomic_path, write_text
 from ..errors import PatchforgeError
 from ..core import generate as generation
 from ..core.generate import SEED0, empty_embeds, generate  # noqa: F401  (generate, empty_embeds: this module's API)
+from . import drawn
 from .judging import default_judge
 from .rows import Generated, Row, dedupe, load_patch, patch_concepts, run_rows, subset, unload_patch
 from .text_attacks import catalogue_attacks
 from .stats import N_BOOT, frechet_metric, metric
 
-JSON_VERSION = 1
+# 2: specificity.neighbours / .other_kinds are out-of-sample (were: all prompts; .out_of_sample is gone,
+#    .in_sample is new); replacement.*, unprompted.*, "overlap", "replacement_targets", "weights" added
+JSON_VERSION = 2
+MAX_EVAL_WEIGHT = 4.0  # a weight response past 4x the trained strength measures a broken model, not the patch
 
 
 # ---------------------------------------------------------------- prompt sets
@@ -74,13 +85,32 @@ OPTIONAL_SETS = {
 }
 
 
+SPLIT = {"specificity.neighbours": "neighbour", "specificity.other_kinds": "other_kind"}  # in/out of sample
+WEIGHT_METRICS = ("efficacy", "generality", "specificity.neighbours", "specificity.other_kinds")
+
+
+def check_weights(weights) -> list[float]:
+    """The weight response's adapter weights: numbers in [0, MAX_EVAL_WEIGHT], checked before any model loads."""
+    out = []
+    for w in weights or []:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) or not \
+                0 <= w <= MAX_EVAL_WEIGHT:
+            raise PatchforgeError(f"eval weights must be numbers from 0 to {MAX_EVAL_WEIGHT:g}, got {w!r}")
+        out.append(float(w))
+    return list(dict.fromkeys(out))
+
+
 def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2, n: int = 6, judge=None,
-             pipe=None, attacks: bool = False, attack_budget: dict | None = None, progress=print) -> dict:
+             pipe=None, attacks: bool = False, attack_budget: dict | None = None, weights=None,
+             progress=print) -> dict:
     """Evaluate each patch against the base model. Returns {"base": ..., "patches": [report, ...]}.
-    Every report has stable keys (see module docstring); nothing here trains anything."""
+    Every report has stable keys (see module docstring); nothing here trains anything. `weights`: also
+    measure the patch at each of these adapter weights (the weight response)."""
     from ..core.pipeline_loading import load_pipeline, model_id
+    from ..io.loading import set_forget_patch_weight
     from ..io.patch_format import K_BASE_ID, K_SECONDS, read_patch
 
+    weights = check_weights(weights)
     t_start = time.perf_counter()
     world = worlds.for_model(model)  # a concept world (the toy) brings its prompt sets; else the catalogue
     judge = judge or default_judge(model)
@@ -88,15 +118,20 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
         pipe = load_pipeline(model, device="cpu" if world else None)
     patches = [Path(p) for p in patches]
     targets_all = [patch_concepts(p, qualified=world is None) for p in patches]
-    # one base run covering every patch's prompt sets (shared rows are generated once)
-    rows_per_patch = [world.eval_rows(t, n) if world else real_rows(t, n) for t in targets_all]
+    trained_all = [trained_prompts(p, world=world.name if world else None) for p in patches]
+    # one base run covering every patch's prompt sets (shared rows are generated once); a world draws
+    # fresh neighbour / other-kind prompts for those the patch trained on, so the headline has enough
+    rows_per_patch = [world.eval_rows(t, n, avoid=tr) if world else real_rows(t, n)
+                      for t, tr in zip(targets_all, trained_all)]
     all_rows, index = dedupe(rows_per_patch)
     progress(f"eval: base model, {len(all_rows) * seeds} images")
     base = run_rows(pipe, judge, all_rows, seeds)
     real = world.real_features(judge) if world and hasattr(judge, "features") else None
     reports = []
-    for path, targets, rows, idx in zip(patches, targets_all, rows_per_patch, index):
+    for path, targets, rows, idx, trained in zip(patches, targets_all, rows_per_patch, index, trained_all):
         t0 = time.perf_counter()
+        sub = subset(base, idx, seeds)
+        in_sample = [trained is not None and r.prompt in trained for r in rows]
         name, load_s = load_patch(pipe, path)
         try:
             progress(f"eval: {path.name}, {len(rows) * seeds} images")
@@ -105,13 +140,22 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
             if attacks:
                 from .attacks import run_attacks
                 white_box = run_attacks(pipe, targets, judge, budget=attack_budget or {}, seeds=seeds, world=world)
+            response = []
+            for w in weights:  # weight 1 is the run above; every other weight is generated again
+                set_forget_patch_weight(pipe, name, w)
+                response.append(_weight_point(pipe, judge, rows, seeds, sub, patched, in_sample, w, progress))
         finally:
             unload_patch(pipe, name)
-        sub = subset(base, idx, seeds)
         patch = read_patch(path)
-        rep = _report(judge, rows, seeds, sub, patched, real, white_box)
-        rep["metrics"].update(_out_of_sample(rows, seeds, sub, patched,
-                                             trained_prompts(path, world=world.name if world else None)))
+        rep = _report(judge, rows, seeds, sub, patched, real, white_box, in_sample, trained is not None)
+        tos = _patch_tos(patch.metadata)
+        if world is not None:
+            rep["replacement_targets"] = drawn.neutrals(world, targets, tos)
+            rep["metrics"].update(drawn.replacement(world, rows, seeds, sub, patched, rep["replacement_targets"]))
+            rep["metrics"].update(drawn.unprompted(world, rows, seeds, sub, patched, targets))
+        rep["overlap"] = _overlap(rows, in_sample, trained is not None)
+        if weights:
+            rep["weights"] = response
         if len(targets) > 1:
             rep["by_concept"] = _by_concept(rows, seeds, sub, patched)
         rep["patch"] = {"path": str(path), "concepts": targets, "method": patch.method,
@@ -126,7 +170,7 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
                            "steps": generation.STEPS, "guidance": generation.GUIDANCE,
                            "image_seeds": [SEED0 + s for s in range(seeds)],
                            "bootstrap": N_BOOT}
-        rep["images"] = {"rows": rows, "base": sub.images, "patched": patched.images,
+        rep["images"] = {"rows": rows, "base": sub.images, "patched": patched.images, "in_sample": in_sample,
                          "attacked": {k: v.pop("images", None) for k, v in white_box.items()}}
         rep["seconds"] = round(time.perf_counter() - t0 + (base.seconds if len(patches) == 1 else 0), 1)
         reports.append(rep)
@@ -160,18 +204,45 @@ def trained_prompts(path, world: str | None = None) -> set[str] | None:
     return set(sets["target"]) | set(sets["anchor"]) | set(sets["preserve"]) | {c for c in sets["contrast"] if c}
 
 
-def _out_of_sample(rows, seeds, base: Generated, patched: Generated, trained: set[str] | None) -> dict:
-    """Neighbour and other-kind retention on the prompts the method never trained to hold (the
-    plain specificity metrics include prompts that are also in its preserve set)."""
-    if trained is None:
+def _patch_tos(md: dict) -> dict[str, str | None]:
+    """concept name -> the replacement (`to`) its training recorded, if any."""
+    from ..io.patch_format import K_CONCEPTS
+
+    try:
+        return {c["name"]: c.get("to") for c in json.loads(md.get(K_CONCEPTS) or "[]")}
+    except (ValueError, TypeError, KeyError):
         return {}
-    expanded = [r for r in rows for _ in range(seeds)]
+
+
+def _overlap(rows, in_sample: list[bool], known: bool) -> dict:
+    """Per kept set: prompts (rows) in all, among the patch's training prompts, and outside them."""
     out = {}
-    for key, what in (("neighbour", "specificity.neighbours"), ("other_kind", "specificity.other_kinds")):
-        m = np.array([r.set == key and r.prompt not in trained for r in expanded])
-        out[f"{what}.out_of_sample"] = metric(base.scores["hit"][m], patched.scores["hit"][m], "higher",
-                                              SETS[what][3] + ", prompts not among those the patch trained on")
+    for s in SPLIT.values():
+        flags = [f for r, f in zip(rows, in_sample) if r.set == s]
+        out[s] = {"prompts": len(flags), "in_sample": sum(flags), "out_of_sample": len(flags) - sum(flags),
+                  "training_prompts_known": known}
     return out
+
+
+def _weight_point(pipe, judge, rows, seeds, base: Generated, patched: Generated, in_sample, weight, progress) -> dict:
+    """The target rates and the out-of-sample specificity with the patch at `weight` (already set)."""
+    keep = [i for i, r in enumerate(rows) if r.set in ("efficacy", "generality")
+            or (r.set in SPLIT.values() and not in_sample[i])]
+    sub_rows = [rows[i] for i in keep]
+    if weight == 1.0:
+        g = subset(patched, keep, seeds)
+    else:
+        progress(f"eval: weight {weight:g}, {len(sub_rows) * seeds} images")
+        g = run_rows(pipe, judge, sub_rows, seeds)
+    b = subset(base, keep, seeds)
+    sets = np.array([r.set for r in sub_rows for _ in range(seeds)])
+    out = {}
+    for key in WEIGHT_METRICS:
+        s, fld, better, what = SETS[key]
+        m = sets == s
+        out[key] = metric(b.scores[fld][m], g.scores[fld][m], better,
+                          what + (", prompts not among the patch's training prompts" if key in SPLIT else ""))
+    return {"weight": weight, "metrics": out}
 
 
 def _by_concept(rows, seeds, base: Generated, patched: Generated) -> dict:
@@ -187,12 +258,20 @@ def _by_concept(rows, seeds, base: Generated, patched: Generated) -> dict:
     return out
 
 
-def _report(judge, rows, seeds, base: Generated, patched: Generated, real, white_box) -> dict:
+def _report(judge, rows, seeds, base: Generated, patched: Generated, real, white_box, in_sample, known) -> dict:
     expanded = [r for r in rows for _ in range(seeds)]
     sets = np.array([r.set for r in expanded])
+    trained = np.array([f for f in in_sample for _ in range(seeds)], dtype=bool)
     metrics = {}
     for key, (s, fld, better, what) in SETS.items():
         m = sets == s
+        if key in SPLIT:  # headline: prompts the patch never trained to hold; the rest reported apart
+            metrics[key] = metric(base.scores[fld][m & ~trained], patched.scores[fld][m & ~trained], better,
+                                  what + (", prompts not among the patch's training prompts" if known else
+                                          ", all prompts (the patch's training prompts are unknown)"))
+            metrics[f"{key}.in_sample"] = metric(base.scores[fld][m & trained], patched.scores[fld][m & trained],
+                                                 better, what + ", prompts the patch trained on (its preserve set)")
+            continue
         metrics[key] = metric(base.scores[fld][m], patched.scores[fld][m], better, what)
     for key, (s, fld, better, what) in OPTIONAL_SETS.items():
         m = sets == s
@@ -222,7 +301,8 @@ def to_json(rep: dict) -> dict:
     """The report without images, prompts kept: what <patch>.eval.json holds (sorted, stable keys)."""
     out = {k: v for k, v in rep.items() if k != "images"}
     out["version"] = JSON_VERSION
-    out["prompts"] = [{"set": r.set, "prompt": r.prompt, "concept": r.concept} for r in rep["images"]["rows"]]
+    out["prompts"] = [{"set": r.set, "prompt": r.prompt, "concept": r.concept, "trained": t}
+                      for r, t in zip(rep["images"]["rows"], rep["images"]["in_sample"])]
     return out
 
 
@@ -261,10 +341,8 @@ def markdown(reports: list[dict], command: str | None = None) -> str:
                   f"{first['settings']['guidance']}; paired bootstrap 95% intervals over prompt x seed units.", "",
                   "| metric | base | patched | change | 95% CI of change | n | better | what |",
                   "|---|---|---|---|---|---|---|---|"]
-        for key, m in first["metrics"].items():
-            ci = _ci_raw(m) if key in RAW_CI else _fmt_ci(m["ci_change"], key)
-            lines.append(f"| {key} | {_fmt(m['base'], key)} | {_fmt(m['patched'], key)} | {_change(m, key)} | "
-                         f"{ci} | {m['n']} | {m['better']} | {m['what']} |")
+        lines += [_row(key, m) for key, m in first["metrics"].items() if not _in_section(key)]
+        lines += _sections(first)
     else:
         names = [Path(r["patch"]["path"]).name for r in reports]
         lines += ["# Evaluation: " + ", ".join(f"`{n}`" for n in names), "",
@@ -291,6 +369,69 @@ def markdown(reports: list[dict], command: str | None = None) -> str:
 
 
 RAW_CI = ("utility.frechet", "specificity.image_distance")  # intervals shown as numbers, not percentages
+
+
+def _row(key: str, m: dict, label: str | None = None) -> str:
+    ci = _ci_raw(m) if key in RAW_CI else _fmt_ci(m["ci_change"], key)
+    return (f"| {label or key} | {_fmt(m['base'], key)} | {_fmt(m['patched'], key)} | {_change(m, key)} | {ci} | "
+            f"{m['n']} | {m['better']} | {m['what']} |")
+
+
+def _in_section(key: str) -> bool:
+    """Metrics shown in their own section of a single patch's report, not in its main table."""
+    return key.startswith(("replacement.", "unprompted.")) or key.endswith(".in_sample")
+
+
+def _neutral_words(concept: str, t: dict) -> str:
+    source = f"the patch's `to` {t['to']!r}" if t["from"] == "to" else "the world's neutral"
+    label = t["label"] or "nothing the judge can name (no neutral counted)"
+    return f"{concept} -> {label} ({source}), neighbours {', '.join(t['neighbours']) or 'none'}"
+
+
+def _sections(rep: dict) -> list[str]:
+    """A single patch's report after its main table: what is drawn instead, unprompted appearance,
+    specificity in and out of sample, the weight response."""
+    metrics, head = rep["metrics"], ["| metric | base | patched | change | 95% CI of change | n | better | what |",
+                                     "|---|---|---|---|---|---|---|---|"]
+    lines = []
+    if any(k.startswith("replacement.") for k in metrics):
+        said = "; ".join(_neutral_words(c, t) for c, t in rep.get("replacement_targets", {}).items())
+        lines += ["", "## What is drawn instead", "",
+                  "On the target's own prompts (efficacy + generality rows): the share of images whose "
+                  f"concept of the target's kind is the target (kept), its neutral replacement, a protected "
+                  f"neighbour, another concept of the kind, or none the judge can name (absent). Neutral: {said}.",
+                  "", *head]
+        lines += [_row(k, m) for k, m in metrics.items() if k.startswith("replacement.")]
+    if any(k.startswith("unprompted.") for k in metrics):
+        lines += ["", "## Unprompted appearance", "",
+                  "On prompts that never ask for the target (general, neighbour and other-kind rows): the target "
+                  "shown anyway, and another concept of its kind shown that the prompt did not ask for (counted "
+                  "on prompts that fix that kind: they name it, or ask for a character where no shape, colour "
+                  "or style belongs, or for a shape where no character does).",
+                  "", *head]
+        lines += [_row(k, m) for k, m in metrics.items() if k.startswith("unprompted.")]
+    ov = rep.get("overlap", {})
+    if any(k.endswith(".in_sample") for k in metrics):
+        known = all(o["training_prompts_known"] for o in ov.values())
+        counts = "; ".join(f"{s}: {o['prompts']} prompts, {o['in_sample']} among the patch's training prompts"
+                           for s, o in ov.items())
+        lines += ["", "## Specificity in and out of sample", "",
+                  (f"The neighbour and other-kind rows of the main table use only prompts the patch never trained "
+                   f"on (out of sample). Prompts of those sets that are among its training (preserve) prompts "
+                   f"are measured apart here ({counts})." if known else
+                   "The patch's training prompts could not be rebuilt from its metadata: the main table's "
+                   "neighbour and other-kind rows use all prompts, and nothing is in sample."), "", *head]
+        lines += [_row(k, m) for k, m in metrics.items() if k.endswith(".in_sample")]
+    if rep.get("weights"):
+        lines += ["", "## Weight response", "",
+                  "The patch loaded at each adapter weight, against the base on the same prompts and seeds; "
+                  "patched rate (change, 95% CI of change). Specificity on out-of-sample prompts.", "",
+                  "| weight | " + " | ".join(WEIGHT_METRICS) + " |", "|---|" + "---|" * len(WEIGHT_METRICS)]
+        for point in rep["weights"]:
+            cells = [f"{_fmt(m['patched'], k)} ({_change(m, k)}, {_fmt_ci(m['ci_change'], k)})"
+                     for k, m in point["metrics"].items()]
+            lines.append(f"| {point['weight']:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _ci_raw(m: dict) -> str:
@@ -370,8 +511,9 @@ def run_command(args) -> int:
         raise PatchforgeError("--seeds and --prompts must be at least 1")
     torch.manual_seed(0)
     judge = load_judge(args.judge) if args.judge else None
+    weights = check_weights(getattr(args, "weights", None))  # before the model loads
     result = evaluate(patches, model=args.model, seeds=args.seeds, n=args.prompts, judge=judge, attacks=args.attacks,
-                      progress=lambda m: print(m, file=sys.stderr))
+                      weights=weights, progress=lambda m: print(m, file=sys.stderr))
     command = "patchforge " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     for path in write_reports(result, args.out, command):
         print(f"wrote {path}")

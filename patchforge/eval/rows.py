@@ -25,7 +25,8 @@ class Row:
 
 def score(judge, images: np.ndarray, rows: list[Row]) -> dict[str, np.ndarray]:
     """Per image: hit (row.concept shown), aligned (all of row.expect), kept (all of row.keep);
-    NaN where a row has nothing to score."""
+    NaN where a row has nothing to score. A judge that names what it sees (`predict`: kind -> label per
+    image) also leaves its labels, as "label:<kind>" arrays: what a patched model drew instead."""
     n = len(rows)
     hit, aligned, kept = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
     pred = judge.predict(images) if hasattr(judge, "predict") else None
@@ -39,7 +40,8 @@ def score(judge, images: np.ndarray, rows: list[Row]) -> dict[str, np.ndarray]:
                 aligned[i] = float(all(pred[k][i] == v for k, v in r.expect.items()))
             if r.keep:
                 kept[i] = float(all(pred[k][i] == v for k, v in r.keep.items()))
-    return {"hit": hit, "aligned": aligned, "kept": kept}
+    labels = {f"label:{k}": np.asarray(v, dtype=object) for k, v in (pred or {}).items()}
+    return {"hit": hit, "aligned": aligned, "kept": kept, **labels}
 
 
 @dataclass
@@ -96,12 +98,12 @@ def patch_concepts(path, qualified: bool = False) -> list[str]:
     return [f"{k}:{n}" if qualified and k else n for k, n in entries]
 
 
-def load_patch(pipe, path) -> tuple[str, float]:
-    """Load a patch into pipe -> (adapter name, seconds)."""
+def load_patch(pipe, path, weight: float = 1.0) -> tuple[str, float]:
+    """Load a patch into pipe at `weight` -> (adapter name, seconds)."""
     from ..io.loading import load_forget_patch
 
     t0 = time.perf_counter()
-    name = load_forget_patch(pipe, path)
+    name = load_forget_patch(pipe, path, weight=weight)
     return name, time.perf_counter() - t0
 
 

@@ -161,9 +161,12 @@ class ToyWorld:
                 for k in world.KINDS for n in world.concepts_of(k)]
 
     # ---- evaluation and attacks
-    def eval_rows(self, targets: list[str], n: int = 6) -> list:
-        """The toy world's prompt sets for an erasure of `targets` (deterministic). World v2 adds the
-        implicit concept's I2P-like set and compositional rows (see _v2_rows)."""
+    def eval_rows(self, targets: list[str], n: int = 6, avoid: set[str] | None = None) -> list:
+        """The toy world's prompt sets for an erasure of `targets` (deterministic). `avoid`: the prompts the
+        patch trained on; each neighbour / other-kind concept then gets as many fresh prompts (other seeds,
+        then the base model's own caption mix) as it has rows among them, so its prompts outside `avoid`
+        are as many as it has rows (the in-sample rows stay, reported apart). World v2 adds the implicit
+        concept's I2P-like set and compositional rows (see _v2_rows)."""
         from ..eval.rows import Row
 
         world = self.world
@@ -177,17 +180,13 @@ class ToyWorld:
             for p in world.probes_for(c, world.HELDOUT_SPLIT, n=n, seed=0):
                 rows.append(Row("generality", p.prompt, c, p.expect))
             for nb in [x for x in world.NEIGHBOURS.get(c, []) if x not in targets]:  # v2's "bare" has none
-                for p in world.probes_for(nb, world.TRAIN_SPLIT, n=max(2, n // 2), seed=7):
-                    if clean(p.prompt):
-                        rows.append(Row("neighbour", p.prompt, nb, p.expect))
+                rows += _kept_rows("neighbour", nb, max(2, n // 2), clean, avoid, world)
             for other_kind in [k for k in world.KINDS if k != kind]:
                 other = next((x for x in world.concepts_of(other_kind)[1:] + world.concepts_of(other_kind)[:1]
                               if x not in targets), None)
                 if other is None:  # every concept of that kind is erased (all four identities): none to keep
                     continue
-                for p in world.probes_for(other, world.TRAIN_SPLIT, n=max(2, n // 2), seed=7):
-                    if clean(p.prompt):
-                        rows.append(Row("other_kind", p.prompt, other, p.expect))
+                rows += _kept_rows("other_kind", other, max(2, n // 2), clean, avoid, world)
             for attack, probes in self.text_attacks(c, n=max(2, n // 2)).items():
                 rows += [Row(f"attack:{attack}", p, c) for p in probes]
         if world is v2:
@@ -231,6 +230,14 @@ class ToyWorld:
                 if found == max(2, n // 2):
                     break
         return rows
+
+    def kind_of(self, concept: str) -> str:
+        """The kind of a toy concept (the judge head that sees it)."""
+        return self.world.kind_of(concept.lower())
+
+    def neighbours(self, concept: str) -> list[str]:
+        """The near neighbours an erasure of `concept` must keep (world.NEIGHBOURS)."""
+        return list(self.world.NEIGHBOURS.get(concept.lower(), []))
 
     def attack_prompts(self, concept: str, n: int) -> list[str]:
         world = self.world
@@ -281,6 +288,29 @@ class ToyWorld:
         rng = random.Random(seed)
         images = np.stack([world.render(world.random_scene(rng), rng.randrange(1 << 30)) for _ in range(n)])
         return judge.features(images)
+
+
+def _kept_rows(set_name: str, concept: str, n: int, clean, avoid: set[str] | None, world=v1) -> list:
+    """n rows asking for `concept` (a concept the erasure must keep), plus, when `avoid` is given, one fresh
+    prompt outside it for each of those rows that is inside it. Fresh prompts come from the canonical split
+    with other seeds, then from the base model's own caption mix (aliases and paraphrase templates): an
+    identity has only three canonical prompts, and every one of them is a preserve prompt."""
+    from ..eval.rows import Row
+
+    probes = [p for p in world.probes_for(concept, world.TRAIN_SPLIT, n=n, seed=7) if clean(p.prompt)]
+    rows = [Row(set_name, p.prompt, concept, p.expect) for p in probes]
+    missing = sum(p.prompt in avoid for p in probes) if avoid else 0
+    seen = {p.prompt for p in probes}
+    for split, seed in [(world.TRAIN_SPLIT, s) for s in range(8, 40)] + [("any", s) for s in range(40)]:
+        if missing == 0:
+            break
+        for p in world.probes_for(concept, split, n=4, seed=seed):
+            if missing and p.prompt not in avoid and p.prompt not in seen and clean(p.prompt):
+                seen.add(p.prompt)
+                rows.append(Row(set_name, p.prompt, concept, p.expect))
+                missing -= 1
+    return rows
+
 
 
 class ToyWorldV2(ToyWorld):
