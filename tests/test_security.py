@@ -280,7 +280,7 @@ def test_user_lora_never_silently_switches_a_patch_off():
         both = run(pipe)  # the guard switched the patch back on before the forward pass
     assert sorted(pipe.get_active_adapters()) == sorted([name, "mine"])
     pipe.set_adapters([name, "mine"], [1.0, 1.0])
-    assert torch.allclose(run(pipe), both, atol=1e-6)  # (another summation order: float error only)
+    assert torch.allclose(run(pipe), both, atol=1e-5)  # another summation order: float error only (1.6e-6 seen)
 
     pipe.set_adapters(["mine"])  # the documented diffusers way to pick adapters
     with pytest.warns(PatchesSwitchedWarning):
