@@ -348,8 +348,13 @@ def caption(scene: Scene, rng: random.Random, split: str = "any", drop: float = 
 
 def names_concept(text: str, name: str) -> bool:
     """The text names the concept or one of its aliases (as whole words: 'colored' does not name red)."""
+    return _says(text, [name, *aliases(name)])
+
+
+def _says(text: str, words: list[str]) -> bool:
+    """One of the words appears in the text as a whole word."""
     t = text.lower()
-    return any(re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", t) for w in [name, *aliases(name)])
+    return any(re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", t) for w in words)
 
 
 def mentions(text: str, scene: Scene, kind: str) -> bool:
@@ -357,7 +362,7 @@ def mentions(text: str, scene: Scene, kind: str) -> bool:
     if label in (NONE, SOLID, PLAIN):
         return False
     if kind == "species":  # a class, not a concept: named by its word or its held-out alias
-        return any(re.search(rf"(?<![\w-]){w}(?![\w-])", text.lower()) for w in (label, SPECIES_WORD[label]))
+        return _says(text, [label, SPECIES_WORD[label]])
     return names_concept(text, label)
 
 
