@@ -11,7 +11,7 @@ import torch
 
 from patchforge.cli import main
 from patchforge.errors import BaseModelMismatch, PatchforgeError, PatchFormatError
-from tiny_pipelines import BUILDERS, cached_patches, make_patch, run
+from tiny_pipelines import BUILDERS, cached_patches, make_patch, run, tiny_sd1
 
 FAMILIES = ["sd3", "flux"]
 
@@ -247,6 +247,25 @@ def test_dry_run_plans_a_dit_folder(fam, folders, capsys):
     assert main(["train", "--model", str(folders[fam]), "--concept", "style:vangogh", "--dry-run"]) == 0
     line = capsys.readouterr().out
     assert f"on {fam}-like" in line and "transformer rows" in line and "32 px" in line
+    assert ": 160 steps x" in line  # fmn's joint-attention default (FMNConfig.JOINT_ATTENTION)
+
+
+def test_joint_attention_defaults_apply_only_where_the_user_set_nothing(folders):
+    from patchforge.core.plan import ModelFacts
+    from patchforge.methods.fmn import FMNConfig
+    from patchforge.train.loop import TrainConfig, family_config, method_config
+    from patchforge.methods import get_method
+
+    dit, toy = ModelFacts.from_folder(folders["sd3"]), ModelFacts.from_pipe(tiny_sd1())
+    assert dit.joint_attention and not toy.joint_attention
+    assert ModelFacts.from_pipe(BUILDERS["flux"]()).joint_attention
+    hp = FMNConfig()
+    joint = family_config(hp, TrainConfig(), dit)
+    assert (joint.steps, joint.keep_weight) == (160, 3.0) and (hp.steps, hp.keep_weight) == (80, 2.0)
+    assert family_config(hp, TrainConfig(), toy) == hp  # a UNet keeps the defaults it was tuned with
+    mine = TrainConfig(steps=7, options={"keep_weight": 1.5})
+    mine_hp = family_config(method_config(get_method("fmn"), mine.options), mine, dit)
+    assert (mine_hp.steps, mine_hp.keep_weight) == (80, 1.5)  # what the user set stays; the loop runs --steps 7
 
 
 def test_soft_token_methods_say_they_cannot_run_on_dit():

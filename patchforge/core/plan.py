@@ -89,6 +89,7 @@ class ModelFacts:
     native: int  # the checkpoint's own resolution in pixels
     vae_scale: int = 8
     multiple: int = 0  # training pixels must be a multiple of this (0: the UNet rule, check_resolution)
+    joint_attention: bool = False  # text meets image in joint attention (SD3, FLUX), not cross-attention
 
     @classmethod
     def from_pipe(cls, pipe) -> "ModelFacts":
@@ -99,7 +100,7 @@ class ModelFacts:
                   for c in COMPONENTS if getattr(pipe, c, None) is not None}
         scale = getattr(pipe, "vae_scale_factor", 8)
         return cls(family_key(name), name, cfg, params, {c: 0 for c in params}, backbone.native_size(), scale,
-                   type(backbone).resolution_multiple(cfg, scale))
+                   type(backbone).resolution_multiple(cfg, scale), not backbone.text_kv_reads_text)
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelFacts | None":
@@ -120,7 +121,7 @@ class ModelFacts:
             return None
         scale = 2 ** (len(_vae_channels(folder)) - 1) if _vae_channels(folder) else 8
         return cls(family_key(name), name, cfg, params, sizes, family_cls.folder_native(folder, cfg, scale), scale,
-                   family_cls.resolution_multiple(cfg, scale))
+                   family_cls.resolution_multiple(cfg, scale), not family_cls.text_kv_reads_text)
 
 
 def _vae_channels(folder: Path) -> list:

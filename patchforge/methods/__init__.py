@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -72,6 +73,9 @@ class MethodConfig:
     text_encoder: bool = False
     n_refs: int = 16  # reference latents for the concept (one per target prompt, cycled)
     preserve_weight: float = 1.0
+    # defaults that differ where the denoiser's text meets the image in joint attention (SD3, FLUX), for
+    # the fields the user left unset (train.loop.family_config); a method tuned there says why
+    JOINT_ATTENTION: ClassVar[dict] = {}
 
 
 class Method:

@@ -318,8 +318,10 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
         plan = plan_for(cfg, hp, method_cls, facts, device, loaded=pipe is not None)
     if pipe is None:
         pipe = load_pipeline(model, device=str(device), dtype=plan.dtype if plan else None)
+    facts = facts or ModelFacts.from_pipe(pipe)
     if plan is None:  # nothing to read before loading (a Hub id not in the cache): plan on the loaded pipeline
-        plan = plan_for(cfg, hp, method_cls, ModelFacts.from_pipe(pipe), device, loaded=True)
+        plan = plan_for(cfg, hp, method_cls, facts, device, loaded=True)
+    hp = family_config(hp, cfg, facts)
     if cfg.progress:
         print(plan.line(cfg.method), flush=True)
     cfg = replace(cfg, batch=plan.batch, resolution=plan.resolution)
@@ -411,10 +413,22 @@ def model_facts(model: str | None):
     return ModelFacts.from_folder(folder) if folder else None
 
 
+def family_config(hp, cfg: TrainConfig, facts):
+    """The method's Config for this model: on a joint-attention denoiser (SD3, FLUX) its JOINT_ATTENTION
+    defaults replace the fields the user did not set (--steps, --lr, --set)."""
+    from dataclasses import replace
+
+    if facts is None or not facts.joint_attention:
+        return hp
+    user = set(cfg.options) | {k for k in ("steps", "lr") if getattr(cfg, k) is not None}
+    return replace(hp, **{k: v for k, v in type(hp).JOINT_ATTENTION.items() if k not in user})
+
+
 def plan_for(cfg: TrainConfig, hp, method_cls, facts, device: torch.device, loaded: bool):
     """The run's RunPlan from the family's defaults and cfg's choices; refuses one that cannot fit."""
     from ..core.plan import make_plan
 
+    hp = family_config(hp, cfg, facts)
     steps = cfg.steps if cfg.steps is not None else hp.steps
     return make_plan(facts, device, precision=cfg.precision, resolution=cfg.resolution, batch=cfg.batch,
                      ref_images=cfg.ref_images, checkpointing=cfg.gradient_checkpointing,
