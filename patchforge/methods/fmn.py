@@ -85,6 +85,10 @@ class FMNConfig(MethodConfig):
     # concepts (methods/uce.py) before the first step, so the steps refine an erasure instead of
     # starting from none; "" = the usual start (B = 0)
     warm_start: str = ""
+    # teacher pool: draw this many steps' rows (noised latents, timesteps, preserve rows) and the frozen
+    # base's predictions for them once, before the first step, and train on random ones of them; the
+    # teacher calls (3 of every step's 5 denoiser rows) then cost once, not every step. 0: fresh each step
+    teacher_pool: int = 0
     # joint attention (SD3, FLUX): the text reaches the image through every block's text stream, not one
     # cross-attention read, and 80 steps left the DiT toy's star at 25 % and red at 33 %. 160 steps erase
     # them; keep_weight 3 holds stripes' compositional prompts there (2: 88 %) and still lets red's
@@ -122,6 +126,7 @@ class ForgetMeNot(Method):
     def start(self):
         if self.hp.warm_start:
             self.warm_start()
+        self.pool = [self.draw() for _ in range(self.hp.teacher_pool)]  # the base's predictions, made once
         kept = self.preserve + [c for c in dict.fromkeys(self.contrast_prompts) if c]
         self.keeper = ProjectionKeeper.build(self.tr, kept, self.refs) if self.hp.keep_weight > 0 else None
         # record only in the text attention (cross-attention); self-attention keeps its fast processor
@@ -158,25 +163,27 @@ class ForgetMeNot(Method):
         grad = target + (batch + round(hp.contrast * batch) if hp.preserve_weight > 0 else 0)
         base = (target if hp.map_weight > 0 else 0) + (grad - target if hp.preserve_weight > 0 else 0)
         base += target if hp.map_weight > 0 and hp.away > 0 else 0
-        return grad, base
+        return grad, 0 if hp.teacher_pool else base  # a pool's teacher rows are computed once, before step 1
 
-    def loss(self, step):
+    def draw(self) -> Rows:
+        """One step's rows (seeded) and the frozen base's predictions for them: what loss() trains on.
+        With a teacher pool these are drawn once in start() and reused; the random draws come in the same
+        order either way, so teacher_pool=0 trains exactly as before the pool existed."""
         tr, hp, b = self.tr, self.hp, self.batch
-        self.recorder.mask = None  # no recording in whatever the robust hook runs while embedding
         idx = tr.pick(self.prompts, b)
         x_t, t, _ = tr.noised(self.refs[idx])
         prompts, anchors, mask = [self.prompts[i] for i in idx], [self.anchors[i] for i in idx], self.mask[idx]
-        cond = tr.embed(prompts, role="target")
         toward = tr.embed(prompts, role="target", base=True) if hp.map_weight > 0 and hp.away > 0 else None
+        extra = None
         if self.inverted is not None:  # the inverted concept rides along as extra target rows
             inv_cond, inv_mask = self.inverted
             k = max(1, b // 4)
             xi, ti, _ = tr.noised(self.refs[tr.pick(self.prompts, k)])
             x_t, t, anchors = torch.cat([x_t, xi]), torch.cat([t, ti]), anchors + [INVERT_TEMPLATE] * k
-            cond, mask = Cond.cat([cond] + [inv_cond] * k), torch.cat([mask, inv_mask.expand(k, -1)])
-            toward = Cond.cat([toward] + [inv_cond] * k) if toward is not None else None
-        b = len(cond)  # target rows
-        xs, ts, conds = [x_t], [t], [cond]
+            extra, mask = Cond.cat([inv_cond] * k), torch.cat([mask, inv_mask.expand(k, -1)])
+            toward = Cond.cat([toward, extra]) if toward is not None else None
+        b = len(x_t)  # target rows
+        xs, ts, pcond = [x_t], [t], None
         if hp.preserve_weight > 0:  # preserve rows ride in the same denoiser call (one forward, one backward)
             own = self.pres_refs is not None
             px, pt, _, pcond, _ = self.preserve_batch(self.pres_refs if own else self.refs, paired=own)
@@ -184,12 +191,32 @@ class ForgetMeNot(Method):
             if pairs:  # contrast rows: the target rows' own latents, a neighbour named instead
                 px, pt = torch.cat([px, x_t[pairs]]), torch.cat([pt, t[pairs]])
                 pcond = Cond.cat([pcond, tr.embed([self.contrasts[idx[j]] for j in pairs], role="preserve")])
-            xs, ts, conds = xs + [px], ts + [pt], conds + [pcond]
-        x_all, t_all, c_all = torch.cat(xs), torch.cat(ts), Cond.cat(conds)
+            xs, ts = xs + [px], ts + [pt]
+        x_all, t_all = torch.cat(xs), torch.cat(ts)
+        # teachers: base on the anchor prompts (target rows) and on the preserve prompts (preserve rows)
+        teach = [tr.embed(anchors, role="anchor", base=True)] if hp.map_weight > 0 else []
+        teach += [pcond] if pcond is not None else []
+        teacher = None
+        if teach:
+            rows = slice(0 if hp.map_weight > 0 else b, None)
+            with torch.no_grad():
+                teacher = tr.eps(x_all[rows], t_all[rows], Cond.cat(teach), base=True)
+                if toward is not None:  # the base's own prediction for the concept, to steer away from
+                    teacher[:b] = teacher[:b] - hp.away * (tr.eps(x_t, t, toward, base=True) - teacher[:b])
+        return Rows(prompts, extra, x_all, t_all, mask, b, pcond, teacher)
+
+    def loss(self, step):
+        tr, hp = self.tr, self.hp
+        self.recorder.mask = None  # no recording in whatever the robust hook runs while embedding
+        r = self.pool[tr.rng.randrange(len(self.pool))] if self.pool else self.draw()
+        b = r.targets
+        cond = tr.embed(r.prompts, role="target")  # every step: a text-encoder LoRA or --robust changes it
+        cond = Cond.cat([cond, r.extra]) if r.extra is not None else cond
+        c_all = Cond.cat([cond, r.pcond]) if r.pcond is not None else cond
         masks = torch.zeros(len(c_all), self.mask.shape[1], device=self.mask.device)
-        masks[:b] = mask  # preserve rows record nothing
+        masks[:b] = r.mask  # preserve rows record nothing
         self.recorder.mask, self.recorder.mass = masks, []
-        pred = tr.eps(x_all, t_all, c_all)
+        pred = tr.eps(r.x, r.t, c_all)
         # the mask stays set until the next step: gradient checkpointing re-runs these forwards during
         # backward and must see the same operations (the recorder skips forwards without gradients)
         heads_rows = [m[: b * (m.shape[0] // len(c_all))] for m in self.recorder.mass]  # target rows only
@@ -198,25 +225,29 @@ class ForgetMeNot(Method):
         if self.keeper is not None:
             l_keep = self.keeper.penalty()
             loss, logs["keep"] = loss + hp.keep_weight * l_keep, l_keep
-        # teachers: base on the anchor prompts (target rows) and on the preserve prompts (preserve rows)
-        teach = [tr.embed(anchors, role="anchor", base=True)] if hp.map_weight > 0 else []
+        if hp.map_weight > 0:
+            l_map = F.mse_loss(pred[:b], r.teacher[:b])
+            loss, logs["map"] = loss + hp.map_weight * l_map, l_map
         if hp.preserve_weight > 0:
-            teach.append(conds[1])
-        if teach:
-            rows = slice(0 if hp.map_weight > 0 else b, None)
-            with torch.no_grad():
-                base = tr.eps(x_all[rows], t_all[rows], Cond.cat(teach), base=True)
-                if toward is not None:  # the base's own prediction for the concept, to steer away from
-                    base[:b] = base[:b] - hp.away * (tr.eps(x_t, t, toward, base=True) - base[:b])
-            if hp.map_weight > 0:
-                l_map = F.mse_loss(pred[:b], base[:b])
-                loss, logs["map"] = loss + hp.map_weight * l_map, l_map
-            if hp.preserve_weight > 0:
-                err = (pred[b:] - base[-(len(pred) - b):]).pow(2).flatten(1).mean(1)  # per row
-                n = self.batch  # preserve rows, then contrast rows
-                l_pres = err[:n].mean()
-                loss, logs["pres"] = loss + hp.preserve_weight * l_pres, l_pres
-                if len(err) > n:  # contrast rows: a term of their own, not a dilution of the preserve rows
-                    l_con = err[n:].mean()
-                    loss, logs["contrast"] = loss + hp.preserve_weight * l_con, l_con
+            err = (pred[b:] - r.teacher[-(len(pred) - b):]).pow(2).flatten(1).mean(1)  # per row
+            n = self.batch  # preserve rows, then contrast rows
+            l_pres = err[:n].mean()
+            loss, logs["pres"] = loss + hp.preserve_weight * l_pres, l_pres
+            if len(err) > n:  # contrast rows: a term of their own, not a dilution of the preserve rows
+                l_con = err[n:].mean()
+                loss, logs["contrast"] = loss + hp.preserve_weight * l_con, l_con
         return loss, logs
+
+
+@dataclass
+class Rows:
+    """One step's batch: target rows (their prompts, embedded at each step; extra: inverted-token rows),
+    then preserve (and contrast) rows, and the frozen base's prediction for every row that has a teacher."""
+    prompts: list[str]
+    extra: Cond | None
+    x: torch.Tensor
+    t: torch.Tensor
+    mask: torch.Tensor  # the target rows' concept columns
+    targets: int  # number of target rows (name rows + inverted rows)
+    pcond: Cond | None
+    teacher: torch.Tensor | None
