@@ -23,7 +23,7 @@ def test_generator_is_deterministic_from_a_seed():
     a, b, c = run(3), run(3), run(4)
     assert a[0] == b[0] and a[1] == b[1] and np.array_equal(a[2], b[2])
     assert a[0] != c[0] and a[1] != c[1]
-    assert a[2].shape == (8, 64, 64, 3) and a[2].dtype == np.uint8
+    assert a[2].shape == (8, 32, 32, 3) and a[2].dtype == np.uint8
 
 
 def test_keeps_every_v1_concept():

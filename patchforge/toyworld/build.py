@@ -29,9 +29,11 @@ from . import checkpoint
 from .judges import WORLDS, Judge, JudgeNet, judge_accuracy, save_judge, train_judge
 from .tokenizer import build_tokenizer
 
-# world -> (VAE block widths, tokenizer length). v2 draws 64x64: a third VAE block takes it to the same
-# 16x16x4 latents as v1, so the UNet costs what v1's does (benchmarks/pilot_toy_v2_size.py).
-WORLD_BUILD = {"v1": ((32, 64), 32), "v2": ((32, 64, 64), 48)}
+# world -> (VAE block widths, tokenizer length). v2 is drawn at 32x32 like v1: at 64x64 a VAE that
+# downsamples /4 to the same 16x16x4 latents lost colour (its reconstructions cut the colour judge from
+# 97 % to 84 %), cost 1.7 s a step, and the UNet did not learn the world in the build budget
+# (docs/toy-model.md, "World v2").
+WORLD_BUILD = {"v1": ((32, 64), 32), "v2": ((32, 64), 48)}
 
 
 @dataclass
@@ -54,7 +56,7 @@ class ToyBuildConfig(BuildCommon):
     # Min-SNR-gamma loss weighting (Hang et al. 2023): stops the many easy low-noise timesteps from
     # dominating the gradient, so the coarse layout and colour, decided at high noise, learn faster.
     min_snr_gamma: float = 5.0
-    world: str = "v1"  # v1: toyworld/world.py, 32x32; v2: toyworld/world_v2.py, 64x64
+    world: str = "v1"  # v1: toyworld/world.py; v2: toyworld/world_v2.py (both 32x32)
     checkpoint_every: int = 500  # UNet steps between resumable checkpoints (0: none)
 
 
@@ -85,7 +87,7 @@ def make_components(tokenizer, image_size: int = 32, vae_blocks: tuple = (32, 64
 
 
 def render_images(scenes, rng, render) -> torch.Tensor:
-    """uint8 NCHW: a quarter of float32's memory (v2's 40 000 64x64 images: 0.5 GB)."""
+    """uint8 NCHW: a quarter of float32's memory (40 000 32x32 images: 123 MB)."""
     arr = np.stack([render(s, rng.randrange(1 << 30)) for s in scenes])
     # kept in the permuted (channels-last) layout v1 always had: convolutions sum in layout order,
     # so a contiguous copy would change the build's bits

@@ -19,7 +19,7 @@ def _configs() -> dict:
 
 # extra argparse settings for some build-config fields
 TRAIN_FLAGS = {"world": {"choices": ["v1", "v2"],
-                         "help": "v1: the shipped 32x32 world; v2: the harder 64x64 world (docs/toy-model.md)"},
+                         "help": "v1: the shipped world; v2: the harder world of scenes (docs/toy-model.md)"},
                "checkpoint_every": {"help": "UNet steps between resumable checkpoints in OUT/checkpoints (0: none)"}}
 
 

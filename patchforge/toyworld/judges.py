@@ -24,12 +24,16 @@ WORLDS = {"v1": world, "v2": world_v2}  # world -> its generator; v2 heads read 
 
 
 class JudgeNet(nn.Module):
-    def __init__(self, width: int = 48, world_name: str = "v1"):
+    def __init__(self, width: int = 48, world_name: str = "v1", grid: int | None = None):
+        """grid: the heads read a grid x grid average of the last feature map. v2's scenes have a main
+        subject on the left and a second one on the right; a global average (grid 1) cannot tell which
+        is which, so the v2 judges read a 2 x 2 grid (the default for every world but v1)."""
         super().__init__()
         self.world_name = world_name
+        self.grid = grid or (1 if world_name == "v1" else 2)
         self.labels = LABELS if world_name == "v1" else WORLDS[world_name].LABELS
-        # v2's 64x64 images: a strided first convolution keeps the cost of v1's 32x32 judge
-        stride = 1 if world_name == "v1" else 2
+        # images larger than v1's 32x32: a strided first convolution keeps the cost of v1's judge
+        stride = WORLDS[world_name].IMAGE_SIZE // world.IMAGE_SIZE
 
         def block(cin, cout):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, stride=stride if cin == 3 else 1),
@@ -37,17 +41,17 @@ class JudgeNet(nn.Module):
                                  nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
 
         self.features = nn.Sequential(block(3, width), nn.MaxPool2d(2), block(width, width * 2), nn.MaxPool2d(2),
-                                      block(width * 2, width * 4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.heads = nn.ModuleDict({k: nn.Linear(width * 4, len(v)) for k, v in self.labels.items()})
+                                      block(width * 2, width * 4))
+        self.heads = nn.ModuleDict({k: nn.Linear(width * 4 * self.grid ** 2, len(v)) for k, v in self.labels.items()})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images: (B,3,H,W) in [-1, 1] -> logits per kind."""
-        f = self.features(images)
+        f = F.adaptive_avg_pool2d(self.features(images), self.grid).flatten(1)
         return {k: head(f) for k, head in self.heads.items()}
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Penultimate features: the space our Fréchet distance is measured in."""
-        return self.features(images)
+        """Penultimate features, averaged over the image: the space our Fréchet distance is measured in."""
+        return self.features(images).mean(dim=(2, 3))
 
 
 class Judge:
@@ -64,7 +68,8 @@ class Judge:
         if world_name not in WORLDS:
             raise ValueError(f"{path}: judges of an unknown toy world {world_name!r}")
         width = state["features.0.0.weight"].shape[0]
-        net = JudgeNet(width, world_name)
+        grid = round((next(v for k, v in state.items() if k.startswith("heads.") and k.endswith(".weight")).shape[1] / (width * 4)) ** 0.5)
+        net = JudgeNet(width, world_name, grid)
         net.load_state_dict(state)
         return cls(net)
 

@@ -1,7 +1,7 @@
-"""World v2: a harder toy world, a superset of v1 (world.py) drawn at 64x64.
+"""World v2: a harder toy world, a superset of v1 (world.py), drawn at 32x32 like v1.
 
 It keeps every v1 concept (shapes, colours, textures, Kiko / Bruno / Mira / Tobi), drawn with v1's
-geometry at twice the resolution, and adds what v1 cannot measure:
+geometry, and adds what v1 cannot measure:
 
   scenes       a main subject, an optional second subject (a shape or a character) and a background,
                so compositional retention and "what replaces it" mean something;
@@ -32,7 +32,7 @@ from .world import NONE, OBJECTS, SOLID, STYLES, TRAIN_SPLIT, HELDOUT_SPLIT, Pro
 
 __all__ = ["TRAIN_SPLIT", "HELDOUT_SPLIT", "Probe"]
 
-IMAGE_SIZE = 64
+IMAGE_SIZE = 32
 PLAIN = "plain"  # v1's dark background: the absence of a background, a label and not a concept
 # v1's colours and gray: the neutral colour an erased colour should turn into (`neutral`)
 GRAY = "gray"
@@ -162,7 +162,7 @@ def _background(name: str) -> np.ndarray:
         img[yy >= 17] = (225, 200, 140)
     elif name == "bath":
         img[:] = (185, 220, 228)
-        img[(xx % 4 < 0.5) | (yy % 4 < 0.5)] = (140, 165, 175)
+        img[(xx % 4 < 1) | (yy % 4 < 1)] = (140, 165, 175)  # one pixel wide at 32x32
     elif name == "forest":
         img[:] = (30, 75, 40)
         img[(xx % 8 >= 3) & (xx % 8 < 4.5) & (yy > 9)] = (95, 65, 35)
@@ -229,8 +229,8 @@ def _art(img: np.ndarray, art: str) -> np.ndarray:
     lum = img.mean(-1)
     edge = np.zeros_like(lum)
     edge[1:-1, 1:-1] = np.abs(lum[2:, 1:-1] - lum[:-2, 1:-1]) + np.abs(lum[1:-1, 2:] - lum[1:-1, :-2])
-    if art == "watercolor":  # blurred twice, washed towards paper
-        for _ in range(2):
+    if art == "watercolor":  # blurred (twice per 64 pixels: the same blur in world units), washed towards paper
+        for _ in range(max(1, IMAGE_SIZE // 32)):
             p = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
             img = sum(p[i:i + IMAGE_SIZE, j:j + IMAGE_SIZE] for i in range(3) for j in range(3)) / 9
         return img * 0.7 + np.array((245, 238, 220), np.float32) * 0.3
