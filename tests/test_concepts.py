@@ -63,3 +63,19 @@ def test_concept_file_and_merge(tmp_path):
     assert b.world == "toy" and b.name == "star"
     m = merge([resolve("color:red"), resolve("object:star")])
     assert not any(re.search(r"\b(red|star)\b", p) for p in m["preserve"])
+
+
+def test_a_toy_concept_is_anchored_on_its_kinds_neutral_unless_to_is_given():
+    from patchforge.toyworld import world_v2
+
+    star = resolve("object:star")
+    plain = world.neutral("star")[0]
+    assert star.to is None and plain and plain not in world.NEIGHBOURS["star"]
+    assert all(re.search(rf"\b{plain}\b", a) and "star" not in a for a in star.anchor)
+    assert all("stripes" not in a and "style" not in a for a in resolve("style:stripes").anchor)  # solid
+    assert all("dots" in a for a in resolve("style:stripes", to="dots").anchor)  # --to still wins
+    red = resolve("color:red", world="toy-v2")
+    assert all(re.search(r"\bgray\b", a) and not re.search(r"\bred\b", a) for a in red.anchor)
+    kiko = resolve("identity:kiko", world="toy-v2")
+    species = world_v2.IDENTITIES["kiko"][0]
+    assert all(f"a {species}" in a and "kiko" not in a.lower() for a in kiko.anchor)

@@ -331,6 +331,8 @@ def listing(world_name: str, only: list[str] | None = None) -> str:
         spec = resolve(key, world=world_name)
         alt = spec.to or (CATALOG[spec.kind][spec.name][2] if not spec.world and spec.kind in CATALOG
                           and spec.name in CATALOG[spec.kind] else None)
+        if spec.world and not alt:  # a world's concept: its neutral, what the anchor prompts name
+            alt = worlds.get(spec.world).neutral(spec.name)[0]
         lines += ["", f"{spec.kind}:{spec.name} (alternative: {alt or 'the concept left out'})",
                   f"  target ({len(spec.target)}): " + " | ".join(spec.target),
                   "  anchor: " + " | ".join(dict.fromkeys(spec.anchor)),

@@ -125,10 +125,14 @@ class ToyWorld:
         probes = world.probes_for(name, world.TRAIN_SPLIT, n=N_TARGET, seed=seed)
         target = list(dict.fromkeys(p.prompt for p in probes))  # unique, order kept
         # The alternative: a toy concept of the same kind if --to names one, else free words, else the
-        # concept simply removed (style -> solid; colour/identity -> unnamed; object -> "shape").
+        # kind's neutral (world.neutral: a plain shape, gray, the identity's unnamed species), else the
+        # concept simply removed (style -> solid). Without a neutral anchor an erased concept becomes
+        # whatever is near it, often a protected neighbour (a star became a heart).
         alt = to
         if to and to.lower() in world.concepts_of(kind):
             alt = to.lower()
+        elif not to:
+            alt = world.neutral(name)[0]
         words = [name, name.capitalize()] if kind == "identity" else [name]
         anchor = [_replace(p, kind, name, alt, world) for p in target]
         # Preserve: the neighbours first (what an erasure damages most), then one concept of every
