@@ -74,3 +74,18 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, monkeypatch):
         build.build_toy_model(tmp_path, build.ToyBuildConfig(**{**TINY, "unet_steps": 8}), resume=True)
     with pytest.raises(PatchforgeError, match="unknown toy world"):
         build.build_toy_model(tmp_path, build.ToyBuildConfig(**{**TINY, "world": "v9"}))
+
+
+def test_a_v2_build_takes_v2s_defaults_and_needs_an_out_folder(tmp_path, monkeypatch, capsys):
+    from patchforge.cli import main
+
+    seen = []
+    monkeypatch.setattr(build, "build_toy_model", lambda out, cfg, resume=False: seen.append(cfg) or
+                        {"judge_accuracy_real": {}, "total_s": 0})
+    assert main(["toy", "train", "--world", "v2"]) != 0  # would overwrite the shipped v1 model
+    assert "--out" in capsys.readouterr().err and not seen
+    assert main(["toy", "train", "--world", "v2", "--out", str(tmp_path)]) == 0
+    assert seen[-1].world == "v2" and seen[-1].unet_steps == build.WORLD_DEFAULTS["v2"]["unet_steps"] != 8500
+    assert main(["toy", "train", "--world", "v2", "--out", str(tmp_path), "--unet-steps", "7"]) == 0
+    assert seen[-1].unet_steps == 7  # a flag wins
+    assert main(["toy", "train", "--out", str(tmp_path)]) == 0 and seen[-1].unet_steps == 8500  # v1 unchanged

@@ -34,6 +34,9 @@ from .tokenizer import build_tokenizer
 # 97 % to 84 %), cost 1.7 s a step, and the UNet did not learn the world in the build budget
 # (docs/toy-model.md, "World v2").
 WORLD_BUILD = {"v1": ((32, 64), 32), "v2": ((32, 64), 48)}
+# world -> build settings that differ from ToyBuildConfig's (v1's) defaults. v2's UNet steps fit its
+# 100-minute budget on a 2-core CPU (0.89 s a step there, 2026-12-02; docs/toy-model.md).
+WORLD_DEFAULTS = {"v1": {}, "v2": {"unet_steps": 5500}}
 
 
 @dataclass

@@ -20,7 +20,8 @@ def _configs() -> dict:
 # extra argparse settings for some build-config fields
 TRAIN_FLAGS = {"world": {"choices": ["v1", "v2"],
                          "help": "v1: the shipped world; v2: the harder world of scenes (docs/toy-model.md)"},
-               "checkpoint_every": {"help": "UNet steps between resumable checkpoints in OUT/checkpoints (0: none)"}}
+               "checkpoint_every": {"help": "UNet steps between resumable checkpoints in OUT/checkpoints (0: none)"},
+               "unet_steps": {"help": "--world v2's default: 5500"}}
 
 
 def register(sub) -> None:
@@ -84,7 +85,15 @@ def _train(args) -> int:
                if n not in own and getattr(args, n, None) is not None]
     if foreign:
         raise PatchforgeError(f"--{foreign[0].replace('_', '-')} is no option of `toy train --family {args.family}`")
-    cfg = config(**{n: getattr(args, n) for n in own if getattr(args, n) is not None})
+    given = {n: getattr(args, n) for n in own if getattr(args, n) is not None}
+    if args.family == "sd":
+        from .build import WORLD_DEFAULTS
+
+        world = given.get("world", "v1")
+        if world != "v1" and args.out is None:  # the default folder holds the shipped v1 model
+            raise PatchforgeError(f"a world {world} build needs --out: the default folder holds the shipped v1 model")
+        given = {**WORLD_DEFAULTS.get(world, {}), **given}
+    cfg = config(**given)
     if args.family == "sd3":
         from .build_sd3 import build_toy_dit
 
