@@ -68,7 +68,8 @@ class Judge:
         if world_name not in WORLDS:
             raise ValueError(f"{path}: judges of an unknown toy world {world_name!r}")
         width = state["features.0.0.weight"].shape[0]
-        grid = round((next(v for k, v in state.items() if k.startswith("heads.") and k.endswith(".weight")).shape[1] / (width * 4)) ** 0.5)
+        head = next(v for k, v in state.items() if k.startswith("heads.") and k.endswith(".weight"))
+        grid = round((head.shape[1] / (width * 4)) ** 0.5)  # the heads read grid x grid feature cells
         net = JudgeNet(width, world_name, grid)
         net.load_state_dict(state)
         return cls(net)
