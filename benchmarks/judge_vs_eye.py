@@ -138,7 +138,8 @@ if __name__ == "__main__":
     ap.add_argument("path", type=Path)
     ap.add_argument("--model", default=None, help="toy model folder (default: the shipped one)")
     ap.add_argument("--judge", default=None, help="judges.safetensors (default: the shipped one)")
-    ap.add_argument("--set", default="general", choices=["general", "colour", "v2-identity"], help="which sheet to draw (sheet mode)")
+    ap.add_argument("--set", default="general", choices=["general", "colour", "v2-identity"],
+                    help="which sheet to draw (sheet mode)")
     args = ap.parse_args()
     write_sheet(args.path, args.model, args.set) if args.mode == "sheet" else score(args.path, args.model, args.judge)
     sys.exit(0)
