@@ -78,9 +78,9 @@ def test_robust_training_runs(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_soft_prompt_beats_a_weak_patch_and_finds_no_absent_concept():
-    """The attack works: the shipped stripes patch at weight 0.8 is a weak defence (stripes gone from
-    these 8 images: 0 %; at 0.7 it leaves 50 %, at 0.9 12.5 %), and the soft suffix brings stripes back
-    (75 %; at full weight it brings back none). (A negative prompt "in stripes style" was the weak defence here until
+    """The attack works: the shipped stripes patch at weight 0.5 is a weak defence (stripes left in
+    these 8 images: 37.5 %; at 0.4 87.5 %, at 0.6 25 %, at 0.7 none), and the soft suffix brings stripes
+    back (87.5 %; at 0.7 it brings back 25 %). (A negative prompt "in stripes style" was the weak defence here until
     the 2026-11-23 rebuilds; those models ignore it: stripes stay at 100 %.)"""
     from patchforge.toyworld.plugin import ToyJudge
     from patchforge.io.loading import load_forget_patch, unload_forget_patch
@@ -89,7 +89,7 @@ def test_soft_prompt_beats_a_weak_patch_and_finds_no_absent_concept():
     pipe, judge = load_pipeline(None, device="cpu"), ToyJudge()
     prompts = [p.prompt for p in world.probes_for("stripes", world.TRAIN_SPLIT, n=4, seed=5)]
     rep, seeds = [p for p in prompts for _ in range(2)], [evaluation.SEED0, evaluation.SEED0 + 1] * 4
-    name = load_forget_patch(pipe, Path(__file__).parents[1] / "patches" / "style-stripes.fmn.safetensors", weight=0.8)
+    name = load_forget_patch(pipe, Path(__file__).parents[1] / "patches" / "style-stripes.fmn.safetensors", weight=0.5)
     try:
         suppressed = np.mean(judge.detect(evaluation.generate(pipe, rep, seeds), "stripes"))
         torch.manual_seed(0)

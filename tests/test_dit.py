@@ -261,11 +261,27 @@ def test_joint_attention_defaults_apply_only_where_the_user_set_nothing(folders)
     assert ModelFacts.from_pipe(BUILDERS["flux"]()).joint_attention
     hp = FMNConfig()
     joint = family_config(hp, TrainConfig(), dit)
-    assert (joint.steps, joint.keep_weight) == (160, 3.0) and (hp.steps, hp.keep_weight) == (80, 2.0)
+    assert (joint.steps, joint.keep_weight, joint.warm_start) == (160, 3.0, "")
+    assert (hp.steps, hp.keep_weight, hp.warm_start) == (20, 2.0, "uce")
     assert family_config(hp, TrainConfig(), toy) == hp  # a UNet keeps the defaults it was tuned with
     mine = TrainConfig(steps=7, options={"keep_weight": 1.5})
     mine_hp = family_config(method_config(get_method("fmn"), mine.options), mine, dit)
-    assert (mine_hp.steps, mine_hp.keep_weight) == (80, 1.5)  # what the user set stays; the loop runs --steps 7
+    assert (mine_hp.steps, mine_hp.keep_weight) == (20, 1.5)  # what the user set stays; the loop runs --steps 7
+
+
+def test_robust_defaults_apply_only_where_the_user_set_nothing(folders):
+    """--robust: fmn trains cold, with fresh teachers, for 80 steps (160 on joint attention)."""
+    from patchforge.core.plan import ModelFacts
+    from patchforge.methods.fmn import FMNConfig
+    from patchforge.train.loop import TrainConfig, family_config
+
+    dit, toy = ModelFacts.from_folder(folders["sd3"]), ModelFacts.from_pipe(tiny_sd1())
+    hp = FMNConfig()
+    robust = family_config(hp, TrainConfig(robust=True), toy)
+    assert (robust.steps, robust.warm_start, robust.teacher_pool) == (80, "", 0)
+    assert family_config(hp, TrainConfig(robust=True), dit).steps == 160  # joint attention's own schedule
+    mine = family_config(hp, TrainConfig(robust=True, options={"warm_start": "uce"}), toy)
+    assert (mine.steps, mine.warm_start) == (80, "uce")
 
 
 def test_soft_token_methods_say_they_cannot_run_on_dit():

@@ -31,7 +31,7 @@ def _train(pipe, out, **options):
 def test_a_teacher_pool_calls_the_base_once_per_pooled_row_and_still_trains(tmp_path):
     pipe = tiny_sd1()
     _train(pipe, tmp_path / "warm.safetensors")  # references cached: later runs call the base for teachers only
-    fresh, fresh_calls = _train(pipe, tmp_path / "a.safetensors")
+    fresh, fresh_calls = _train(pipe, tmp_path / "a.safetensors", teacher_pool=0)
     pooled, pooled_calls = _train(pipe, tmp_path / "b.safetensors", teacher_pool=2)
     # per draw: one call for the anchor and preserve teachers, one for the concept (the away term)
     assert fresh_calls == 6 * 2 and pooled_calls == 2 * 2

@@ -59,6 +59,7 @@ class TrainConfig:
     device: str | None = None
     mixed_precision: bool = True  # autocast on CUDA only
     options: dict = field(default_factory=dict)  # method hyperparameters (--set key=value)
+    robust: bool = False  # adversarial training (--robust): the method's ROBUST defaults apply
     images: str | None = None  # folder of the concept's own images; None: the base model's generations
     progress: bool = True
     # None in the four below: the model family's default (FAMILY_DEFAULTS; the toy's are what it always used)
@@ -307,6 +308,7 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
 
     cfg = config or TrainConfig(method=method)
     cfg.method = method or cfg.method
+    cfg.robust = cfg.robust or robust is not None
     hp = check_train_args(cfg, model=None if pipe is not None else model, out=out)
     method_cls = get_method(cfg.method)
     t0 = time.time()
@@ -414,14 +416,16 @@ def model_facts(model: str | None):
 
 
 def family_config(hp, cfg: TrainConfig, facts):
-    """The method's Config for this model: on a joint-attention denoiser (SD3, FLUX) its JOINT_ATTENTION
-    defaults replace the fields the user did not set (--steps, --lr, --set)."""
+    """The method's Config for this run: its ROBUST defaults under --robust, then, on a joint-attention
+    denoiser (SD3, FLUX), its JOINT_ATTENTION defaults, each for the fields the user did not set (--steps,
+    --lr, --set)."""
     from dataclasses import replace
 
-    if facts is None or not facts.joint_attention:
-        return hp
     user = set(cfg.options) | {k for k in ("steps", "lr") if getattr(cfg, k) is not None}
-    return replace(hp, **{k: v for k, v in type(hp).JOINT_ATTENTION.items() if k not in user})
+    changes = dict(type(hp).ROBUST) if cfg.robust else {}
+    if facts is not None and facts.joint_attention:
+        changes.update(type(hp).JOINT_ATTENTION)
+    return replace(hp, **{k: v for k, v in changes.items() if k not in user}) if changes else hp
 
 
 def plan_for(cfg: TrainConfig, hp, method_cls, facts, device: torch.device, loaded: bool):
@@ -496,7 +500,7 @@ def run_command(args) -> int:
                       options=dict(args.set), progress=not args.quiet, images=args.images,
                       resolution=args.resolution, ref_images=args.ref_images,
                       gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
-                      max_memory_gib=args.max_memory)
+                      max_memory_gib=args.max_memory, robust=args.robust)
     hp = check_train_args(cfg, model=args.model, out=args.out, concept_file=args.concept_file)  # before any load
     if not args.concept and not args.concept_file:
         raise PatchforgeError("give at least one --concept KIND:NAME or a --concept-file")
