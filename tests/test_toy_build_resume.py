@@ -25,7 +25,7 @@ def _weights(out: Path) -> dict:
 
 @pytest.mark.parametrize("world", ["v2"])  # v1 takes the same code path (and resumed bit-exactly when tried)
 def test_interrupted_build_resumes_bit_exactly(tmp_path, monkeypatch, world):
-    monkeypatch.setattr(build, "build_judges", lambda out, vae, cfg: (0.0, {}))  # not what is tested here
+    monkeypatch.setattr(build, "build_judges", lambda out, vae, cfg: (0.0, {}, {}))  # not what is tested here
     torch.manual_seed(123)  # the build seeds itself: what runs before it must not matter
     cfg = build.ToyBuildConfig(**TINY, world=world)
     build.build_toy_model(tmp_path / "whole", cfg)
@@ -49,7 +49,7 @@ def test_interrupted_build_resumes_bit_exactly(tmp_path, monkeypatch, world):
 
 def test_resume_after_the_unet_stage_goes_straight_to_the_judges(tmp_path, monkeypatch):
     judged = []
-    monkeypatch.setattr(build, "build_judges", lambda out, vae, cfg: judged.append(1) or (0.0, {}))
+    monkeypatch.setattr(build, "build_judges", lambda out, vae, cfg: judged.append(1) or (0.0, {}, {}))
 
     def stop_at_end(step):
         if step == TINY["unet_steps"]:
@@ -63,7 +63,7 @@ def test_resume_after_the_unet_stage_goes_straight_to_the_judges(tmp_path, monke
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, monkeypatch):
-    monkeypatch.setattr(build, "build_judges", lambda out, vae, cfg: (0.0, {}))
+    monkeypatch.setattr(build, "build_judges", lambda out, vae, cfg: (0.0, {}, {}))
 
     def stop(step):
         raise Stop

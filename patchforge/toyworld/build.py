@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..core.atomic import write_text
 from ..errors import PatchforgeError
 from . import checkpoint
-from .judges import WORLDS, Judge, JudgeNet, judge_accuracy, save_judge, train_judge
+from .judges import WORLDS, Judge, JudgeNet, identity_accuracy_by_art, judge_accuracy, save_judge, train_judge
 from .tokenizer import build_tokenizer
 
 # world -> (VAE block widths, tokenizer length). v2 is drawn at 32x32 like v1: at 64x64 a VAE that
@@ -236,7 +236,9 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
     pipe.save_pretrained(out_dir / "pipeline", safe_serialization=True)
 
     # 5. judges -------------------------------------------------------------------------------
-    report["stages"]["judges_s"], report["judge_accuracy_real"] = build_judges(out_dir, vae, cfg)
+    report["stages"]["judges_s"], report["judge_accuracy_real"], by_art = build_judges(out_dir, vae, cfg)
+    if by_art:
+        report["identity_accuracy_by_art"] = by_art
     report["total_s"] = round(time.time() - t_start, 1)
     report["parameters"] = {name: sum(p.numel() for p in m.parameters())
                             for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder),
@@ -248,14 +250,16 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
     return report
 
 
-def build_judges(out_dir: Path, vae, cfg: ToyBuildConfig) -> tuple[float, dict]:
+def build_judges(out_dir: Path, vae, cfg: ToyBuildConfig) -> tuple[float, dict, dict]:
     """Train the judges with the model's own VAE (they must read decoded images) and save them.
-    Also `patchforge toy judges`, which reloads the VAE: the result is the same either way."""
+    Also `patchforge toy judges`, which reloads the VAE: the result is the same either way.
+    Returns (seconds, accuracy per kind, identity accuracy per art style: {} for v1)."""
     t0 = time.time()
     bar = tqdm(total=cfg.judge_steps, desc="train judges", disable=None)
     net = train_judge(cfg.judge_steps, seed=cfg.seed + 1000, vae=vae, batch=cfg.batch_size,
                       progress=lambda loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")), world_name=cfg.world)
     bar.close()
     save_judge(net, Path(out_dir) / "judges.safetensors")
-    return round(time.time() - t0, 1), judge_accuracy(Judge(net))
+    judge = Judge(net)
+    return round(time.time() - t0, 1), judge_accuracy(judge), identity_accuracy_by_art(judge)
 

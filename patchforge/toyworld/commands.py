@@ -110,8 +110,10 @@ def _train(args) -> int:
     args.out = args.out or TOY_MODEL_DIR
     report = build_toy_model(args.out, cfg, resume=args.resume)
     acc = ", ".join(f"{k} {v:.1%}" for k, v in report["judge_accuracy_real"].items())
+    by_art = "".join(f"; identity judge in art style {a}: {v:.1%}" for a, v in
+                     report.get("identity_accuracy_by_art", {}).items())
     print(f"toy model written to {args.out} in {report['total_s'] / 60:.1f} min; "
-          f"judge accuracy on held-out real images: {acc}")
+          f"judge accuracy on held-out real images: {acc}{by_art}")
     return 0
 
 
@@ -129,15 +131,18 @@ def _judges(args) -> int:
     built = json.loads(report_path.read_text())["config"] if report_path.exists() else {}
     cfg = ToyBuildConfig(seed=args.seed, judge_steps=args.judge_steps, batch_size=args.batch_size,
                          world=built.get("world", "v1"))  # a v2 model gets v2 judges
-    seconds, acc = build_judges(args.out, vae, cfg)
+    seconds, acc, by_art = build_judges(args.out, vae, cfg)
     if report_path.exists():  # keep the build report true to what is on disk
         report = json.loads(report_path.read_text())
         report["config"]["judge_steps"] = args.judge_steps
         report["stages"]["judges_s"], report["judge_accuracy_real"] = seconds, acc
+        if by_art:
+            report["identity_accuracy_by_art"] = by_art
         report["total_s"] = round(sum(report["stages"].values()), 1)
         write_text(report_path, json.dumps(report, indent=2))
     print(f"judges written to {args.out / 'judges.safetensors'} in {seconds:.0f} s; accuracy on held-out real images: "
-          + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+          + ", ".join(f"{k} {v:.1%}" for k, v in acc.items())
+          + "".join(f"; identity judge in art style {a}: {v:.1%}" for a, v in by_art.items()))
     return 0
 
 

@@ -7,6 +7,7 @@ call them (tests/test_judges_isolation.py checks that the training code never im
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -102,18 +103,19 @@ def _batch(rng: random.Random, n: int, vae=None, augment: bool = True, world_nam
     images = np.stack([wm.render(s, rng.randrange(1 << 30)) for s in scenes])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     if augment:
-        x = _like_generated(x, vae, torch.tensor([s.identity != NONE for s in scenes]))
+        x = _like_generated(x, vae, torch.tensor([s.identity != NONE for s in scenes]), wm.CHARACTER_DRIFT)
     y = {k: torch.tensor([v.index(s.label(k)) for s in scenes]) for k, v in labels.items()}
     return x, y
 
 
-def _like_generated(x: torch.Tensor, vae=None, character: torch.Tensor | None = None) -> torch.Tensor:
+def _like_generated(x: torch.Tensor, vae=None, character: torch.Tensor | None = None,
+                    character_drift: float = 0.8) -> torch.Tensor:
     """Make real renders look like what a small diffusion model generates, so the judge reads
     generations as well as renders. Seen in base-model samples: VAE blur, speckled and blotchy
     backgrounds, textures drawn faintly, slightly dull colours, characters whose colour drifts
     (Kiko comes out yellow-orange with bright patches). Labels are unchanged: faint stripes are
     stripes, a yellowish cat is Kiko. Shapes' hue is never shifted, so red, orange and pink stay
-    apart; characters' hue is, since no character is told from another by hue alone."""
+    apart; characters' hue drifts by the world's CHARACTER_DRIFT (less in v2, where tints tell them apart)."""
     n = len(x)
     if character is None:
         character = torch.zeros(n, dtype=torch.bool)
@@ -127,8 +129,9 @@ def _like_generated(x: torch.Tensor, vae=None, character: torch.Tensor | None = 
     # Low-frequency blotches in every image: a 4x4 colour field, upsampled, small amplitude.
     blotch = F.interpolate(torch.randn(n, 3, 4, 4), size=x.shape[-2:], mode="bilinear", align_corners=False)
     x = x + blotch * torch.rand(n, 1, 1, 1) * 0.12
-    # Characters: per-channel colour drift, enough to turn Kiko's orange yellow.
-    drift = (torch.rand(n, 3, 1, 1) - 0.5) * 0.8 * character[:, None, None, None]
+    # Characters: per-channel colour drift (the world's CHARACTER_DRIFT), in v1 enough to turn Kiko's
+    # orange yellow; v2 tells characters of one species apart by tint, so it drifts less there.
+    drift = (torch.rand(n, 3, 1, 1) - 0.5) * character_drift * character[:, None, None, None]
     figure = (x.amax(dim=1, keepdim=True) > -0.4).float()  # not the dark background
     x = x + drift * figure
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -173,6 +176,25 @@ def judge_accuracy(judge: Judge, n: int = 2000, seed: int = 12345) -> dict[str, 
         for k in kinds:
             correct[k] += (pred[k].argmax(-1) == y[k]).sum().item()
     return {k: correct[k] / n for k in kinds}
+
+
+def identity_accuracy_by_art(judge: Judge, n: int = 480, seed: int = 777) -> dict[str, float]:
+    """Identity-head accuracy on fresh real images of named characters, per art style ("none" = no art):
+    a judge that reads Kiko only undrawn would make an identity erasure look easier than it is. Worlds
+    without art styles: {}."""
+    wm = WORLDS[judge.net.world_name]
+    if not hasattr(wm, "ART"):
+        return {}
+    rng, out = random.Random(seed), {}
+    for art in [NONE, *wm.ART]:
+        scenes = []
+        while len(scenes) < n:
+            s = wm.random_scene(rng, identity_share=1.0)
+            if s.identity != NONE:  # a named character (unnamed ones have no identity to read)
+                scenes.append(replace(s, art=art))
+        pred = judge.predict(np.stack([wm.render(s, rng.randrange(1 << 30)) for s in scenes]))["identity"]
+        out[art] = float(np.mean([p == s.identity for p, s in zip(pred, scenes)]))
+    return out
 
 
 def save_judge(net: JudgeNet, path) -> None:

@@ -14,7 +14,7 @@ from ..core.atomic import atomic_path, write_text
 from ..core.generate import GUIDANCE, STEPS, generate, to_grid  # one generation path for every measurement
 from ..core.pipeline_loading import load_pipeline, toy_judge_path
 from . import world
-from .judges import WORLDS, Judge, judge_accuracy
+from .judges import WORLDS, Judge, identity_accuracy_by_art, judge_accuracy
 
 
 
@@ -43,7 +43,8 @@ def base_model_report(model: str | None = None, seeds: int = 8) -> dict:
     own = Path(model).parent / "judges.safetensors" if model else None
     judge = Judge.load(own if own is not None and own.exists() else toy_judge_path())
     wm = WORLDS[judge.net.world_name]  # the judges say which world the model was built from
-    out = {"world": judge.net.world_name, "judge_accuracy_real": judge_accuracy(judge), "seeds_per_concept": seeds,
+    out = {"world": judge.net.world_name, "judge_accuracy_real": judge_accuracy(judge),
+           "identity_accuracy_by_art": identity_accuracy_by_art(judge), "seeds_per_concept": seeds,
            "guidance": GUIDANCE, "steps": STEPS, "rates": {}}
     for split in (world.TRAIN_SPLIT, world.HELDOUT_SPLIT):
         out["rates"][split] = concept_rates(pipe, judge, split, seeds, wm=wm)
@@ -66,6 +67,9 @@ def format_report(r: dict) -> str:
     for k in kinds:
         lines.append(f"| {k} | {r['judge_accuracy_real'][k]:.1%} | {r['by_kind']['train'][k]:.1%} "
                      f"| {r['by_kind']['heldout'][k]:.1%} |")
+    if r.get("identity_accuracy_by_art"):
+        lines.append("\nidentity judge on real images of named characters, per art style: "
+                     + ", ".join(f"{a} {v:.1%}" for a, v in r["identity_accuracy_by_art"].items()))
     if "implicit_prompts_rate" in r:
         lines.append(f"\nimplicit concept on its implicit prompts (never named): {r['implicit_prompts_rate']:.1%}")
     lines += ["", "| concept | training prompts | held-out paraphrases |", "|---|---|---|"]

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 IMAGE_SIZE = 32
+# how far the judges' training lets a character's colour drift per channel (in [-1, 1] units, peak to
+# peak): the model draws Kiko anywhere from orange to yellow, and no v1 character is told apart by hue
+CHARACTER_DRIFT = 0.8
 BACKGROUND = (40, 40, 46)
 PATTERN_LIGHT = (245, 245, 245)
 

@@ -33,6 +33,9 @@ from .world import NONE, OBJECTS, SOLID, STYLES, TRAIN_SPLIT, HELDOUT_SPLIT, Pro
 __all__ = ["TRAIN_SPLIT", "HELDOUT_SPLIT", "Probe"]
 
 IMAGE_SIZE = 32
+# the judges' colour drift for characters (world.CHARACTER_DRIFT is v1's 0.8): v2's characters of one
+# species differ only by tint, and at 0.8 the identity judge read sketched ones (faint colour) at 85 %
+CHARACTER_DRIFT = 0.3
 PLAIN = "plain"  # v1's dark background: the absence of a background, a label and not a concept
 # v1's colours and gray: the neutral colour an erased colour should turn into (`neutral`)
 GRAY = "gray"
