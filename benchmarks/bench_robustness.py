@@ -5,14 +5,17 @@ specificity). Writes a Markdown table and a JSON file.
 Patch variants (--variants):
     default     fmn at its defaults, trained here
     robust      fmn --robust (AdvUnlearn-style inner soft-prompt loop)
-    undefended  fmn as published: attention re-steering with the preservation, away and keep terms off
-                (--set preserve_weight=0 --set away=0 --set keep_weight=0): the suite's validity check,
+    undefended  fmn as published: attention re-steering with the preservation, away and keep terms off, cold
+                (--steps 80 --set preserve_weight=0 --set away=0 --set keep_weight=0 --set warm_start=
+                --set teacher_pool=0): the suite's validity check,
                 every strong attack should bring its concept back
     shipped     the shipped default patch (patches/<kind>-<name>.fmn.safetensors), not retrained
+    esd         ESD at its defaults (the field's baseline, no preservation term): for the leaderboard's
+                ordering of fmn-as-published, esd and adversarial training (robust)
 
     .venv/bin/python benchmarks/bench_robustness.py [--model M] [--concepts style:stripes object:star identity:kiko]
         [--variants default robust] [--attacks ...] [--prompts 4] [--seeds 2] [--budget KEY=VALUE]
-        [--skip-eval] [--reuse] [--steps N] [--out benchmarks/robustness.json]
+        [--skip-eval] [--reuse] [--steps N] [--set KEY=VALUE] [--out benchmarks/robustness.json]
 """
 from __future__ import annotations
 
@@ -37,7 +40,9 @@ BUDGET = {"prompts": 4, "soft_tokens": 4, "soft_steps": 30, "inv_tokens": 2, "in
 ATTACKS = ["misspelling", "paraphrase", "described", "padding", "soft_prompt", "inversion", "inversion_converged",
            "unlearndiff", "unlearndiff_strong", "ring_a_bell", "unconditional", "partial"]
 TEXT = {"misspelling", "paraphrase", "described", "padding"}
-UNDEFENDED = {"preserve_weight": 0, "away": 0, "keep_weight": 0}  # fmn's FMNConfig fields
+# fmn's FMNConfig fields: FMN as published starts cold, with fresh teachers, for 80 steps (UNDEFENDED_STEPS)
+UNDEFENDED = {"preserve_weight": 0, "away": 0, "keep_weight": 0, "warm_start": "", "teacher_pool": 0}
+UNDEFENDED_STEPS = 80
 
 
 def main() -> None:
@@ -45,10 +50,12 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--concepts", nargs="+", default=["style:stripes", "object:star", "identity:kiko"])
     ap.add_argument("--variants", nargs="+", default=["default", "robust"],
-                    choices=["default", "robust", "undefended", "shipped"])
+                    choices=["default", "robust", "undefended", "shipped", "esd"])
     ap.add_argument("--attacks", nargs="+", default=ATTACKS, choices=ATTACKS)
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the method's)")
     ap.add_argument("--inner-steps", type=int, default=3)
+    ap.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE", dest="options",
+                    help="method option for the trained variants (default, robust, esd), as `patchforge train --set`")
     ap.add_argument("--prompts", type=int, default=BUDGET["prompts"], help="target prompts attacked per concept")
     ap.add_argument("--seeds", type=int, default=2, help="image seeds per prompt (cells: prompts x seeds images)")
     ap.add_argument("--budget", action="append", type=key_value, default=[], metavar="KEY=VALUE",
@@ -97,14 +104,17 @@ def patch_for(concept: str, tag: str, args, pipe) -> tuple[Path, float | None]:
     """The patch of this variant (trained now unless shipped or --reuse) and its training seconds."""
     if tag == "shipped":
         return ROOT / "patches" / f"{concept.replace(':', '-')}.fmn.safetensors", None
-    out = Path(args.patch_dir) / f"{concept.replace(':', '-')}.fmn.{tag}.safetensors"
+    method = "esd" if tag == "esd" else "fmn"
+    name = f"{method}.{tag}" if tag != method else method
+    out = Path(args.patch_dir) / f"{concept.replace(':', '-')}.{name}.safetensors"
     if args.reuse and out.exists():
         return out, None
-    cfg = TrainConfig(method="fmn", steps=args.steps, progress=False,
-                      options=dict(UNDEFENDED) if tag == "undefended" else {})
+    steps = args.steps or (UNDEFENDED_STEPS if tag == "undefended" else None)
+    cfg = TrainConfig(method=method, steps=steps, progress=False,
+                      options=dict(UNDEFENDED) if tag == "undefended" else dict(args.options))
     hook = (lambda tr: wrap_trainer(tr, RobustConfig(inner_steps=args.inner_steps))) if tag == "robust" else None
     t0 = time.time()
-    path, _ = train_patch([concept], "fmn", args.model, cfg, out=out, pipe=pipe, robust=hook)
+    path, _ = train_patch([concept], method, args.model, cfg, out=out, pipe=pipe, robust=hook)
     return path, round(time.time() - t0, 1)
 
 
