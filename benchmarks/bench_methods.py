@@ -117,10 +117,12 @@ def markdown(rows, args, seconds) -> str:
                      f"{pair(r, 'specificity.neighbours')} | {pair(r, 'specificity.other_kinds')} | "
                      f"{pair(r, 'specificity.compositional')} | {pair(r, 'utility.alignment')} | {rob} | "
                      f"{r['seconds']:.0f} | {r['bytes'] / 1024:.0f} | {'yes' if r['bar'] else 'no'} |")
-    lines.append(f"\nbase → patched; toy model, CPU, {args.seeds} image seeds × {args.n} prompts per set, "
+    lines.append(f"\nbase → patched; {args.model or 'the embedded toy model'}, CPU, "
+                 f"{args.seeds} image seeds × {args.n} prompts per set, "
                  f"{'method defaults' if not args.set else 'overrides ' + ' '.join(set_text)}, "
                  f"training seed {args.train_seed}; "
                  f"`python benchmarks/bench_methods.py --seeds {args.seeds} --n {args.n}"
+                 f"{f' --model {args.model}' if args.model else ''}"
                  f"{f' --train-seed {args.train_seed}' if args.train_seed else ''}"
                  f"{''.join(' --set ' + kv for kv in set_text)}` "
                  f"({seconds / 60:.0f} min). bar: efficacy ≤ 20% with neighbours and other kinds ≥ 90% of base.")
