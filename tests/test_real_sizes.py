@@ -194,7 +194,8 @@ def test_plan_line_and_refusal_on_a_loaded_pipeline(tmp_path, capsys):
     with pytest.raises(PatchforgeError, match="does not fit"):
         train_patch(["custom:a cat"], "fmn", None, cfg, out=tmp_path / "p.safetensors", pipe=pipe)
     assert torch.equal(run(pipe), before) and not (tmp_path / "p.safetensors").exists()
-    cfg = TrainConfig(steps=1, batch=1, options=FAST, gradient_checkpointing=True)
+    # fresh teachers: 3 no-grad rows a step (a teacher pool computes them once, before the first step)
+    cfg = TrainConfig(steps=1, batch=1, options={**FAST, "teacher_pool": 0}, gradient_checkpointing=True)
     _, s = train_patch(["custom:a cat"], "fmn", None, cfg, out=tmp_path / "p.safetensors", pipe=pipe)
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("plan:")]
     assert len(line) == 1 and "1 steps x 2 UNet rows with gradients + 3 without" in line[0]
