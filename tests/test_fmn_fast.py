@@ -40,4 +40,6 @@ def test_a_teacher_pool_calls_the_base_once_per_pooled_row_and_still_trains(tmp_
     assert all(pooled[k].abs().max() > 0 for k in pooled if "lora_B" in k)  # and it trained
     again, _ = _train(pipe, tmp_path / "c.safetensors", teacher_pool=2)
     assert all(torch.equal(again[k], pooled[k]) for k in pooled)  # deterministic
+    _, capped_calls = _train(pipe, tmp_path / "d.safetensors", teacher_pool=50)
+    assert capped_calls == 6 * 2  # a pool larger than the run is cut to one batch per step
 

@@ -133,7 +133,10 @@ class ForgetMeNot(Method):
     def start(self):
         if self.hp.warm_start:
             self.warm_start()
-        self.pool = [self.draw() for _ in range(self.hp.teacher_pool)]  # the base's predictions, made once
+        # the base's predictions, made once; never more batches than steps (a 2-step smoke run on a real-sized
+        # model would otherwise pay for 10 batches of teachers it never uses)
+        steps = self.tr.cfg.steps if self.tr.cfg.steps is not None else self.hp.steps
+        self.pool = [self.draw() for _ in range(min(self.hp.teacher_pool, steps))]
         kept = self.preserve + [c for c in dict.fromkeys(self.contrast_prompts) if c]
         self.keeper = ProjectionKeeper.build(self.tr, kept, self.refs) if self.hp.keep_weight > 0 else None
         # record only in the text attention (cross-attention); self-attention keeps its fast processor
