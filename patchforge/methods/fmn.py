@@ -97,9 +97,9 @@ class FMNConfig(MethodConfig):
     # paraphrases go (4: 29 % left). Measured on the DiT toy, cold and with fresh teachers: patches/README.md
     JOINT_ATTENTION: ClassVar[dict] = {"steps": 160, "keep_weight": 3.0, "warm_start": "", "teacher_pool": 0}
     # --robust: the inner attack needs the outer loop's fresh teachers and many steps. On the toy star at the
-    # published UnlearnDiffAtk budget, 80 cold steps with fresh teachers held it to 3 % ASR; the fast
-    # schedule (20 warm-started steps, pooled teachers) to 88 %, 80 warm-started pooled steps to 59 %
-    # (docs/robustness.md)
+    # published UnlearnDiffAtk budget, 80 cold steps with fresh teachers held it to 3 % ASR, where the fast
+    # schedule (20 warm-started steps, pooled teachers) let 88 % through and 80 warm-started pooled steps
+    # 59 % (docs/robustness.md)
     ROBUST: ClassVar[dict] = {"steps": 80, "warm_start": "", "teacher_pool": 0}
 
 
