@@ -109,12 +109,15 @@ def _train(args) -> int:
 
     args.out = args.out or TOY_MODEL_DIR
     report = build_toy_model(args.out, cfg, resume=args.resume)
-    acc = ", ".join(f"{k} {v:.1%}" for k, v in report["judge_accuracy_real"].items())
-    by_art = "".join(f"; identity judge in art style {a}: {v:.1%}" for a, v in
-                     report.get("identity_accuracy_by_art", {}).items())
-    print(f"toy model written to {args.out} in {report['total_s'] / 60:.1f} min; "
-          f"judge accuracy on held-out real images: {acc}{by_art}")
+    print(f"toy model written to {args.out} in {report['total_s'] / 60:.1f} min; judge accuracy on held-out "
+          f"real images: {_accuracy_text(report['judge_accuracy_real'], report.get('identity_accuracy_by_art', {}))}")
     return 0
+
+
+def _accuracy_text(acc: dict, by_art: dict) -> str:
+    """The judges' accuracy per kind, then the identity judge's per art style (world v2)."""
+    return (", ".join(f"{k} {v:.1%}" for k, v in acc.items())
+            + "".join(f"; identity judge in art style {a}: {v:.1%}" for a, v in by_art.items()))
 
 
 def _judges(args) -> int:
@@ -141,8 +144,7 @@ def _judges(args) -> int:
         report["total_s"] = round(sum(report["stages"].values()), 1)
         write_text(report_path, json.dumps(report, indent=2))
     print(f"judges written to {args.out / 'judges.safetensors'} in {seconds:.0f} s; accuracy on held-out real images: "
-          + ", ".join(f"{k} {v:.1%}" for k, v in acc.items())
-          + "".join(f"; identity judge in art style {a}: {v:.1%}" for a, v in by_art.items()))
+          + _accuracy_text(acc, by_art))
     return 0
 
 

@@ -109,7 +109,7 @@ def _batch(rng: random.Random, n: int, vae=None, augment: bool = True, world_nam
 
 
 def _like_generated(x: torch.Tensor, vae=None, character: torch.Tensor | None = None,
-                    character_drift: float = 0.8) -> torch.Tensor:
+                    character_drift: float = world.CHARACTER_DRIFT) -> torch.Tensor:
     """Make real renders look like what a small diffusion model generates, so the judge reads
     generations as well as renders. Seen in base-model samples: VAE blur, speckled and blotchy
     backgrounds, textures drawn faintly, slightly dull colours, characters whose colour drifts
