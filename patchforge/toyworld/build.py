@@ -37,10 +37,10 @@ WORLD_BUILD = {"v1": ((32, 64), 32), "v2": ((32, 64), 48)}
 # world -> build settings that differ from ToyBuildConfig's (v1's) defaults. v2's UNet steps fit its
 # 100-minute budget on a 2-core CPU (0.89 s a step of 64 there, 2026-12-02; docs/toy-model.md).
 # v2 trades batch for steps: a step of 32 costs about half of one of 64 (0.53 s against 1.0-1.1 s on
-# 2 threads), so the same budget takes 9 000 steps instead of 5 500: for a small model still far from
+# 2 threads), so the same budget takes 8 000 steps instead of 5 500: for a small model still far from
 # drawing its world (the first v2 build drew most kinds under half the time), more, noisier steps
 # usually teach more than fewer, exact ones.
-WORLD_DEFAULTS = {"v1": {}, "v2": {"unet_steps": 9000, "unet_batch": 32}}
+WORLD_DEFAULTS = {"v1": {}, "v2": {"unet_steps": 8000, "unet_batch": 32}}
 
 
 @dataclass
