@@ -35,12 +35,8 @@ from .tokenizer import build_tokenizer
 # (docs/toy-model.md, "World v2").
 WORLD_BUILD = {"v1": ((32, 64), 32), "v2": ((32, 64), 48)}
 # world -> build settings that differ from ToyBuildConfig's (v1's) defaults. v2's UNet steps fit its
-# 100-minute budget on a 2-core CPU (0.89 s a step of 64 there, 2026-12-02; docs/toy-model.md).
-# v2 trades batch for steps: a step of 32 costs about half of one of 64 (0.53 s against 1.0-1.1 s on
-# 2 threads), so the same budget takes 8 000 steps instead of 5 500: for a small model still far from
-# drawing its world (the first v2 build drew most kinds under half the time), more, noisier steps
-# usually teach more than fewer, exact ones.
-WORLD_DEFAULTS = {"v1": {}, "v2": {"unet_steps": 8000, "unet_batch": 32}}
+# 100-minute budget on a 2-core CPU (0.89 s a step there, 2026-12-02; docs/toy-model.md).
+WORLD_DEFAULTS = {"v1": {}, "v2": {"unet_steps": 5500}}
 
 
 @dataclass
@@ -58,8 +54,7 @@ class ToyBuildConfig(BuildCommon):
     vae_steps: int = 600
     unet_steps: int = 8500
     judge_steps: int = 1200
-    batch_size: int = 64  # the VAE trains on half of it, the judges on all of it
-    unet_batch: int = 0  # the UNet's batch; 0: batch_size
+    batch_size: int = 64
     lr: float = 6e-4
     # Min-SNR-gamma loss weighting (Hang et al. 2023): stops the many easy low-noise timesteps from
     # dominating the gradient, so the coarse layout and colour, decided at high noise, learn faster.
@@ -210,7 +205,7 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
     bar = tqdm(range(start, cfg.unet_steps), desc="train UNet + text encoder", initial=start, total=cfg.unet_steps,
                disable=None)
     for step in bar:
-        idx = torch.randint(0, len(images), (cfg.unet_batch or cfg.batch_size,))
+        idx = torch.randint(0, len(images), (cfg.batch_size,))
         latents = (means[idx] + stds[idx] * torch.randn_like(means[idx])) * scaling
         texts = ["" if rng.random() < cfg.caption_dropout else wm.caption(scenes[i], rng, "any")
                  for i in idx.tolist()]

@@ -21,8 +21,7 @@ def _configs() -> dict:
 TRAIN_FLAGS = {"world": {"choices": ["v1", "v2"],
                          "help": "v1: the shipped world; v2: the harder world of scenes (docs/toy-model.md)"},
                "checkpoint_every": {"help": "UNet steps between resumable checkpoints in OUT/checkpoints (0: none)"},
-               "unet_steps": {"help": "--world v2's default: 8000"},
-               "unet_batch": {"help": "--world v2's default: 32"}}
+               "unet_steps": {"help": "--world v2's default: 5500"}}
 
 
 def register(sub) -> None:

@@ -58,12 +58,6 @@ IDENTITY_ALIASES = {n: [f"the {t} {s} character", f"the {t} {SPECIES_WORD[s]}"] 
 # Unnamed characters: "a cat" is a cat in no character's tint, the class an erased identity should turn into.
 UNNAMED_TINT = (200, 175, 120)
 UNNAMED_SHARE = 0.2  # of character scenes
-# The scene mix. The first v2 build (art 50 %, second subject 50 %, characters 30 %: each of the 24
-# named characters in 1 % of scenes) drew colour, style and identity under half the time; simple scenes
-# and characters are now more common, and every kind still appears in every combination.
-IDENTITY_SHARE = 0.4  # of scenes, a character is the main subject
-SECOND_SHARE = 0.35
-ART_SHARE = 0.3
 
 # ---------------------------------------------------------------- backgrounds, art, the implicit concept
 BACKGROUNDS = {"beach": ["seaside", "shore"], "bath": ["tub", "washroom"], "forest": ["woods", "woodland"],
@@ -238,16 +232,13 @@ def _art(img: np.ndarray, art: str) -> np.ndarray:
     lum = img.mean(-1)
     edge = np.zeros_like(lum)
     edge[1:-1, 1:-1] = np.abs(lum[2:, 1:-1] - lum[:-2, 1:-1]) + np.abs(lum[1:-1, 2:] - lum[1:-1, :-2])
-    # The washes below are gentle on purpose: an artist's style changes every pixel but keeps the colours a
-    # viewer names. The first v2 build washed 30 % towards paper and sketched at 40 % colour, and its model
-    # drew colour and identity half as often in those styles (docs/toy-model.md, "World v2").
     if art == "watercolor":  # blurred (twice per 64 pixels: the same blur in world units), washed towards paper
         for _ in range(max(1, IMAGE_SIZE // 32)):
             p = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
             img = sum(p[i:i + IMAGE_SIZE, j:j + IMAGE_SIZE] for i in range(3) for j in range(3)) / 9
-        return img * 0.85 + np.array((245, 238, 220), np.float32) * 0.15
-    if art == "sketch":  # coloured pencil on paper: dark strokes, hatching in the darks
-        out = np.array((242, 240, 232), np.float32) * 0.25 + img * 0.75 - np.minimum(edge, 200)[..., None] * 0.8
+        return img * 0.7 + np.array((245, 238, 220), np.float32) * 0.3
+    if art == "sketch":  # paper, faint colour, dark strokes, hatching in the darks
+        out = np.array((242, 240, 232), np.float32) * 0.6 + img * 0.4 - np.minimum(edge, 200)[..., None] * 0.8
         hatch = ((xx - yy) % 3 < 0.75) & (lum < 120)
         out[hatch] -= 45
         return out
@@ -280,13 +271,13 @@ def render(scene: Scene, noise_seed: int | None = None) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def random_scene(rng: random.Random, identity_share: float = IDENTITY_SHARE) -> Scene:
-    """Main subject: a character with probability identity_share; a second subject SECOND_SHARE of the
-    time; a background 60 % of the time; an art style ART_SHARE of the time; bare characters per BARE_RATE."""
+def random_scene(rng: random.Random, identity_share: float = 0.3) -> Scene:
+    """Main subject: a character with probability identity_share; a second subject half the time; a
+    background 60 % of the time; an art style half the time; bare characters per BARE_RATE."""
     background = PLAIN if rng.random() < 0.4 else rng.choice(list(BACKGROUNDS))
-    art = NONE if rng.random() >= ART_SHARE else rng.choice(list(ART))
+    art = NONE if rng.random() < 0.5 else rng.choice(list(ART))
     second = color2 = NONE
-    if rng.random() < SECOND_SHARE:
+    if rng.random() < 0.5:
         if rng.random() < 0.3:
             second = rng.choice(list(IDENTITIES))
         else:
