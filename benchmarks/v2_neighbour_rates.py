@@ -38,7 +38,7 @@ def rates(pipe, judge, sets) -> dict[str, int]:
     for set_name, rows in sets.items():
         prompts = [p for p, _, _ in rows for _ in SEEDS]
         labels = judge.predict(generate(pipe, prompts, [s for _ in rows for s in SEEDS]))
-        hits = [labels[kind][i * len(SEEDS) + j] == (world.BARE if kind == "implicit" else name)
+        hits = [labels[kind][i * len(SEEDS) + j] == name  # a concept's judge label is its name ("bare" too)
                 for i, (_, kind, name) in enumerate(rows) for j in range(len(SEEDS))]
         out[set_name] = round(100 * float(np.mean(hits)))
     return out
