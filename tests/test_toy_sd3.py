@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from patchforge.core.generate import generate
+from patchforge.errors import PatchforgeError
 from patchforge.core.pipeline_loading import TOY_MODEL_DIR, TOY_SD3_DIR, TOY_SD3_ID, load_pipeline, model_id, is_toy
 from patchforge.toyworld import build_sd3
 from patchforge.toyworld.build_sd3 import PaddedJointAttnProcessor, ToyDiTBuildConfig, build_toy_dit, encode
@@ -74,11 +75,66 @@ def test_tiny_build_loads_with_plain_diffusers_and_resumes(tmp_path, monkeypatch
         assert torch.equal(tensor, a[name]), name
 
 
+def test_tiny_world_v2_build_trains_its_own_parts_and_resumes(tmp_path, monkeypatch):
+    """World v2 has no UNet toy to borrow from: the build trains its VAE, text encoder and judges too."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from patchforge.toyworld import build
+    from patchforge.toyworld.judges import Judge
+
+    monkeypatch.setattr(build, "judge_accuracy", lambda judge: {})  # thousands of renders: not tested here
+    monkeypatch.setattr(build, "identity_accuracy_by_art", lambda judge: {})
+    cfg = dict(TINY, world="v2", vae_steps=2, judge_steps=1)
+    straight = build_toy_dit(tmp_path / "a", ToyDiTBuildConfig(**cfg), log=lambda *_: None)
+    assert straight["base"].startswith("none") and straight["vae_final_loss"] is not None
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "a" / "pipeline")
+    assert pipe.tokenizer.model_max_length == 48  # v2's captions are longer than v1's
+    assert Judge.load(tmp_path / "a" / "judges.safetensors").net.world_name == "v2"
+    assert np.array_equal(generate(pipe, ["a photo of Kiko at the beach"], [0], steps=2),
+                          generate(pipe, ["a photo of Kiko at the beach"], [0], steps=2))
+
+    save = build_sd3._save_checkpoint
+
+    def save_then_stop(*args):
+        save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_sd3, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        build_toy_dit(tmp_path / "b", ToyDiTBuildConfig(**cfg), log=lambda *_: None)
+    monkeypatch.setattr(build_sd3, "_save_checkpoint", save)
+    assert build_toy_dit(tmp_path / "b", ToyDiTBuildConfig(**cfg), log=lambda *_: None)["resumed_at_step"] == 2
+    resumed = StableDiffusion3Pipeline.from_pretrained(tmp_path / "b" / "pipeline")
+    for part in ("transformer", "text_encoder", "vae"):  # the text encoder trains with the transformer
+        b = getattr(resumed, part).state_dict()
+        for name, tensor in getattr(pipe, part).state_dict().items():
+            assert torch.equal(tensor, b[name]), (part, name)
+
+
+@needs_unet_toy
+@pytest.mark.parametrize("world, message", [("v2", "was built from world v1, not v2"),
+                                            ("v3", "unknown toy world 'v3'")])
+def test_build_refuses_a_base_of_another_world_before_loading_it(tmp_path, world, message, monkeypatch):
+    # the base's VAE, tokenizer and judges know only the world they were built from
+    for make in ("make_pipeline", "make_own_pipeline"):
+        monkeypatch.setattr(build_sd3, make, lambda *a: pytest.fail("loaded a model before checking"))
+    with pytest.raises(PatchforgeError, match=message):
+        build_toy_dit(tmp_path, ToyDiTBuildConfig(**TINY, world=world, base=str(TOY_MODEL_DIR)), log=lambda *_: None)
+
+
 def test_cli_rejects_a_flag_of_the_other_family(capsys):
     from patchforge.cli import main
 
     assert main(["toy", "train", "--family", "sd3", "--unet-steps", "5"]) != 0
     assert "--unet-steps is no option of `toy train --family sd3`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_cli_world_v2_build_needs_an_out_folder(capsys, family):
+    from patchforge.cli import main
+
+    assert main(["toy", "train", "--family", family, "--world", "v2"]) != 0  # never over the shipped v1 toy
+    assert "a world v2 build needs --out" in capsys.readouterr().err
 
 
 @shipped

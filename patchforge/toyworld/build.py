@@ -63,26 +63,38 @@ class ToyBuildConfig(BuildCommon):
     checkpoint_every: int = 500  # UNet steps between resumable checkpoints (0: none)
 
 
+def make_vae(image_size: int = 32, vae_blocks: tuple = (32, 64)):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size,
+                         down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
+                         up_block_types=("UpDecoderBlock2D",) * len(vae_blocks),
+                         block_out_channels=vae_blocks, layers_per_block=1)
+
+
+def text_encoder_config(tokenizer, **extra):
+    """The toy's CLIP text encoder: 4 layers of width 128 (extra: e.g. a projection_dim for SD3's slots)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512,
+                          num_hidden_layers=4, num_attention_heads=4,
+                          max_position_embeddings=tokenizer.model_max_length,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **extra)
+
+
 def make_components(tokenizer, image_size: int = 32, vae_blocks: tuple = (32, 64)):
     """The architecture of the toy model: a small but genuine Stable Diffusion."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size,
-                        down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
-                        up_block_types=("UpDecoderBlock2D",) * len(vae_blocks),
-                        block_out_channels=vae_blocks, layers_per_block=1)
+    vae = make_vae(image_size, vae_blocks)
     latent = image_size // 2 ** (len(vae_blocks) - 1)
     unet = UNet2DConditionModel(sample_size=latent, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128),
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                                 layers_per_block=1, cross_attention_dim=128, attention_head_dim=8)
-    text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512,
-                                 num_hidden_layers=4, num_attention_heads=4,
-                                 max_position_embeddings=tokenizer.model_max_length,
-                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)
-    text_encoder = CLIPTextModel(text_config)
+    text_encoder = CLIPTextModel(text_encoder_config(tokenizer))
     # SD's noise schedule and DDIM settings; steps_offset=1 as diffusers expects for SD
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -111,6 +123,27 @@ def ema_step(loss, opt, sched, params, ema_params, ema_decay: float, step: int) 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1
+
+
+def train_vae(vae, images: torch.Tensor, steps: int, batch: int) -> float | None:
+    """Train the VAE on uint8 images (reconstruction + a little KL); returns the last loss (None: no steps)."""
+    opt = torch.optim.AdamW(vae.parameters(), 2e-3)
+    sched = _cosine_lr(opt, steps, warmup=100)
+    loss = None
+    bar = tqdm(range(steps), desc="train VAE", disable=None)
+    for step in bar:
+        x = to_pixels(images[torch.randint(0, len(images), (batch,))])
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-4 * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return None if loss is None else round(loss.item(), 5)
 
 
 def _cosine_lr(opt, steps, warmup=200):
@@ -147,21 +180,8 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
 
     # 2. VAE ---------------------------------------------------------------------------------
     t0 = time.time()
-    opt = torch.optim.AdamW(vae.parameters(), 2e-3)
-    sched = _cosine_lr(opt, cfg.vae_steps, warmup=100)
-    bar = tqdm(range(0 if resumed else cfg.vae_steps), desc="train VAE", disable=None)  # resumed: the checkpoint's VAE
-    for step in bar:
-        x = to_pixels(images[torch.randint(0, len(images), (cfg.batch_size // 2,))])
-        post = vae.encode(x).latent_dist
-        recon = vae.decode(post.sample()).sample
-        kl = post.kl().mean() / x[0].numel()
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-4 * kl
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+    # resumed: the checkpoint's VAE
+    vae_loss = train_vae(vae, images, 0 if resumed else cfg.vae_steps, cfg.batch_size // 2)
     # what a checkpoint must have been built with to be resumed (threads and checkpointing may change)
     same = {k: v for k, v in asdict(cfg).items() if k not in ("threads", "checkpoint_every")}
     if resumed:
@@ -171,7 +191,7 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
                                   "resume with those, or delete it to start again")
         checkpoint.load(ckpt, {"vae": vae}, {}, random.Random())
     else:
-        extra = {"vae_final_loss": round(loss.item(), 5), "config": same}
+        extra = {"vae_final_loss": vae_loss, "config": same}
     vae.eval().requires_grad_(False)
     report["stages"]["vae_s"] = round(time.time() - t0, 1)
     report["vae_final_loss"] = extra["vae_final_loss"]

@@ -32,8 +32,9 @@ from ..core.atomic import atomic_path, write_text
 from ..errors import PatchforgeError
 from ..core.pipeline_loading import TOY_MODEL_DIR
 from . import checkpoint
-from .build import BuildCommon, ema_step, render_images, to_pixels
-from .world import caption, random_scene, render
+from .build import (WORLD_BUILD, BuildCommon, ToyBuildConfig, build_judges, ema_step, make_vae, render_images,
+                    text_encoder_config, to_pixels, train_vae)
+from .judges import WORLDS
 
 T5_PADDING = 256  # StableDiffusion3Pipeline's default max_sequence_length: the zero "T5" tokens it appends
 FOLDED = 2  # training computes the padding as this many tokens (a CLIP tokenizer needs 2 for BOS and EOS)
@@ -50,7 +51,18 @@ class ToyDiTBuildConfig(BuildCommon):
     heads: int = 3
     head_dim: int = 32
     checkpoint_every: int = 250
-    base: str = ""  # the UNet toy folder whose VAE, tokenizer, text encoder and judges are reused (default: shipped)
+    # the UNet toy folder whose VAE, tokenizer, text encoder and judges are reused. Default: the shipped
+    # UNet toy for world v1; none for world v2, whose build trains its own (OWN_PARTS)
+    base: str = ""
+    world: str = "v1"  # the world of the captions and images; a base must have been built from the same one
+    vae_steps: int = 600  # a build without a base only: its VAE, as the UNet toy's build trains it
+    judge_steps: int = 1200  # a build without a base only: its judges, as the UNet toy's build trains them
+
+
+# world -> settings that differ from ToyDiTBuildConfig's (v1's) defaults. v2 trains its own VAE, text
+# encoder and judges, and a wider transformer (4 heads: 3.5 M parameters), in its 100-minute budget.
+WORLD_DEFAULTS = {"v1": {}, "v2": {"heads": 4, "steps": 11000}}
+OWN_PARTS = {"v2"}  # worlds whose DiT build needs no UNet toy
 
 
 def make_transformer(cfg: ToyDiTBuildConfig, joint_attention_dim: int):
@@ -90,6 +102,29 @@ def make_pipeline(base: Path, cfg: ToyDiTBuildConfig):
                                     text_encoder_3=zero_t5(tokenizer, width), tokenizer_3=copy.deepcopy(tokenizer))
 
 
+def make_own_pipeline(cfg: ToyDiTBuildConfig):
+    """The pipeline before training, all of it fresh: the UNet toy's VAE and CLIP architectures (trained
+    here), the world's tokenizer, a zero T5 and the transformer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from .tokenizer import build_tokenizer
+
+    vae_blocks, max_tokens = WORLD_BUILD[cfg.world]
+    tokenizer = build_tokenizer(WORLDS[cfg.world].vocabulary(), max_tokens)
+    vae = make_vae(WORLDS[cfg.world].IMAGE_SIZE, vae_blocks)
+    text_encoder = CLIPTextModelWithProjection(text_encoder_config(tokenizer, projection_dim=128))
+    with torch.no_grad():  # identity: the pooled embedding is the final EOS state (as make_pipeline's)
+        text_encoder.text_projection.weight.copy_(torch.eye(128))
+    text_encoder.text_projection.requires_grad_(False)
+    width = 2 * text_encoder.config.hidden_size
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    return StableDiffusion3Pipeline(transformer=make_transformer(cfg, width), scheduler=scheduler, vae=vae,
+                                    text_encoder=text_encoder, tokenizer=tokenizer,
+                                    text_encoder_2=copy.deepcopy(text_encoder), tokenizer_2=copy.deepcopy(tokenizer),
+                                    text_encoder_3=zero_t5(tokenizer, width), tokenizer_3=copy.deepcopy(tokenizer))
+
+
 def zero_t5(tokenizer, width: int):
     """The T5 slot, holding a T5 encoder with no layers and a zero final norm: it outputs exactly the
     zeros StableDiffusion3Pipeline uses when there is no T5. A null slot would do the same, but plain
@@ -104,6 +139,13 @@ def zero_t5(tokenizer, width: int):
         for p in model.parameters():
             p.zero_()
     return model
+
+
+def _base_world(base: Path) -> str:
+    """The world a UNet toy was built from (its build report; the shipped v1 toy's predates the field)."""
+    report = base / "build_report.json"
+    config = json.loads(report.read_text()).get("config", {}) if report.exists() else {}
+    return config.get("world", "v1")
 
 
 def _hidden(src: Path) -> int:
@@ -159,18 +201,16 @@ def _model_key(cfg: ToyDiTBuildConfig) -> str:
     return json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("steps", "threads", "checkpoint_every")})
 
 
-def _save_checkpoint(path: Path, step: int, cfg, transformer, ema, opt, sched, rng: random.Random,
-                     spent: dict) -> None:
-    checkpoint.save(path, step, {"transformer": transformer, "ema": ema}, {"opt": opt, "sched": sched}, rng,
-                    {"key": _model_key(cfg), "spent": spent})
+def _save_checkpoint(path: Path, step: int, cfg, modules: dict, opt, sched, rng: random.Random, spent: dict) -> None:
+    checkpoint.save(path, step, modules, {"opt": opt, "sched": sched}, rng, {"key": _model_key(cfg), "spent": spent})
 
 
-def _load_checkpoint(path: Path, cfg, transformer, ema, opt, sched, rng: random.Random) -> tuple[int, dict]:
+def _load_checkpoint(path: Path, cfg, modules: dict, opt, sched, rng: random.Random) -> tuple[int, dict]:
     extra = checkpoint.read_extra(path)
     if json.loads(extra["key"]) != json.loads(_model_key(cfg)):  # as dicts: field order does not matter
         raise PatchforgeError(f"{path} is from a build with other settings ({extra['key']}); "
                               "delete it or build into another --out")
-    state = checkpoint.load(path, {"transformer": transformer, "ema": ema}, {"opt": opt, "sched": sched}, rng)
+    state = checkpoint.load(path, modules, {"opt": opt, "sched": sched}, rng)
     # training time spent before the checkpoint, so a resumed build reports its whole cost
     return state["step"], extra.get("spent", {"train_s": None, "train_cpu_s": None, "losses": []})
 
@@ -183,35 +223,54 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = Path(cfg.base) if cfg.base else TOY_MODEL_DIR
+    if cfg.world not in WORLDS:
+        raise PatchforgeError(f"unknown toy world {cfg.world!r}; choose one of {', '.join(WORLDS)}")
+    # own: VAE, text encoder and judges are trained here, with the transformer (no base to borrow them from)
+    own = not cfg.base and cfg.world in OWN_PARTS
+    base = None if own else Path(cfg.base) if cfg.base else TOY_MODEL_DIR
+    if base is not None and _base_world(base) != cfg.world:  # its VAE, tokenizer and judges know one world
+        raise PatchforgeError(f"the base {base} was built from world {_base_world(base)}, not {cfg.world}: "
+                              f"give --base a world {cfg.world} UNet toy, or none")
+    wm = WORLDS[cfg.world]
     t_start, cpu_start = time.time(), time.process_time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    pipe = make_pipeline(base, cfg)
-    transformer, vae = pipe.transformer, pipe.vae
-    report = {"config": asdict(cfg), "family": "sd3", "base": cfg.base or "patchforge/toy-sd (shipped)",
+    pipe = make_own_pipeline(cfg) if own else make_pipeline(base, cfg)
+    transformer, vae, text_encoder = pipe.transformer, pipe.vae, pipe.text_encoder
+    report = {"config": asdict(cfg), "family": "sd3",
+              "base": "none (own VAE, text encoder and judges)" if own else cfg.base or "patchforge/toy-sd (shipped)",
               "device": "cpu", "torch_threads": torch.get_num_threads(), "stages": {}, "cpu_s": {}}
 
     # 1. dataset: the same generator, rendered in the same order as the UNet toy's build --------------
     t0, c0 = time.time(), time.process_time()
-    scenes = [random_scene(rng) for _ in tqdm(range(cfg.dataset_size), desc="render scenes", leave=False, disable=None)]
-    key = {"seed": cfg.seed, "dataset_size": cfg.dataset_size, "base": str(base.resolve())}
+    scenes = [wm.random_scene(rng)
+              for _ in tqdm(range(cfg.dataset_size), desc="render scenes", leave=False, disable=None)]
+    key = {"seed": cfg.seed, "dataset_size": cfg.dataset_size, "world": cfg.world,
+           "base": str(base.resolve()) if base else {"vae_steps": cfg.vae_steps}}
     cache = out_dir / LATENTS
     saved = torch.load(cache, weights_only=True) if cache.exists() else None
     if saved is not None and saved["key"] == json.dumps(key):
         means, stds = saved["means"], saved["stds"]
         rng.setstate((3, tuple(saved["py_rng"]), None))  # where rendering the images left it
+        if own:
+            vae.load_state_dict(saved["vae"])
+        report["vae_final_loss"] = saved.get("vae_final_loss")
     else:
-        images = torch.cat([to_pixels(render_images(scenes[i:i + 1000], rng, render))
+        images = torch.cat([render_images(scenes[i:i + 1000], rng, wm.render)
                             for i in tqdm(range(0, len(scenes), 1000), desc="render images", disable=None)])
-        # 2. latents, with SD3's shift and scale: (z - shift) * scale has mean 0 and std 1
+        # 2. the VAE, when the build trains its own (at the UNet toy build's VAE batch, 32)
+        if own:
+            report["vae_final_loss"] = train_vae(vae, images, cfg.vae_steps, 32)
+            vae.eval().requires_grad_(False)
+        # latents, with SD3's shift and scale: (z - shift) * scale has mean 0 and std 1
         with torch.no_grad():
-            dists = [vae.encode(images[i:i + 500]).latent_dist
+            dists = [vae.encode(to_pixels(images[i:i + 500])).latent_dist
                      for i in tqdm(range(0, len(images), 500), desc="encode images", disable=None)]
         means, stds = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
         del images
         with atomic_path(cache) as tmp:
-            torch.save({"key": json.dumps(key), "means": means, "stds": stds, "py_rng": list(rng.getstate()[1])}, tmp)
+            torch.save({"key": json.dumps(key), "means": means, "stds": stds, "py_rng": list(rng.getstate()[1]),
+                        "vae": vae.state_dict(), "vae_final_loss": report.get("vae_final_loss")}, tmp)
     shift = float(means.mean())
     scale = float(1.0 / (means - shift).std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
@@ -219,19 +278,26 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
     report["stages"]["dataset_s"] = round(time.time() - t0, 1)
     report["cpu_s"]["dataset"] = round(time.process_time() - c0, 1)
 
-    # 3. transformer ----------------------------------------------------------------------------
+    # 3. transformer (and, in a build of its own, the text encoder with it, as the UNet toy's build does) ----
     t0, c0 = time.time(), time.process_time()
     transformer.train()
-    params = list(transformer.parameters())
+    trained = [transformer, text_encoder] if own else [transformer]
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, cfg.lr, weight_decay=1e-2)
     # warm-up, then constant (the EMA does the averaging): no schedule depends on cfg.steps, so the
     # first N steps of any build are exactly the build with --steps N (an interrupted build can ship)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
     ema = copy.deepcopy(transformer).requires_grad_(False)
-    ema_params = list(ema.parameters())
+    ema_text = copy.deepcopy(text_encoder).requires_grad_(False) if own else None
+    # same order as params (the text projection is a fixed identity, in neither)
+    ema_params = [e for m, e_m in ((transformer, ema), (text_encoder, ema_text))[:len(trained)]
+                  for p, e in zip(m.parameters(), e_m.parameters()) if p.requires_grad]
+    modules = {"transformer": transformer, "ema": ema}
+    if own:
+        modules.update(text_encoder=text_encoder, ema_text=ema_text)
     ckpt, start, before = out_dir / CHECKPOINT, 0, {"train_s": 0.0, "train_cpu_s": 0.0, "losses": []}
     if ckpt.exists():
-        start, before = _load_checkpoint(ckpt, cfg, transformer, ema, opt, sched, rng)
+        start, before = _load_checkpoint(ckpt, cfg, modules, opt, sched, rng)
         log(f"resuming from {ckpt} at step {start}")
     transformer.set_attn_processor(PaddedJointAttnProcessor())
     bar = tqdm(range(start, cfg.steps), desc="train SD3 transformer", initial=start, total=cfg.steps, disable=None)
@@ -245,8 +311,8 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
     for step in bar:
         idx = torch.randint(0, len(means), (cfg.batch_size,))
         latents = ((means[idx] + stds[idx] * torch.randn_like(means[idx])) - shift) * scale
-        texts = ["" if rng.random() < cfg.caption_dropout else caption(scenes[i], rng, "any") for i in idx.tolist()]
-        with torch.no_grad():
+        texts = ["" if rng.random() < cfg.caption_dropout else wm.caption(scenes[i], rng, "any") for i in idx.tolist()]
+        with torch.set_grad_enabled(own):
             embeds, pooled = encode(pipe, texts)
         noise = torch.randn_like(latents)
         # rectified flow: x_t = (1 - s) x0 + s noise, velocity noise - x0; logit-normal s (SD3's sampling)
@@ -260,7 +326,7 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(ckpt, step + 1, cfg, transformer, ema, opt, sched, rng, spent())
+            _save_checkpoint(ckpt, step + 1, cfg, modules, opt, sched, rng, spent())
     bar.close()
     total = spent()  # all segments of the build, if it was resumed
     report["stages"]["transformer_s"], report["cpu_s"]["transformer"] = total["train_s"], total["train_cpu_s"]
@@ -273,8 +339,9 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
 
     # 4. save: diffusers' own attention processor, the EMA weights --------------------------------
     ema.set_attn_processor(JointAttnProcessor2_0())
-    pipe.transformer = ema.eval()
     pipe.register_modules(transformer=ema.eval())
+    if own:  # the EMA text encoder in both CLIP slots
+        pipe.register_modules(text_encoder=ema_text.eval(), text_encoder_2=copy.deepcopy(ema_text).eval())
     pipeline_dir = out_dir / "pipeline"
     tmp_dir = out_dir / "pipeline.partial"
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -283,9 +350,13 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
     tmp_dir.rename(pipeline_dir)
     # files of the base are shared only when the build lands inside it (the shipped DiT toy): a build
     # elsewhere must not point into another folder
-    inside = out_dir.resolve().is_relative_to(base.resolve())
+    inside = base is not None and out_dir.resolve().is_relative_to(base.resolve())
     report["shared_bytes"] = share_identical_files(pipeline_dir, base / "pipeline" if inside else None)
-    if not inside and not (out_dir / "judges.safetensors").exists():
+    if own:  # 5. judges, trained on this VAE's decodings, with the UNet toy build's judge recipe and batch
+        judge_cfg = ToyBuildConfig(seed=cfg.seed, judge_steps=cfg.judge_steps, batch_size=64, world=cfg.world)
+        report["stages"]["judges_s"], report["judge_accuracy_real"], by_art = build_judges(out_dir, vae, judge_cfg)
+        report["identity_accuracy_by_art"] = by_art
+    elif not inside and not (out_dir / "judges.safetensors").exists():
         # the base's judges read this VAE's images: a rebuild elsewhere carries them (`toy report --model`)
         shutil.copyfile(base / "judges.safetensors", out_dir / "judges.safetensors")
     ckpt.unlink(missing_ok=True)
@@ -294,9 +365,10 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
     report["total_s"] = None if before["train_s"] is None else round(time.time() - t_start + before["train_s"], 1)
     report["total_cpu_s"] = (None if before["train_cpu_s"] is None
                              else round(time.process_time() - cpu_start + before["train_cpu_s"], 1))
+    shared = "" if own else " (shared)"
     report["parameters"] = {"transformer": sum(p.numel() for p in ema.parameters()),
-                            "vae (shared)": sum(p.numel() for p in vae.parameters()),
-                            "text_encoder (shared)": sum(p.numel() for p in pipe.text_encoder.parameters())}
+                            f"vae{shared}": sum(p.numel() for p in vae.parameters()),
+                            f"text_encoder{shared}": sum(p.numel() for p in pipe.text_encoder.parameters())}
     write_text(out_dir / "build_report.json", json.dumps(report, indent=2))
     return report
 

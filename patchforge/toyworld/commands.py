@@ -21,7 +21,11 @@ def _configs() -> dict:
 TRAIN_FLAGS = {"world": {"choices": ["v1", "v2"],
                          "help": "v1: the shipped world; v2: the harder world of scenes (docs/toy-model.md)"},
                "checkpoint_every": {"help": "UNet steps between resumable checkpoints in OUT/checkpoints (0: none)"},
-               "unet_steps": {"help": "--world v2's default: 5500"}}
+               "unet_steps": {"help": "--world v2's default: 5500"},
+               "steps": {"help": "--world v2's default: 11000"},
+               "heads": {"help": "--world v2's default: 4"},
+               "base": {"help": "the UNet toy whose VAE, text encoder and judges a DiT build reuses (world v1 "
+                                "default: the shipped one; world v2 default: none, the build trains its own)"}}
 
 
 def register(sub) -> None:
@@ -31,8 +35,8 @@ def register(sub) -> None:
     toy_sub = toy.add_subparsers(dest="toy_verb", metavar="TOY_VERB")
     train = toy_sub.add_parser("train",
                                help="rebuild a toy model from a seed: --family sd (UNet, with the judges; CPU: "
-                                    "~70 min on 2 cores) or sd3 (a diffusion transformer on the UNet toy's VAE and "
-                                    "text encoder)")
+                                    "~70 min on 2 cores) or sd3 (a diffusion transformer: on the UNet toy's VAE and "
+                                    "text encoder for world v1, with its own for world v2)")
     train.add_argument("--family", choices=sorted(_configs()), default="sd",
                        help="sd: the UNet toy (patchforge/toy-sd); sd3: the SD3-layout DiT toy (patchforge/toy-sd3)")
     train.add_argument("--out", type=Path, default=None,
@@ -88,11 +92,12 @@ def _train(args) -> int:
     given = {n: getattr(args, n) for n in own if getattr(args, n) is not None}
     if args.family == "sd":
         from .build import WORLD_DEFAULTS
-
-        world = given.get("world", "v1")
-        if world != "v1" and args.out is None:  # the default folder holds the shipped v1 model
-            raise PatchforgeError(f"a world {world} build needs --out: the default folder holds the shipped v1 model")
-        given = {**WORLD_DEFAULTS.get(world, {}), **given}
+    else:
+        from .build_sd3 import WORLD_DEFAULTS
+    world = given.get("world", "v1")
+    if world != "v1" and args.out is None:  # the default folder holds the shipped v1 model
+        raise PatchforgeError(f"a world {world} build needs --out: the default folder holds the shipped v1 model")
+    given = {**WORLD_DEFAULTS.get(world, {}), **given}
     cfg = config(**given)
     if args.family == "sd3":
         from .build_sd3 import build_toy_dit
