@@ -60,8 +60,9 @@ class ToyDiTBuildConfig(BuildCommon):
 
 
 # world -> settings that differ from ToyDiTBuildConfig's (v1's) defaults. v2 trains its own VAE, text
-# encoder and judges, and a wider transformer (4 heads: 3.5 M parameters), in its 100-minute budget.
-WORLD_DEFAULTS = {"v1": {}, "v2": {"heads": 4, "steps": 11000}}
+# encoder and judges, and a wider transformer (4 heads: 3.5 M parameters); 6 500 steps is the build
+# measured in docs/toy-model.md (0.53 s a step on 2 cores, text encoder included)
+WORLD_DEFAULTS = {"v1": {}, "v2": {"heads": 4, "steps": 6500}}
 OWN_PARTS = {"v2"}  # worlds whose DiT build needs no UNet toy
 
 

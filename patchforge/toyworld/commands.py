@@ -22,7 +22,7 @@ TRAIN_FLAGS = {"world": {"choices": ["v1", "v2"],
                          "help": "v1: the shipped world; v2: the harder world of scenes (docs/toy-model.md)"},
                "checkpoint_every": {"help": "UNet steps between resumable checkpoints in OUT/checkpoints (0: none)"},
                "unet_steps": {"help": "--world v2's default: 5500"},
-               "steps": {"help": "--world v2's default: 11000"},
+               "steps": {"help": "--world v2's default: 6500"},
                "heads": {"help": "--world v2's default: 4"},
                "base": {"help": "the UNet toy whose VAE, text encoder and judges a DiT build reuses (world v1 "
                                 "default: the shipped one; world v2 default: none, the build trains its own)"}}
