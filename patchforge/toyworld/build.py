@@ -127,6 +127,8 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
 
 def train_vae(vae, images: torch.Tensor, steps: int, batch: int) -> float | None:
     """Train the VAE on uint8 images (reconstruction + a little KL); returns the last loss (None: no steps)."""
+    if not steps:  # e.g. a resumed build, whose VAE comes from its checkpoint
+        return None
     opt = torch.optim.AdamW(vae.parameters(), 2e-3)
     sched = _cosine_lr(opt, steps, warmup=100)
     loss = None
