@@ -18,6 +18,21 @@ shipped = pytest.mark.skipif(not (TOY_SD3_DIR / "pipeline" / "model_index.json")
 TINY = dict(dataset_size=48, steps=4, batch_size=4, layers=1, heads=2, head_dim=8, checkpoint_every=2)
 
 
+def _interrupted_then_resumed(out, cfg: dict, monkeypatch) -> dict:
+    """Build into `out`, stopped right after its first checkpoint, then run again; the second run's report."""
+    save = build_sd3._save_checkpoint
+
+    def save_then_stop(*args):
+        save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_sd3, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        build_toy_dit(out, ToyDiTBuildConfig(**cfg), log=lambda *_: None)
+    monkeypatch.setattr(build_sd3, "_save_checkpoint", save)
+    return build_toy_dit(out, ToyDiTBuildConfig(**cfg), log=lambda *_: None)
+
+
 @needs_unet_toy
 def test_folded_padding_is_the_full_padding():
     """Training folds SD3's 256 zero T5 tokens into two with a log(128) logit bias: same outputs."""
@@ -58,18 +73,7 @@ def test_tiny_build_loads_with_plain_diffusers_and_resumes(tmp_path, monkeypatch
     assert (tmp_path / "a" / "judges.safetensors").exists()
 
     # interrupted after its first checkpoint, then run again: the same weights as the straight build
-    save = build_sd3._save_checkpoint
-
-    def save_then_stop(*args):
-        save(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(build_sd3, "_save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        build_toy_dit(tmp_path / "b", ToyDiTBuildConfig(**TINY), log=lambda *_: None)
-    monkeypatch.setattr(build_sd3, "_save_checkpoint", save)
-    resumed = build_toy_dit(tmp_path / "b", ToyDiTBuildConfig(**TINY), log=lambda *_: None)
-    assert resumed["resumed_at_step"] == 2
+    assert _interrupted_then_resumed(tmp_path / "b", TINY, monkeypatch)["resumed_at_step"] == 2
     a = StableDiffusion3Pipeline.from_pretrained(tmp_path / "b" / "pipeline").transformer.state_dict()
     for name, tensor in pipe.transformer.state_dict().items():
         assert torch.equal(tensor, a[name]), name
@@ -93,17 +97,7 @@ def test_tiny_world_v2_build_trains_its_own_parts_and_resumes(tmp_path, monkeypa
     assert np.array_equal(generate(pipe, ["a photo of Kiko at the beach"], [0], steps=2),
                           generate(pipe, ["a photo of Kiko at the beach"], [0], steps=2))
 
-    save = build_sd3._save_checkpoint
-
-    def save_then_stop(*args):
-        save(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(build_sd3, "_save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        build_toy_dit(tmp_path / "b", ToyDiTBuildConfig(**cfg), log=lambda *_: None)
-    monkeypatch.setattr(build_sd3, "_save_checkpoint", save)
-    assert build_toy_dit(tmp_path / "b", ToyDiTBuildConfig(**cfg), log=lambda *_: None)["resumed_at_step"] == 2
+    assert _interrupted_then_resumed(tmp_path / "b", cfg, monkeypatch)["resumed_at_step"] == 2
     resumed = StableDiffusion3Pipeline.from_pretrained(tmp_path / "b" / "pipeline")
     for part in ("transformer", "text_encoder", "vae"):  # the text encoder trains with the transformer
         b = getattr(resumed, part).state_dict()
