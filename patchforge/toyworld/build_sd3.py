@@ -229,8 +229,9 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
     # own: VAE, text encoder and judges are trained here, with the transformer (no base to borrow them from)
     own = not cfg.base and cfg.world in OWN_PARTS
     base = None if own else Path(cfg.base) if cfg.base else TOY_MODEL_DIR
-    if base is not None and _base_world(base) != cfg.world:  # its VAE, tokenizer and judges know one world
-        raise PatchforgeError(f"the base {base} was built from world {_base_world(base)}, not {cfg.world}: "
+    base_world = cfg.world if base is None else _base_world(base)
+    if base_world != cfg.world:  # its VAE, tokenizer and judges know one world
+        raise PatchforgeError(f"the base {base} was built from world {base_world}, not {cfg.world}: "
                               f"give --base a world {cfg.world} UNet toy, or none")
     wm = WORLDS[cfg.world]
     t_start, cpu_start = time.time(), time.process_time()
