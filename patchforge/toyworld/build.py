@@ -121,6 +121,44 @@ def ema_step(loss, opt, sched, params, ema_params, ema_decay: float, step: int) 
         torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
+@dataclass
+class LatentDataset:
+    """The encoded dataset: each scene's VAE posterior (mean, std) and the latents' scaling factor."""
+    scenes: list
+    means: torch.Tensor
+    stds: torch.Tensor
+    scaling: float
+
+
+def sample_batch(data: LatentDataset, rng: random.Random, wm, batch_size: int, caption_dropout: float):
+    """A training batch: scaled latents sampled from their posteriors, and a fresh caption for each scene
+    ("" with probability caption_dropout, for classifier-free guidance)."""
+    idx = torch.randint(0, len(data.means), (batch_size,))
+    latents = (data.means[idx] + data.stds[idx] * torch.randn_like(data.means[idx])) * data.scaling
+    texts = ["" if rng.random() < caption_dropout else wm.caption(data.scenes[i], rng, "any")
+             for i in idx.tolist()]
+    return latents, texts
+
+
+def min_snr_weights(noise_schedule, gamma: float) -> torch.Tensor:
+    """Per-timestep loss weights min(SNR, gamma) / SNR (all ones for gamma 0)."""
+    alphas = noise_schedule.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    return snr.clamp(max=gamma) / snr if gamma else torch.ones_like(snr)
+
+
+def denoiser_loss(unet, text_encoder, tokenizer, noise_schedule, latents, texts, snr_weight) -> torch.Tensor:
+    """The UNet's epsilon-prediction loss at random timesteps, weighted per timestep (Min-SNR)."""
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    cond = text_encoder(ids)[0]
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(latents),))
+    pred = unet(noise_schedule.add_noise(latents, noise, t), t, cond).sample
+    per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * snr_weight[t]).mean()
+
+
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1
 
@@ -215,9 +253,8 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())  # same order as params
     train_sched = scheduler  # same betas; add_noise only needs alphas_cumprod
-    alphas = train_sched.alphas_cumprod
-    snr = alphas / (1 - alphas)
-    snr_weight = snr.clamp(max=cfg.min_snr_gamma) / snr if cfg.min_snr_gamma else torch.ones_like(snr)
+    snr_weight = min_snr_weights(train_sched, cfg.min_snr_gamma)
+    data = LatentDataset(scenes, means, stds, scaling)
     state = ({"vae": vae, "unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text},
              {"optimizer": opt, "lr_schedule": sched})
     start = checkpoint.load(ckpt, *state, rng)["step"] if resumed else 0
@@ -227,18 +264,8 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
     bar = tqdm(range(start, cfg.unet_steps), desc="train UNet + text encoder", initial=start, total=cfg.unet_steps,
                disable=None)
     for step in bar:
-        idx = torch.randint(0, len(images), (cfg.batch_size,))
-        latents = (means[idx] + stds[idx] * torch.randn_like(means[idx])) * scaling
-        texts = ["" if rng.random() < cfg.caption_dropout else wm.caption(scenes[i], rng, "any")
-                 for i in idx.tolist()]
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        cond = text_encoder(ids)[0]
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, train_sched.config.num_train_timesteps, (len(latents),))
-        pred = unet(train_sched.add_noise(latents, noise, t), t, cond).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * snr_weight[t]).mean()
+        latents, texts = sample_batch(data, rng, wm, cfg.batch_size, cfg.caption_dropout)
+        loss = denoiser_loss(unet, text_encoder, tokenizer, train_sched, latents, texts, snr_weight)
         ema_step(loss, opt, sched, params, ema_params, cfg.ema_decay, step)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
