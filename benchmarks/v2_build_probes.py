@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 
 from patchforge.toyworld import world_v2 as wm
-from patchforge.toyworld.build import (LatentDataset, _cosine_lr, denoiser_loss, ema_step, make_components,
+from patchforge.toyworld.build import (LatentDataset, cosine_lr, denoiser_loss, ema_step, make_components,
                                        min_snr_weights, render_images, sample_batch, to_pixels)
 
 
@@ -132,7 +132,7 @@ def main() -> None:
             pretrain_text_encoder(text_encoder, tokenizer, data, rng, args.pretrain_steps)
         params = list(unet.parameters()) + list(text_encoder.parameters())
         opt = torch.optim.AdamW(params, 1.5e-3 if args.arm == "lr" else 6e-4, weight_decay=1e-2)
-        lr_schedule = _cosine_lr(opt, 5500)  # the v2 build's schedule: these steps are its first ones
+        lr_schedule = cosine_lr(opt, 5500)  # the v2 build's schedule: these steps are its first ones
         out_of_step = lambda step: args.out if step == args.steps else None  # noqa: E731
         ema_warmup = True
     train(unet, text_encoder, tokenizer, scheduler, data, rng, args.steps, opt, lr_schedule, ema_warmup,

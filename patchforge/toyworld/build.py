@@ -168,7 +168,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int) -> float | None
     if not steps:  # e.g. a resumed build, whose VAE comes from its checkpoint
         return None
     opt = torch.optim.AdamW(vae.parameters(), 2e-3)
-    sched = _cosine_lr(opt, steps, warmup=100)
+    sched = cosine_lr(opt, steps, warmup=100)
     loss = None
     bar = tqdm(range(steps), desc="train VAE", disable=None)
     for step in bar:
@@ -186,7 +186,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int) -> float | None
     return None if loss is None else round(loss.item(), 5)
 
 
-def _cosine_lr(opt, steps, warmup=200):
+def cosine_lr(opt, steps, warmup=200):
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
 
@@ -249,7 +249,7 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
     t0 = time.time()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, cfg.lr, weight_decay=1e-2)
-    sched = _cosine_lr(opt, cfg.unet_steps)
+    sched = cosine_lr(opt, cfg.unet_steps)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())  # same order as params
     train_sched = scheduler  # same betas; add_noise only needs alphas_cumprod
