@@ -27,21 +27,17 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 
 from patchforge.toyworld import world_v2 as wm
-from patchforge.toyworld.build import (LatentDataset, cosine_lr, denoiser_loss, ema_step, make_components,
-                                       min_snr_weights, render_images, sample_batch, to_pixels)
+from patchforge.toyworld.build import (LatentDataset, cosine_lr, denoiser_loss, ema_step, encode_posteriors,
+                                       make_components, min_snr_weights, random_scenes, render_images, sample_batch)
 
 
 def encoded_dataset(vae, seed: int, size: int = 40_000) -> tuple[LatentDataset, random.Random]:
     """v2 scenes rendered and encoded by the model's VAE, as a build does (its seed's torch and Python RNGs)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    scenes = [wm.random_scene(rng) for _ in range(size)]
-    images = torch.cat([render_images(scenes[i:i + 1000], rng, wm.render) for i in range(0, size, 1000)])
-    with torch.no_grad():
-        dists = [vae.encode(to_pixels(images[i:i + 500])).latent_dist for i in range(0, size, 500)]
-    data = LatentDataset(scenes, torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists]),
-                         vae.config.scaling_factor)
-    return data, rng
+    scenes = random_scenes(wm, rng, size)
+    means, stds = encode_posteriors(vae, render_images(scenes, rng, wm.render))
+    return LatentDataset(scenes, means, stds, vae.config.scaling_factor), rng
 
 
 def pretrain_text_encoder(text_encoder, tokenizer, data: LatentDataset, rng, steps: int) -> None:
@@ -68,9 +64,10 @@ def pretrain_text_encoder(text_encoder, tokenizer, data: LatentDataset, rng, ste
             print(f"pretrain {step} loss {loss.item():.3f} {time.time() - t0:.0f} s", flush=True)
 
 
-def train(unet, text_encoder, tokenizer, scheduler, data, rng, steps: int, opt, lr_schedule, ema_warmup: bool,
-          snapshot) -> None:
-    """The build's UNet + text encoder loop (with its EMA); snapshot(step, ema_unet, ema_text) after each step."""
+def train(unet, text_encoder, vae, tokenizer, scheduler, data, rng, steps: int, opt, lr_schedule, ema_warmup: bool,
+          snapshots: dict[int, Path], model: Path) -> None:
+    """The build's UNet + text encoder loop (with its EMA); after step N in snapshots, the EMA is saved as
+    a v2 model folder snapshots[N] (with MODEL's judges)."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
@@ -83,22 +80,15 @@ def train(unet, text_encoder, tokenizer, scheduler, data, rng, steps: int, opt, 
         ema_step(loss, opt, lr_schedule, params, ema_params, 0.999, step if ema_warmup else 10**9)
         if step % 100 == 0:
             print(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f} s", flush=True)
-        snapshot(step + 1, ema_unet, ema_text)
+        if step + 1 in snapshots:
+            out = snapshots[step + 1]
+            pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet,
+                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+            pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+            shutil.copy(model / "judges.safetensors", out / "judges.safetensors")
+            print(f"saved {out}", flush=True)
     print(f"trained {steps} steps in {time.time() - t0:.0f} s", flush=True)
-
-
-def saver(model: Path, vae, tokenizer, scheduler, out_of_step):
-    def snapshot(step, ema_unet, ema_text):
-        out = out_of_step(step)
-        if out is None:
-            return
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-        pipe.save_pretrained(out / "pipeline", safe_serialization=True)
-        shutil.copy(model / "judges.safetensors", out / "judges.safetensors")
-        print(f"saved {out}", flush=True)
-    return snapshot
 
 
 def main() -> None:
@@ -122,7 +112,7 @@ def main() -> None:
         opt = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), args.lr, weight_decay=1e-2)
         lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
         snaps = {int(s) for s in args.snapshots.split(",") if s} or {args.steps}
-        out_of_step = lambda step: args.out / f"step{step}" if step in snaps else None  # noqa: E731
+        snapshots = {step: args.out / f"step{step}" for step in snaps}
         ema_warmup = False
     else:
         data, rng = encoded_dataset(vae, seed=0)
@@ -133,10 +123,10 @@ def main() -> None:
         params = list(unet.parameters()) + list(text_encoder.parameters())
         opt = torch.optim.AdamW(params, 1.5e-3 if args.arm == "lr" else 6e-4, weight_decay=1e-2)
         lr_schedule = cosine_lr(opt, 5500)  # the v2 build's schedule: these steps are its first ones
-        out_of_step = lambda step: args.out if step == args.steps else None  # noqa: E731
+        snapshots = {args.steps: args.out}
         ema_warmup = True
-    train(unet, text_encoder, tokenizer, scheduler, data, rng, args.steps, opt, lr_schedule, ema_warmup,
-          saver(args.model, vae, tokenizer, scheduler, out_of_step))
+    train(unet, text_encoder, vae, tokenizer, scheduler, data, rng, args.steps, opt, lr_schedule, ema_warmup,
+          snapshots, args.model)
 
 
 if __name__ == "__main__":

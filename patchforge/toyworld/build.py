@@ -101,12 +101,27 @@ def make_components(tokenizer, image_size: int = 32, vae_blocks: tuple = (32, 64
     return vae, unet, text_encoder, scheduler
 
 
-def render_images(scenes, rng, render) -> torch.Tensor:
-    """uint8 NCHW: a quarter of float32's memory (40 000 32x32 images: 123 MB)."""
-    arr = np.stack([render(s, rng.randrange(1 << 30)) for s in scenes])
-    # kept in the permuted (channels-last) layout v1 always had: convolutions sum in layout order,
-    # so a contiguous copy would change the build's bits
-    return torch.from_numpy(arr).permute(0, 3, 1, 2)
+def random_scenes(wm, rng: random.Random, n: int) -> list:
+    return [wm.random_scene(rng) for _ in tqdm(range(n), desc="render scenes", leave=False, disable=None)]
+
+
+def render_images(scenes, rng: random.Random, render) -> torch.Tensor:
+    """uint8 NCHW: a quarter of float32's memory (40 000 32x32 images: 123 MB), rendered 1 000 at a time."""
+    def chunk(part):
+        arr = np.stack([render(s, rng.randrange(1 << 30)) for s in part])
+        # kept in the permuted (channels-last) layout v1 always had: convolutions sum in layout order,
+        # so a contiguous copy would change the build's bits
+        return torch.from_numpy(arr).permute(0, 3, 1, 2)
+    starts = tqdm(range(0, len(scenes), 1000), desc="render images", disable=None)
+    return torch.cat([chunk(scenes[i:i + 1000]) for i in starts])
+
+
+def encode_posteriors(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (mean, std) of every uint8 image, 500 at a time."""
+    with torch.no_grad():
+        dists = [vae.encode(to_pixels(images[i:i + 500])).latent_dist
+                 for i in tqdm(range(0, len(images), 500), desc="encode images", disable=None)]
+    return torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
 
 
 def ema_step(loss, opt, sched, params, ema_params, ema_decay: float, step: int) -> None:
@@ -123,18 +138,20 @@ def ema_step(loss, opt, sched, params, ema_params, ema_decay: float, step: int) 
 
 @dataclass
 class LatentDataset:
-    """The encoded dataset: each scene's VAE posterior (mean, std) and the latents' scaling factor."""
+    """The encoded dataset: each scene's VAE posterior (mean, std) and how latents are normalised,
+    (z - shift) * scaling (SD's VAEs have no shift; SD3's do)."""
     scenes: list
     means: torch.Tensor
     stds: torch.Tensor
     scaling: float
+    shift: float = 0.0
 
 
 def sample_batch(data: LatentDataset, rng: random.Random, wm, batch_size: int, caption_dropout: float):
     """A training batch: scaled latents sampled from their posteriors, and a fresh caption for each scene
     ("" with probability caption_dropout, for classifier-free guidance)."""
     idx = torch.randint(0, len(data.means), (batch_size,))
-    latents = (data.means[idx] + data.stds[idx] * torch.randn_like(data.means[idx])) * data.scaling
+    latents = ((data.means[idx] + data.stds[idx] * torch.randn_like(data.means[idx])) - data.shift) * data.scaling
     texts = ["" if rng.random() < caption_dropout else wm.caption(data.scenes[i], rng, "any")
              for i in idx.tolist()]
     return latents, texts
@@ -212,10 +229,8 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
 
     # 1. dataset ---------------------------------------------------------------------------
     t0 = time.time()
-    scenes = [wm.random_scene(rng)
-              for _ in tqdm(range(cfg.dataset_size), desc="render scenes", leave=False, disable=None)]
-    chunks = tqdm(range(0, len(scenes), 1000), desc="render images", disable=None)
-    images = torch.cat([render_images(scenes[i:i + 1000], rng, wm.render) for i in chunks])
+    scenes = random_scenes(wm, rng, cfg.dataset_size)
+    images = render_images(scenes, rng, wm.render)
     report["stages"]["dataset_s"] = round(time.time() - t0, 1)
 
     # 2. VAE ---------------------------------------------------------------------------------
@@ -237,10 +252,7 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
     report["vae_final_loss"] = extra["vae_final_loss"]
 
     # 3. latents -----------------------------------------------------------------------------
-    with torch.no_grad():
-        dists = [vae.encode(to_pixels(images[i:i + 500])).latent_dist for i in range(0, len(images), 500)]
-    means = torch.cat([d.mean for d in dists])
-    stds = torch.cat([d.std for d in dists])
+    means, stds = encode_posteriors(vae, images)
     scaling = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scaling)
     report["vae_scaling_factor"] = round(scaling, 5)

@@ -32,8 +32,9 @@ from ..core.atomic import atomic_path, write_text
 from ..errors import PatchforgeError
 from ..core.pipeline_loading import TOY_MODEL_DIR
 from . import checkpoint
-from .build import (WORLD_BUILD, BuildCommon, ToyBuildConfig, build_judges, ema_step, make_vae, render_images,
-                    text_encoder_config, to_pixels, train_vae)
+from .build import (WORLD_BUILD, BuildCommon, LatentDataset, ToyBuildConfig, build_judges, ema_step,
+                    encode_posteriors, make_vae, random_scenes, render_images, sample_batch, text_encoder_config,
+                    train_vae)
 from .judges import WORLDS
 
 T5_PADDING = 256  # StableDiffusion3Pipeline's default max_sequence_length: the zero "T5" tokens it appends
@@ -79,34 +80,21 @@ def make_transformer(cfg: ToyDiTBuildConfig, joint_attention_dim: int):
 
 def make_pipeline(base: Path, cfg: ToyDiTBuildConfig):
     """The pipeline before training: the UNet toy's frozen parts, a zero T5 and a fresh transformer."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer, CLIPTextModelWithProjection
 
     src = base / "pipeline"
     tokenizer = CLIPTokenizer.from_pretrained(src / "tokenizer")
-    # The UNet toy's CLIPTextModel, with a projection head: identity, so the pooled embedding is the
-    # final EOS state. Set explicitly (from_pretrained leaves a missing head randomly initialised).
+    # the UNet toy's CLIPTextModel, with a projection head (set by _assemble)
     text_encoder = CLIPTextModelWithProjection.from_pretrained(
-        src / "text_encoder", projection_dim=_hidden(src))
-    with torch.no_grad():
-        text_encoder.text_projection.weight.copy_(torch.eye(text_encoder.config.projection_dim))
-    text_encoder.eval().requires_grad_(False)
+        src / "text_encoder", projection_dim=_hidden(src)).eval().requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(src / "vae").eval().requires_grad_(False)
-    # two CLIPs side by side: the joint text width is twice the encoder's
-    width = 2 * text_encoder.config.hidden_size
-    transformer = make_transformer(cfg, width)
-    # shift 1: SD3's 3.0 compensates for 128x128 latents; 16x16 ones are noisy enough at shift 1
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
-                                    text_encoder=text_encoder, tokenizer=tokenizer,
-                                    text_encoder_2=copy.deepcopy(text_encoder), tokenizer_2=copy.deepcopy(tokenizer),
-                                    text_encoder_3=zero_t5(tokenizer, width), tokenizer_3=copy.deepcopy(tokenizer))
+    return _assemble(cfg, vae, text_encoder, tokenizer)
 
 
 def make_own_pipeline(cfg: ToyDiTBuildConfig):
     """The pipeline before training, all of it fresh: the UNet toy's VAE and CLIP architectures (trained
     here), the world's tokenizer, a zero T5 and the transformer."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     from .tokenizer import build_tokenizer
@@ -115,12 +103,25 @@ def make_own_pipeline(cfg: ToyDiTBuildConfig):
     tokenizer = build_tokenizer(WORLDS[cfg.world].vocabulary(), max_tokens)
     vae = make_vae(WORLDS[cfg.world].IMAGE_SIZE, vae_blocks)
     text_encoder = CLIPTextModelWithProjection(text_encoder_config(tokenizer, projection_dim=128))
-    with torch.no_grad():  # identity: the pooled embedding is the final EOS state (as make_pipeline's)
-        text_encoder.text_projection.weight.copy_(torch.eye(128))
+    return _assemble(cfg, vae, text_encoder, tokenizer)
+
+
+def _assemble(cfg: ToyDiTBuildConfig, vae, text_encoder, tokenizer):
+    """SD3's layout around the toy's CLIP: the same encoder in both CLIP slots, a zero T5 and a fresh
+    transformer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    # the projection head is the identity, so the pooled embedding is the final EOS state; set explicitly
+    # (from_pretrained leaves a missing head randomly initialised) and never trained
+    with torch.no_grad():
+        text_encoder.text_projection.weight.copy_(torch.eye(text_encoder.config.projection_dim))
     text_encoder.text_projection.requires_grad_(False)
+    # two CLIPs side by side: the joint text width is twice the encoder's
     width = 2 * text_encoder.config.hidden_size
+    transformer = make_transformer(cfg, width)
+    # shift 1: SD3's 3.0 compensates for 128x128 latents; 16x16 ones are noisy enough at shift 1
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-    return StableDiffusion3Pipeline(transformer=make_transformer(cfg, width), scheduler=scheduler, vae=vae,
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
                                     text_encoder=text_encoder, tokenizer=tokenizer,
                                     text_encoder_2=copy.deepcopy(text_encoder), tokenizer_2=copy.deepcopy(tokenizer),
                                     text_encoder_3=zero_t5(tokenizer, width), tokenizer_3=copy.deepcopy(tokenizer))
@@ -245,8 +246,7 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
 
     # 1. dataset: the same generator, rendered in the same order as the UNet toy's build --------------
     t0, c0 = time.time(), time.process_time()
-    scenes = [wm.random_scene(rng)
-              for _ in tqdm(range(cfg.dataset_size), desc="render scenes", leave=False, disable=None)]
+    scenes = random_scenes(wm, rng, cfg.dataset_size)
     key = {"seed": cfg.seed, "dataset_size": cfg.dataset_size, "world": cfg.world,
            "base": str(base.resolve()) if base else {"vae_steps": cfg.vae_steps}}
     cache = out_dir / LATENTS
@@ -258,17 +258,13 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
             vae.load_state_dict(saved["vae"])
         report["vae_final_loss"] = saved.get("vae_final_loss")
     else:
-        images = torch.cat([render_images(scenes[i:i + 1000], rng, wm.render)
-                            for i in tqdm(range(0, len(scenes), 1000), desc="render images", disable=None)])
+        images = render_images(scenes, rng, wm.render)
         # 2. the VAE, when the build trains its own (at the UNet toy build's VAE batch, 32)
         if own:
             report["vae_final_loss"] = train_vae(vae, images, cfg.vae_steps, 32)
             vae.eval().requires_grad_(False)
         # latents, with SD3's shift and scale: (z - shift) * scale has mean 0 and std 1
-        with torch.no_grad():
-            dists = [vae.encode(to_pixels(images[i:i + 500])).latent_dist
-                     for i in tqdm(range(0, len(images), 500), desc="encode images", disable=None)]
-        means, stds = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
+        means, stds = encode_posteriors(vae, images)
         del images
         with atomic_path(cache) as tmp:
             torch.save({"key": json.dumps(key), "means": means, "stds": stds, "py_rng": list(rng.getstate()[1]),
@@ -277,23 +273,23 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
     scale = float(1.0 / (means - shift).std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     report["vae_shift_factor"], report["vae_scaling_factor"] = round(shift, 5), round(scale, 5)
+    data = LatentDataset(scenes, means, stds, scale, shift)
     report["stages"]["dataset_s"] = round(time.time() - t0, 1)
     report["cpu_s"]["dataset"] = round(time.process_time() - c0, 1)
 
     # 3. transformer (and, in a build of its own, the text encoder with it, as the UNet toy's build does) ----
     t0, c0 = time.time(), time.process_time()
     transformer.train()
-    trained = [transformer, text_encoder] if own else [transformer]
-    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    ema = copy.deepcopy(transformer).requires_grad_(False)
+    ema_text = copy.deepcopy(text_encoder).requires_grad_(False) if own else None
+    # (trained module, its EMA); the text projection is a fixed identity, in neither list
+    pairs = [(transformer, ema)] + ([(text_encoder, ema_text)] if own else [])
+    params = [p for m, _ in pairs for p in m.parameters() if p.requires_grad]
+    ema_params = [e for m, m_ema in pairs for p, e in zip(m.parameters(), m_ema.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, cfg.lr, weight_decay=1e-2)
     # warm-up, then constant (the EMA does the averaging): no schedule depends on cfg.steps, so the
     # first N steps of any build are exactly the build with --steps N (an interrupted build can ship)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
-    ema = copy.deepcopy(transformer).requires_grad_(False)
-    ema_text = copy.deepcopy(text_encoder).requires_grad_(False) if own else None
-    # same order as params (the text projection is a fixed identity, in neither)
-    ema_params = [e for m, e_m in ((transformer, ema), (text_encoder, ema_text))[:len(trained)]
-                  for p, e in zip(m.parameters(), e_m.parameters()) if p.requires_grad]
     modules = {"transformer": transformer, "ema": ema}
     if own:
         modules.update(text_encoder=text_encoder, ema_text=ema_text)
@@ -311,9 +307,7 @@ def build_toy_dit(out_dir: Path, cfg: ToyDiTBuildConfig, log=print) -> dict:
                 "train_cpu_s": add(before["train_cpu_s"], time.process_time() - c0), "losses": losses[-100:]}
 
     for step in bar:
-        idx = torch.randint(0, len(means), (cfg.batch_size,))
-        latents = ((means[idx] + stds[idx] * torch.randn_like(means[idx])) - shift) * scale
-        texts = ["" if rng.random() < cfg.caption_dropout else wm.caption(scenes[i], rng, "any") for i in idx.tolist()]
+        latents, texts = sample_batch(data, rng, wm, cfg.batch_size, cfg.caption_dropout)
         with torch.set_grad_enabled(own):
             embeds, pooled = encode(pipe, texts)
         noise = torch.randn_like(latents)
