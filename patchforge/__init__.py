@@ -16,6 +16,7 @@ _LAZY = {
     "fuse_forget_patches": "patchforge.io.loading",
     "unfuse_forget_patches": "patchforge.io.loading",
     "bake_forget_patches": "patchforge.io.loading",
+    "without_patches": "patchforge.io.loading",
     "save_patch_from_pipeline": "patchforge.io.patch_format",
     "read_patch": "patchforge.io.patch_format",
     "merge_patches": "patchforge.io.patch_format",

@@ -11,6 +11,8 @@ import math
 import os
 import re
 import time
+import warnings
+from pathlib import Path
 
 import pytest
 import safetensors
@@ -549,3 +551,174 @@ def test_same_seed_same_patch_with_timing_out_of_the_tensors(tmp_path, monkeypat
     assert {k: v for k, v in a.metadata.items() if k not in seconds} == \
         {k: v for k, v in b.metadata.items() if k not in seconds}
     assert math.isfinite(float(a.metadata["patchforge.training_seconds"]))
+
+
+# ----------------------------------------------------------------------------- 3b: a user's own fuse_lora
+
+@pytest.mark.parametrize("order", ["fuse after loading mine", "fuse mine by name after a forward pass",
+                                   "patch loaded after the user's fuse is refused"])
+def test_a_users_fuse_lora_never_switches_the_patch_off(order):
+    """diffusers' load_lora_weights leaves only the user's LoRA active, so a following fuse_lora() fuses
+    only it; the patch must still act (fused too by the guard, said once) and the listing tell the truth."""
+    patch, user = cached_patches("sd1")[0], cached_patches("sd1")[1]
+    alone = tiny_sd1()
+    alone.load_lora_weights(str(user), adapter_name="mine")
+    user_only = run(alone)
+    pipe = tiny_sd1()
+    if order == "patch loaded after the user's fuse is refused":
+        pipe.load_lora_weights(str(user), adapter_name="mine")
+        pipe.fuse_lora()
+        with pytest.raises(PatchforgeError, match="fused"):
+            pf.load_forget_patch(pipe, patch)
+        return
+    name = pf.load_forget_patch(pipe, patch)
+    pipe.load_lora_weights(str(user), adapter_name="mine")
+    if order == "fuse after loading mine":
+        pipe.fuse_lora()
+    else:
+        with pytest.warns(PatchesSwitchedWarning):
+            both = run(pipe)
+        pipe.fuse_lora(adapter_names=["mine"])
+    with pytest.warns(PatchesSwitchedWarning, match="left out of a fuse"):
+        out = run(pipe)
+    assert not torch.allclose(out, user_only, atol=1e-3)  # the patch acts
+    if order != "fuse after loading mine":
+        assert torch.allclose(out, both, atol=1e-4)  # as much as when nothing was fused
+    assert [(p.adapter_name, p.active, p.weight) for p in pf.list_forget_patches(pipe)] == [(name, True, 1.0)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: the next passes are quiet
+        run(pipe)
+
+
+def test_the_guard_sees_every_layer_and_leaves_disabled_user_loras_off():
+    pipe = tiny_sd1()
+    patch, user = cached_patches("sd1")[0], cached_patches("sd1")[1]
+    name = pf.load_forget_patch(pipe, patch)
+    patched = run(pipe)
+    layers = [m for m in pipe.unet.modules() if hasattr(m, "lora_A") and name in m.lora_A]
+    for layer in layers[1:]:  # every layer but the first (the old guard's probe)
+        layer.set_adapter([])
+    with pytest.warns(PatchesSwitchedWarning, match="switched off"):
+        assert torch.equal(run(pipe), patched)
+    for layer in layers[1:]:
+        layer.set_scale(name, 0.0)
+    with pytest.warns(PatchesSwitchedWarning, match="rescaled"):
+        assert torch.equal(run(pipe), patched)
+    assert pf.list_forget_patches(pipe)[0].weight == 1.0
+
+    pipe.load_lora_weights(str(user), adapter_name="mine")
+    pipe.disable_lora()  # the user turns every LoRA off: the patch comes back, the user's LoRA does not
+    with pytest.warns(PatchesSwitchedWarning):
+        assert torch.allclose(run(pipe), patched, atol=1e-6)
+    assert pipe.get_active_adapters() == [name]
+
+
+def test_without_patches_runs_the_users_loras_alone():
+    pipe = tiny_sd1()
+    patch, user = cached_patches("sd1")[0], cached_patches("sd1")[1]
+    import patchforge
+
+    alone = tiny_sd1()
+    alone.load_lora_weights(str(user), adapter_name="mine")
+    user_only = run(alone)
+    pf.load_forget_patch(pipe, patch)
+    pipe.load_lora_weights(str(user), adapter_name="mine")
+    pipe.set_adapters([pf.list_forget_patches(pipe)[0].adapter_name, "mine"])
+    both = run(pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with patchforge.without_patches(pipe):
+            assert torch.allclose(run(pipe), user_only, atol=1e-6)
+        assert torch.equal(run(pipe), both)
+
+
+def test_two_threads_changing_one_pipeline_one_is_refused(monkeypatch):
+    import threading
+
+    pipe = tiny_sd1()
+    p1, p2 = cached_patches("sd1")[:2]
+    started, release = threading.Event(), threading.Event()
+    real = pf._load_adapter
+
+    def slow(*args, **kwargs):
+        started.set()
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pf, "_load_adapter", slow)
+    first = threading.Thread(target=pf.load_forget_patch, args=(pipe, p1))
+    first.start()
+    assert started.wait(10)
+    with pytest.raises(PatchforgeError, match="another thread"):
+        pf.load_forget_patch(pipe, p2)
+    release.set()
+    first.join(10)
+    assert [p.concept for p in pf.list_forget_patches(pipe)] == ["concept 0"]
+
+
+# ----------------------------------------------------------------------------- 15: output paths
+
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
+
+
+def test_export_never_replaces_a_users_folder_or_the_model(tmp_path, monkeypatch, capsys):
+    from tiny_pipelines import tiny_sd1 as build
+
+    project = tmp_path / "project"
+    model = project / "sd15"
+    build().save_pretrained(model)
+    patch = cached_patches("sd1")[0]
+    capsys.readouterr()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    monkeypatch.chdir(project)
+    before = _tree(tmp_path)
+    for out in (notes, model, model / "unet", project, tmp_path, Path(".")):
+        argv = ["export", str(patch), "--format", "pipeline", "--model", str(model), "-o", str(out)]
+        assert cli.main(argv) == 2, out
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "-o" in err, err
+    assert _tree(tmp_path) == before  # nothing written, moved or removed
+    # a new folder, then the same folder again (an earlier export of its own) work
+    fused = tmp_path / "fused"
+    for _ in range(2):
+        assert cli.main(["export", str(patch), "--format", "pipeline", "--model", str(model), "-o", str(fused)]) == 0
+    assert (fused / "model_index.json").is_file() and (fused / "patchforge.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left beside it
+    assert [t for t in _tree(tmp_path) if t[0].startswith("project")] == [t for t in before if t[0].startswith("project")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "a cat", "-o", "g.txt"], "ending in"),
+    (["generate", "a cat", "-o", "/etc/passwd/g.png"], "not a folder"),
+    (["generate", "a cat", "--model", "/nonexistent"], "--model"),
+    (["attack", "PATCH", "--out", "/etc/passwd/a.json"], "not a folder"),
+    (["eval", "PATCH", "--out", "/etc/passwd"], "not a folder"),
+    (["merge", "PATCH", "-o", "/etc/passwd/m.safetensors"], "not a folder"),
+    (["export", "PATCH", "-o", "/etc/passwd/k.safetensors"], "not a folder"),
+    (["train", "--concept", "style:stripes", "--out", "/etc/passwd/p.safetensors"], "not a folder"),
+])
+def test_outputs_are_checked_before_any_work(argv, message, capsys, monkeypatch):
+    import patchforge.core.pipeline_loading as loading_mod
+
+    monkeypatch.setattr(loading_mod, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    argv = [str(cached_patches("sd1")[0]) if a == "PATCH" else a for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0, err
+
+
+def test_a_killed_writers_leftovers_are_removed_by_the_next_write(tmp_path):
+    from patchforge.core.atomic import atomic_dir, write_text
+
+    dead = 2 ** 22 + 7  # above the default pid_max: no such process
+    (tmp_path / f".out.json.pf{dead}.x1.tmp.json").write_text("half")
+    (tmp_path / f".fused.pf{dead}.x2.tmp").mkdir()
+    (tmp_path / f".fused.pf{dead}.x2.tmp" / "unet.bin").write_bytes(b"0" * 100)
+    (tmp_path / ".other.pfabc.tmp").write_text("not ours")
+    write_text(tmp_path / "out.json", "{}")
+    with atomic_dir(tmp_path / "fused") as tmp:
+        (tmp / "a").write_text("a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pfabc.tmp", "fused", "out.json"]

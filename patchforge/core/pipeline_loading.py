@@ -86,6 +86,28 @@ def hub_repo_id(model: str | None) -> str | None:
     return str(model) if "/" in str(model) else None
 
 
+LOCAL_MODEL_ID = "local"  # what a file, report or card says of a base loaded from a local folder
+
+
+def public_model_id(model: str | None) -> str:
+    """What a patch, export, report or card may say of a base: the toy's name or the Hub repo id it came
+    from. A local folder is never named (its path is private to the machine): it is LOCAL_MODEL_ID."""
+    if is_toy(model):
+        return model_id(model)
+    return hub_repo_id(model) or LOCAL_MODEL_ID
+
+
+def model_folders(model: str | None) -> list[Path]:
+    """Folders that hold a model's files, which no command may write into: its folder, or for a Hub id
+    the whole Hub cache (snapshots link into shared blobs)."""
+    folders = [f for f in [local_folder(model)] if f is not None]
+    if hub_repo_id(model):
+        from huggingface_hub import constants
+
+        folders.append(Path(constants.HF_HUB_CACHE))
+    return folders
+
+
 def local_folder(model: str | None) -> Path | None:
     """Where a model's files are before loading: its folder, or a Hub id's cached snapshot; else None."""
     path = Path(resolve_model(model)).expanduser()

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..core import worlds
 from ..core.atomic import write_text
+from ..core.output_paths import check_output_file
 from ..backbones import for_pipe
 from ..errors import PatchforgeError
 from ..io.loading import patches_suspended
@@ -434,11 +435,11 @@ def run_command(args) -> int:
         raise PatchforgeError(f"no patch at {args.patch}")
     budget = dict(args.budget)
     check_budget(budget, args.attack)
+    out = check_output_file(args.out or Path(args.patch).with_suffix(".attack.json"), "--out")
     from .judging import load_judge
 
     res = attack_patch(args.patch, args.model, budget, args.seeds, args.attack or None,
                        load_judge(args.judge) if args.judge else None)
-    out = Path(args.out) if args.out else Path(args.patch).with_suffix(".attack.json")
     write_text(out, json.dumps(res, indent=1, sort_keys=True) + "\n")
     print("| attack | base rate | ASR (patched) | 95% CI |\n|---|---|---|---|")
     for k, m in res["attacks"].items():

@@ -37,6 +37,7 @@ import torch
 
 from ..core import worlds
 from ..core.atomic import atomic_path, write_text
+from ..core.output_paths import check_output_file
 from ..errors import PatchforgeError
 from ..core import generate as generation
 from ..core.generate import SEED0, empty_embeds, generate  # noqa: F401  (generate, empty_embeds: this module's API)
@@ -472,13 +473,17 @@ def grid(rep: dict, path, per_set: int = 1) -> None:
         canvas.save(tmp)
 
 
+def report_stem(patch_path, out=None) -> Path:
+    """Reports go beside the patch, or into the folder `out`: <stem>.eval.json / .md / .png."""
+    return (Path(out) / Path(patch_path).name if out else Path(patch_path)).with_suffix("")
+
+
 def write_reports(result: dict, out: str | Path | None = None, command: str | None = None) -> list[Path]:
     """<patch>.eval.{json,md,png} beside each patch (or in `out`); with several patches also a
     comparison table compare.eval.md."""
     written = []
     for rep in result["patches"]:
-        src = Path(rep["patch"]["path"])
-        stem = (Path(out) / src.name if out else src).with_suffix("")
+        stem = report_stem(rep["patch"]["path"], out)
         js = Path(f"{stem}.eval.json")
         write_text(js, json.dumps(to_json(rep), indent=1, sort_keys=True, default=float) + "\n")
         md = Path(f"{stem}.eval.md")
@@ -512,6 +517,8 @@ def run_command(args) -> int:
     torch.manual_seed(0)
     judge = load_judge(args.judge) if args.judge else None
     weights = check_weights(getattr(args, "weights", None))  # before the model loads
+    for p in patches:  # where the reports will go, before any work
+        check_output_file(f"{report_stem(p, args.out)}.eval.json", "--out" if args.out else "report")
     result = evaluate(patches, model=args.model, seeds=args.seeds, n=args.prompts, judge=judge, attacks=args.attacks,
                       weights=weights, progress=lambda m: print(m, file=sys.stderr))
     command = "patchforge " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from ..core.atomic import atomic_path
-from ..core.pipeline_loading import load_pipeline
+from ..core.output_paths import IMAGE_SUFFIXES, check_output_file
+from ..core.pipeline_loading import check_model, load_pipeline
 from ..core.generate import generate, to_grid
 from ..errors import PatchforgeError
 from ..io.loading import load_forget_patch
@@ -12,6 +13,8 @@ def run_command(args) -> int:
     if args.weight and len(args.weight) != len(args.patch):  # before the model loads
         raise PatchforgeError(f"{len(args.weight)} --weight values for {len(args.patch)} --patch files: give one per "
                               "patch or none")
+    check_output_file(args.out, "-o", suffixes=IMAGE_SUFFIXES)
+    check_model(args.model)
     pipe = load_pipeline(args.model, device=args.device)
     if args.patch:
         for i, src in enumerate(args.patch):

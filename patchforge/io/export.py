@@ -32,9 +32,11 @@ from pathlib import Path
 import torch
 
 from ..core.atomic import atomic_dir, atomic_path
+from ..core.output_paths import check_output_file, check_output_folder
+from ..core.pipeline_loading import model_folders
 from ..errors import PatchforgeError
 from .patch_format import (K_BASE_FAMILY, K_CONCEPT, K_METHOD, K_PREDICTION, TEXT_COMPONENTS, TEXT_PREFIX, Patch,
-                           one_line, pattern_value, read_patch)
+                           one_line, pattern_value, public_metadata, read_patch)
 
 
 # diffusers module (after the block index) -> (kohya layer, part, parts): FLUX.1's fused layers
@@ -126,7 +128,7 @@ def _kohya_text(patch: Patch, prefixes: dict[str, str]) -> dict[str, torch.Tenso
 
 
 def kohya_metadata(patch: Patch, title: str) -> dict[str, str]:
-    md = patch.metadata
+    md = public_metadata(patch.metadata)
     family = md.get(K_BASE_FAMILY, "")
     vpred = md.get(K_PREDICTION) == "v_prediction"
     flux = family.startswith("flux")
@@ -179,7 +181,8 @@ FUSED_INFO = "patchforge.json"  # beside model_index.json: which patch was baked
 
 def export_pipeline(patch_path, model: str | None, out_dir, weight: float = 1.0, dtype: str = "fp32") -> Path:
     """Bake a forget patch into `model` and save the fused pipeline to out_dir (atomically: written
-    to a temporary folder, then renamed). The fuse runs in fp32; `dtype` is what is saved."""
+    to a temporary folder, then renamed). The fuse runs in fp32; `dtype` is what is saved. out_dir must
+    be new, empty or an earlier export (core/output_paths.py), never the model or near it."""
     from .loading import fuse_forget_patches, load_forget_patch
     from ..core.pipeline_loading import check_model, load_pipeline
 
@@ -190,23 +193,23 @@ def export_pipeline(patch_path, model: str | None, out_dir, weight: float = 1.0,
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype not in dtypes:
         raise PatchforgeError(f"--dtype {dtype}: choose one of {', '.join(dtypes)}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise PatchforgeError(f"-o {out}: a file, not a folder")
+    out = check_output_folder(out_dir, "-o", marker=FUSED_INFO, protect=model_folders(model))
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
     load_forget_patch(pipe, patch.path, weight=weight)
     fuse_forget_patches(pipe)
     pipe.unload_lora_weights()  # drops the LoRA layers; the fused weights stay in the base layers
-    info = {"fused_patch": str(patch.path), "weight": weight, "base_model": str(model),
-            **{k: v for k, v in patch.metadata.items() if k.startswith("patchforge.")}}
+    info = {"fused_patch": patch.path.name, "weight": weight,
+            **{k: v for k, v in public_metadata(patch.metadata).items() if k.startswith("patchforge.")}}
     with atomic_dir(out) as tmp:
         pipe.to(dtypes[dtype]).save_pretrained(tmp)
         (tmp / FUSED_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
-    return out
+    return Path(out_dir)
 
 
 def run_command(args) -> int:
     if args.format == "kohya":
+        if args.output:
+            check_output_file(args.output, "-o", folder_ok=True)
         print(export_kohya(args.patch, args.output))
         return 0
     if not args.output:

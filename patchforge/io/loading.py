@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import re
+import threading
 import types
 import warnings
 from collections import OrderedDict
@@ -39,10 +41,40 @@ from .patch_format import (K_BASE_WEIGHTS, K_BASE_WEIGHTS_V2, TEXT_COMPONENTS, T
 REGISTRY_ATTR = "_patchforge_patches"  # on the denoiser: adapter name -> LoadedPatch (provenance only)
 KEPT_ATTR = "_patchforge_unfused"  # on each component while fused: module name -> base weight before the fuse
 GUARD_ATTR = "_patchforge_guard"  # on each patched component: the forward pre-hook handle
+LOCK_ATTR = "_patchforge_lock"  # on the denoiser: held while patchforge changes the patches
+GUARD_SEEN_ATTR = "_patchforge_guard_seen"  # on the denoiser: the adapter state the guards last checked
 SUSPENDED_ATTR = "_patchforge_suspended"  # on the denoiser while patches_suspended() runs: the guard stands by
 MAX_WEIGHT = 100.0
 MAX_RELATIVE_DELTA = 10.0  # a patch may change a layer by at most 10x the layer's own norm (at weight 1)
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+_LOCKS = threading.Lock()  # guards the creation of each pipeline's own lock
+
+
+@contextlib.contextmanager
+def _exclusive(models):
+    """One patch change at a time per pipeline: a second thread that loads, unloads or fuses while
+    another one does is refused (a half-finished load seen by another thread would be rolled back
+    under it)."""
+    denoiser = next(iter(models.values()))
+    with _LOCKS:
+        lock = denoiser.__dict__.setdefault(LOCK_ATTR, threading.RLock())  # re-entrant: unload calls unfuse
+    if not lock.acquire(blocking=False):
+        raise PatchforgeError("another thread is changing this pipeline's forget patches: load, unload and fuse "
+                              "patches from one thread at a time")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _one_at_a_time(fn):
+    @functools.wraps(fn)
+    def run(pipe, *args, **kwargs):
+        with _exclusive(_models(pipe)):
+            return fn(pipe, *args, **kwargs)
+    return run
 
 
 class PatchesSwitchedWarning(UserWarning):
@@ -119,20 +151,69 @@ def _activate(models, active_before: dict[str, list[str]]) -> None:
             layer.set_adapter(names)
 
 
-def _switched_off(models, names) -> list[str]:
-    off = []
+def _layer_weight(layer, name: str) -> float:
+    """The weight a layer applies to adapter `name` (PEFT's set_scale stores weight * alpha / r)."""
+    base = layer.lora_alpha[name] / (math.sqrt(layer.r[name]) if layer.use_rslora.get(name) else layer.r[name])
+    return layer.scaling[name] / base
+
+
+def _faults(models, reg) -> dict[str, set[str]]:
+    """What keeps each patch from acting fully, read from every one of its layers:
+    'off': disabled, or not among the active adapters, in a layer that is not fused;
+    'unfused': left out of a fuse (a fused layer computes only what was fused into it: diffusers'
+    fuse_lora fuses the adapters active at that moment, and load_lora_weights leaves only its own one);
+    'uneven': its layers hold different weights (some scaled down or to zero behind patchforge's back)."""
+    faults: dict[str, set[str]] = {}
+    weights: dict[str, set[float]] = {}
     for model in models.values():
         for layer in _tuner_layers(model):
-            for n in names:
-                inactive = layer.disable_adapters or n not in layer.active_adapters
-                if n in getattr(layer, "lora_A", {}) and n not in off and inactive:
-                    off.append(n)
-    return off
+            for n in reg:
+                if n not in getattr(layer, "lora_A", {}):
+                    continue
+                if layer.merged:
+                    if n not in layer.merged_adapters:
+                        faults.setdefault(n, set()).add("unfused")
+                elif layer.disable_adapters or n not in layer.active_adapters:
+                    faults.setdefault(n, set()).add("off")
+                weights.setdefault(n, set()).add(round(_layer_weight(layer, n), 9))
+    for n, ws in weights.items():
+        if len(ws) > 1:
+            faults.setdefault(n, set()).add("uneven")
+        elif ws:  # one weight everywhere: a weight set through diffusers' set_adapters is the patch's weight
+            reg[n].weight = ws.pop()
+    return faults
+
+
+def _repair(models, reg, faults: dict[str, set[str]]) -> None:
+    """Make every patch act fully again. A user's LoRA that diffusers' disable_lora switched off stays
+    off: only the patches come back."""
+    for model in models.values():
+        layers = _tuner_layers(model)
+        present = set(getattr(model, "peft_config", None) or {})
+        patches = [n for n in reg if n in present]
+        for layer in layers:
+            if not set(patches) & set(getattr(layer, "lora_A", {})):
+                continue
+            for n in patches:
+                if "uneven" in faults.get(n, ()) and n in layer.scaling:
+                    layer.set_scale(n, reg[n].weight)
+            if layer.merged:  # fuse what a fuse left out, so the fused layer computes the patch too
+                missing = [n for n in patches if n in layer.lora_A and n not in layer.merged_adapters]
+                if missing:
+                    with warnings.catch_warnings():  # PEFT's "now additionally merging": said below, once
+                        warnings.simplefilter("ignore")
+                        layer.merge(adapter_names=missing)
+            user = [] if layer.disable_adapters else [n for n in layer.active_adapters if n not in reg]
+            if layer.disable_adapters:
+                layer.enable_adapters(True)
+            if set(layer.active_adapters) != set(user + patches):
+                layer.set_adapter(user + patches)
 
 
 def _sync(models, repair: bool = True) -> dict[str, LoadedPatch]:
-    """Bring the provenance registry in line with the PEFT layers, and (repair) switch back on any
-    patch that something else switched off. Runs before every patchforge call and every forward."""
+    """Bring the provenance registry in line with the PEFT layers, and (repair) make every patch act
+    fully again where something else switched it off, left it out of a fuse or rescaled some of its
+    layers. Runs before every patchforge call and, through the guard, before every forward pass."""
     reg = _registry(models)
     if not reg or next(iter(models.values())).__dict__.get(SUSPENDED_ATTR):
         return reg
@@ -143,19 +224,27 @@ def _sync(models, repair: bool = True) -> dict[str, LoadedPatch]:
     if gone:
         warnings.warn(f"forget patch(es) {', '.join(gone)} were removed outside patchforge (delete_adapters / "
                       f"unload_lora_weights): they no longer apply", PatchesSwitchedWarning, stacklevel=3)
-    fused = _is_fused(models)
-    if not fused:
+    if not _is_fused(models):
         _restore_base(models)  # copies left by a fuse that diffusers (not patchforge) undid
     if not reg:
         _remove_guards(models)
         return reg
-    off = [] if fused else _switched_off(models, reg)
-    if off and repair:
-        _activate(models, _active(models))
-        warnings.warn(f"forget patch(es) {', '.join(off)} had been switched off (pipe.set_adapters, load_lora_weights "
-                      f"and disable_lora keep only the adapters they name); patchforge switched them back on. Turn a "
-                      f"patch off with unload_forget_patch or set_forget_patch_weight(name, 0)",
-                      PatchesSwitchedWarning, stacklevel=3)
+    faults = _faults(models, reg)
+    if faults and repair:
+        _repair(models, reg, faults)
+        said = {"off": "had been switched off (pipe.set_adapters, load_lora_weights and disable_lora keep only the "
+                       "adapters they name): patchforge switched them back on",
+                "unfused": "had been left out of a fuse (fuse_lora fuses only the adapters active at that moment): "
+                           "patchforge fused them too",
+                "uneven": "had been rescaled in some of their layers: patchforge set every layer back to the patch's "
+                          "weight"}
+        for kind in ("off", "unfused", "uneven"):
+            names = [n for n, f in faults.items() if kind in f]
+            if names:
+                warnings.warn(f"forget patch(es) {', '.join(names)} {said[kind]}. Turn a patch off with "
+                              f"unload_forget_patch, set_forget_patch_weight(name, 0) or patchforge.without_patches"
+                              f"(pipe)", PatchesSwitchedWarning, stacklevel=3)
+    _install_guards(models)  # a component whose LoRA layers came after the patch gets its guard too
     return reg
 
 
@@ -177,33 +266,68 @@ def patches_suspended(pipe):
         denoiser.__dict__.pop(SUSPENDED_ATTR, None)
 
 
-def _adapter_state(models, probes: dict) -> tuple:
-    """What diffusers' adapter calls can change, read cheaply: each component's adapter names, and the
-    active set / disabled / merged flags of one LoRA layer per component (set_adapters, disable_lora,
-    load_lora_weights and fuse act on every layer of a component alike)."""
+@contextlib.contextmanager
+def without_patches(pipe):
+    """Generate without the forget patches for the length of a `with` block; the user's own LoRAs stay
+    as they are. The guard stands by until the block ends, then the patches act again:
+
+        with patchforge.without_patches(pipe):
+            image = pipe(prompt).images[0]
+    """
+    models = _models(pipe)
+    reg = _sync(models)
+    denoiser = next(iter(models.values()))
+    if not reg or denoiser.__dict__.get(SUSPENDED_ATTR):
+        yield
+        return
+    if _is_fused(models):
+        raise PatchforgeError("the patches are fused into the weights: call unfuse_forget_patches(pipe) first")
+    before = {id(layer): list(layer.active_adapters) for model in models.values() for layer in _tuner_layers(model)}
+    denoiser.__dict__[SUSPENDED_ATTR] = True
+    try:
+        for model in models.values():
+            for layer in _tuner_layers(model):
+                layer.set_adapter([n for n in layer.active_adapters if n not in reg])
+        yield
+    finally:
+        for model in models.values():
+            for layer in _tuner_layers(model):
+                if id(layer) in before:
+                    layer.set_adapter(before[id(layer)])
+        denoiser.__dict__.pop(SUSPENDED_ATTR, None)
+
+
+def _adapter_state(models, layers: dict) -> tuple:
+    """Everything diffusers' and PEFT's adapter calls can change, read from every LoRA layer: which
+    adapters are active, disabled, fused, and at what scale. `layers` caches each component's LoRA
+    layers (found by a walk over the whole model) until its adapter names change."""
     state = []
     for comp, model in models.items():
-        layer = probes.get(comp)
-        state.append((comp, tuple(sorted(getattr(model, "peft_config", None) or {})),
-                      None if layer is None else (tuple(layer.active_adapters), layer.disable_adapters, layer.merged)))
+        names = tuple(sorted(getattr(model, "peft_config", None) or {}))
+        if comp not in layers or layers[comp][0] != names:
+            layers[comp] = (names, _tuner_layers(model))
+        state.append((comp, names, tuple((tuple(layer.active_adapters), layer.disable_adapters,
+                                          tuple(layer.merged_adapters), tuple(layer.scaling.items()))
+                                         for layer in layers[comp][1])))
     return tuple(state)
 
 
 def _install_guards(models) -> None:
-    seen = {"state": None, "probes": {}}
+    denoiser = next(iter(models.values()))
+    seen = denoiser.__dict__.setdefault(GUARD_SEEN_ATTR, {"state": None, "layers": {}})
 
     def guard(module, args) -> None:  # returns None: a pre-hook's return value would replace the inputs
-        # The full check walks every layer; run it only when the cheap state moved since it last ran,
-        # so a denoising step pays a few attribute reads, not a walk over thousands of modules.
-        if seen["state"] is not None and _adapter_state(models, seen["probes"]) == seen["state"]:
+        # The repair walks every layer; run it only when the adapter state moved since it last ran, so a
+        # denoising step pays a read of each LoRA layer's flags, not a walk over thousands of modules.
+        if seen["state"] is not None and _adapter_state(models, seen["layers"]) == seen["state"]:
             return
         _sync(models)
-        seen["probes"] = {c: next(iter(_tuner_layers(m)), None) for c, m in models.items()}
-        seen["state"] = _adapter_state(models, seen["probes"])
+        seen["state"] = _adapter_state(models, seen["layers"])
 
     for model in models.values():
         if _tuner_layers(model) and model.__dict__.get(GUARD_ATTR) is None:
             model.__dict__[GUARD_ATTR] = model.register_forward_pre_hook(guard)
+            seen["state"] = None  # a new guard: the next forward checks everything
 
 
 def _remove_guards(models) -> None:
@@ -211,18 +335,7 @@ def _remove_guards(models) -> None:
         handle = model.__dict__.pop(GUARD_ATTR, None)
         if handle is not None:
             handle.remove()
-
-
-def _peft_weight(models, entry: LoadedPatch) -> float:
-    """The weight PEFT applies to a patch, read from its first layer (set_scale stores weight * alpha / r)."""
-    for model in models.values():
-        for layer in _tuner_layers(model):
-            if entry.adapter_name in getattr(layer, "scaling", {}):
-                n = entry.adapter_name
-                base = layer.lora_alpha[n] / (math.sqrt(layer.r[n]) if layer.use_rslora.get(n) else layer.r[n])
-                # the weight patchforge set, unless someone changed the scale since (then what PEFT holds)
-                return entry.weight if entry.weight * base == layer.scaling[n] else layer.scaling[n] / base
-    return entry.weight
+    next(iter(models.values())).__dict__.pop(GUARD_SEEN_ATTR, None)
 
 
 def _check_weight(weight) -> float:
@@ -333,6 +446,7 @@ def _target(model, comp: str, module: str):
 
 # ----------------------------------------------------------------------------- public API
 
+@_one_at_a_time
 def load_forget_patch(pipe, src, weight: float = 1.0, adapter_name: str | None = None, *,
                       weight_name: str | None = None,
                       subfolder: str | None = None, revision: str | None = None, strict: bool = False,
@@ -488,11 +602,11 @@ def list_forget_patches(pipe) -> list[LoadedPatch]:
     on first, with a warning; one deleted with diffusers is gone from the list)."""
     models = _models(pipe)
     reg = _sync(models)
-    off = set(_switched_off(models, reg)) if not _is_fused(models) else set()
-    return [dataclasses.replace(e, weight=_peft_weight(models, e), active=e.adapter_name not in off)
-            for e in reg.values()]
+    faults = _faults(models, reg)  # none after the repair, unless a layer refused it
+    return [dataclasses.replace(e, active=e.adapter_name not in faults) for e in reg.values()]
 
 
+@_one_at_a_time
 def set_forget_patch_weight(pipe, adapter_name: str, weight: float) -> None:
     """Change one patch's weight (negative re-amplifies the concept); others are unchanged."""
     weight = _check_weight(weight)
@@ -506,6 +620,7 @@ def set_forget_patch_weight(pipe, adapter_name: str, weight: float) -> None:
             layer.set_scale(adapter_name, weight)
 
 
+@_one_at_a_time
 def unload_forget_patch(pipe, adapter_name: str) -> None:
     """Remove one patch; the others and the user's LoRAs stay as they were (re-fused if fused)."""
     models = _models(pipe)
@@ -518,6 +633,7 @@ def unload_forget_patch(pipe, adapter_name: str) -> None:
         fuse_forget_patches(pipe)
 
 
+@_one_at_a_time
 def unload_forget_patches(pipe) -> None:
     """Remove every patch. With no other LoRAs loaded, the LoRA layers go too and the pipeline
     computes exactly what the base does, fused before or not."""
@@ -543,6 +659,7 @@ def _remove(pipe, models, names: list[str]) -> None:
         _remove_guards(models)
 
 
+@_one_at_a_time
 def fuse_forget_patches(pipe) -> None:
     """Bake the active adapters (patches at their weights, and the user's active LoRAs, which PEFT
     would otherwise skip once a layer is merged) into the base weights, for speed. The base weights
@@ -555,6 +672,7 @@ def fuse_forget_patches(pipe) -> None:
         pipe.fuse_lora(components=comps, lora_scale=1.0)
 
 
+@_one_at_a_time
 def bake_forget_patches(pipe) -> None:
     """Fuse the active adapters into the base weights and drop every LoRA layer: from then on the
     pipeline runs at exactly the base model's cost per image. Irreversible in this pipeline (reload
@@ -569,6 +687,7 @@ def bake_forget_patches(pipe) -> None:
     _remove_guards(models)
 
 
+@_one_at_a_time
 def unfuse_forget_patches(pipe) -> None:
     """Undo fuse_forget_patches: the kept base weights come back bit for bit."""
     models = _models(pipe)

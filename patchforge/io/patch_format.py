@@ -66,7 +66,6 @@ K_SECONDS = "patchforge.training_seconds"
 K_DEVICE = "patchforge.device"
 K_EVAL = "patchforge.eval"
 K_MERGED = "patchforge.merged_from"
-K_BASE_REPO_ID = "patchforge.base_repo_id"  # the base's Hub repo id; only when it came from the Hub
 
 
 @dataclass
@@ -213,10 +212,23 @@ def _sign_bits(values: torch.Tensor) -> bytes:
 
 
 def _model_id(pipe) -> str:
-    from ..core.pipeline_loading import model_id
+    from ..core.pipeline_loading import public_model_id
 
     name = str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "")
-    return model_id(name) if name else "unknown"
+    return public_model_id(name) if name else "unknown"
+
+
+def public_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """A patch's metadata as it may leave the machine (push, export, cards, reports): the base is named
+    only by its Hub repo id or the toy's name. Files written before the base was recorded that way
+    carried the local folder's path in patchforge.base_model: it is replaced here."""
+    from ..core.pipeline_loading import LOCAL_MODEL_ID, TOY_MODEL_ID, TOY_SD3_ID
+
+    out = dict(metadata)
+    base = out.get(K_BASE_ID)
+    if base is not None and base not in ("unknown", TOY_MODEL_ID, TOY_SD3_ID):
+        out[K_BASE_ID] = metadata.get(K_BASE_REPO_ID) or LOCAL_MODEL_ID
+    return out
 
 
 def _family(pipe) -> str:
@@ -681,6 +693,9 @@ def merge_patches(patches: list[Patch], weights: list[float] | None = None) -> P
 # ----------------------------------------------------------------------------- CLI: patchforge merge
 
 def run_merge(args) -> int:
+    from ..core.output_paths import check_output_file
+
+    check_output_file(args.output, "-o", folder_ok=True)  # before any patch is read
     merged = merge_patches([read_patch(p) for p in args.patches], args.weights)
     out = write_patch(merged, args.output)
     print(f"merged {len(args.patches)} patches ({merged.concept}) -> {out}")

@@ -21,7 +21,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..core.atomic import atomic_path
+from ..core.output_paths import check_output_file
 from ..backbones import for_pipe
 from ..core.concepts import ConceptSpec, load_concept_file, merge, resolve
 from ..core.cache import cache_dir
@@ -252,7 +252,7 @@ def check_train_args(cfg: TrainConfig, *, model: str | None = None, out: str | P
     if cfg.images:
         image_files(cfg.images)
     if out is not None:
-        check_writable(out)
+        check_output_file(out, "--out", folder_ok=True)
     return hp
 
 
@@ -266,26 +266,6 @@ def _is_number(value) -> bool:
 def _positive_int(flag: str, value) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise PatchforgeError(f"{flag} {value}: must be a whole number >= 1")
-
-
-def check_writable(out: str | Path) -> None:
-    """A patch can be written at `out` (a file, or a folder to hold one): its folder, or the nearest
-    folder above that exists, is a folder a file can be created in (tried with a temporary file that
-    is removed at once)."""
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir() and not os.access(path, os.W_OK):
-        raise PatchforgeError(f"--out {out}: the file exists and is not writable")
-    folder = path if path.is_dir() else path.parent
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise PatchforgeError(f"--out {out}: {probe} is a file, not a folder")
-    try:  # really try: permission bits say nothing to root, nor about /proc or a read-only mount
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as err:
-        raise PatchforgeError(f"--out {out}: cannot write in {probe} ({err.strerror or err})") from None
 
 
 # ---------------------------------------------------------------- the loop
@@ -303,7 +283,7 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
     from ..core.concepts import concept_world
     from ..methods import get_method
     from ..io.patch_format import K_BASE_REPO_ID, save_patch_from_pipeline
-    from ..core.pipeline_loading import hub_repo_id, load_pipeline, model_id, pick_device
+    from ..core.pipeline_loading import hub_repo_id, load_pipeline, pick_device, public_model_id
     from ..core.plan import ModelFacts
 
     cfg = config or TrainConfig(method=method)
@@ -381,8 +361,10 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
                    **{f"solve_{k}": v for k, v in solved.items()}}  # closed form: rank and residual error
         metadata = {K_CONCEPT: "; ".join(names), K_CONCEPTS: json.dumps([s.to_json() for s in specs]),
                     K_METHOD: cfg.method, K_HPARAMS: json.dumps(hparams), K_SECONDS: f"{seconds:.1f}",
-                    K_DEVICE: str(device), K_SEED: str(cfg.seed), K_BASE_ID: model_id(model)}
-        repo_id = hub_repo_id(model if model is not None else getattr(pipe, "name_or_path", None))
+                    K_DEVICE: str(device), K_SEED: str(cfg.seed)}
+        source = model if model is not None else getattr(pipe, "name_or_path", None)
+        metadata[K_BASE_ID] = public_model_id(source)  # never a local path
+        repo_id = hub_repo_id(source)
         if repo_id:
             metadata[K_BASE_REPO_ID] = repo_id
         path = Path(out) if out else Path("patches") / default_name(specs, cfg.method)
