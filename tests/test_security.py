@@ -99,6 +99,11 @@ REPRODUCTIONS = {
     "alpha-pattern-nan": ({"lora": {"alpha_pattern": {"to_q": NAN}}}, True),
     "huge-AB": ({"tensors": _scale_b(1e6)}, True),
     "big-AB": ({"tensors": _scale_b(300.0)}, True),  # finite and under the absolute cap, 10x over the layer
+    # regex pattern keys: PEFT applies them to every module they match (to_[kv] -> 250 000x in diffusers)
+    "alpha-pattern-class": ({"lora": {"alpha_pattern": {"to_[kv]": 1e6}}}, True),
+    "alpha-pattern-dotstar": ({"lora": {"alpha_pattern": {".*": 1e6}}}, True),
+    "alpha-pattern-alternation": ({"lora": {"alpha_pattern": {"to_k|to_v": 1e6}}}, True),
+    "rank-pattern-class": ({"lora": {"rank_pattern": {"to_[kv]": 8}}}, True),
     # 5: a lying rank
     "rank-1e6": ({"lora": {"r": 1_000_000}}, True),
     "rank-pattern-lie": ({"lora": {"rank_pattern": {"to_q": 64}}}, True),
@@ -722,3 +727,24 @@ def test_a_killed_writers_leftovers_are_removed_by_the_next_write(tmp_path):
     with atomic_dir(tmp_path / "fused") as tmp:
         (tmp / "a").write_text("a")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pfabc.tmp", "fused", "out.json"]
+
+
+@pytest.mark.parametrize("pattern", [{"attn2.to_k": 7.0}, {"to_k": 0.5, "attn1.to_k": 9.0},
+                                     {"down_blocks\\.0\\.attentions\\.0\\.transformer_blocks\\.0\\.attn2\\.to_v": 3.0}])
+def test_patchforge_reads_alpha_patterns_as_diffusers_applies_them(pattern, tmp_path, fake_hub):
+    """The scale patchforge validates and applies is the one plain diffusers applies to the same file,
+    and the file push publishes carries the same scales as exact module names."""
+    path = forge(tmp_path, "pattern", lora={"alpha_pattern": pattern})
+    plain = tiny_sd1()
+    plain.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="plain")
+    ours = tiny_sd1()
+    pf.load_forget_patch(ours, path)
+    assert torch.allclose(run(ours), run(plain), atol=1e-6)
+    assert not torch.allclose(run(ours), run(tiny_sd1()), atol=1e-3)
+    hub.push_patch(path, "someone/pattern")
+    pulled = hub.pull_patch("someone/pattern")
+    published = json.loads(fmt.read_patch(pulled).metadata["lora_adapter_metadata"])
+    assert all(re.fullmatch(r"(\w|\\\.)+", k) for k in published["unet.alpha_pattern"])  # exact names only
+    again = tiny_sd1()
+    again.load_lora_weights(str(pulled.parent), weight_name=pulled.name, adapter_name="plain")
+    assert torch.allclose(run(again), run(plain), atol=1e-6)

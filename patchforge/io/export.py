@@ -36,7 +36,7 @@ from ..core.output_paths import check_output_file, check_output_folder
 from ..core.pipeline_loading import model_folders
 from ..errors import PatchforgeError
 from .patch_format import (K_BASE_FAMILY, K_CONCEPT, K_METHOD, K_PREDICTION, TEXT_COMPONENTS, TEXT_PREFIX, Patch,
-                           one_line, pattern_value, public_metadata, read_patch)
+                           module_rank_alpha, one_line, peft_name, public_metadata, read_patch)
 
 
 # diffusers module (after the block index) -> (kohya layer, part, parts): FLUX.1's fused layers
@@ -118,7 +118,7 @@ def _kohya_text(patch: Patch, prefixes: dict[str, str]) -> dict[str, torch.Tenso
             rank = a.shape[0]
             # kohya scales by alpha / rank; PEFT by lora_alpha / r (or / sqrt(r) with rsLoRA)
             alpha = patch.scale(comp, module) * rank
-            if not math.isclose(rank, pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", rank))):
+            if not math.isclose(rank, module_rank_alpha(cfg, peft_name(comp, module))[0]):
                 raise PatchforgeError(f"{comp}.{module} has rank {rank} but its config says otherwise: re-save the "
                                       "patch")
             out[f"{key}.lora_down.weight"] = a.contiguous()

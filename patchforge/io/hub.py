@@ -6,14 +6,15 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 from pathlib import Path
 
+from ..core.output_paths import IMAGE_SUFFIXES
 from ..errors import PatchforgeError
 from .patch_format import (DEFAULT_WEIGHT_NAME, K_BASE_FAMILY, K_BASE_ID, K_BASE_REPO_ID, K_CONCEPT, K_DEVICE, K_EVAL,
-                           K_HPARAMS, K_METHOD, K_SECONDS, Patch, one_line, read_patch)
+                           K_HPARAMS, K_METHOD, K_SECONDS, Patch, one_line, public_metadata, read_patch, write_patch)
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # looks like a repo id (then huggingface_hub validates it)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 IMAGE_NAMES = ("before_after.png", "before_after.jpg")  # shown in the card when found beside the patch
 
 
@@ -228,18 +229,23 @@ def push_patch(patch_path, repo_id: str, *, private: bool = False, token: str | 
     if image and (Path(image).suffix.lower() not in IMAGE_SUFFIXES or not Path(image).is_file()):
         raise PatchforgeError(f"--image '{one_line(image)}' is not a {'/'.join(IMAGE_SUFFIXES)} file")
     image_name = "before_after" + Path(image).suffix.lower() if image else None  # our name, not the user's
-    ops = [CommitOperationAdd(DEFAULT_WEIGHT_NAME, str(patch.path)),
-           CommitOperationAdd("README.md", model_card(patch, repo_id, image_name).encode())]
-    if image:
-        ops.append(CommitOperationAdd(image_name, str(image)))
+    # What is published is the file as patchforge reads it, written anew: LoRA config patterns as exact
+    # module names (what PEFT will apply) and no local path in the metadata, whatever the original held.
+    patch.metadata = public_metadata(patch.metadata)
     api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.create_commit(repo_id, ops,
-                                 commit_message=commit_message or f"Forget patch: {one_line(patch.concept)}")
-    except e.HfHubHTTPError as err:
-        raise PatchforgeError(f"push to '{repo_id}' failed ({str(err).splitlines()[0][:120]}): check the repo id "
-                              f"and that your token may write to it") from None
+    with tempfile.TemporaryDirectory() as folder:
+        upload = write_patch(patch, Path(folder) / DEFAULT_WEIGHT_NAME)
+        ops = [CommitOperationAdd(DEFAULT_WEIGHT_NAME, str(upload)),
+               CommitOperationAdd("README.md", model_card(patch, repo_id, image_name).encode())]
+        if image:
+            ops.append(CommitOperationAdd(image_name, str(image)))
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.create_commit(repo_id, ops,
+                                     commit_message=commit_message or f"Forget patch: {one_line(patch.concept)}")
+        except e.HfHubHTTPError as err:
+            raise PatchforgeError(f"push to '{repo_id}' failed ({str(err).splitlines()[0][:120]}): check the repo "
+                                  f"id and that your token may write to it") from None
     return info.commit_url
 
 

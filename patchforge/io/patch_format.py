@@ -41,6 +41,9 @@ MAX_ALPHA = 1e6
 MAX_DELTA_NORM = 1e4  # |scale * B @ A|_F of one module; the loader also holds it to 10x the layer's own norm
 SAMPLE_PER_TENSOR = 4096  # values per tensor in the v2 weights fingerprint
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+# rank_pattern / alpha_pattern keys: module names, plain or re.escape'd (no classes, groups or repeats)
+PATTERN_KEY = re.compile(r"(?:[A-Za-z0-9_]|\\[^A-Za-z0-9\s]|\.)+")
+MAX_PATTERN_KEY = 512
 # LoRA config keys a patch file may set, and bookkeeping keys that change nothing at inference
 LORA_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora")
 LORA_IGNORED_KEYS = frozenset({"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
@@ -96,8 +99,7 @@ class Patch:
     def scale(self, component: str, module: str) -> float:
         """The factor PEFT puts in front of B @ A for this module (alpha / r, or alpha / sqrt(r))."""
         cfg = self.lora_configs[component]
-        r = pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8))
-        alpha = pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r))
+        r, alpha = module_rank_alpha(cfg, peft_name(component, module))
         return alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
 
     def delta(self, component: str, module: str) -> torch.Tensor:
@@ -110,12 +112,25 @@ class Patch:
         return {f"{c}.{k}": v for c in self.components for k, v in self.state_dicts[c].items()}
 
 
-def pattern_value(pattern: dict, module: str, default):
-    # PEFT matches rank_pattern / alpha_pattern keys as module-name suffixes
+def pattern_value(pattern: dict, name: str, default):
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first key that, read as a regex, matches the
+    end of the module's name at a dot. `name` is the module as PEFT sees it (peft_name)."""
     for key, value in pattern.items():
-        if module == key or module.endswith("." + key):
+        if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def module_rank_alpha(cfg: dict, name: str) -> tuple:
+    """(r, lora_alpha) PEFT gives module `name` under this config (LoraConfig's defaults: 8 and 8)."""
+    return (pattern_value(cfg.get("rank_pattern") or {}, name, cfg.get("r", 8)),
+            pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8)))
+
+
+def peft_name(comp: str, module: str) -> str:
+    """A patch's module name as PEFT sees it when diffusers loads the file: text encoders without the
+    text_model. wrapper (transformers >= 5 has none; diffusers strips it)."""
+    return module.removeprefix(TEXT_PREFIX) if comp in TEXT_COMPONENTS else module
 
 
 # ----------------------------------------------------------------------------- base fingerprint
@@ -525,6 +540,10 @@ def clean_lora_config(raw: dict, comp: str, ranks: dict, where: str = "the patch
         pattern = cfg.get(key) or {}
         if not isinstance(pattern, dict) or not all(isinstance(k, str) for k in pattern):
             raise PatchFormatError(f"{where}: {comp} {key} is not a mapping of module names")
+        regex = next((k for k in pattern if not (len(k) <= MAX_PATTERN_KEY and PATTERN_KEY.fullmatch(k))), None)
+        if regex is not None:
+            raise PatchFormatError(f"{where}: {comp} {key} key {one_line(regex, 40)!r} is a regex, not a module name: "
+                                   f"PEFT would apply it to modules this file does not list")
         cfg[key] = pattern
     if not all(_is_count(v) for v in cfg["rank_pattern"].values()):
         raise PatchFormatError(f"{where}: {comp} rank_pattern holds a rank that is not a positive integer")
@@ -539,13 +558,19 @@ def clean_lora_config(raw: dict, comp: str, ranks: dict, where: str = "the patch
                                     (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
         raise PatchFormatError(f"{where}: {comp} target_modules is not a list of module names")
     # ranks: {tensor key: first dimension} (from the header when reading, from the tensors when writing)
+    exact = {}
     for key, rank in ranks.items():
         if key.endswith(".lora_A.weight"):
             module = key[: -len(".lora_A.weight")]
-            declared = pattern_value(cfg["rank_pattern"], module, cfg.get("r", 8))
+            declared, alpha = module_rank_alpha(cfg, peft_name(comp, module))
             if declared != rank:
                 raise PatchFormatError(f"{where}: {comp}.{one_line(module)} declares rank {declared} but its tensors "
                                        f"have rank {rank}: the file is damaged or forged")
+            exact[re.escape(peft_name(comp, module))] = (declared, alpha)
+    # the same values, each pattern key one module's exact name: what PEFT applies, said without ambiguity
+    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    cfg["rank_pattern"] = {k: v[0] for k, v in sorted(exact.items()) if v[0] != r}
+    cfg["alpha_pattern"] = {k: v[1] for k, v in sorted(exact.items()) if v[1] != alpha}
     return cfg
 
 
