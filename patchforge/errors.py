@@ -17,3 +17,10 @@ class BaseModelMismatch(PatchforgeError):
 
 class UnknownConcept(PatchforgeError):
     """A concept spec that the catalog does not know."""
+
+
+def one_line(text, limit: int = 80) -> str:
+    """Text from a file or a user, safe to put in a one-line message: control characters (newlines,
+    escape sequences) become spaces, and it is cut at `limit` characters."""
+    text = "".join(c if c.isprintable() else " " for c in str(text))
+    return text if len(text) <= limit else text[: limit - 3] + "..."

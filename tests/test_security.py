@@ -748,3 +748,25 @@ def test_patchforge_reads_alpha_patterns_as_diffusers_applies_them(pattern, tmp_
     again = tiny_sd1()
     again.load_lora_weights(str(pulled.parent), weight_name=pulled.name, adapter_name="plain")
     assert torch.allclose(run(again), run(plain), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 16: hostile concept metadata
+
+BAD_CONCEPTS = {"bracket": "[", "null": "null", "number": "[5]", "unknown": '[{"kind": "object", "name": "zzgrbl"}]',
+                "braces": '[{"kind": "object", "name": "{0.__class__}"}]',
+                "huge-name": json.dumps([{"kind": "object", "name": "x" * 1_000_000}]),
+                "many": json.dumps([{"kind": "object", "name": f"c{i}"} for i in range(10_000)]),
+                "kind-list": '[{"kind": ["object"], "name": "star"}]', "empty": "[]",
+                "deep": "[" * 100_000 + "]" * 100_000}
+
+
+@pytest.mark.parametrize("verb", ["eval", "attack"])
+def test_eval_and_attack_refuse_hostile_concept_metadata_in_one_line(verb, tmp_path, capsys):
+    good = Path(__file__).parents[1] / "patches" / "object-star.fmn.safetensors"
+    for case, value in BAD_CONCEPTS.items():
+        path = forge(tmp_path, case, meta={"patchforge.concepts": value}, good=good)
+        t0 = time.perf_counter()
+        assert cli.main([verb, str(path), "--seeds", "1"]) == 2, case
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and len(err) < 400, (case, err[:300])
+        assert time.perf_counter() - t0 < 20, case

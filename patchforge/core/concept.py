@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+KINDS = ("style", "object", "identity", "color", "nudity", "art", "background", "implicit", "custom")
+
 
 @dataclass
 class ConceptSpec:

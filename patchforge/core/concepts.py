@@ -26,12 +26,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import worlds
-from .concept import ConceptSpec, mentions
-from ..errors import PatchforgeError, UnknownConcept
+from .concept import KINDS, ConceptSpec, mentions
+from ..errors import PatchforgeError, UnknownConcept, one_line
 
 # Every kind a concept can have: the catalogue's, and those only a concept world has (toy world v2's art
 # styles, backgrounds and implicit concept: `art:mosaic`, `background:beach`, `implicit:bare`).
-KINDS = ("style", "object", "identity", "color", "nudity", "art", "background", "implicit", "custom")
 
 
 # ---------------------------------------------------------------- built-in real-world catalog
@@ -243,6 +242,16 @@ def _custom(text: str, to: str | None) -> ConceptSpec:
 
 
 # ---------------------------------------------------------------- YAML concept files
+# A concept file is untrusted input: bounded before it is built (size, nesting, no aliases: a 460-byte
+# "billion laughs" file expands to gigabytes once its aliases are turned into strings), then typed.
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 8
+MAX_ENTRIES = 1000
+MAX_TEXT = 1000
+ENTRY_KEYS = {"target": "text or list", "anchor": "text or list", "preserve": "text or list", "words": "text or list",
+              "kind": "text", "name": "text", "guidance": "number"}
+
+
 def load_concept_file(path: str | Path, world: str | None = None) -> list[ConceptSpec]:
     """A LECO-like YAML list (or one mapping) -> one ConceptSpec per entry (one patch each).
 
@@ -253,19 +262,80 @@ def load_concept_file(path: str | Path, world: str | None = None) -> list[Concep
     path = Path(path)
     if not path.is_file():
         raise PatchforgeError(f"--concept-file '{path}' is not a file: give a YAML file (see docs/training.md)")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise PatchforgeError(f"{path}: over {MAX_FILE_BYTES >> 20} MiB: a concept file is a short list")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        _check_yaml_shape(yaml.parse(text), path)
+        data = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError) as err:
         raise PatchforgeError(f"{path}: cannot read it ({type(err).__name__})") from None
     except yaml.YAMLError as err:
-        raise PatchforgeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise PatchforgeError(f"{path}: not valid YAML ({one_line(str(err))})") from None
     entries = data if isinstance(data, list) else [data]
-    specs = []
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict) or "target" not in e:
-            raise PatchforgeError(f"{path}: entry {i + 1} needs a 'target' (see docs/training.md)")
-        specs.append(_from_entry(e, world))
-    return specs
+    if len(entries) > MAX_ENTRIES:
+        raise PatchforgeError(f"{path}: {len(entries)} entries, at most {MAX_ENTRIES}")
+    return [_from_entry(_typed_entry(e, i, path), world) for i, e in enumerate(entries)]
+
+
+def _check_yaml_shape(events, path) -> None:
+    """Walk the parser's events (no objects built yet): no aliases, no deep nesting."""
+    import yaml
+
+    depth = 0
+    for event in events:
+        if isinstance(event, yaml.AliasEvent):
+            raise PatchforgeError(f"{path}: YAML aliases (*name) are not allowed in a concept file: write the "
+                                  f"values out")
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise PatchforgeError(f"{path}: nested deeper than {MAX_DEPTH} levels: not a concept file")
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+
+
+def _typed_entry(e, i: int, path) -> dict:
+    """One entry with every known key of the right type: text (one line, bounded), lists of text,
+    a finite guidance; templates use only {} placeholders."""
+    where = f"{path}: entry {i + 1}"
+    if not isinstance(e, dict) or "target" not in e:
+        raise PatchforgeError(f"{where} needs a 'target' (see docs/training.md)")
+    out = {}
+    for key, want in ENTRY_KEYS.items():
+        if key not in e or (e[key] is None and key != "target"):
+            continue
+        value = e[key]
+        if want == "number":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 100):
+                raise PatchforgeError(f"{where}: {key} must be a number above 0 and at most 100, got "
+                                      f"{one_line(str(value), 40)!r}")
+            out[key] = float(value)
+            continue
+        values = value if isinstance(value, list) and want == "text or list" else [value]
+        if not values or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in values):
+            what = "a text" if want == "text" else "a text or a non-empty list of texts"
+            raise PatchforgeError(f"{where}: {key} must be {what}")
+        texts = [str(v) for v in values]
+        for t in texts:
+            if not t.strip() and key == "target" or len(t) > MAX_TEXT or "\n" in t or "\r" in t:
+                raise PatchforgeError(f"{where}: {key} {one_line(t, 40)!r}: give one line of 1 to {MAX_TEXT} "
+                                      f"characters")
+            _check_template(t, f"{where}: {key}")
+        out[key] = texts if isinstance(value, list) else texts[0]
+    return out
+
+
+def _check_template(text: str, where: str) -> None:
+    import string
+
+    try:
+        fields = [f for _, f, spec, conv in string.Formatter().parse(text) if f is not None or spec or conv]
+    except ValueError:
+        fields = None
+    if fields is None or any(f != "" for f in fields):
+        raise PatchforgeError(f"{where} {one_line(text, 40)!r}: braces may only be an empty {{}} (where the concept's "
+                              f"words go); write {{{{ or }}}} for a brace itself")
 
 
 def _listify(value) -> list[str]:

@@ -391,13 +391,15 @@ def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judg
     # by default everything but the two long ones (inversion_converged, unlearndiff_strong): ask for those
     which = tuple(which or [a for a in ATTACKS if a not in ("inversion_converged", "unlearndiff_strong")])
     world = worlds.for_model(model)
+    targets = patch_concepts(path, qualified=world is None)  # checked before any load
+    for target in (t for t in targets if world):
+        world.kind_of(target)
     judge = judge or default_judge(model)
     pipe = pipe or load_pipeline(model, device="cpu" if world else None)
     skipped = {}
     if not asked and soft_unsupported(pipe):  # by default, run what this family supports; asked for, it fails
         skipped = {a: soft_unsupported(pipe) for a in SOFT_SUFFIX if a in which}
         which = tuple(a for a in which if a not in skipped)
-    targets = patch_concepts(path, qualified=world is None)
     t0 = time.perf_counter()
     name, _ = load_patch(pipe, path)
     out = {}

@@ -114,11 +114,13 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
     weights = check_weights(weights)
     t_start = time.perf_counter()
     world = worlds.for_model(model)  # a concept world (the toy) brings its prompt sets; else the catalogue
+    patches = [Path(p) for p in patches]
+    targets_all = [patch_concepts(p, qualified=world is None) for p in patches]  # checked before any load
+    for target in (t for ts in targets_all for t in ts if world):
+        world.kind_of(target)
     judge = judge or default_judge(model)
     if pipe is None:
         pipe = load_pipeline(model, device="cpu" if world else None)
-    patches = [Path(p) for p in patches]
-    targets_all = [patch_concepts(p, qualified=world is None) for p in patches]
     trained_all = [trained_prompts(p, world=world.name if world else None) for p in patches]
     # one base run covering every patch's prompt sets (shared rows are generated once); a world draws
     # fresh neighbour / other-kind prompts for those the patch trained on, so the headline has enough

@@ -5,12 +5,15 @@ and the patched pipeline and ask a judge what each image shows."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.concept import KINDS
 from ..core.generate import SEED0, generate
+from ..errors import PatchFormatError, one_line
 
 
 @dataclass
@@ -91,11 +94,37 @@ def patch_concepts(path, qualified: bool = False) -> list[str]:
 
     md = read_patch(path).metadata
     if md.get(K_CONCEPTS):
-        entries = [(c.get("kind"), c["name"]) for c in json.loads(md[K_CONCEPTS])]
+        entries = _concept_entries(md[K_CONCEPTS], path)
     else:
-        specs = [c.strip().split("->")[0] for c in md.get(K_CONCEPT, "").split(";") if c.strip()]
-        entries = [tuple(c.split(":", 1)) if ":" in c else (None, c) for c in specs]
+        specs = [c.strip().split("->")[0] for c in md.get(K_CONCEPT, "")[:MAX_CONCEPTS_TEXT].split(";") if c.strip()]
+        entries = [tuple(c.split(":", 1)) if ":" in c else (None, c) for c in specs][:MAX_CONCEPTS]
+    for kind, name in entries:
+        if kind not in (None, *KINDS) or not CONCEPT_NAME.fullmatch(name):
+            raise PatchFormatError(f"{path}: it names the concept {one_line(f'{kind}:{name}', 60)!r}, which is not a "
+                                   f"concept name: re-train or re-save the patch")
     return [f"{k}:{n}" if qualified and k else n for k, n in entries]
+
+
+MAX_CONCEPTS = 256  # a patch erases a list, not a dictionary: eval and attack run rows per concept
+MAX_CONCEPTS_TEXT = 64 * 1024
+CONCEPT_NAME = re.compile(r"[^{}\x00-\x1f\x7f]{1,200}")
+
+
+def _concept_entries(raw: str, path) -> list[tuple]:
+    """patchforge.concepts (a JSON list of {"kind", "name", ...}) read as untrusted input: bounded, typed."""
+    bad = PatchFormatError(f"{path}: its patchforge.concepts metadata is not a list of at most {MAX_CONCEPTS} "
+                           f"concepts: re-train or re-save the patch")
+    if len(raw) > MAX_CONCEPTS_TEXT:
+        raise bad
+    try:
+        items = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise bad from None
+    if not isinstance(items, list) or not 0 < len(items) <= MAX_CONCEPTS or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("kind"), (str, type(None)))
+            for c in items):
+        raise bad
+    return [(c.get("kind"), c["name"]) for c in items]
 
 
 def load_patch(pipe, path, weight: float = 1.0) -> tuple[str, float]:

@@ -25,7 +25,7 @@ import torch
 
 from ..core.atomic import atomic_path
 from ..backbones import all_components, family_components, for_pipe, text_components
-from ..errors import BaseModelMismatch, PatchFormatError, PatchforgeError
+from ..errors import BaseModelMismatch, PatchFormatError, PatchforgeError, one_line  # noqa: F401  (one_line: re-exported)
 
 FORMAT_VERSION = "1"
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers looks for in a folder
@@ -253,12 +253,6 @@ def _family(pipe) -> str:
 def model_key(pipe) -> str:
     """A short stable id of the base weights: reference images and Fisher are cached under it."""
     return base_fingerprint(pipe)[K_BASE_WEIGHTS].split(":")[-1][:16]
-
-
-def one_line(text, limit: int = 80) -> str:
-    """Text from a file, safe to put in a one-line message: control characters become spaces."""
-    text = "".join(c if c.isprintable() else " " for c in str(text))
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def family_of(metadata: dict[str, str]) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 from dataclasses import replace
 
 from ..core.concept import ConceptSpec, mentions
-from ..errors import PatchforgeError
+from ..errors import PatchforgeError, UnknownConcept, one_line
 from ..core.pipeline_loading import is_toy, toy_judge_path
 from ..eval.text_attacks import PADDING, article_free, misspell, replace_word
 from . import world as v1, world_v2 as v2
@@ -177,7 +177,7 @@ class ToyWorld:
         rows = []
         clean = lambda text: not any(world.names_concept(text, c) for c in targets)  # noqa: E731
         for c in targets:
-            kind = world.kind_of(c)
+            kind = self.kind_of(c)
             for p in world.probes_for(c, world.TRAIN_SPLIT, n=n, seed=0):  # the first n of the training prompts
                 keep = {k: v for k, v in p.expect.items() if k != kind and v not in targets}
                 rows.append(Row("efficacy", p.prompt, c, p.expect, keep))
@@ -236,8 +236,12 @@ class ToyWorld:
         return rows
 
     def kind_of(self, concept: str) -> str:
-        """The kind of a toy concept (the judge head that sees it)."""
-        return self.world.kind_of(concept.lower())
+        """The kind of a toy concept (the judge head that sees it); a name this world has not: one line."""
+        try:
+            return self.world.kind_of(concept.lower())
+        except KeyError:
+            raise UnknownConcept(f"'{one_line(concept, 60)}' is no concept of the toy world {self.version}: a patch "
+                                 f"for another model, or damaged metadata") from None
 
     def neighbours(self, concept: str) -> list[str]:
         """The near neighbours an erasure of `concept` must keep (world.NEIGHBOURS)."""
