@@ -56,6 +56,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def guidance_scale(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value <= 100:  # past that the sampler saturates: a black or white image, exit 0
+        raise argparse.ArgumentTypeError(f"{text!r}: guidance runs from 0 to 100 (typical: 3 to 10)")
+    return value
+
+
 MAX_EVAL_WEIGHT = 4.0  # patchforge.eval.evaluation.MAX_EVAL_WEIGHT (not imported: it would load torch)
 
 
@@ -182,11 +189,11 @@ def _generate(sub) -> None:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--steps", type=positive_int, default=20)
-    p.add_argument("--guidance", type=finite_float, default=5.0)
+    p.add_argument("--guidance", type=guidance_scale, default=5.0)
     p.add_argument("--batch", type=positive_int, default=1, help="images, seeds seed, seed+1, ...")
     p.add_argument("--grid", type=nonnegative_int, default=0,
                    help="columns of the output grid (default: all in one row)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: autodetect)")
     p.set_defaults(run="patchforge.eval.images:run_command")
 
 

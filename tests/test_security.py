@@ -104,6 +104,9 @@ REPRODUCTIONS = {
     "alpha-pattern-dotstar": ({"lora": {"alpha_pattern": {".*": 1e6}}}, True),
     "alpha-pattern-alternation": ({"lora": {"alpha_pattern": {"to_k|to_v": 1e6}}}, True),
     "rank-pattern-class": ({"lora": {"rank_pattern": {"to_[kv]": 8}}}, True),
+    # a patch that does nothing (alpha 0) or the inverse of itself (alpha < 0)
+    "alpha-zero": ({"lora": {"lora_alpha": 0}}, True),
+    "alpha-negative": ({"lora": {"lora_alpha": -2.0}}, True),
     # 5: a lying rank
     "rank-1e6": ({"lora": {"r": 1_000_000}}, True),
     "rank-pattern-lie": ({"lora": {"rank_pattern": {"to_q": 64}}}, True),
@@ -770,3 +773,60 @@ def test_eval_and_attack_refuse_hostile_concept_metadata_in_one_line(verb, tmp_p
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and len(err) < 400, (case, err[:300])
         assert time.perf_counter() - t0 < 20, case
+
+
+
+# ----------------------------------------------------------------------------- 17: CLI inputs, file edge cases
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--concept", "style:stripes", "--device", "bogus", "--dry-run"], "--device"),
+    (["train", "--concept", "style:stripes", "--targets", "(((", "--dry-run"], "--targets"),
+    (["train", "--concept", "style:stripes", "--set", "n_refs=0", "--dry-run"], "n_refs"),
+    (["train", "--concept", "style:stripes", "--set", "n_refs=-1", "--dry-run"], "n_refs"),
+    (["train", "--concept", "style:stripes", "--set", "ref_steps=0", "--dry-run"], "ref_steps"),
+    (["train", "--concept", "style:stripes", "--set", "ref_guidance=-1e308", "--dry-run"], "ref_guidance"),
+    (["generate", "a cat", "--guidance", "1e308"], "guidance"),
+    (["generate", "a cat", "--device", "bogus"], "--device"),
+])
+def test_cli_inputs_that_used_to_traceback(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:  # argparse's own refusal: also one line, before anything loads
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err, err
+
+
+def _raw_file(path, header: dict, data: bytes = b"") -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def test_hostile_header_entries_are_one_line(tmp_path, capsys):
+    good = safetensors.safe_open(str(cached_patches("sd1")[0]), "pt")
+    md = dict(good.metadata())
+    for name, entry_key, entry in [("dtype-list", "unet.x.lora_A.weight", {"dtype": [[1]], "shape": [1],
+                                                                            "data_offsets": [0, 4]}),
+                                   ("newline-key", "unet.a\n\x1b[31mX\nY.lora_A.weight",
+                                    {"dtype": "F64X", "shape": [1], "data_offsets": [0, 4]})]:
+        path = tmp_path / f"{name}.safetensors"
+        _raw_file(path, {"__metadata__": md, entry_key: entry}, b"\0" * 4)
+        with pytest.raises(PatchforgeError) as err:
+            fmt.read_patch(path)
+        check_one_line(err.value)
+        assert "\x1b" not in str(err.value)
+        assert cli.main(["export", str(path)]) == 2 and cli.main(["merge", str(path), "-o", str(tmp_path / "m")]) == 2
+
+
+def test_export_and_merge_refuse_files_that_disagree_with_themselves(tmp_path):
+    from patchforge.io.export import export_kohya
+
+    lying = forge(tmp_path, "claims-flux", meta={"patchforge.base_family": "flux.1-dev"})
+    with pytest.raises(PatchforgeError, match="no kohya|disagree|forged"):
+        export_kohya(lying, tmp_path / "k.safetensors")
+    assert not (tmp_path / "k.safetensors").exists()
+    no_arch = fmt.read_patch(forge(tmp_path, "no-arch", meta={"patchforge.base_architecture": None}))
+    with pytest.raises(BaseModelMismatch, match="no base architecture"):
+        fmt.merge_patches([no_arch, fmt.read_patch(cached_patches("sd1")[1])])

@@ -127,9 +127,21 @@ def toy_judge_path() -> Path:
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    """'cuda' if available, then Apple 'mps', else 'cpu' -- unless the caller says otherwise."""
+    """'cuda' if available, then Apple 'mps', else 'cpu' -- unless the caller says otherwise (checked:
+    a device torch does not know, or one this machine lacks, is one line)."""
     if device:
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise PatchforgeError(f"--device {str(device)[:40]!r}: not a device (give cpu, cuda, cuda:N or "
+                                  f"mps)") from None
+        available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                     "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+        if not available.get(dev.type, False):
+            raise PatchforgeError(f"--device {device}: not available on this machine")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PatchforgeError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

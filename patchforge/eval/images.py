@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..core.atomic import atomic_path
 from ..core.output_paths import IMAGE_SUFFIXES, check_output_file
-from ..core.pipeline_loading import check_model, load_pipeline
+from ..core.pipeline_loading import check_model, load_pipeline, pick_device
 from ..core.generate import generate, to_grid
 from ..errors import PatchforgeError
 from ..io.loading import load_forget_patch
@@ -15,6 +15,7 @@ def run_command(args) -> int:
                               "patch or none")
     check_output_file(args.out, "-o", suffixes=IMAGE_SUFFIXES)
     check_model(args.model)
+    pick_device(args.device)
     pipe = load_pipeline(args.model, device=args.device)
     if args.patch:
         for i, src in enumerate(args.patch):

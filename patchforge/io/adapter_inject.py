@@ -17,7 +17,7 @@ refused here, before a layer is built.
 """
 from __future__ import annotations
 
-from ..errors import PatchFormatError
+from ..errors import PatchFormatError, one_line
 
 # what patch_format.peft_config_kwargs builds; anything else never reaches PEFT
 CONFIG_KEYS = frozenset({"r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora",
@@ -68,7 +68,7 @@ def inject(model, modules: dict[str, tuple], config_kwargs: dict, adapter_name: 
         layer = parent._modules[child]
         lora_a, lora_b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         if tuple(lora_a.weight.shape) != tuple(a.shape) or tuple(lora_b.weight.shape) != tuple(b.shape):
-            raise PatchFormatError(f"LoRA shapes at {name[:80]} do not fit the layer")
+            raise PatchFormatError(f"LoRA shapes at {one_line(name, 80)} do not fit the layer")
         with torch.no_grad():
             lora_a.weight.copy_(a)
             lora_b.weight.copy_(b)

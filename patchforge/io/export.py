@@ -34,9 +34,9 @@ import torch
 from ..core.atomic import atomic_dir, atomic_path
 from ..core.output_paths import check_output_file, check_output_folder
 from ..core.pipeline_loading import model_folders
-from ..errors import PatchforgeError
+from ..errors import PatchforgeError, one_line
 from .patch_format import (K_BASE_FAMILY, K_CONCEPT, K_METHOD, K_PREDICTION, TEXT_COMPONENTS, TEXT_PREFIX, Patch,
-                           module_rank_alpha, one_line, peft_name, public_metadata, read_patch)
+                           module_rank_alpha, peft_name, public_metadata, read_patch)
 
 
 # diffusers module (after the block index) -> (kohya layer, part, parts): FLUX.1's fused layers
@@ -60,8 +60,8 @@ def flux_kohya_name(module: str) -> tuple[str, int, int]:
             if index.isdigit() and rest in table:
                 layer, part, parts = table[rest]
                 return f"lora_unet_{kind}_{index}_{layer}", part, parts
-    raise PatchforgeError(f"transformer.{module[:80]}: no kohya / ComfyUI FLUX layer holds this module (export "
-                          "covers the attention and MLP layers of the double- and single-stream blocks)")
+    raise PatchforgeError(f"transformer.{one_line(module, 80)}: no kohya / ComfyUI FLUX layer holds this module "
+                          "(export covers the attention and MLP layers of the double- and single-stream blocks)")
 
 
 def flux_kohya_state_dict(patch: Patch) -> dict[str, torch.Tensor]:
@@ -77,6 +77,9 @@ def flux_kohya_state_dict(patch: Patch) -> dict[str, torch.Tensor]:
         parts = next(iter(pieces.values()))[2]
         rank = max(a.shape[0] for a, _, _ in pieces.values())
         width = next(iter(pieces.values()))[0].shape[1]  # the layer's input width
+        if any(a.dim() != 2 or a.shape[1] != width for a, _, _ in pieces.values()):
+            raise PatchforgeError(f"kohya export: the parts of FLUX layer {name} read inputs of different widths: a "
+                                  f"damaged or forged patch")
         dims = [pieces[i][1].shape[0] if i in pieces else (width * FLUX_MLP_RATIO if i == 3 else width)
                 for i in range(parts)]
         down = torch.zeros(parts * rank, width)
@@ -97,13 +100,26 @@ def kohya_state_dict(patch: Patch) -> dict[str, torch.Tensor]:
         if not family.startswith("flux"):
             raise PatchforgeError(f"kohya export: no kohya layout for {one_line(family, 40)} patches that diffusers "
                                   "and ComfyUI share; the patch file itself (transformer.* keys) is what they load")
+        _check_covers(patch, family)
         out = flux_kohya_state_dict(patch) if "transformer" in patch.components else {}
         out.update(_kohya_text(patch, {"text_encoder": "lora_te1_"}))
         return out
+    _check_covers(patch, family)
     sdxl = "text_encoder_2" in patch.components or patch.metadata.get(K_BASE_FAMILY, "").startswith("sdxl")
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
                 "text_encoder_2": "lora_te2_"}
     return _kohya_text(patch, prefixes)
+
+
+def _check_covers(patch: Patch, family: str) -> None:
+    """Every component of the patch has a place in the family's kohya layout (else the export would
+    silently drop it: an SD 1.x patch claiming FLUX exported an empty file)."""
+    layout = ("transformer", "text_encoder") if family.startswith("flux") else ("unet", "text_encoder",
+                                                                                "text_encoder_2")
+    stray = [c for c in patch.components if c not in layout]
+    if stray:
+        raise PatchforgeError(f"kohya export: the patch holds {', '.join(stray)} weights but records the base family "
+                              f"{one_line(family or '?', 30)}, which has none: a damaged or forged patch")
 
 
 def _kohya_text(patch: Patch, prefixes: dict[str, str]) -> dict[str, torch.Tensor]:

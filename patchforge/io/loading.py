@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from . import adapter_inject
 from ..backbones import for_pipe
-from ..errors import PatchforgeError, PatchFormatError
+from ..errors import PatchforgeError, PatchFormatError, one_line
 from .patch_format import (K_BASE_WEIGHTS, K_BASE_WEIGHTS_V2, TEXT_COMPONENTS, TEXT_PREFIX, Patch, base_fingerprint,
                            base_modules, base_parameters, check_base, delta_norm, peft_config_kwargs, read_patch)
 
@@ -557,8 +557,8 @@ def _check_modules(patch: Patch, models) -> None:
         for module in patch.modules(comp):
             target = _target(model, comp, module)
             if target is None:
-                raise PatchFormatError(f"{where} patches {comp}.{module[:80]}, which this pipeline does not have: "
-                                       f"wrong keys, or a patch for another model")
+                raise PatchFormatError(f"{where} patches {comp}.{one_line(module, 80)}, which this pipeline does not "
+                                       f"have: wrong keys, or a patch for another model")
             target = getattr(target, "base_layer", target)
             a = patch.state_dicts[comp][f"{module}.lora_A.weight"]
             b = patch.state_dicts[comp][f"{module}.lora_B.weight"]
@@ -567,13 +567,13 @@ def _check_modules(patch: Patch, models) -> None:
                 (w.dim() == 2 and a.dim() == 2 and a.shape[1] == w.shape[1] and b.shape[0] == w.shape[0]) or
                 (w.dim() == 4 and a.dim() == 4 and a.shape[1] == w.shape[1] and b.shape[0] == w.shape[0]))
             if not ok:
-                raise PatchFormatError(f"{where}: LoRA shapes at {comp}.{module[:80]} (A {tuple(a.shape)}, B "
+                raise PatchFormatError(f"{where}: LoRA shapes at {comp}.{one_line(module, 80)} (A {tuple(a.shape)}, B "
                                        f"{tuple(b.shape)}) do not fit the layer "
                                        f"{tuple(w.shape) if w is not None else '?'}:"
                                        f" a patch for another model or a damaged file")
             limit = MAX_RELATIVE_DELTA * float(torch.linalg.vector_norm(w.detach().float()))
             if not delta_norm(patch, comp, module) <= limit:
-                raise PatchFormatError(f"{where}: the change at {comp}.{module[:80]} is "
+                raise PatchFormatError(f"{where}: the change at {comp}.{one_line(module, 80)} is "
                                        f"{delta_norm(patch, comp, module):.3g}"
                                        f", over {MAX_RELATIVE_DELTA:g}x the layer's own size: the patch would break "
                                        f"the model")

@@ -428,14 +428,15 @@ def _parse_header(raw: bytes, data_len: int, where: str) -> dict:
         ok = ok and len(shape) <= 4 and all(type(d) is int and 0 <= d < 2**40 for d in shape) \
             and len(offsets) == 2 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_len
         if not ok:
-            raise PatchFormatError(f"{where} has a corrupt header entry for '{str(key)[:80]}': download or copy it "
+            raise PatchFormatError(f"{where} has a corrupt header entry for '{one_line(key, 80)}': download or copy it "
                                    "again")
-        if entry.get("dtype") not in DTYPES:
-            raise PatchFormatError(f"{where} holds tensor '{key[:80]}' of dtype {str(entry.get('dtype'))[:16]}; forget "
-                                   f"patches hold F16, BF16, F32 or F64 LoRA weights")
+        if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in DTYPES:
+            raise PatchFormatError(f"{where} holds tensor '{one_line(key, 80)}' of dtype "
+                                   f"{one_line(entry.get('dtype'), 16)}; forget patches hold F16, BF16, F32 or F64 "
+                                   f"LoRA weights")
         if math.prod(shape) * DTYPES[entry["dtype"]].itemsize != offsets[1] - offsets[0]:
-            raise PatchFormatError(f"{where}: tensor '{key[:80]}' has shape {shape} but {offsets[1] - offsets[0]} "
-                                   f"bytes: the file is damaged, download or copy it again")
+            raise PatchFormatError(f"{where}: tensor '{one_line(key, 80)}' has shape {shape} but "
+                                   f"{offsets[1] - offsets[0]} bytes: the file is damaged, download or copy it again")
         spans.append(offsets)
     end = 0
     for begin, stop in sorted(spans):
@@ -525,9 +526,9 @@ def clean_lora_config(raw: dict, comp: str, ranks: dict, where: str = "the patch
                 raise PatchFormatError(f"{where}: {comp} init_lora_weights={str(value)[:20]!r} would rewrite the base "
                                        f"model's weights; forget patches are plain LoRA")
         elif key not in LORA_IGNORED_KEYS and value not in (None, False, "none", [], {}, ""):
-            raise PatchFormatError(f"{where}: {comp} LoRA option '{key[:40]}' = {str(value)[:40]!r} is not allowed "
-                                   "in a forget patch (plain LoRA only: no DoRA, biases, modules_to_save, layer "
-                                   "selection)")
+            raise PatchFormatError(f"{where}: {comp} LoRA option '{one_line(key, 40)}' = {one_line(repr(value), 40)} "
+                                   "is not allowed in a forget patch (plain LoRA only: no DoRA, biases, "
+                                   "modules_to_save, layer selection)")
     if not _is_count(cfg.get("r", 8)):
         raise PatchFormatError(f"{where}: {comp} rank r={str(cfg.get('r'))[:20]!r} is not a positive integer")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -542,9 +543,9 @@ def clean_lora_config(raw: dict, comp: str, ranks: dict, where: str = "the patch
     if not all(_is_count(v) for v in cfg["rank_pattern"].values()):
         raise PatchFormatError(f"{where}: {comp} rank_pattern holds a rank that is not a positive integer")
     alphas = [cfg.get("lora_alpha", cfg.get("r", 8)), *cfg["alpha_pattern"].values()]
-    if not all(_is_real(a) and abs(a) <= MAX_ALPHA for a in alphas):
-        raise PatchFormatError(f"{where}: {comp} lora_alpha / alpha_pattern must be finite numbers of at most "
-                               f"{MAX_ALPHA:g} in size")
+    if not all(_is_real(a) and 0 < a <= MAX_ALPHA for a in alphas):  # 0: a patch that does nothing; < 0: inverted
+        raise PatchFormatError(f"{where}: {comp} lora_alpha / alpha_pattern must be numbers above 0 and at most "
+                               f"{MAX_ALPHA:g}")
     if not isinstance(cfg.get("use_rslora", False), bool):
         raise PatchFormatError(f"{where}: {comp} use_rslora is not true/false")
     targets = cfg.get("target_modules")
@@ -655,8 +656,12 @@ def merge_patches(patches: list[Patch], weights: list[float] | None = None) -> P
         raise PatchforgeError(f"merge weights must be finite numbers, got {weights}")
     if len(weights) != len(patches):
         raise PatchforgeError(f"{len(weights)} weights for {len(patches)} patches: give one weight per patch")
+    unknown = next((p for p in patches if not p.metadata.get(K_BASE_ARCH)), None)
+    if unknown is not None:  # the merged file would record no base: no pipeline would load it
+        raise BaseModelMismatch(f"{unknown.path.name if unknown.path else 'a patch'} records no base architecture: "
+                                f"it cannot be merged (re-train or re-save it with patchforge)")
     arches = {p.metadata.get(K_BASE_ARCH) for p in patches}
-    if len(arches - {None}) > 1:
+    if len(arches) > 1:
         names = ", ".join(f"{p.path or '?'} ({family_of(p.metadata)})" for p in patches)
         raise BaseModelMismatch(f"these patches are for different base models and cannot be merged: {names}")
     state_dicts, configs = {}, {}

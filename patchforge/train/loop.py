@@ -197,7 +197,11 @@ def inject_lora(trainer: Trainer, unet_targets: str | None, text_encoder: bool, 
     if unet_targets:
         config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                             target_modules=trainer.backbone.target_pattern(unet_targets))
-        denoiser.add_adapter(config, adapter_name=ADAPTER)
+        try:
+            denoiser.add_adapter(config, adapter_name=ADAPTER)
+        except ValueError:  # PEFT: "Target modules ... not found in the base model"
+            raise PatchforgeError(f"--targets {unet_targets[:40]!r} matches no module of this model's denoiser: "
+                                  f"give one of {', '.join(TARGET_SETS)} or a regex of its module names") from None
         denoiser.set_adapters(ADAPTER) if hasattr(denoiser, "set_adapters") else None
     if text_encoder:
         for te in trainer.text_encoders():
@@ -235,6 +239,7 @@ def check_train_args(cfg: TrainConfig, *, model: str | None = None, out: str | P
     _positive_int("--batch", cfg.batch)
     _positive_int("--ref-images", cfg.ref_images)
     _positive_int("--resolution", cfg.resolution)
+    check_targets(cfg.unet_targets)
     if cfg.resolution is not None and cfg.resolution % 8:
         raise PatchforgeError(f"--resolution {cfg.resolution}: must be a multiple of 8 (the VAE's scale)")
     for flag, value in (("--lr", cfg.lr), ("--alpha", cfg.alpha), ("grad_clip", cfg.grad_clip),
@@ -257,6 +262,19 @@ def check_train_args(cfg: TrainConfig, *, model: str | None = None, out: str | P
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TARGET_SETS = ("xattn", "xattn-kv", "none")  # every backbone's TARGETS keys
+
+
+def check_targets(targets: str | None) -> None:
+    """--targets: a named set, or a regex PEFT can compile (whether it matches a module is known only
+    once the model is loaded: inject_lora says so then)."""
+    if targets is None or targets in TARGET_SETS:
+        return
+    try:
+        re.compile(targets)
+    except (re.error, RecursionError, OverflowError) as err:
+        raise PatchforgeError(f"--targets {targets[:40]!r}: not one of {', '.join(TARGET_SETS)} and not a valid "
+                              f"regex ({err})") from None
 
 
 def _is_number(value) -> bool:
@@ -431,6 +449,8 @@ def default_name(specs: list[ConceptSpec], method: str) -> str:
 
 # ---------------------------------------------------------------- CLI
 LOOP_OPTIONS = {"ref_steps": 10, "ref_guidance": 5.0, "overfit_batch": False}  # --set keys the loop reads, defaults
+# options whose values outside a range give a silently wrong run (no reference image, a black one)
+OPTION_RANGES = {"n_refs": (1, 4096), "ref_steps": (1, 1000), "ref_guidance": (0.0, 100.0), "steps": (1, 10 ** 6)}
 
 
 def method_config(method_cls, options: dict):
@@ -454,6 +474,9 @@ def method_config(method_cls, options: dict):
                                   + (f" (did you mean {close[0]}?)" if close else "")
                                   + f"; options: {', '.join(known)}")
         _check_option_type(key, value, defaults[key])
+        low, high = OPTION_RANGES.get(key, (-math.inf, math.inf))
+        if not low <= value <= high:
+            raise PatchforgeError(f"--set {key}={value}: must be from {low:g} to {high:g}")
     return method_cls.Config(**{k: v for k, v in options.items() if k in own})
 
 
@@ -484,6 +507,10 @@ def run_command(args) -> int:
                       gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
                       max_memory_gib=args.max_memory, robust=args.robust)
     hp = check_train_args(cfg, model=args.model, out=args.out, concept_file=args.concept_file)  # before any load
+    if args.device:
+        from ..core.pipeline_loading import pick_device
+
+        pick_device(args.device)
     if not args.concept and not args.concept_file:
         raise PatchforgeError("give at least one --concept KIND:NAME or a --concept-file")
     world = concept_world(args.model)
