@@ -187,3 +187,62 @@ def test_fuzz_hub_names_never_write_outside_the_cache(hub_root, value, where):
         assert Path(path).resolve().is_relative_to(cache.resolve())
     outside = [p for p in root.rglob("*") if p.is_file() and not p.is_relative_to(cache)]
     assert outside == [], (where, value, outside)
+
+
+# ----------------------------------------------------------------------------- concept files
+
+YAML_WORDS = st.sampled_from(["style:stripes", "object:star", "a cat", "{}", "{", "{1}", "}", "a {} b", "{0.x}", "",
+                              "\n", "*a", "&a", "!!python/object:os.system", "x" * 2000, "1e308", ".nan"])
+YAML_VALUES = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6), st.floats(), YAML_WORDS),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(
+                               ["target", "anchor", "preserve", "words", "kind", "name", "guidance", "zz"]), inner,
+                               max_size=4), max_leaves=12)
+
+
+@settings(FUZZ, max_examples=300)
+@given(data=YAML_VALUES, raw=st.sampled_from(["", "a: &a [1,2]\nb: [*a,*a]\n", "[" * 50, "target: !!binary x\n",
+                                             "\t- x", "target: [a, {b: c}]\n"]))
+def test_fuzz_concept_files(data, raw):
+    """Any YAML (typed nonsense, aliases, tags, deep nesting) gives concept specs or one PatchforgeError line,
+    fast."""
+    import time
+
+    import yaml
+
+    from patchforge.core.concepts import load_concept_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "c.yaml"
+        path.write_text(yaml.safe_dump(data) + raw)
+        t0 = time.perf_counter()
+        try:
+            load_concept_file(path)
+        except PatchforgeError as err:
+            _one_line(err)
+        assert time.perf_counter() - t0 < 2
+
+
+# ----------------------------------------------------------------------------- concepts a patch names (eval, attack)
+
+CONCEPT_ITEMS = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
+                                       st.sampled_from(["star", "stripes", "kiko", "zzz", "{0}", "x" * 300])),
+                             lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+                                 st.sampled_from(["kind", "name", "to", "x"]), inner, max_size=3), max_leaves=10)
+
+
+@settings(FUZZ, max_examples=300)
+@given(value=CONCEPT_ITEMS, garble=st.sampled_from(["", "[", "]]", "\x00", "{"]))
+def test_fuzz_patch_concept_metadata(value, garble, tmp_path_factory):
+    """What eval and attack read from a patch before loading any model: its concepts, each known to the
+    toy world, or one PatchforgeError line."""
+    from patchforge.core import worlds
+    from patchforge.eval.rows import patch_targets
+
+    good = Path(__file__).parents[1] / "patches" / "object-star.fmn.safetensors"
+    folder = tmp_path_factory.mktemp("concepts")
+    path = forge(folder, "c", meta={"patchforge.concepts": json.dumps(value) + garble}, good=good)
+    for world in (worlds.for_model(None), None):
+        try:
+            patch_targets(path, world)
+        except PatchforgeError as err:
+            _one_line(err)

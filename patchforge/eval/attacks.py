@@ -39,7 +39,7 @@ from ..backbones import for_pipe
 from ..errors import PatchforgeError
 from ..io.loading import patches_suspended
 from ..core.generate import GUIDANCE, SEED0, STEPS, empty_embeds, generate, generate_latents
-from .rows import Row, load_patch, patch_concepts, run_rows, unload_patch
+from .rows import Row, load_patch, patch_targets, run_rows, unload_patch
 from ..core.cond import Cond
 from ..core.soft_tokens import SoftPrefix, SoftPrompt, invert_latents
 from ..core.soft_tokens import unsupported as soft_unsupported
@@ -391,9 +391,7 @@ def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judg
     # by default everything but the two long ones (inversion_converged, unlearndiff_strong): ask for those
     which = tuple(which or [a for a in ATTACKS if a not in ("inversion_converged", "unlearndiff_strong")])
     world = worlds.for_model(model)
-    targets = patch_concepts(path, qualified=world is None)  # checked before any load
-    for target in (t for t in targets if world):
-        world.kind_of(target)
+    targets = patch_targets(path, world)  # checked before any load
     judge = judge or default_judge(model)
     pipe = pipe or load_pipeline(model, device="cpu" if world else None)
     skipped = {}

@@ -43,7 +43,7 @@ from ..core import generate as generation
 from ..core.generate import SEED0, empty_embeds, generate  # noqa: F401  (generate, empty_embeds: this module's API)
 from . import drawn
 from .judging import default_judge
-from .rows import Generated, Row, dedupe, load_patch, patch_concepts, run_rows, subset, unload_patch
+from .rows import Generated, Row, dedupe, load_patch, patch_concepts, patch_targets, run_rows, subset, unload_patch
 from .text_attacks import catalogue_attacks
 from .stats import N_BOOT, frechet_metric, metric
 
@@ -115,9 +115,7 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
     t_start = time.perf_counter()
     world = worlds.for_model(model)  # a concept world (the toy) brings its prompt sets; else the catalogue
     patches = [Path(p) for p in patches]
-    targets_all = [patch_concepts(p, qualified=world is None) for p in patches]  # checked before any load
-    for target in (t for ts in targets_all for t in ts if world):
-        world.kind_of(target)
+    targets_all = [patch_targets(p, world) for p in patches]  # checked before any load
     judge = judge or default_judge(model)
     if pipe is None:
         pipe = load_pipeline(model, device="cpu" if world else None)

@@ -105,6 +105,15 @@ def patch_concepts(path, qualified: bool = False) -> list[str]:
     return [f"{k}:{n}" if qualified and k else n for k, n in entries]
 
 
+def patch_targets(path, world) -> list[str]:
+    """What eval and attack erase-test: the patch's concepts, each one known to the concept world (the
+    toy) when there is one; checked before any model loads, every failure one line."""
+    targets = patch_concepts(path, qualified=world is None)
+    for target in targets if world else []:
+        world.kind_of(target)
+    return targets
+
+
 MAX_CONCEPTS = 256  # a patch erases a list, not a dictionary: eval and attack run rows per concept
 MAX_CONCEPTS_TEXT = 64 * 1024
 CONCEPT_NAME = re.compile(r"[^{}\x00-\x1f\x7f]{1,200}")
