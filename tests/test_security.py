@@ -733,12 +733,15 @@ def test_a_killed_writers_leftovers_are_removed_by_the_next_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pfabc.tmp", "fused", "out.json"]
 
 
-@pytest.mark.parametrize("pattern", [{"attn2.to_k": 7.0}, {"to_k": 0.5, "attn1.to_k": 9.0},
-                                     {"down_blocks\\.0\\.attentions\\.0\\.transformer_blocks\\.0\\.attn2\\.to_v": 3.0}])
-def test_patchforge_reads_alpha_patterns_as_diffusers_applies_them(pattern, tmp_path, fake_hub):
+# PEFT takes the first key that matches: "to_k" covers attn1.to_k before its own key does
+PATTERN = {"to_k": 0.5, "attn1.to_k": 9.0, "attn2.to_k": 7.0,
+           "down_blocks\\.0\\.attentions\\.0\\.transformer_blocks\\.0\\.attn2\\.to_v": 3.0}
+
+
+def test_patchforge_reads_alpha_patterns_as_diffusers_applies_them(tmp_path, fake_hub):
     """The scale patchforge validates and applies is the one plain diffusers applies to the same file,
     and the file push publishes carries the same scales as exact module names."""
-    path = forge(tmp_path, "pattern", lora={"alpha_pattern": pattern})
+    path = forge(tmp_path, "pattern", lora={"alpha_pattern": PATTERN})
     plain = tiny_sd1()
     plain.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="plain")
     ours = tiny_sd1()
