@@ -572,9 +572,9 @@ def _check_modules(patch: Patch, models) -> None:
                                        f"{tuple(w.shape) if w is not None else '?'}:"
                                        f" a patch for another model or a damaged file")
             limit = MAX_RELATIVE_DELTA * float(torch.linalg.vector_norm(w.detach().float()))
-            if not delta_norm(patch, comp, module) <= limit:
-                raise PatchFormatError(f"{where}: the change at {comp}.{one_line(module, 80)} is "
-                                       f"{delta_norm(patch, comp, module):.3g}"
+            change = delta_norm(patch, comp, module)
+            if not change <= limit:
+                raise PatchFormatError(f"{where}: the change at {comp}.{one_line(module, 80)} is {change:.3g}"
                                        f", over {MAX_RELATIVE_DELTA:g}x the layer's own size: the patch would break "
                                        f"the model")
 

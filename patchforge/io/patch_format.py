@@ -633,11 +633,14 @@ def validate(patch: Patch, where: str = "the patch") -> None:
 def delta_norm(patch: Patch, comp: str, module: str) -> float:
     """Frobenius norm of scale * B @ A without forming it: |BA|^2 = sum((B^T B) * (A A^T)), r x r.
     float32 (no copy of fp32 tensors); a NaN or inf anywhere in A or B gives NaN or inf."""
-    sd = patch.state_dicts[comp]
-    a = sd[f"{module}.lora_A.weight"].float().flatten(1)
-    b = sd[f"{module}.lora_B.weight"].float().flatten(1)
-    sq = float(((b.T @ b).double() * (a @ a.T).double()).sum())
-    return abs(patch.scale(comp, module)) * math.sqrt(max(sq, 0.0)) if math.isfinite(sq) else math.inf
+    cache = patch.__dict__.setdefault("_unscaled_norms", {})  # read validates, load checks again: one product
+    if (comp, module) not in cache:
+        sd = patch.state_dicts[comp]
+        a = sd[f"{module}.lora_A.weight"].float().flatten(1)
+        b = sd[f"{module}.lora_B.weight"].float().flatten(1)
+        sq = float(((b.T @ b).double() * (a @ a.T).double()).sum())
+        cache[comp, module] = math.sqrt(max(sq, 0.0)) if math.isfinite(sq) else math.inf
+    return abs(patch.scale(comp, module)) * cache[comp, module]
 
 
 # ----------------------------------------------------------------------------- merging
