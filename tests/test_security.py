@@ -834,3 +834,38 @@ def test_export_and_merge_refuse_files_that_disagree_with_themselves(tmp_path):
     no_arch = fmt.read_patch(forge(tmp_path, "no-arch", meta={"patchforge.base_architecture": None}))
     with pytest.raises(BaseModelMismatch, match="no base architecture"):
         fmt.merge_patches([no_arch, fmt.read_patch(cached_patches("sd1")[1])])
+
+
+# ----------------------------------------------------------------------------- 18: nothing private leaves the machine
+
+def test_no_local_path_in_a_patch_its_exports_reports_or_card(tmp_path, fake_hub, monkeypatch, capsys):
+    """Train from a model folder with a unique name: no byte of what patchforge writes names it."""
+    from patchforge.core import generate as generation
+
+    unique = "zq_private_folder_7731"
+    model = tmp_path / unique / "sd15"
+    tiny_sd1().save_pretrained(model)
+    judge = tmp_path / "judge.py"
+    judge.write_text("def judge(images, concept):\n    return [False] * len(images)\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    patch = out / "p.safetensors"
+    monkeypatch.setattr(generation, "STEPS", 2)
+    run_ = [["train", "--model", str(model), "--concept", "style:vangogh", "--method", "uce", "--out", str(patch),
+             "--quiet"],
+            ["export", str(patch), "-o", str(out / "p.kohya.safetensors")],
+            ["export", str(patch), "--format", "pipeline", "--model", str(model), "-o", str(out / "fused")],
+            ["eval", str(patch), "--model", str(model), "--seeds", "1", "--prompts", "1",
+             "--judge", f"python:{judge}:judge", "--out", str(out)],
+            ["push", str(patch), "someone/private-check"]]
+    for argv in run_:
+        assert cli.main(argv) == 0, argv
+    pulled = hub.pull_patch("someone/private-check")
+    from huggingface_hub import hf_hub_download
+
+    card = Path(hf_hub_download("someone/private-check", "README.md"))
+    written = [p for p in out.rglob("*") if p.is_file()] + [pulled, card]
+    assert len(written) > 10
+    leaks = [str(p.relative_to(tmp_path)) if p.is_relative_to(tmp_path) else p.name for p in written
+             if unique.encode() in p.read_bytes()]
+    assert leaks == []

@@ -426,8 +426,9 @@ def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judg
                     for k, v in wb.items()})
     finally:
         unload_patch(pipe, name)
-    return {"patch": str(path), "concepts": targets, "budget": {**DEFAULT_BUDGET, **(budget or {})}, "seeds": seeds,
-            "attacks": out, "seconds": round(time.perf_counter() - t0, 1), **({"skipped": skipped} if skipped else {})}
+    return {"patch": Path(path).name, "concepts": targets, "budget": {**DEFAULT_BUDGET, **(budget or {})},
+            "seeds": seeds, "attacks": out, "seconds": round(time.perf_counter() - t0, 1),
+            **({"skipped": skipped} if skipped else {})}
 
 
 def run_command(args) -> int:

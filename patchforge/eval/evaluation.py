@@ -29,6 +29,7 @@ columns: base | patched per seed). `--compare P1 P2 ...` puts several patches in
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -38,6 +39,8 @@ import torch
 from ..core import worlds
 from ..core.atomic import atomic_path, write_text
 from ..core.output_paths import check_output_file
+from ..core.pipeline_loading import load_pipeline, public_model_id
+from ..io.patch_format import K_BASE_ID, K_SECONDS, public_metadata, read_patch
 from ..errors import PatchforgeError
 from ..core import generate as generation
 from ..core.generate import SEED0, empty_embeds, generate  # noqa: F401  (generate, empty_embeds: this module's API)
@@ -107,9 +110,7 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
     """Evaluate each patch against the base model. Returns {"base": ..., "patches": [report, ...]}.
     Every report has stable keys (see module docstring); nothing here trains anything. `weights`: also
     measure the patch at each of these adapter weights (the weight response)."""
-    from ..core.pipeline_loading import load_pipeline, model_id
     from ..io.loading import set_forget_patch_weight
-    from ..io.patch_format import K_BASE_ID, K_SECONDS, read_patch
 
     weights = check_weights(weights)
     t_start = time.perf_counter()
@@ -160,14 +161,15 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
         if len(targets) > 1:
             rep["by_concept"] = _by_concept(rows, seeds, sub, patched)
         rep["patch"] = {"path": str(path), "concepts": targets, "method": patch.method,
-                        "bytes": path.stat().st_size, "base_model": patch.metadata.get(K_BASE_ID)}
+                        "bytes": path.stat().st_size,
+                        "base_model": public_metadata(patch.metadata).get(K_BASE_ID)}
         rep["cost"] = {"patch_bytes": path.stat().st_size,
                        "training_seconds": _float(patch.metadata.get(K_SECONDS)),
                        "load_seconds": round(load_s, 3),
                        "inference_seconds_per_image_base": round(sub.seconds / max(1, len(sub.images)), 4),
                        "inference_seconds_per_image_patched": round(patched.seconds / max(1, len(patched.images)), 4),
                        "inference_overhead": round(patched.seconds / max(sub.seconds, 1e-9) - 1, 3)}
-        rep["settings"] = {"model": model_id(model), "judge": judge.name, "seeds": seeds, "prompts_per_set": n,
+        rep["settings"] = {"model": public_model_id(model), "judge": judge.name, "seeds": seeds, "prompts_per_set": n,
                            "steps": generation.STEPS, "guidance": generation.GUIDANCE,
                            "image_seeds": [SEED0 + s for s in range(seeds)],
                            "bootstrap": N_BOOT}
@@ -301,6 +303,7 @@ def _report(judge, rows, seeds, base: Generated, patched: Generated, real, white
 def to_json(rep: dict) -> dict:
     """The report without images, prompts kept: what <patch>.eval.json holds (sorted, stable keys)."""
     out = {k: v for k, v in rep.items() if k != "images"}
+    out["patch"] = {**rep["patch"], "path": Path(rep["patch"]["path"]).name}  # no local folder leaves the machine
     out["version"] = JSON_VERSION
     out["prompts"] = [{"set": r.set, "prompt": r.prompt, "concept": r.concept, "trained": t}
                       for r, t in zip(rep["images"]["rows"], rep["images"]["in_sample"])]
@@ -473,6 +476,21 @@ def grid(rep: dict, path, per_set: int = 1) -> None:
         canvas.save(tmp)
 
 
+def public_command(argv: list[str], model: str | None) -> str:
+    """The command line as a report may show it: the model by its public id, every file or folder by its
+    name alone (a path names the user's folders)."""
+    shown = []
+    for i, a in enumerate(argv):
+        if i and argv[i - 1] == "--model":
+            a = public_model_id(model)
+        elif a.startswith("--model="):
+            a = "--model=" + public_model_id(model)
+        elif not a.startswith("-") and ("/" in a or "\\" in a) and Path(a).expanduser().exists():
+            a = Path(a).name
+        shown.append(shlex.quote(a))
+    return "patchforge " + " ".join(shown)
+
+
 def report_stem(patch_path, out=None) -> Path:
     """Reports go beside the patch, or into the folder `out`: <stem>.eval.json / .md / .png."""
     return (Path(out) / Path(patch_path).name if out else Path(patch_path)).with_suffix("")
@@ -501,7 +519,6 @@ def write_reports(result: dict, out: str | Path | None = None, command: str | No
 
 # ---------------------------------------------------------------- CLI
 def run_command(args) -> int:
-    import shlex
     import sys
 
     from .judging import load_judge
@@ -521,7 +538,7 @@ def run_command(args) -> int:
         check_output_file(f"{report_stem(p, args.out)}.eval.json", "--out" if args.out else "report")
     result = evaluate(patches, model=args.model, seeds=args.seeds, n=args.prompts, judge=judge, attacks=args.attacks,
                       weights=weights, progress=lambda m: print(m, file=sys.stderr))
-    command = "patchforge " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    command = public_command(sys.argv[1:], args.model) if sys.argv[1:] else None
     for path in write_reports(result, args.out, command):
         print(f"wrote {path}")
     for rep in result["patches"]:

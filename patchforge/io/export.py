@@ -33,7 +33,7 @@ import torch
 
 from ..core.atomic import atomic_dir, atomic_path
 from ..core.output_paths import check_output_file, check_output_folder
-from ..core.pipeline_loading import model_folders
+from ..core.pipeline_loading import model_folders, public_model_id
 from ..errors import PatchforgeError, one_line
 from .patch_format import (K_BASE_FAMILY, K_CONCEPT, K_METHOD, K_PREDICTION, TEXT_COMPONENTS, TEXT_PREFIX, Patch,
                            module_rank_alpha, peft_name, public_metadata, read_patch)
@@ -216,6 +216,12 @@ def export_pipeline(patch_path, model: str | None, out_dir, weight: float = 1.0,
     pipe.unload_lora_weights()  # drops the LoRA layers; the fused weights stay in the base layers
     info = {"fused_patch": patch.path.name, "weight": weight,
             **{k: v for k, v in public_metadata(patch.metadata).items() if k.startswith("patchforge.")}}
+    public = public_model_id(model)  # diffusers writes where each part was loaded from into its config
+    for part in [pipe, *pipe.components.values()]:
+        if hasattr(part, "register_to_config"):
+            part.register_to_config(_name_or_path=public)
+        elif hasattr(getattr(part, "config", None), "_name_or_path"):
+            part.config._name_or_path = public
     with atomic_dir(out) as tmp:
         pipe.to(dtypes[dtype]).save_pretrained(tmp)
         (tmp / FUSED_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
