@@ -152,7 +152,7 @@ def test_flux_kohya_export_is_exact_and_loads_in_diffusers(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from patchforge.io.export import export_kohya
+    from patchforge.io.kohya import export_kohya
     from patchforge.io.loading import load_forget_patch
     from patchforge.io.patch_format import read_patch
 

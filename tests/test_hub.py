@@ -17,8 +17,7 @@ def test_push_pull_load(fake_hub, tmp_path, capsys):
     patch = cached_patches("sd1")[0]
     assert cli.main(["push", str(patch), "me/forget-cat"]) == 0
     files = fake_hub.repos["me/forget-cat"]["files"]
-    assert set(files) == {"pytorch_lora_weights.safetensors", "README.md"}
-    assert files["pytorch_lora_weights.safetensors"] == patch.read_bytes()
+    assert set(files) == {"pytorch_lora_weights.safetensors", "forget_patch.kohya.safetensors", "README.md"}
     card = files["README.md"].decode()
     for line in ("library_name: diffusers", "base_model_relation: adapter", "- lora", "- concept-erasure",
                  "- patchforge", "concept 0", "| Method | test |"):
@@ -31,7 +30,7 @@ def test_push_pull_load(fake_hub, tmp_path, capsys):
     from_hub = run(pipe)
     pf.unload_forget_patches(pipe)
     pf.load_forget_patch(pipe, patch)
-    assert torch.equal(run(pipe), from_hub)
+    assert torch.allclose(run(pipe), from_hub, atol=1e-6)  # the published file: scales folded into B, alpha = r
 
     with pytest.raises(PatchforgeError, match="no Hub repo 'me/missing'"):
         pf.load_forget_patch(pipe, "me/missing")
@@ -59,3 +58,42 @@ def test_model_card_eval_table():
                                      '"fid": {"before": 10.0, "after": 11.5}}')
     card = hub.model_card(p, "me/x", image="before_after.png")
     assert "| efficacy | 0.9 | 0.05 |" in card and "![before and after](before_after.png)" in card
+
+
+def test_card_round_trips_with_license_tags_picture_and_numbers(fake_hub, tmp_path):
+    import json
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    patch = tmp_path / "p.safetensors"
+    shutil.copy(cached_patches("sd1")[0], patch)
+    (tmp_path / "p.eval.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "p.eval.json").write_text(json.dumps({
+        "settings": {"date": "2026-12-06", "model": "patchforge/toy-sd", "judge": "toy-judge", "seeds": 8},
+        "metrics": {"efficacy": {"base": 1.0, "patched": 0.0, "ci_patched": [0.0, 0.05]}}}))
+    hub.push_patch(patch, "me/carded")
+    files = fake_hub.repos["me/carded"]["files"]
+    assert "before_after.png" in files
+    card = ModelCard(files["README.md"].decode())
+    data = card.data.to_dict()
+    assert data["license"] == "creativeml-openrail-m"  # the SD 1.x base's license
+    assert {"lora", "text-to-image", "diffusers", "stable-diffusion-diffusers"} <= set(data["tags"])
+    assert "![before and after](before_after.png)" in card.text
+    assert "2026-12-06" in card.text and "| 100 % | 0 % | [0 %, 5 %] |" in card.text
+    assert "models/loras" in card.text and "<lora:forget_patch.kohya:1>" in card.text
+
+
+@pytest.mark.parametrize("family, license_id", [("sd1.x", "creativeml-openrail-m"), ("sdxl", "openrail++"),
+                                                ("flux.1-schnell", "apache-2.0"), ("flux.1-dev", "other"),
+                                                ("toy", "other")])
+def test_card_license_follows_the_base_family(family, license_id):
+    from huggingface_hub import ModelCard
+
+    from patchforge.io.patch_format import read_patch
+
+    p = read_patch(cached_patches("sd1")[0])
+    p.metadata["patchforge.base_family"] = family
+    data = ModelCard(hub.model_card(p, "me/x")).data.to_dict()
+    assert data["license"] == license_id and (license_id != "other" or data["license_link"].startswith("https://"))
+    assert ("template:sd-lora" in data["tags"]) == family.startswith("flux")

@@ -169,7 +169,8 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
                        "inference_seconds_per_image_base": round(sub.seconds / max(1, len(sub.images)), 4),
                        "inference_seconds_per_image_patched": round(patched.seconds / max(1, len(patched.images)), 4),
                        "inference_overhead": round(patched.seconds / max(sub.seconds, 1e-9) - 1, 3)}
-        rep["settings"] = {"model": public_model_id(model), "judge": judge.name, "seeds": seeds, "prompts_per_set": n,
+        rep["settings"] = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "model": public_model_id(model),
+                           "judge": judge.name, "seeds": seeds, "prompts_per_set": n,
                            "steps": generation.STEPS, "guidance": generation.GUIDANCE,
                            "image_seeds": [SEED0 + s for s in range(seeds)],
                            "bootstrap": N_BOOT}

@@ -11,11 +11,22 @@ from pathlib import Path
 
 from ..core.output_paths import IMAGE_SUFFIXES
 from ..errors import PatchforgeError
+from .kohya import export_kohya
 from .patch_format import (DEFAULT_WEIGHT_NAME, K_BASE_FAMILY, K_BASE_ID, K_BASE_REPO_ID, K_CONCEPT, K_DEVICE, K_EVAL,
-                           K_HPARAMS, K_METHOD, K_SECONDS, Patch, one_line, public_metadata, read_patch, write_patch)
+                           K_HPARAMS, K_METHOD, K_SECONDS, Patch, one_line, public_metadata, read_patch, unit_scale,
+                           write_patch)
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # looks like a repo id (then huggingface_hub validates it)
 IMAGE_NAMES = ("before_after.png", "before_after.jpg")  # shown in the card when found beside the patch
+KOHYA_NAME = "forget_patch.kohya.safetensors"  # the same patch for ComfyUI, AUTOMATIC1111/Forge and kohya
+# The base families' licenses (Hub license ids; "other" with a name and a link where the Hub has no id)
+LICENSES = {"sd1": ("creativeml-openrail-m", None, None), "sd2": ("openrail++", None, None),
+            "sdxl": ("openrail++", None, None),
+            "sd3": ("other", "stabilityai-ai-community",
+                    "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/blob/main/LICENSE.md"),
+            "flux.1-dev": ("other", "flux-1-dev-non-commercial-license",
+                           "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"),
+            "flux.1-schnell": ("apache-2.0", None, None)}
 
 
 def resolve_patch_file(src, *, weight_name: str | None = None, subfolder: str | None = None,
@@ -118,10 +129,26 @@ def md_text(value, limit: int = 200) -> str:
 def family_tags(family: str) -> list[str]:
     """The Hub tags of a patch for this base family (the conventions of diffusers' LoRA training cards)."""
     if family.startswith("flux"):  # not a Stable Diffusion model
-        return [t for t in TAGS if t != "stable-diffusion"] + ["flux", "flux-diffusers"]
+        return [t for t in TAGS if t != "stable-diffusion"] + ["flux", "flux-diffusers", "template:sd-lora"]
     if family.startswith("sd3"):
-        return TAGS + ["sd3", "sd3-diffusers"]
-    return TAGS + (["stable-diffusion-xl"] if family.startswith("sdxl") else [])
+        return TAGS + ["sd3", "sd3-diffusers", "template:sd-lora"]
+    return TAGS + ["stable-diffusion-diffusers"] + (["stable-diffusion-xl"] if family.startswith("sdxl") else [])
+
+
+def family_license(family: str, repo_id: str) -> tuple[str, str | None, str | None]:
+    """(license, license_name, license_link): the base family's license; for a base of no known family
+    (the toy, a local model) the patch carries its base's license, said in the card's License section."""
+    for prefix, found in LICENSES.items():
+        if family.startswith(prefix):
+            return found
+    return "other", "same-as-base-model", f"https://huggingface.co/{repo_id}/blob/main/README.md#license"
+
+
+def has_kohya_form(patch: Patch) -> bool:
+    """SD 1.x/2.x/XL and FLUX.1 patches get a kohya-format twin: ComfyUI and AUTOMATIC1111 do not map
+    diffusers' PEFT keys of a UNet. SD3 has no kohya layout; ComfyUI reads its PEFT keys."""
+    family = patch.metadata.get(K_BASE_FAMILY, "")
+    return "unet" in patch.components or family.startswith("flux")
 
 
 def base_repo_id(metadata: dict[str, str]) -> str | None:
@@ -137,7 +164,7 @@ def base_repo_id(metadata: dict[str, str]) -> str | None:
     return value
 
 
-def model_card(patch: Patch, repo_id: str, image: str | None = None) -> str:
+def model_card(patch: Patch, repo_id: str, image: str | None = None, report: dict | None = None) -> str:
     """README.md in Hub conventions for LoRA repos, so the Hub links the base model and shows the
     repo as an adapter of it. The YAML comes from huggingface_hub's ModelCardData; every text taken
     from the patch is escaped (a patch's metadata is untrusted)."""
@@ -146,8 +173,10 @@ def model_card(patch: Patch, repo_id: str, image: str | None = None) -> str:
     md = patch.metadata
     base = base_repo_id(md)
     tags = family_tags(md.get(K_BASE_FAMILY, ""))
+    license_id, license_name, license_link = family_license(md.get(K_BASE_FAMILY, ""), repo_id)
     data = ModelCardData(library_name="diffusers", base_model=base, base_model_relation="adapter",
-                         tags=tags, license="other", pipeline_tag="text-to-image")
+                         tags=tags, license=license_id, license_name=license_name, license_link=license_link,
+                         pipeline_tag="text-to-image")
     concept, method = md_text(md.get(K_CONCEPT, "?")), md_text(md.get(K_METHOD, "?"))
     base_text = f"[{base}](https://huggingface.co/{base})" if base else md_text(md.get(K_BASE_ID, "unknown"))
     lines = [f"# Forget patch: {concept}", "",
@@ -160,15 +189,61 @@ def model_card(patch: Patch, repo_id: str, image: str | None = None) -> str:
     if seconds is not None:
         lines.append(f"| Training | {seconds:.0f} s on {md_text(md.get(K_DEVICE, '?'), 40)} |")
     lines += _hparam_rows(md.get(K_HPARAMS))
-    lines += ["", "## Evaluation", ""] + _eval_table(md.get(K_EVAL))
+    lines += ["", "## Evaluation", ""] + (_eval_report_rows(report) if report else _eval_table(md.get(K_EVAL)))
     if image:
         lines += ["", "## Before / after", "", f"![before and after]({image})"]
-    lines += ["", "## Use", "", "```python", "import patchforge", "",
-              "patchforge.enable(pipe)  # opt-in, once per pipeline",
-              f'pipe.load_forget_patch("{repo_id}", weight=1.0)', "```", "",
-              "Plain diffusers also works: `pipe.load_lora_weights(\"" + repo_id + "\")` (no stacking registry).", "",
-              "A LoRA patch changes what this pipeline generates; anyone holding the weights can remove it.", ""]
+    lines += ["", "## Files", "", f"- `{DEFAULT_WEIGHT_NAME}`: diffusers / PEFT keys, for patchforge and diffusers"
+              + ("; ComfyUI reads it too" if not has_kohya_form(patch) else "")]
+    if has_kohya_form(patch):
+        lines.append(f"- `{KOHYA_NAME}`: the same weights in kohya's layout (`lora_unet_…`, `.alpha`), for "
+                     "ComfyUI, AUTOMATIC1111/Forge and kohya")
+    lines += ["", "Both apply the same change at weight 1 (each module's scale is folded into its weights).",
+              "", "## Use", "", "patchforge (stacks beside your LoRAs; the patch stays on):", "", "```python",
+              "import patchforge", f'patchforge.load_forget_patch(pipe, "{repo_id}", weight=1.0)', "```", "",
+              "diffusers:", "", "```python",
+              f'pipe.load_lora_weights("{repo_id}", weight_name="{DEFAULT_WEIGHT_NAME}", adapter_name="forget")',
+              "```", ""]
+    kohya = KOHYA_NAME if has_kohya_form(patch) else DEFAULT_WEIGHT_NAME
+    lines += [f"ComfyUI: put `{kohya}` in `models/loras`; add a *LoraLoader* node after the checkpoint loader "
+              "(strength 1.0 for model and clip).", ""]
+    if has_kohya_form(patch):
+        lines += [f"AUTOMATIC1111 / Forge: put `{KOHYA_NAME}` in `models/Lora`; add "
+                  f"`<lora:{KOHYA_NAME.removesuffix('.safetensors')}:1>` to the prompt.", "",
+                  "kohya sd-scripts: `python networks/merge_lora.py --sd_model BASE.safetensors --save_to "
+                  f"OUT.safetensors --models {KOHYA_NAME} --ratios 1`.", ""]
+    lines += ["A LoRA patch changes what this pipeline generates; anyone holding the weights can remove it.", "",
+              "## License", "", "This patch is a derivative of its base model and carries the base model's license.",
+              ""]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+HEADLINE = (("efficacy", "target left, training prompts"), ("generality", "target left, held-out paraphrases"),
+            ("specificity.neighbours", "neighbour concepts kept"), ("specificity.other_kinds", "other kinds kept"),
+            ("specificity.compositional", "compositional prompts kept"))
+
+
+def _eval_report_rows(report: dict) -> list[str]:
+    """The headline of `patchforge eval`'s JSON report (base -> patched, 95 % interval), with the date and
+    the model it was measured on."""
+    settings = report.get("settings") if isinstance(report.get("settings"), dict) else {}
+    metrics = report.get("metrics") if isinstance(report.get("metrics"), dict) else {}
+    out = [f"Measured with `patchforge eval` on {md_text(settings.get('model', '?'), 60)}, "
+           f"{md_text(settings.get('date', 'date not recorded'), 20)}, "
+           f"judge {md_text(settings.get('judge', '?'), 30)}, "
+           f"{md_text(settings.get('seeds', '?'), 8)} seeds a prompt:", "",
+           "| measure | base | patched | 95 % interval |", "|---|---|---|---|"]
+    for key, label in HEADLINE:
+        m = metrics.get(key)
+        if not isinstance(m, dict):
+            continue
+        ci = m.get("ci_patched") if isinstance(m.get("ci_patched"), list) and len(m["ci_patched"]) == 2 else None
+        out.append(f"| {label} | {_pct(m.get('base'))} | {_pct(m.get('patched'))} | "
+                   + (f"[{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "") + " |")
+    return out
+
+
+def _pct(v) -> str:
+    return f"{100 * v:.0f} %" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
 
 
 def _number(raw) -> float | None:
@@ -224,8 +299,11 @@ def push_patch(patch_path, repo_id: str, *, private: bool = False, token: str | 
 
     check_repo_id(repo_id)
     patch = read_patch(patch_path)  # never publish a file that does not validate
+    report_path = patch.path.with_suffix(".eval.json")  # `patchforge eval`'s report, beside the patch
     if image is None:
-        image = next((str(patch.path.parent / n) for n in IMAGE_NAMES if (patch.path.parent / n).is_file()), None)
+        candidates = [patch.path.with_suffix(".eval.png"), *(patch.path.parent / n for n in IMAGE_NAMES)]
+        image = next((str(c) for c in candidates if c.is_file()), None)
+    report = _read_report(report_path)
     if image and (Path(image).suffix.lower() not in IMAGE_SUFFIXES or not Path(image).is_file()):
         raise PatchforgeError(f"--image '{one_line(image)}' is not a {'/'.join(IMAGE_SUFFIXES)} file")
     image_name = "before_after" + Path(image).suffix.lower() if image else None  # our name, not the user's
@@ -234,9 +312,11 @@ def push_patch(patch_path, repo_id: str, *, private: bool = False, token: str | 
     patch.metadata = public_metadata(patch.metadata)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as folder:
-        upload = write_patch(patch, Path(folder) / DEFAULT_WEIGHT_NAME)
+        upload = write_patch(unit_scale(patch), Path(folder) / DEFAULT_WEIGHT_NAME)
         ops = [CommitOperationAdd(DEFAULT_WEIGHT_NAME, str(upload)),
-               CommitOperationAdd("README.md", model_card(patch, repo_id, image_name).encode())]
+               CommitOperationAdd("README.md", model_card(patch, repo_id, image_name, report).encode())]
+        if has_kohya_form(patch):
+            ops.append(CommitOperationAdd(KOHYA_NAME, str(export_kohya(upload, Path(folder) / KOHYA_NAME))))
         if image:
             ops.append(CommitOperationAdd(image_name, str(image)))
         try:
@@ -247,6 +327,16 @@ def push_patch(patch_path, repo_id: str, *, private: bool = False, token: str | 
             raise PatchforgeError(f"push to '{repo_id}' failed ({str(err).splitlines()[0][:120]}): check the repo "
                                   f"id and that your token may write to it") from None
     return info.commit_url
+
+
+def _read_report(path: Path) -> dict | None:
+    try:
+        if path.is_file() and path.stat().st_size < 16 << 20:
+            report = json.loads(path.read_text())
+            return report if isinstance(report, dict) else None
+    except (OSError, ValueError, RecursionError):
+        pass
+    return None
 
 
 def pull_patch(repo_id: str, *, revision: str | None = None, weight_name: str | None = None,

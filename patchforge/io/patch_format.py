@@ -233,6 +233,26 @@ def _model_id(pipe) -> str:
     return public_model_id(name) if name else "unknown"
 
 
+def unit_scale(patch: Patch) -> Patch:
+    """The same patch with each module's scale folded into its B (fp32), so alpha = rank everywhere:
+    every tool then applies the same delta, whether it reads lora_adapter_metadata (diffusers, PEFT),
+    .alpha tensors (kohya, A1111) or neither and applies scale 1 (ComfyUI for PEFT keys)."""
+    state_dicts, configs = {}, {}
+    for comp in patch.components:
+        sd = dict(patch.state_dicts[comp])
+        ranks = {}
+        for module in patch.modules(comp):
+            scale = patch.scale(comp, module)
+            if scale != 1.0:
+                sd[f"{module}.lora_B.weight"] = (sd[f"{module}.lora_B.weight"].float() * scale).contiguous()
+            ranks[re.escape(peft_name(comp, module))] = sd[f"{module}.lora_A.weight"].shape[0]
+        r = patch.lora_configs[comp].get("r", 8)
+        configs[comp] = {**patch.lora_configs[comp], "lora_alpha": r, "use_rslora": False,
+                         "alpha_pattern": {k: v for k, v in ranks.items() if v != r}}
+        state_dicts[comp] = sd
+    return Patch(state_dicts, configs, dict(patch.metadata))
+
+
 def public_metadata(metadata: dict[str, str]) -> dict[str, str]:
     """A patch's metadata as it may leave the machine (push, export, cards, reports): the base is named
     only by its Hub repo id or the toy's name. Files written before the base was recorded that way
