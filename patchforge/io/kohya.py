@@ -21,6 +21,7 @@ block, alpha = rank. SD3 has no kohya layout that diffusers and ComfyUI share: i
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -67,22 +68,26 @@ def flux_kohya_state_dict(patch: Patch) -> dict[str, torch.Tensor]:
     out = {}
     for name, pieces in fused.items():
         parts = next(iter(pieces.values()))[2]
-        rank = max(a.shape[0] for a, _, _ in pieces.values())
         width = next(iter(pieces.values()))[0].shape[1]  # the layer's input width
         if any(a.dim() != 2 or a.shape[1] != width for a, _, _ in pieces.values()):
             raise PatchforgeError(f"kohya export: the parts of FLUX layer {name} read inputs of different widths: a "
                                   f"damaged or forged patch")
         dims = [pieces[i][1].shape[0] if i in pieces else (width * FLUX_MLP_RATIO if i == 3 else width)
                 for i in range(parts)]
-        down = torch.zeros(parts * rank, width)
-        up = torch.zeros(sum(dims), parts * rank)
-        for i, (a, b, _) in pieces.items():
-            down[i * rank:i * rank + a.shape[0]] = a
+        # only the parts the patch has: a part it leaves alone gets no rank (no dead zero block in down)
+        total = sum(a.shape[0] for a, _, _ in pieces.values())
+        down = torch.zeros(total, width)
+        up = torch.zeros(sum(dims), total)
+        col = 0
+        for i in sorted(pieces):
+            a, b, _ = pieces[i]
+            down[col:col + a.shape[0]] = a
             row = sum(dims[:i])
-            up[row:row + b.shape[0], i * rank:i * rank + b.shape[1]] = b
+            up[row:row + b.shape[0], col:col + b.shape[1]] = b
+            col += a.shape[0]
         out[f"{name}.lora_down.weight"] = down.contiguous()
         out[f"{name}.lora_up.weight"] = up.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(parts * rank), dtype=torch.float32)  # scale 1: folded into up
+        out[f"{name}.alpha"] = torch.tensor(float(total), dtype=torch.float32)  # scale 1: folded into up
     return out
 
 
@@ -139,6 +144,7 @@ def kohya_metadata(patch: Patch, title: str) -> dict[str, str]:
     md = public_metadata(patch.metadata)
     family = md.get(K_BASE_FAMILY, "")
     vpred = md.get(K_PREDICTION) == "v_prediction"
+    side = 1024 if family.startswith(("sdxl", "flux", "sd3")) else 768 if vpred else 512  # the base's native size
     flux = family.startswith("flux")
     if flux:
         base = "flux1"
@@ -149,17 +155,21 @@ def kohya_metadata(patch: Patch, title: str) -> dict[str, str]:
         base, arch = "sd_v2", "stable-diffusion-v2-768-v/lora" if vpred else "stable-diffusion-v2-512/lora"
     else:
         base, arch = "sd_v1", "stable-diffusion-v1/lora"
-    cfg = patch.lora_configs[patch.components[0]]
-    alphas = {str(v.item()) for k, v in kohya_state_dict(patch).items() if k.endswith(".alpha")}
+    sd = kohya_state_dict(patch)
+    # what the tensors hold (FLUX's fused layers have the parts' ranks summed): one value, else the largest
+    dims = sorted({v.shape[0] for k, v in sd.items() if k.endswith(".lora_down.weight")})
+    alphas = sorted({v.item() for k, v in sd.items() if k.endswith(".alpha")})
     out = {
         "ss_network_module": "networks.lora_flux" if flux else "networks.lora",
-        "ss_network_dim": str(cfg.get("r")),
-        "ss_network_alpha": alphas.pop() if len(alphas) == 1 else str(cfg.get("lora_alpha")),
+        "ss_network_dim": str(dims[-1]),
+        "ss_network_alpha": str(alphas[-1]),
         "ss_base_model_version": base,
         "ss_v2": str(family.startswith("sd2")),
         "ss_output_name": title,
         "ss_training_comment": f"patchforge forget patch: {md.get(K_CONCEPT, '')} ({md.get(K_METHOD, '')})",
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.resolution": f"{side}x{side}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
         "modelspec.architecture": arch,
         "modelspec.implementation": "https://github.com/black-forest-labs/flux" if flux else
         "https://github.com/Stability-AI/generative-models" if base.startswith("sdxl") else "diffusers",
