@@ -279,9 +279,10 @@ def test_fused_export_matches_the_loaded_patch(tmp_path, capsys):
     pipe.save_pretrained(base)
     patch = make_patch(pipe, tmp_path / "p.safetensors", "a cat")
     out = tmp_path / "fused"
-    out.mkdir()
-    (out / "old.txt").write_text("replaced")
-    assert main(["export", str(patch), "--format", "pipeline", "--model", str(base), "-o", str(out)]) == 0
+    argv = ["export", str(patch), "--format", "pipeline", "--model", str(base), "-o", str(out)]
+    assert main(argv) == 0
+    (out / "old.txt").write_text("replaced")  # an earlier export of its own is replaced whole
+    assert main(argv) == 0
     fused = DiffusionPipeline.from_pretrained(out)
     fused.set_progress_bar_config(disable=True)
     plain = run(pipe)

@@ -474,8 +474,8 @@ def method_config(method_cls, options: dict):
                                   + (f" (did you mean {close[0]}?)" if close else "")
                                   + f"; options: {', '.join(known)}")
         _check_option_type(key, value, defaults[key])
-        low, high = OPTION_RANGES.get(key, (-math.inf, math.inf))
-        if not low <= value <= high:
+        low, high = OPTION_RANGES.get(key, (None, None))
+        if low is not None and not low <= value <= high:
             raise PatchforgeError(f"--set {key}={value}: must be from {low:g} to {high:g}")
     return method_cls.Config(**{k: v for k, v in options.items() if k in own})
 
