@@ -869,3 +869,44 @@ def test_no_local_path_in_a_patch_its_exports_reports_or_card(tmp_path, fake_hub
     leaks = [str(p.relative_to(tmp_path)) if p.is_relative_to(tmp_path) else p.name for p in written
              if unique.encode() in p.read_bytes()]
     assert leaks == []
+
+
+CONCEPT_FILES = {
+    "billion-laughs": 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n'
+                      'c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ntarget: [*d,*d,*d,*d]\n',
+    "deep": "target: " + "[" * 5000 + "]" * 5000 + "\n",
+    "target-empty": "target: []\n", "target-null": "target: null\n", "target-mapping": "target: {a: 1}\n",
+    "guidance-word": "target: cat\nguidance: abc\n", "guidance-nan": "target: cat\nguidance: .nan\n",
+    "guidance-inf": "target: cat\nguidance: .inf\n", "open-brace": 'target: ["a {"]\n',
+    "numbered-brace": 'target: ["a {1}"]\n', "attribute-brace": 'target: ["a {0.__class__}"]\n',
+    "list-in-list": "target: [[a, b]]\n", "newline": 'target: "a\\nb"\n',
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONCEPT_FILES))
+def test_hostile_concept_files_are_one_line_and_fast(case, tmp_path):
+    from patchforge.core.concepts import load_concept_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text(CONCEPT_FILES[case])
+    t0 = time.perf_counter()
+    with pytest.raises(PatchforgeError) as err:
+        load_concept_file(path)
+    check_one_line(err.value)
+    assert time.perf_counter() - t0 < 2
+
+
+def test_flux_export_refuses_parts_of_different_widths(tmp_path):
+    from patchforge.io.kohya import export_kohya
+
+    good = cached_patches("flux")[0]
+    sd = safetensors.torch.load_file(str(good))
+    key = next(k for k in sd if k.startswith("transformer.transformer_blocks.0.attn.to_k.lora_A"))
+    sd[key] = torch.zeros(sd[key].shape[0], sd[key].shape[1] + 1)  # one part reads a wider input
+    with safetensors.safe_open(str(good), "pt") as f:
+        md = dict(f.metadata())
+    path = tmp_path / "widths.safetensors"
+    safetensors.torch.save_file(sd, str(path), metadata=md)
+    with pytest.raises(PatchforgeError, match="different widths") as err:
+        export_kohya(path, tmp_path / "k.safetensors")
+    check_one_line(err.value)
