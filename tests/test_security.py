@@ -872,8 +872,9 @@ def test_no_local_path_in_a_patch_its_exports_reports_or_card(tmp_path, fake_hub
 
 
 CONCEPT_FILES = {
-    "billion-laughs": 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n'
-                      'c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ntarget: [*d,*d,*d,*d]\n',
+    "billion-laughs": 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+                      'b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n'
+                      'd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ntarget: [*d,*d,*d,*d]\n',
     "deep": "target: " + "[" * 5000 + "]" * 5000 + "\n",
     "target-empty": "target: []\n", "target-null": "target: null\n", "target-mapping": "target: {a: 1}\n",
     "guidance-word": "target: cat\nguidance: abc\n", "guidance-nan": "target: cat\nguidance: .nan\n",
