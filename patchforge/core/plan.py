@@ -48,6 +48,28 @@ ACT_K_CHECKPOINTED = 3.5
 WORKSPACE = 0.13
 
 
+def keep_freed_memory_returnable() -> None:
+    """Make glibc serve large blocks (8 MiB and up) with their own mappings, given back when freed.
+
+    Without it a diffusion transformer's CPU training run grows in resident memory step after step
+    although no tensor is kept: glibc raises its mmap threshold as large blocks are freed, then serves
+    the varying-size activations from its heap, which keeps the freed space. Measured 2026-12-06 on the
+    DiT toy's default star patch (one thread): peak RSS 1.4 GiB after 10 steps, 1.8 after 40, 3.1 after
+    160, against the plan's 1.4. A malloc_trim after every step only slowed the growth (2.7 after 160);
+    a fixed threshold keeps it flat (30 steps: 1.3 GiB at 8 MiB, 1.1 at 1 MiB) at a cost in time (30
+    steps: 72 s at 8 MiB, 110 s at 1 MiB, 55 s without). A no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 8 << 20
+
+
 @dataclass(frozen=True)
 class FamilyDefaults:
     resolution: int | None  # training / reference pixels; None: the checkpoint's own size
