@@ -318,3 +318,17 @@ def test_fingerprint_agrees_across_fp32_fp16_and_bf16_copies():
     with torch.no_grad():
         next(pipe.unet.parameters()).neg_()  # another checkpoint still differs
     assert base_fingerprint(pipe)[K_BASE_WEIGHTS_V2] != fps[torch.float32]
+
+
+def test_dit_plan_counts_the_cpu_heap_growth_measured_on_the_toy():
+    """The DiT toy's star patch peaked at 1.4 / 1.5 / 1.8 / 3.14 GiB RSS after 10 / 20 / 40 / 160 steps on a
+    CPU (docs/real-models.md, 2026-12-06, /usr/bin/time -v); the plan must be at or above each, and a GPU
+    run (no heap growth in host memory counted) must not pay for it."""
+    from patchforge.core import plan
+    from patchforge.train.loop import model_facts
+
+    facts = model_facts("patchforge/toy-sd3")
+    for steps, measured in ((10, 1.4), (20, 1.5), (40, 1.8), (160, 3.14)):
+        est = plan.estimate(facts, torch.float32, 32, 16, False, cpu_steps=steps)
+        assert est.total / plan.GIB >= measured, steps
+    assert plan.estimate(facts, torch.float32, 32, 16, False).total / plan.GIB < 1.5

@@ -48,26 +48,17 @@ ACT_K_CHECKPOINTED = 3.5
 WORKSPACE = 0.13
 
 
-def keep_freed_memory_returnable() -> None:
-    """Make glibc serve large blocks (8 MiB and up) with their own mappings, given back when freed.
-
-    Without it a diffusion transformer's CPU training run grows in resident memory step after step
-    although no tensor is kept: glibc raises its mmap threshold as large blocks are freed, then serves
-    the varying-size activations from its heap, which keeps the freed space. Measured 2026-12-06 on the
-    DiT toy's default star patch (one thread): peak RSS 1.4 GiB after 10 steps, 1.8 after 40, 3.1 after
-    160, against the plan's 1.4. A malloc_trim after every step only slowed the growth (2.7 after 160);
-    a fixed threshold keeps it flat (30 steps: 1.3 GiB at 8 MiB, 1.1 at 1 MiB) at a cost in time (30
-    steps: 72 s at 8 MiB, 110 s at 1 MiB, 55 s without). A no-op where there is no glibc."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    except (OSError, AttributeError):
-        pass
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-MMAP_THRESHOLD_BYTES = 8 << 20
+# A diffusion transformer's CPU training run grows in resident memory step after step although no tensor
+# is kept: glibc raises its mmap threshold as large blocks are freed, then serves the varying-size
+# activations from its heap, which keeps the freed space. Measured 2026-12-06 on the DiT toy's star
+# patch (batch 8, one thread, plan 1.4 GiB): peak RSS 1.4 GiB after 10 steps, 1.5 after 20, 1.8 after
+# 40, 3.1 after 160, while 3-step runs match the plan at batch 1-16. Fixing glibc's mmap threshold
+# was tried (1 MiB: 1.1 GiB at 40 steps but twice the time; 8 MiB: 2.7 GiB at 160 steps, 30 % slower)
+# and not kept; malloc_trim after every step reached 2.7 GiB too. The plan counts the growth instead:
+# this fraction of the activation estimate per step (set so the plan is at or above all four runs: 1.5 /
+# 1.6 / 1.9 / 3.2 GiB planned). Not measured past the toy's width: an extrapolation for SD3.5 / FLUX.1 on
+# a CPU, where a run of many steps was already beyond this machine.
+HEAP_GROWTH_PER_STEP = 0.02
 
 
 @dataclass(frozen=True)
@@ -259,7 +250,8 @@ class Estimate:
 
 
 def estimate(facts: ModelFacts, dtype: torch.dtype, resolution: int, grad_rows: int, checkpointing: bool,
-             loaded: bool = False) -> Estimate:
+             loaded: bool = False, cpu_steps: int = 0) -> Estimate:
+    """cpu_steps: the steps of a run on a CPU (the heap growth of a transformer's run, above)."""
     nbytes = torch.finfo(dtype).bits // 8
     weights = sum(facts.params.values()) * nbytes
     loading = 0 if loaded else max(facts.file_bytes.values(), default=0)
@@ -267,6 +259,8 @@ def estimate(facts: ModelFacts, dtype: torch.dtype, resolution: int, grad_rows: 
     acts = int(grad_rows * k * feature_values(facts.denoiser, resolution // facts.vae_scale) * nbytes)
     denoiser = next(facts.params[c] for c in DENOISERS if c in facts.params)
     acts += int(WORKSPACE * denoiser * nbytes) if grad_rows else 0
+    if facts.joint_attention:
+        acts += int(acts * HEAP_GROWTH_PER_STEP * cpu_steps)
     return Estimate(weights, loading, acts)
 
 
@@ -357,9 +351,10 @@ def make_plan(facts: ModelFacts, device: torch.device, *, precision: str, resolu
         n_refs = defaults.ref_images
     grad_rows, nograd_rows = rows(b)
     budget = int(max_memory_gib * GIB) if max_memory_gib else available_memory(device)
-    fits_without = estimate(facts, dtype, res, grad_rows, False, loaded).device_total(device) <= budget
+    cpu_steps = steps if device.type == "cpu" else 0
+    fits_without = estimate(facts, dtype, res, grad_rows, False, loaded, cpu_steps).device_total(device) <= budget
     ck = checkpointing if checkpointing is not None else not fits_without
-    est = estimate(facts, dtype, res, grad_rows, ck, loaded)
+    est = estimate(facts, dtype, res, grad_rows, ck, loaded, cpu_steps)
     plan = RunPlan(facts.family, facts.family_name, dtype, res, b, n_refs, ref_steps, ck, grad_rows, nograd_rows,
                    steps, est, budget, device, bool(max_memory_gib),
                    "UNet" if "block_out_channels" in facts.denoiser else "transformer", facts.vae_scale)

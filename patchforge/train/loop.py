@@ -302,7 +302,7 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
     from ..methods import get_method
     from ..io.patch_format import K_BASE_REPO_ID, save_patch_from_pipeline
     from ..core.pipeline_loading import hub_repo_id, load_pipeline, pick_device, public_model_id
-    from ..core.plan import ModelFacts, keep_freed_memory_returnable
+    from ..core.plan import ModelFacts
 
     cfg = config or TrainConfig(method=method)
     cfg.method = method or cfg.method
@@ -348,8 +348,6 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
     if plan.checkpointing:
         trainer.denoiser.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    if device.type == "cpu" and facts is not None and facts.joint_attention:
-        keep_freed_memory_returnable()  # else a DiT's resident memory grows step by step (core/plan.py)
     losses, solved = [], {}
     try:
         runner.start()
