@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import string
 from dataclasses import asdict
 from pathlib import Path
 
@@ -327,8 +328,6 @@ def _typed_entry(e, i: int, path) -> dict:
 
 
 def _check_template(text: str, where: str) -> None:
-    import string
-
     try:
         fields = [f for _, f, spec, conv in string.Formatter().parse(text) if f is not None or spec or conv]
     except ValueError:

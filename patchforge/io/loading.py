@@ -325,7 +325,7 @@ def _install_guards(models) -> None:
         seen["state"] = _adapter_state(models, seen["layers"])
 
     for model in models.values():
-        if _tuner_layers(model) and model.__dict__.get(GUARD_ATTR) is None:
+        if model.__dict__.get(GUARD_ATTR) is None and _tuner_layers(model):  # the cheap test first: no walk
             model.__dict__[GUARD_ATTR] = model.register_forward_pre_hook(guard)
             seen["state"] = None  # a new guard: the next forward checks everything
 
