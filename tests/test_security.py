@@ -710,9 +710,10 @@ def test_export_never_replaces_a_users_folder_or_the_model(tmp_path, monkeypatch
     (["train", "--concept", "style:stripes", "--out", "/etc/passwd/p.safetensors"], "not a folder"),
 ])
 def test_outputs_are_checked_before_any_work(argv, message, capsys, monkeypatch):
-    import patchforge.core.pipeline_loading as loading_mod
+    from diffusers import DiffusionPipeline
 
-    monkeypatch.setattr(loading_mod, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    # where every load ends (a name bound at import time elsewhere would keep a patched function for good)
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
     argv = [str(cached_patches("sd1")[0]) if a == "PATCH" else a for a in argv]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
