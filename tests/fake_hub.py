@@ -1,6 +1,7 @@
 """A minimal Hugging Face Hub on 127.0.0.1 for tests: real HTTP, served to huggingface_hub's own
 (httpx) client. Only what push and download use: create repo, validate YAML, preupload, commit
-(NDJSON, base64 files), model info, and HEAD/GET resolve with X-Repo-Commit and ETag headers."""
+(NDJSON, base64 files), delete repo, model info, and HEAD/GET resolve with X-Repo-Commit and ETag headers.
+`fail_commits = True` answers every commit with a server error (a push that dies after creating the repo)."""
 from __future__ import annotations
 
 import base64
@@ -15,6 +16,7 @@ class FakeHub:
     def __init__(self):
         self.repos: dict[str, dict] = {}  # repo_id -> {"sha": str, "files": {path: bytes}}
         self.requests: list[str] = []
+        self.fail_commits = False
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -76,6 +78,8 @@ def _handler(hub: FakeHub):
                 files = json.loads(body)["files"]
                 return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
                                                   for f in files], "commitOid": hub.repos[repo_id]["sha"]})
+            if hub.fail_commits:
+                return self._json(500, {"error": "Internal Error"})
             repo = hub.repos[repo_id]
             for line in body.decode().splitlines():
                 item = json.loads(line)
@@ -84,6 +88,14 @@ def _handler(hub: FakeHub):
             repo["sha"] = hashlib.sha1(repo["sha"].encode() + body).hexdigest()
             return self._json(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{repo['sha']}",
                                     "commitOid": repo["sha"], "pullRequestUrl": None})
+
+        def do_DELETE(self):
+            hub.requests.append(f"DELETE {self.path}")
+            req = json.loads(self._body())
+            repo_id = f"{req.get('organization') or 'user'}/{req['name']}"
+            if self.path != "/api/repos/delete" or hub.repos.pop(repo_id, None) is None:
+                return self._not_found()
+            return self._send(200)
 
         def do_GET(self):
             self._get(head=False)

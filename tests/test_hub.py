@@ -97,3 +97,20 @@ def test_card_license_follows_the_base_family(family, license_id):
     data = ModelCard(hub.model_card(p, "me/x")).data.to_dict()
     assert data["license"] == license_id and (license_id != "other" or data["license_link"].startswith("https://"))
     assert ("template:sd-lora" in data["tags"]) == family.startswith("flux")
+
+
+def test_a_failed_push_leaves_no_empty_repo_behind(fake_hub, capsys):
+    """A push whose commit fails removes the repo it created (one line, exit 2), and never a repo that
+    existed before it."""
+    patch = cached_patches("sd1")[0]
+    fake_hub.fail_commits = True
+    assert cli.main(["push", str(patch), "me/new-repo"]) == 2
+    assert "push to 'me/new-repo' failed" in capsys.readouterr().err
+    assert "me/new-repo" not in fake_hub.repos and "DELETE /api/repos/delete" in fake_hub.requests
+
+    fake_hub.fail_commits = False
+    assert cli.main(["push", str(patch), "me/kept"]) == 0
+    before = dict(fake_hub.repos["me/kept"]["files"])
+    fake_hub.fail_commits = True
+    assert cli.main(["push", str(patch), "me/kept"]) == 2
+    assert fake_hub.repos["me/kept"]["files"] == before  # an existing repo is never deleted

@@ -198,10 +198,14 @@ def make_patch(pipe, path, concept: str, seed: int = 1, rank: int = 4, alpha: fl
 
 @functools.lru_cache(maxsize=None)
 def cached_patches(arch: str, n: int = 3) -> tuple:
-    """n random patches for BUILDERS[arch], written once per test session into a temp folder."""
+    """n random patches for BUILDERS[arch], written once per test session into a temp folder (removed
+    when the session's process exits)."""
+    import atexit
+    import shutil
     import tempfile
     from pathlib import Path
     folder = Path(tempfile.mkdtemp(prefix=f"patches_{arch}_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     pipe = BUILDERS[arch]()
     return tuple(make_patch(pipe, folder / f"p{i}.safetensors", f"concept {i}", seed=10 + i, rank=2 + i,
                             alpha=1.0 + i) for i in range(n))

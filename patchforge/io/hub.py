@@ -3,6 +3,7 @@ pull into the local cache. Everything goes through huggingface_hub's own client 
 HF_HUB_OFFLINE, HF_TOKEN and the cache work as users expect)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -290,6 +291,18 @@ def _fmt(v) -> str:
 
 # ----------------------------------------------------------------------------- push / pull
 
+def write_published(patch: Patch, folder: Path) -> list[tuple[str, Path]]:
+    """The weight files `push` uploads, written into `folder`: (name in the repo, path). The PEFT file
+    with each module's scale folded into B (alpha = rank: every tool applies the same delta whether it
+    reads lora_adapter_metadata, .alpha tensors or neither) and, for the families kohya's layout covers,
+    the same weights in that layout for ComfyUI, AUTOMATIC1111/Forge and kohya."""
+    upload = write_patch(unit_scale(patch), folder / DEFAULT_WEIGHT_NAME)
+    files = [(DEFAULT_WEIGHT_NAME, upload)]
+    if has_kohya_form(patch):
+        files.append((KOHYA_NAME, export_kohya(upload, folder / KOHYA_NAME)))
+    return files
+
+
 def push_patch(patch_path, repo_id: str, *, private: bool = False, token: str | None = None,
                image: str | None = None, commit_message: str | None = None) -> str:
     """Create (or reuse) `repo_id` and commit the patch as pytorch_lora_weights.safetensors with a
@@ -312,21 +325,36 @@ def push_patch(patch_path, repo_id: str, *, private: bool = False, token: str | 
     patch.metadata = public_metadata(patch.metadata)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as folder:
-        upload = write_patch(unit_scale(patch), Path(folder) / DEFAULT_WEIGHT_NAME)
-        ops = [CommitOperationAdd(DEFAULT_WEIGHT_NAME, str(upload)),
-               CommitOperationAdd("README.md", model_card(patch, repo_id, image_name, report).encode())]
-        if has_kohya_form(patch):
-            ops.append(CommitOperationAdd(KOHYA_NAME, str(export_kohya(upload, Path(folder) / KOHYA_NAME))))
+        ops = [CommitOperationAdd(name, str(path)) for name, path in write_published(patch, Path(folder))]
+        ops.append(CommitOperationAdd("README.md", model_card(patch, repo_id, image_name, report).encode()))
         if image:
             ops.append(CommitOperationAdd(image_name, str(image)))
+        created = False
         try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
+            created = _create_repo(api, repo_id, private)
             info = api.create_commit(repo_id, ops,
                                      commit_message=commit_message or f"Forget patch: {one_line(patch.concept)}")
-        except e.HfHubHTTPError as err:
-            raise PatchforgeError(f"push to '{repo_id}' failed ({str(err).splitlines()[0][:120]}): check the repo "
-                                  f"id and that your token may write to it") from None
+        except BaseException as err:  # Ctrl-C too: a repo this push created must not stay behind empty
+            if created:
+                with contextlib.suppress(Exception):
+                    api.delete_repo(repo_id)
+            if isinstance(err, e.HfHubHTTPError):
+                raise PatchforgeError(f"push to '{repo_id}' failed ({str(err).splitlines()[0][:120]}): check the "
+                                      f"repo id and that your token may write to it") from None
+            raise
     return info.commit_url
+
+
+def _create_repo(api, repo_id: str, private: bool) -> bool:
+    """Create `repo_id` unless it exists; True when this call created it."""
+    from huggingface_hub import errors as e
+    try:
+        api.create_repo(repo_id, private=private)
+        return True
+    except e.HfHubHTTPError as err:
+        if err.response is not None and err.response.status_code == 409:  # it exists: push adds a commit
+            return False
+        raise
 
 
 def _read_report(path: Path) -> dict | None:
