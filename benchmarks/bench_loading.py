@@ -17,7 +17,7 @@ from peft import LoraConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from patchforge.io import loading  # noqa: E402
-from patchforge.io.patch_format import save_patch_from_pipeline  # noqa: E402
+from patchforge.io.saving import save_patch_from_pipeline  # noqa: E402
 from patchforge.core.pipeline_loading import TOY_MODEL_DIR, load_pipeline  # noqa: E402
 
 FALLBACK = "/tmp/toytrial/pipeline"  # an undertrained pipeline of the toy architecture

@@ -98,7 +98,7 @@ def meta_plan_row(arch: str, setting: str, steps: int, gpu_gib: float | None = N
     from patchforge.errors import PatchforgeError
     from patchforge.methods import get_method
     from patchforge.core.pipeline_loading import pick_device
-    from patchforge.train.loop import TrainConfig, plan_for
+    from patchforge.train.loop import TrainConfig, resolve_run
 
     smoke = {"resolution": 256, "ref_images": 2} if setting == "smoke" else {}
     gpu = {"precision": "bf16", "max_memory_gib": gpu_gib} if gpu_gib else {}
@@ -107,7 +107,8 @@ def meta_plan_row(arch: str, setting: str, steps: int, gpu_gib: float | None = N
     device = torch.device("cuda") if gpu_gib else pick_device(None)
     where = f"{setting}, planned for a {gpu_gib:g} GiB GPU" if gpu_gib else f"{setting} (planned only)"
     try:
-        plan = plan_for(cfg, method.Config(), method, meta_facts(arch, DIT_CONFIGS[arch]), device, loaded=False)
+        plan = resolve_run(["style:vangogh"], cfg, method.Config(), meta_facts(arch, DIT_CONFIGS[arch]),
+                           device=device).plan
     except PatchforgeError as err:  # the honest plan on this machine: it does not fit
         return f"| {arch} | {where} | | | not run | not run | - | - | - | {str(err)[:200]} |"
     print(plan.line(cfg.method), flush=True)

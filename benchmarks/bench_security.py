@@ -39,7 +39,7 @@ def fingerprint() -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from bench_gpu import SD15, SDXL
-    from patchforge.io.patch_format import base_fingerprint
+    from patchforge.io.fingerprint import base_fingerprint
 
     torch.set_num_threads(1)
     for arch, cfg in (("sd15", SD15), ("sdxl", SDXL)):
@@ -70,7 +70,7 @@ def read() -> None:
     """Each measurement in a fresh process: ru_maxrss is a high-water mark."""
     import tempfile
 
-    from patchforge.io.patch_format import save_patch_from_pipeline  # noqa: F401 (import cost outside the child)
+    from patchforge.io.saving import save_patch_from_pipeline  # noqa: F401 (import cost outside the child)
 
     folder = Path(tempfile.mkdtemp())
     code = r"""

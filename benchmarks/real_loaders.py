@@ -9,7 +9,8 @@ each tool present, in a process of its own, with the tool's code unchanged:
 
     kohya     sd-scripts' networks/merge_lora.py `merge_to_sd_model` on the pipeline's UNet and text encoder
               (it finds modules by class name, and diffusers' UNet classes are the ones it targets)
-    comfyui   `comfy.diffusers_load.load_diffusers` -> `comfy.sd.load_lora_for_models` -> `patch_model()`
+    comfyui   `comfy.diffusers_load.load_diffusers` -> `comfy.sd.load_lora_for_models` -> `patch_model()`,
+              started with `--cpu --fp32-text-enc` (its default fp16 text encoder rounds every weight)
 
 A row: the modules the tool changed against the reference's, and the largest difference between the tool's
 weight change and the reference's over every module either changed.
@@ -45,9 +46,15 @@ COMPONENTS = ("unet", "text_encoder")
 def weights(pipe, copy: bool = True) -> dict[str, torch.Tensor]:
     """Every Linear/Conv weight of the UNet and text encoder, keyed "component.module" (a fused PEFT layer
     keeps the base weight in its .base_layer)."""
-    return {f"{comp}.{name.replace('.base_layer', '')}": _snap(m.weight, copy)
+    return {key(comp, name.replace(".base_layer", "")): _snap(m.weight, copy)
             for comp in COMPONENTS for name, m in getattr(pipe, comp).named_modules()
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in name}
+
+
+def key(comp: str, module: str) -> str:
+    """One name per weight across transformers versions (CLIPTextModel's modules lost their `text_model.`
+    prefix in transformers 5)."""
+    return f"{comp}.{module.removeprefix('text_model.')}"
 
 
 def _snap(w: torch.Tensor, copy: bool) -> torch.Tensor:
@@ -61,12 +68,13 @@ def changes(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> 
 
 
 def compare(reference: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> dict:
-    both = set(reference) | set(got)
-    worst = max((float((got.get(k, torch.zeros(())) - reference.get(k, torch.zeros(()))).abs().max())
-                 for k in both), default=0.0)
+    worst = {comp: 0.0 for comp in COMPONENTS}
+    for k in set(reference) | set(got):
+        diff = float((got.get(k, torch.zeros(())) - reference.get(k, torch.zeros(()))).abs().max())
+        worst[k.split(".")[0]] = max(worst[k.split(".")[0]], diff)
     return {"modules_expected": len(reference), "modules_changed": len(got),
             "missed": len(set(reference) - set(got)), "extra": len(set(got) - set(reference)),
-            "max_abs_diff": worst}
+            "max_abs_diff": max(worst.values()), **{f"max_abs_diff_{c}": v for c, v in worst.items()}}
 
 
 # ----------------------------------------------------------------------------- the tools, each in a child
@@ -96,12 +104,16 @@ def stub_modules(names) -> None:
 
 
 def apply_kohya(tool: Path, model: Path, lora: Path) -> dict[str, torch.Tensor]:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
     sys.path[:0] = [str(tool), str(tool / "networks")]
     stub_modules(["torchvision", "torchvision.transforms", "torchvision.transforms.functional"])
     import merge_lora  # sd-scripts/networks/merge_lora.py
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    # the two models merge_lora edits (the tokenizer is not needed, and kohya's pinned transformers may not
+    # read the one a newer transformers wrote)
+    pipe = types.SimpleNamespace(unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
+                                 text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder"))
     before = weights(pipe)
     merge_lora.merge_to_sd_model(pipe.text_encoder, pipe.unet, [str(lora)], [1.0], torch.float32)
     return changes(before, weights(pipe, copy=False))
@@ -109,7 +121,9 @@ def apply_kohya(tool: Path, model: Path, lora: Path) -> dict[str, torch.Tensor]:
 
 def apply_comfyui(tool: Path, model: Path, lora: Path) -> dict[str, torch.Tensor]:
     sys.path.insert(0, str(tool))
-    sys.argv = [sys.argv[0], "--cpu"]
+    # ComfyUI keeps text encoders in fp16 unless told otherwise: their weight change would then differ from
+    # any fp32 reference by fp16 rounding (~1e-4), whatever the file; in fp32 the check is exact
+    sys.argv = [sys.argv[0], "--cpu", "--fp32-text-enc"]
     stub_modules(["torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchsde",
                   "kornia", "spandrel"])
     import comfy.options
@@ -118,6 +132,11 @@ def apply_comfyui(tool: Path, model: Path, lora: Path) -> dict[str, torch.Tensor
     import comfy.sd
     import comfy.utils
 
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        return _comfyui_changes(comfy, model, lora)
+
+
+def _comfyui_changes(comfy, model: Path, lora: Path) -> dict[str, torch.Tensor]:
     unet, clip, _ = comfy.diffusers_load.load_diffusers(str(model), output_vae=False, output_clip=True)
     # ComfyUI's own names -> diffusers' ("component.module"), by ComfyUI's own map
     to_diffusers = {f"diffusion_model.{ldm}": f"unet.{key.removesuffix('.weight')}"
@@ -131,7 +150,7 @@ def apply_comfyui(tool: Path, model: Path, lora: Path) -> dict[str, torch.Tensor
                 out[to_diffusers[k]] = _snap(w, copy)
         for k, w in clip_model.state_dict().items():
             if k.endswith(".weight") and w.ndim >= 2 and ".transformer." in k:
-                out["text_encoder." + k.split(".transformer.", 1)[1].removesuffix(".weight")] = _snap(w, copy)
+                out[key("text_encoder", k.split(".transformer.", 1)[1].removesuffix(".weight"))] = _snap(w, copy)
         return out
 
     before = state(unet, clip.cond_stage_model)
@@ -153,6 +172,18 @@ def child(tool_name: str, tool: Path, model: Path, lora: Path, reference: Path) 
 
 # ----------------------------------------------------------------------------- the parent
 
+def released_text_layout(model: Path) -> None:
+    """Write the text encoder's weights with the `text_model.` prefix, as SD 1.5's released file has them
+    (transformers 5 saves without it and reads both; loaders that read the file themselves, as ComfyUI
+    does, know only the released layout and would otherwise leave the encoder unloaded)."""
+    from safetensors.torch import load_file, save_file
+    path = model / "text_encoder" / "model.safetensors"
+    sd = load_file(path)
+    if not all(k.startswith("text_model.") for k in sd):
+        save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()}, path,
+                  metadata={"format": "pt"})
+
+
 def tool_version(tool: Path) -> str:
     out = subprocess.run(["git", "-C", str(tool), "log", "-1", "--format=%h %cs"], capture_output=True, text=True)
     return out.stdout.strip() or "no git history"
@@ -164,6 +195,8 @@ def main() -> None:
     ap.add_argument("--comfyui", type=Path, help="a checkout of ComfyUI (the folder holding comfy/)")
     ap.add_argument("--extra-path", type=Path, action="append", default=[],
                     help="a folder of packages a tool needs (put on PYTHONPATH for the tools' processes)")
+    ap.add_argument("--version", action="append", default=[], metavar="TOOL=TEXT",
+                    help="the tool's version for the table, where its folder has no git history")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/pf_loaders"))
     ap.add_argument("--tiny", action="store_true", help="toy widths: checks the script, its numbers mean nothing")
     ap.add_argument("--child", nargs=5, metavar=("TOOL", "TOOL_DIR", "MODEL", "LORA", "REFERENCE"),
@@ -185,12 +218,14 @@ def main() -> None:
     from tiny_pipelines import make_patch
 
     tools = {n: getattr(args, n) for n in TOOLS if getattr(args, n)}
+    versions = dict(v.split("=", 1) for v in args.version)
     for name, folder in tools.items():
         if not folder.is_dir():
             sys.exit(f"--{name} {folder}: not a folder")
     torch.manual_seed(0)
     model = build("sd15", shrink(SD15) if args.tiny else SD15, args.workdir / ("sd15-tiny" if args.tiny else "sd15"),
                   dtype=torch.float32)
+    released_text_layout(model)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [*args.extra_path, HERE.parent]))}
     rows = []
     for label, (rank, alpha) in PATCHES.items():
@@ -214,7 +249,8 @@ def main() -> None:
                                       str(folder / "reference.safetensors")], capture_output=True, text=True, env=env)
                 line = next((x for x in run.stdout.splitlines() if x.startswith("RESULT ")), None)
                 result = json.loads(line[7:]) if line else {"error": (run.stderr.strip().splitlines() or ["?"])[-1]}
-                rows.append({"patch": label, "tool": tool_name, "version": tool_version(tool), "file": file_name,
+                version = versions.get(tool_name) or tool_version(tool)
+                rows.append({"patch": label, "tool": tool_name, "version": version, "file": file_name,
                              **result})
                 print(json.dumps(rows[-1]), flush=True)
     print("\n| patch | tool (version) | file | modules changed / expected | missed | extra | largest difference |")

@@ -136,7 +136,7 @@ def _train(sub) -> None:
     p.add_argument("--max-memory", type=positive_float, default=None, metavar="GIB",
                    help="memory the run may use (default: what is free); a run that needs more is refused")
     p.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan line and stop")
-    p.set_defaults(run="patchforge.train.loop:run_command")
+    p.set_defaults(run="patchforge.train.cli:run_command")
 
 
 def _concepts(sub) -> None:
@@ -163,15 +163,30 @@ def _eval(sub) -> None:
     p.set_defaults(run="patchforge.eval.evaluation:run_command")
 
 
+class ShownHelp(str):
+    """A help text made only when shown: argparse formats every help with `%`, so this text is computed
+    then (the attack registry imports torch, which the rest of the CLI never waits for)."""
+
+    def __new__(cls, make):
+        text = super().__new__(cls, "...")  # not empty: argparse shows only non-empty helps
+        text.make = make
+        return text
+
+    def __mod__(self, params):
+        return self.make().replace("%", "%%") % params
+
+
 def _attack(sub) -> None:
     p = sub.add_parser("attack", help="white-box attacks on a forget patch: attack success rate per attack")
     p.add_argument("patch", help="forget patch file")
     p.add_argument("--model", default=None, help="base pipeline (default: the embedded toy model)")
     p.add_argument("--budget", action="append", type=key_value, default=[], metavar="KEY=VALUE",
-                   help="attack budget, e.g. soft_steps=30 (keys: see docs/robustness.md)")
+                   help=ShownHelp(lambda: "attack budget, one key: " + ", ".join(
+                       f"{k}={v}" for k, v in importlib.import_module("patchforge.eval.attacks").default_budget()
+                       .items())))
     p.add_argument("--seeds", type=positive_int, default=2)
     p.add_argument("--attack", action="append", default=[],
-                   help="text, soft_prompt, inversion, unconditional, partial (default: all)")
+                   help=ShownHelp(lambda: importlib.import_module("patchforge.eval.attacks").help_text()))
     p.add_argument("--judge", default=None, help="toy (default), nudenet, clip:PATH, python:FILE.py:FUNC")
     p.add_argument("--out", default=None, help="JSON report (default: <patch>.attack.json)")
     p.set_defaults(run="patchforge.eval.attacks:run_command")

@@ -6,7 +6,8 @@ import time
 
 
 def run_command(args) -> int:
-    from .eval.evaluation import evaluate, markdown, write_reports
+    from .eval.evaluation import evaluate
+    from .eval.report import markdown, write_reports
     from .core.pipeline_loading import load_pipeline
     from .train.loop import TrainConfig, train_patch
 

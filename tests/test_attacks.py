@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from patchforge.core.soft_tokens import SoftPrefix, SoftPrompt
 from patchforge.eval import attacks, evaluation
+from patchforge.eval.attacks.ring_a_bell import concept_pairs, concept_vector, ring_a_bell
+from patchforge.eval.attacks.soft_prompt import soft_prompt_attack
+from patchforge.eval.attacks.unlearndiff import prefix_objective, target_latents, unlearndiff_attack
 from patchforge.core import worlds
 from patchforge.core.generate import generate_latents
 from patchforge.eval.text_attacks import misspell
@@ -44,7 +48,7 @@ def test_soft_prompt_is_appended_and_differentiable():
     from tiny_pipelines import tiny_sd1
 
     pipe = tiny_sd1()
-    soft = attacks.SoftPrompt(pipe, n_tokens=3)
+    soft = SoftPrompt(pipe, n_tokens=3)
     emb = soft.encode(pipe, ["a red circle", "a star"])
     assert emb.shape[:2] == (2, pipe.tokenizer.model_max_length)
     (grad,) = torch.autograd.grad(emb.pow(2).sum(), [soft.vectors])
@@ -103,7 +107,7 @@ def test_soft_prompt_beats_a_weak_patch_and_finds_no_absent_concept():
     assert asr >= suppressed + 0.25, (suppressed, asr)
     # no false successes: prompts the base renders without stripes give the attack nothing to recover
     plain = [p.prompt for p in world.probes_for("circle", world.TRAIN_SPLIT, n=4, seed=5) if "stripes" not in p.prompt]
-    soft = attacks.soft_prompt_attack(pipe, plain, steps=40, n_tokens=4)
+    soft = soft_prompt_attack(pipe, plain, steps=40, n_tokens=4)
     with torch.no_grad():
         emb = soft.encode(pipe, plain)
     images = evaluation.generate(pipe, plain, [evaluation.SEED0] * len(plain), prompt_embeds=emb)
@@ -145,11 +149,11 @@ def test_unlearndiff_lowers_its_own_objective():
 
     pipe = tiny_sd1()
     latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # 2 target images per prompt
-    start = attacks.SoftPrefix(pipe, 5, n_sets=2, seed=0)  # what unlearndiff_attack starts from (same seed)
-    soft = attacks.unlearndiff_attack(pipe, PROMPTS, latents, steps=30, n_tokens=5, lr=0.05, seed=0)
+    start = SoftPrefix(pipe, 5, n_sets=2, seed=0)  # what unlearndiff_attack starts from (same seed)
+    soft = unlearndiff_attack(pipe, PROMPTS, latents, steps=30, n_tokens=5, lr=0.05, seed=0)
     held_out = range(10_000, 10_008)
-    before = torch.stack([attacks.prefix_objective(pipe, start, PROMPTS, latents, seed=s) for s in held_out]).mean(0)
-    after = torch.stack([attacks.prefix_objective(pipe, soft, PROMPTS, latents, seed=s) for s in held_out]).mean(0)
+    before = torch.stack([prefix_objective(pipe, start, PROMPTS, latents, seed=s) for s in held_out]).mean(0)
+    after = torch.stack([prefix_objective(pipe, soft, PROMPTS, latents, seed=s) for s in held_out]).mean(0)
     # a random tiny UNet barely listens to its text: the drop is small here (about 1e-4), large on the toy
     # model (test_unlearndiff_brings_the_toy_star_closer below)
     assert (after < before).all(), (before, after)
@@ -167,12 +171,12 @@ def test_unlearndiff_brings_the_toy_star_closer():
     prompts = toy.attack_prompts("star", 2)
     name = load_forget_patch(pipe, Path(__file__).parents[1] / "patches" / "object-star.fmn.safetensors")
     try:
-        latents = attacks.target_latents(pipe, prompts, 1, seed=0, source="world", world=toy, concept="star")
-        start = attacks.SoftPrefix(pipe, 5, n_sets=2, seed=0)
-        soft = attacks.unlearndiff_attack(pipe, prompts, latents, steps=20, n_tokens=5, lr=0.01, seed=0)
+        latents = target_latents(pipe, prompts, 1, seed=0, source="world", world=toy, concept="star")
+        start = SoftPrefix(pipe, 5, n_sets=2, seed=0)
+        soft = unlearndiff_attack(pipe, prompts, latents, steps=20, n_tokens=5, lr=0.01, seed=0)
         held_out = range(10_000, 10_008)
-        before = torch.stack([attacks.prefix_objective(pipe, start, prompts, latents, seed=s) for s in held_out])
-        after = torch.stack([attacks.prefix_objective(pipe, soft, prompts, latents, seed=s) for s in held_out])
+        before = torch.stack([prefix_objective(pipe, start, prompts, latents, seed=s) for s in held_out])
+        after = torch.stack([prefix_objective(pipe, soft, prompts, latents, seed=s) for s in held_out])
     finally:
         unload_forget_patch(pipe, name)
     assert (after.mean(0) < before.mean(0)).all() and after.mean() < 0.9 * before.mean(), (before, after)
@@ -187,13 +191,13 @@ def test_new_attacks_change_the_generations(family):
     seeds = [0, 1]
     plain = evaluation.generate(pipe, PROMPTS, seeds, steps=2)
     latents = generate_latents(pipe, PROMPTS, seeds, steps=2)
-    soft = attacks.unlearndiff_attack(pipe, PROMPTS, latents, steps=2, n_tokens=3, seed=0)
+    soft = unlearndiff_attack(pipe, PROMPTS, latents, steps=2, n_tokens=3, seed=0)
     with torch.no_grad():
         cond = soft.encode(PROMPTS)
     ud = evaluation.generate(pipe, PROMPTS, seeds, prompt_embeds=cond.emb, pooled_embeds=cond.pooled, steps=2)
-    vector = attacks.concept_vector(pipe, ["a red star", "a blue star in stripes style"], ["a red", "a blue"])
-    rab = attacks.ring_a_bell(pipe, PROMPTS, vector, eta=3.0)
-    zero = attacks.ring_a_bell(pipe, PROMPTS, vector, eta=0.0)
+    vector = concept_vector(pipe, ["a red star", "a blue star in stripes style"], ["a red", "a blue"])
+    rab = ring_a_bell(pipe, PROMPTS, vector, eta=3.0)
+    zero = ring_a_bell(pipe, PROMPTS, vector, eta=0.0)
     assert torch.allclose(zero.emb, for_pipe_encode(pipe, PROMPTS), atol=1e-6)  # eta 0: the prompts as they are
     rb = evaluation.generate(pipe, PROMPTS, seeds, prompt_embeds=rab.emb, pooled_embeds=rab.pooled, steps=2)
     for attacked in (ud, rb):
@@ -227,7 +231,7 @@ def test_run_attacks_reports_the_new_attacks(monkeypatch):
     assert set(res) == {"unlearndiff", "unlearndiff_strong", "ring_a_bell"}
     for r in res.values():
         assert r["metric"]["n"] == 4 and 0 <= r["metric"]["patched"] <= 1
-    pairs = attacks.concept_pairs(None, "object:car", 1)
+    pairs = concept_pairs(None, "object:car", 1)
     assert pairs and all("car" not in without for _, without in pairs)
     assert "5-token prefix, 2 steps, lr 0.01, 1 target image" in res["unlearndiff"]["metric"]["what"]  # published
     assert "8-token prefix" in res["unlearndiff_strong"]["metric"]["what"]
@@ -278,3 +282,63 @@ def test_budget_errors_are_one_line(budget, which, message):
     with pytest.raises(PatchforgeError) as err:
         attacks.run_command(args)  # fails before any model loads
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+EXAMPLE_ATTACK = '''
+"""brightness_prompt: the target prompts with "bright" in front (a test attack)."""
+from dataclasses import dataclass
+
+from patchforge.core.generate import generate
+from patchforge.eval.attacks import Attack, Outcome, knob, register
+
+
+@register("brightness_prompt")
+class BrightnessPrompt(Attack):
+    order = 65
+
+    @dataclass(frozen=True)
+    class Budget:
+        word: str = knob("bright", "bp_word", choices=("bright", "vivid"))
+
+    def run(self, t):
+        prompts = [f"{self.b.word} {p}" for p in t.rep]
+        return Outcome(generate(t.pipe, prompts, t.rep_seeds), t.base_hits)
+
+    def describe(self, extra):
+        return f"ASR, '{self.b.word}' in front of the prompt"
+'''
+
+
+def test_a_new_attack_is_one_file(tmp_path, monkeypatch):
+    """Dropping one file into the attacks package is all it takes: discovery registers it, its typed budget
+    key is checked and listed, `--attack` help names it, and run_attacks runs it with the others."""
+    from tiny_pipelines import tiny_sd1
+
+    from patchforge.cli import build_parser
+    from patchforge.core import generate as gen_module
+    from patchforge.errors import PatchforgeError
+
+    (tmp_path / "brightness_prompt.py").write_text(EXAMPLE_ATTACK)
+    monkeypatch.setattr(attacks, "__path__", [*attacks.__path__, str(tmp_path)])
+    monkeypatch.setattr(attacks, "ATTACKS", dict(attacks.ATTACKS))
+    monkeypatch.delitem(__import__("sys").modules, "patchforge.eval.attacks.brightness_prompt", raising=False)
+    assert "brightness_prompt" in attacks.available()
+    assert attacks.default_budget()["bp_word"] == "bright"
+    with pytest.raises(PatchforgeError, match="budget bp_word must be 'bright' or 'vivid'"):
+        attacks.check_budget({"bp_word": "dark"})
+    sub = next(a for a in build_parser("attack")._actions if a.dest == "verb").choices["attack"]
+    help_text = " ".join(sub.format_help().split())  # what `patchforge attack --help` prints, unwrapped
+    assert "brightness_prompt" in help_text and "bp_word=bright" in help_text
+    assert "inversion_converged, unlearndiff_strong only when named" in help_text
+
+    monkeypatch.setattr(gen_module, "STEPS", 2)
+
+    class Bright:
+        def detect(self, images, concept):
+            return [float(im.mean() > 127) for im in images]
+
+    res = attacks.run_attacks(tiny_sd1(), ["object:car"], Bright(), {"prompts": 2, "bp_word": "vivid"}, seeds=2,
+                              world=None, which=("brightness_prompt", "unconditional"))
+    assert list(res) == ["brightness_prompt", "unconditional"]  # in their order
+    assert res["brightness_prompt"]["metric"]["n"] == 4
+    assert res["brightness_prompt"]["metric"]["what"] == "ASR, 'vivid' in front of the prompt"

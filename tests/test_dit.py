@@ -232,7 +232,7 @@ def test_partial_denoising_runs_the_family_sampler(fam):
     """The partial-denoising attack samples by hand: flow matching, packed latents, no CFG pair on FLUX-dev."""
     import numpy as np
 
-    from patchforge.eval.attacks import partial_denoise
+    from patchforge.eval.attacks.probes import partial_denoise
 
     pipe = BUILDERS[fam]()
     images = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)

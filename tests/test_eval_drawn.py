@@ -7,7 +7,7 @@ import pytest
 
 from patchforge.core import generate as generation
 from patchforge.errors import PatchforgeError
-from patchforge.eval import drawn, evaluation
+from patchforge.eval import drawn, evaluation, report
 from patchforge.eval.rows import Generated, Row
 from patchforge.toyworld import world
 from patchforge.toyworld.plugin import ToyWorld
@@ -103,7 +103,7 @@ def test_weight_response(kiko):
         assert points[w]["efficacy"]["patched"] == 0 and points[w]["generality"]["patched"] == 0
         assert points[w]["specificity.neighbours"]["n"] == kiko[1]["metrics"]["specificity.neighbours"]["n"]
     assert points[1] == {k: kiko[1]["metrics"][k] for k in evaluation.WEIGHT_METRICS}  # the main run's numbers
-    table = evaluation.markdown([kiko[1]])
+    table = report.markdown([kiko[1]])
     for section in ("## What is drawn instead", "## Unprompted appearance", "## Specificity in and out of sample",
                     "## Weight response", "| 1.25 |"):
         assert section in table

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchforge.eval import evaluation
+from patchforge.eval import evaluation, report
 from patchforge.core import generate as generation
 from patchforge.eval import stats
 from patchforge.eval.judging import load_judge
@@ -20,7 +20,7 @@ def make_lora_patch(pipe, path, concept="style:stripes", scale=0.0, seed=0, rank
     """A forget patch made by hand: scale 0 -> B = 0 (exact no-op); scale > 0 -> random A and B."""
     from peft import LoraConfig
 
-    from patchforge.io.patch_format import save_patch_from_pipeline
+    from patchforge.io.saving import save_patch_from_pipeline
 
     torch.manual_seed(seed)
     pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
@@ -66,7 +66,7 @@ def test_noop_patch_measures_nothing_and_numbers_reproduce(tiny):
     for key, m in a["patches"][0]["metrics"].items():
         assert m["change"] == pytest.approx(0, abs=1e-9), key
         assert m["ci_change"][0] <= 1e-9 and m["ci_change"][1] >= -1e-9, key
-    ja, jb = (evaluation.to_json(r["patches"][0]) for r in (a, b))
+    ja, jb = (report.to_json(r["patches"][0]) for r in (a, b))
     assert ja["metrics"] == jb["metrics"]  # same seeds -> same numbers
 
 
@@ -77,7 +77,7 @@ def test_destroying_patch_is_caught(tiny):
 
 
 def test_reports_have_stable_keys_and_compare_table(tiny, tmp_path):
-    files = evaluation.write_reports(tiny[0], tmp_path, command="patchforge eval --compare noop destroy")
+    files = report.write_reports(tiny[0], tmp_path, command="patchforge eval --compare noop destroy")
     names = sorted(p.name for p in files)
     assert "compare.eval.md" in names and "noop.eval.png" in names and "destroy.eval.json" in names
     js = json.loads((tmp_path / "noop.eval.json").read_text())
@@ -89,7 +89,7 @@ def test_reports_have_stable_keys_and_compare_table(tiny, tmp_path):
             "robustness.misspelling", "specificity.neighbours.in_sample", "specificity.other_kinds.in_sample",
             "replacement.kept", "replacement.neutral", "replacement.neighbour", "replacement.other",
             "replacement.absent", "unprompted.target", "unprompted.other_same_kind"} <= set(js["metrics"])
-    assert js["version"] == evaluation.JSON_VERSION == 2
+    assert js["version"] == report.JSON_VERSION == 2
     assert set(js["overlap"]) == {"neighbour", "other_kind"}
     assert js["replacement_targets"]["stripes"]["label"] == "solid"
     assert all(set(p) == {"set", "prompt", "concept", "trained"} for p in js["prompts"])

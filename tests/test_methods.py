@@ -206,8 +206,8 @@ class ToEmpty(Method):
         tr = self.tr
         idx = tr.pick(self.target, self.batch)
         x_t, t, _ = tr.noised(self.refs[[i % len(self.refs) for i in idx]])
-        empty = tr.eps(x_t, t, tr.embed([""] * len(idx), base=True), base=True)
-        return F.mse_loss(tr.eps(x_t, t, tr.embed([self.target[i] for i in idx], role="target")), empty), {}
+        empty = tr.predict(x_t, t, tr.embed([""] * len(idx), base=True), base=True)
+        return F.mse_loss(tr.predict(x_t, t, tr.embed([self.target[i] for i in idx], role="target")), empty), {}
 '''
 
 

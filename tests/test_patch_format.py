@@ -10,6 +10,7 @@ import torch
 
 from patchforge import cli
 from patchforge.io import loading as pf
+from patchforge.io import fingerprint
 from patchforge.io import patch_format as fmt
 from patchforge.errors import PatchFormatError
 from tiny_pipelines import BUILDERS, cached_patches, make_patch, run
@@ -41,11 +42,11 @@ def test_file_layout_and_metadata(tmp_path):
 
 def test_fingerprint_is_stable_and_dtype_independent():
     a, b = BUILDERS["sd1"](), BUILDERS["sd1"]()
-    assert fmt.base_fingerprint(a) == fmt.base_fingerprint(b)
-    assert fmt.base_fingerprint(a.to(torch.float16)) == fmt.base_fingerprint(b)
-    assert fmt.base_fingerprint(BUILDERS["sd2"]())["patchforge.base_prediction_type"] == "v_prediction"
-    assert fmt.base_fingerprint(BUILDERS["sd1"](seed=1))["patchforge.base_weights"] != \
-        fmt.base_fingerprint(b)["patchforge.base_weights"]
+    assert fingerprint.base_fingerprint(a) == fingerprint.base_fingerprint(b)
+    assert fingerprint.base_fingerprint(a.to(torch.float16)) == fingerprint.base_fingerprint(b)
+    assert fingerprint.base_fingerprint(BUILDERS["sd2"]())["patchforge.base_prediction_type"] == "v_prediction"
+    assert fingerprint.base_fingerprint(BUILDERS["sd1"](seed=1))["patchforge.base_weights"] != \
+        fingerprint.base_fingerprint(b)["patchforge.base_weights"]
 
 
 def test_merge_is_exact_and_loads_like_the_stack(tmp_path):

@@ -45,7 +45,8 @@ def _with_big_layer():
 
 
 def test_fingerprint_samples_the_last_element_of_a_tensor_past_2_24():
-    from patchforge.io.patch_format import K_BASE_WEIGHTS, base_fingerprint
+    from patchforge.io.fingerprint import base_fingerprint
+    from patchforge.io.patch_format import K_BASE_WEIGHTS
 
     pipe = _with_big_layer()
     assert pipe.unet.big.weight.numel() > 2 ** 24
@@ -60,7 +61,7 @@ def test_patch_on_a_layer_past_2_24_loads_fuses_and_restores_exactly(tmp_path):
 
     from patchforge.io.loading import (fuse_forget_patches, load_forget_patch, unfuse_forget_patches,
         unload_forget_patches)
-    from patchforge.io.patch_format import save_patch_from_pipeline
+    from patchforge.io.saving import save_patch_from_pipeline
 
     pipe = _with_big_layer()
     pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["big", "to_k"], init_lora_weights=False),
@@ -301,7 +302,8 @@ def test_fingerprint_agrees_across_fp32_fp16_and_bf16_copies():
     made for other weights when loaded into the fp32 or fp16 copy of the same checkpoint."""
     import copy
 
-    from patchforge.io.patch_format import K_BASE_WEIGHTS_V2, base_fingerprint
+    from patchforge.io.fingerprint import base_fingerprint
+    from patchforge.io.patch_format import K_BASE_WEIGHTS_V2
     from tiny_pipelines import BUILDERS
 
     pipe = BUILDERS["sd1"]()

@@ -23,6 +23,7 @@ from huggingface_hub import constants
 from patchforge import cli
 from patchforge.io import hub
 from patchforge.io import loading as pf
+from patchforge.io import fingerprint
 from patchforge.io import patch_format as fmt
 from patchforge.errors import BaseModelMismatch, PatchforgeError, PatchFormatError
 from patchforge.io.loading import PatchesSwitchedWarning
@@ -41,7 +42,7 @@ def pipeline_state(pipe) -> tuple:
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             h.update(name.encode())
             h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest(), tuple(sorted(fmt.base_fingerprint(pipe).items()))
+    return h.hexdigest(), tuple(sorted(fingerprint.base_fingerprint(pipe).items()))
 
 
 def forge(folder, name, lora=None, meta=None, tensors=None, good=None):
@@ -364,14 +365,14 @@ def test_fingerprint_sees_half_the_weights_negated():
     offset, so it sees the change."""
     pipe, forged = tiny_sd1(), tiny_sd1()
     with torch.no_grad():
-        for _, p in fmt.base_parameters(forged.unet):
+        for _, p in fingerprint.base_parameters(forged.unet):
             flat = p.view(-1)
             k = min(16, flat.numel())
             idx = (torch.arange(k) * (flat.numel() - 1)) // max(k - 1, 1)
             kept = flat[idx].clone()
             flat[1::2] *= -1
             flat[idx] = kept
-    a, b = fmt.base_fingerprint(pipe), fmt.base_fingerprint(forged)
+    a, b = fingerprint.base_fingerprint(pipe), fingerprint.base_fingerprint(forged)
     assert a[fmt.K_BASE_WEIGHTS] == b[fmt.K_BASE_WEIGHTS]  # the old hash is fooled
     assert a[fmt.K_BASE_WEIGHTS_V2] != b[fmt.K_BASE_WEIGHTS_V2]
     with pytest.raises(BaseModelMismatch, match="other weights"):
@@ -382,18 +383,18 @@ def test_fingerprint_sample_on_a_tensor_over_2_24_elements():
     n = 2**24 + 1001
     flat = torch.randn(n, generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
-    sample = fmt._strided_sample(flat)
+    sample = fingerprint._strided_sample(flat)
     seconds = time.perf_counter() - t0
-    count = -(-n // (-(-n // fmt.SAMPLE_PER_TENSOR) | 1))  # ~SAMPLE_PER_TENSOR values sampled
+    count = -(-n // (-(-n // fingerprint.SAMPLE_PER_TENSOR) | 1))  # ~SAMPLE_PER_TENSOR values sampled
     assert len(sample) == -(-count // 8)  # one sign bit each
     tail = flat.clone()
     tail[2**24:] *= -1  # only values past 2^24 change
-    assert fmt._strided_sample(tail) != sample
+    assert fingerprint._strided_sample(tail) != sample
     odd = flat.clone()
     odd[1::2] *= -1
-    assert fmt._strided_sample(odd) != sample
-    assert fmt._strided_sample(flat.half()) == sample  # fp16 and bf16 copies of the checkpoint agree
-    assert fmt._strided_sample(flat.bfloat16()) == sample
+    assert fingerprint._strided_sample(odd) != sample
+    assert fingerprint._strided_sample(flat.half()) == sample  # fp16 and bf16 copies of the checkpoint agree
+    assert fingerprint._strided_sample(flat.bfloat16()) == sample
     assert seconds < 0.5, seconds
 
 

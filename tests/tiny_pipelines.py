@@ -171,7 +171,7 @@ def make_patch(pipe, path, concept: str, seed: int = 1, rank: int = 4, alpha: fl
     from peft import LoraConfig
 
     from patchforge.backbones import for_pipe
-    from patchforge.io.patch_format import save_patch_from_pipeline
+    from patchforge.io.saving import save_patch_from_pipeline
 
     name = f"_tmp_{seed}"
     torch.manual_seed(seed)

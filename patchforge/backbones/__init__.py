@@ -193,7 +193,7 @@ def _discover() -> None:
         _discovered.append(True)
 
 
-def family_of(pipe):
+def backbone_class(pipe):
     """The Backbone class serving this pipeline."""
     _discover()
     for cls in FAMILIES:
@@ -205,7 +205,7 @@ def family_of(pipe):
 
 def for_pipe(pipe):
     """A Backbone bound to this pipeline."""
-    return family_of(pipe)(pipe)
+    return backbone_class(pipe)(pipe)
 
 
 def all_components() -> tuple[str, ...]:
@@ -214,7 +214,7 @@ def all_components() -> tuple[str, ...]:
     return tuple(dict.fromkeys(c for cls in FAMILIES for c in cls.components))
 
 
-def family_of_folder(folder):
+def backbone_for_folder(folder):
     """(Backbone class, family name, denoiser config) of a diffusers folder, read from its configs
     without loading anything; None when no family recognises it."""
     _discover()

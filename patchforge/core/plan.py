@@ -19,7 +19,7 @@ Peak memory (bytes), the estimate printed in the plan line and checked against w
                  K = ACT_K (or ACT_K_CHECKPOINTED with gradient checkpointing) is the number of such
                  values autograd keeps per row and W = WORKSPACE the backward pass's fixed workspace,
                  both fitted on the SD 1.5-sized UNet (docs/real-models.md)
-    rows         UNet rows that run with gradients in one step (the method's unet_rows())
+    rows         UNet rows that run with gradients in one step (the method's denoiser_rows())
 
 On a GPU the weights and activations live in GPU memory and are checked against it; loading and
 runtime stay in host memory. The estimate is meant to be within ~20 %: it decides refusals, not
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ..backbones import family_of_folder, for_pipe
+from ..backbones import backbone_for_folder, for_pipe
 from ..errors import PatchforgeError
 
 GIB = 2 ** 30
@@ -120,7 +120,7 @@ class ModelFacts:
         """From a diffusers folder without loading any weight (configs and safetensors headers);
         None when the folder does not hold what is needed (the load will say why)."""
         folder = Path(folder)
-        found = family_of_folder(folder)
+        found = backbone_for_folder(folder)
         if found is None:
             return None
         family_cls, name, cfg = found

@@ -29,7 +29,7 @@ def available(models: dict) -> bool:
     here, and no component carries offloading or other hooks (accelerate's `_hf_hook`, diffusers'
     `_diffusers_hook`: CPU / sequential / group offloading), which diffusers' loaders take off and
     put back around a load. Otherwise diffusers' loaders are used."""
-    from .patch_format import base_modules
+    from .fingerprint import base_modules
 
     try:
         from peft.tuners.lora import LoraLayer, LoraModel

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from . import adapter_inject
 from ..backbones import for_pipe
 from ..errors import PatchforgeError, PatchFormatError, one_line
-from .patch_format import (K_BASE_WEIGHTS, K_BASE_WEIGHTS_V2, TEXT_COMPONENTS, TEXT_PREFIX, Patch, base_fingerprint,
-                           base_modules, base_parameters, check_base, delta_norm, peft_config_kwargs, read_patch)
+from .fingerprint import base_fingerprint, base_modules, base_parameters, check_base
+from .patch_format import (K_BASE_WEIGHTS, K_BASE_WEIGHTS_V2, TEXT_COMPONENTS, TEXT_PREFIX, Patch, delta_norm,
+                           peft_config_kwargs, read_patch)
 
 REGISTRY_ATTR = "_patchforge_patches"  # on the denoiser: adapter name -> LoadedPatch (provenance only)
 KEPT_ATTR = "_patchforge_unfused"  # on each component while fused: module name -> base weight before the fuse

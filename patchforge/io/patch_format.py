@@ -7,8 +7,9 @@ Layout (spec in docs/patch-format.md):
   metadata  `format: pt`, diffusers' `lora_adapter_metadata` (JSON of `{component}.{LoraConfig field}`,
             so rank and alpha reload exactly) and `patchforge.*` keys (concept, method, base, ...).
 
-This module only reads, writes, validates and merges files. Putting patches into pipelines is
-loading.py; the Hub is hub.py; other formats are export.py.
+This module only reads, writes, validates and merges files. Which base a pipeline is (and whether a patch
+fits it) is fingerprint.py; a pipeline's trained adapter becomes a file in saving.py; putting patches into
+pipelines is loading.py; the Hub is hub.py; other formats are export.py and kohya.py.
 """
 from __future__ import annotations
 
@@ -20,11 +21,10 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..core.atomic import atomic_path
-from ..backbones import all_components, family_components, for_pipe, text_components
+from ..backbones import all_components, family_components, text_components
 from ..errors import BaseModelMismatch, PatchFormatError, PatchforgeError, one_line  # noqa: F401  (one_line: re-exported)
 
 FORMAT_VERSION = "1"
@@ -39,7 +39,6 @@ MAX_TENSORS = 50_000
 MAX_RANK = 4096
 MAX_ALPHA = 1e6
 MAX_DELTA_NORM = 1e4  # |scale * B @ A|_F of one module; the loader also holds it to 10x the layer's own norm
-SAMPLE_PER_TENSOR = 4096  # values per tensor in the v2 weights fingerprint
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 # rank_pattern / alpha_pattern keys: module names, plain or re.escape'd (no classes, groups or repeats)
 PATTERN_KEY = re.compile(r"(?:[A-Za-z0-9_]|\\[^A-Za-z0-9\s]|\.)+")
@@ -133,106 +132,6 @@ def peft_name(comp: str, module: str) -> str:
     return module.removeprefix(TEXT_PREFIX) if comp in TEXT_COMPONENTS else module
 
 
-# ----------------------------------------------------------------------------- base fingerprint
-
-def base_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) in named_modules order, without going into PEFT's adapter containers (lora_A,
-    lora_B, lora_dropout, ...: one module per loaded adapter in every LoRA layer), so the walk costs
-    the same with 1 or 50 adapters loaded. LoRA layers themselves and their base layers are in it."""
-    out, seen = [], set()
-
-    def visit(prefix: str, module: torch.nn.Module) -> None:
-        if id(module) in seen:
-            return
-        seen.add(id(module))
-        out.append((prefix, module))
-        for name, child in module._modules.items():
-            if child is not None and not name.startswith("lora_"):
-                visit(f"{prefix}.{name}" if prefix else name, child)
-
-    visit("", model)
-    return out
-
-
-def base_parameters(model: torch.nn.Module):
-    """Base parameters under names that do not depend on LoRA wrapping or the transformers version."""
-    seen = set()
-    for prefix, module in base_modules(model):
-        for pname, p in module._parameters.items():
-            name = f"{prefix}.{pname}" if prefix else pname
-            if p is None or id(p) in seen or "lora_" in name:
-                continue
-            seen.add(id(p))
-            yield name.replace(".base_layer.", ".").removeprefix(TEXT_PREFIX), p
-
-
-def base_fingerprint(pipe, legacy: bool = True) -> dict[str, str]:
-    """Which base a pipeline is: a readable family, a hash of its architecture (parameter names and
-    shapes of the denoiser and text encoders, in the family's component order) and hashes of its
-    weights: v2 hashes sign bits, so fp32, fp16 and bf16 copies of one checkpoint agree (the legacy
-    hash rounds to float16: fp32 and fp16 only).
-
-    `base_weights_v2` hashes a strided sample of every tensor: up to SAMPLE_PER_TENSOR values, every
-    s-th element with s odd (so both halves of any alternating pattern are in it) and a starting
-    offset drawn from the tensor's own content. An edit that touches more than a sliver of a tensor
-    changes it; keeping it while changing the weights takes deliberate work (it is a guard against
-    wrong bases, not a signature). `base_weights` is the older 16-values-per-tensor hash, kept so
-    patches written before v2 still check (and for cache keys); legacy=False leaves it out (half the
-    work: a load needs it only for a patch that records no v2 hash)."""
-    arch, old, weights = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
-    for comp in for_pipe(pipe).components:  # the family's own order: other families never change a hash
-        model = getattr(pipe, comp, None)
-        if model is None:
-            continue
-        arch.update(f"{comp}:{type(model).__name__};".encode())
-        for name, p in sorted(base_parameters(model), key=lambda t: t[0]):
-            arch.update(f"{name}{tuple(p.shape)};".encode())
-            flat = p.detach().reshape(-1)
-            if legacy:
-                old.update(_legacy_sample(flat))
-            weights.update(f"{name};".encode())
-            weights.update(_strided_sample(flat))
-    scheduler = getattr(pipe, "scheduler", None)
-    prediction = (getattr(for_pipe(pipe), "PREDICTION", None)
-                  or getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon")
-    fp = {K_BASE_ID: _model_id(pipe), K_BASE_FAMILY: _family(pipe), K_BASE_ARCH: arch.hexdigest()[:16],
-          K_BASE_WEIGHTS: old.hexdigest()[:16], K_BASE_WEIGHTS_V2: weights.hexdigest()[:32], K_PREDICTION: prediction}
-    if not legacy:
-        del fp[K_BASE_WEIGHTS]
-    return fp
-
-
-def _legacy_sample(flat: torch.Tensor) -> bytes:
-    # integer arithmetic: a float32 linspace rounds past the end of tensors over 2^24 elements
-    k = min(16, flat.numel())
-    idx = (torch.arange(k, device=flat.device) * (flat.numel() - 1)) // max(k - 1, 1)
-    return flat[idx].to(torch.float16).cpu().numpy().tobytes()
-
-
-def _strided_sample(flat: torch.Tensor) -> bytes:
-    # Sign bits only: rounding to fp16 or bf16 never changes a sign bit (an underflow keeps it, as -0.0),
-    # so fp32, fp16 and bf16 copies of one checkpoint give the same hash (a patch trained in bf16 checks
-    # against an fp16 pipeline), while another checkpoint or a fine-tune flips many of the sampled signs.
-    n = flat.numel()
-    if n > SAMPLE_PER_TENSOR:
-        stride = -(-n // SAMPLE_PER_TENSOR) | 1  # odd
-        head = (torch.arange(64, device=flat.device) * (n - 1)) // 63
-        offset = int.from_bytes(hashlib.sha256(_sign_bits(flat[head])).digest()[:8], "little") % stride
-        flat = flat[offset::stride]
-    return _sign_bits(flat)
-
-
-def _sign_bits(values: torch.Tensor) -> bytes:
-    return np.packbits(torch.signbit(values.detach()).cpu().numpy()).tobytes()
-
-
-def _model_id(pipe) -> str:
-    from ..core.pipeline_loading import public_model_id
-
-    name = str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "")
-    return public_model_id(name) if name else "unknown"
-
-
 def unit_scale(patch: Patch) -> Patch:
     """The same patch with each module's scale folded into its B (fp32), so alpha = rank everywhere:
     every tool then applies the same delta, whether it reads lora_adapter_metadata (diffusers, PEFT),
@@ -253,6 +152,11 @@ def unit_scale(patch: Patch) -> Patch:
     return Patch(state_dicts, configs, dict(patch.metadata))
 
 
+def base_label(metadata: dict[str, str]) -> str:
+    """The base a patch (or a fingerprint) names, for messages: family and model id, one line each."""
+    return f"{one_line(metadata.get(K_BASE_FAMILY, '?'))} '{one_line(metadata.get(K_BASE_ID, '?'))}'"
+
+
 def public_metadata(metadata: dict[str, str]) -> dict[str, str]:
     """A patch's metadata as it may leave the machine (push, export, cards, reports): the base is named
     only by its Hub repo id or the toy's name. Files written before the base was recorded that way
@@ -266,83 +170,7 @@ def public_metadata(metadata: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _family(pipe) -> str:
-    return for_pipe(pipe).family_name()
-
-
-def model_key(pipe) -> str:
-    """A short stable id of the base weights: reference images and Fisher are cached under it."""
-    return base_fingerprint(pipe)[K_BASE_WEIGHTS].split(":")[-1][:16]
-
-
-def family_of(metadata: dict[str, str]) -> str:
-    return f"{one_line(metadata.get(K_BASE_FAMILY, '?'))} '{one_line(metadata.get(K_BASE_ID, '?'))}'"
-
-
-def check_base(patch: Patch, pipe, strict: bool = False, fingerprint: dict | None = None) -> str | None:
-    """Raise BaseModelMismatch if the patch was made for another architecture (or does not say which);
-    for another checkpoint of the same architecture return a warning text (raise with strict=True)."""
-    fp = fingerprint or base_fingerprint(pipe)
-    md, where = patch.metadata, patch.path or "the patch"
-    arch = md.get(K_BASE_ARCH, "")
-    if not arch:
-        raise BaseModelMismatch(f"{where} records no base architecture, so nothing says it fits this pipeline: "
-                                f"ask its author for a patch saved by patchforge")
-    if arch != fp[K_BASE_ARCH]:
-        raise BaseModelMismatch(
-            f"{where} was made for {family_of(md)} (architecture {one_line(arch, 20)}) but this pipeline is "
-            f"{family_of(fp)} (architecture {fp[K_BASE_ARCH]}): load it on its own base model")
-    key = K_BASE_WEIGHTS_V2 if md.get(K_BASE_WEIGHTS_V2) else K_BASE_WEIGHTS  # patches from before v2: the old hash
-    if key not in fp:
-        fp = base_fingerprint(pipe)
-    if md.get(key) != fp[key]:
-        other = "other weights (a fine-tune?)" if md.get(key) else "weights the patch records no fingerprint of"
-        text = (f"{where} was made for '{one_line(md.get(K_BASE_ID, '?'))}' and this pipeline "
-                f"('{one_line(fp[K_BASE_ID])}') "
-                f"has the same architecture but {other}: the erasure may be weaker")
-        if strict:
-            raise BaseModelMismatch(text + "; pass strict=False to load it anyway")
-        return text
-    return None
-
-
 # ----------------------------------------------------------------------------- writing
-
-def lora_config_dict(config) -> dict:
-    """LoraConfig -> JSON-able dict, as diffusers stores it (sets become sorted lists)."""
-    out = {}
-    for k, v in config.to_dict().items():
-        if isinstance(v, (set, frozenset)):
-            v = sorted(v)
-        out[k] = v.value if hasattr(v, "value") and not isinstance(v, (int, float, str)) else v
-    return json.loads(json.dumps(out, default=str))
-
-
-def save_patch_from_pipeline(pipe, path, *, adapter_name: str, metadata: dict[str, str]) -> Path:
-    """Write adapter `adapter_name` of the pipeline's denoiser and text encoders as a forget patch.
-
-    `path` is a .safetensors file or a folder (then DEFAULT_WEIGHT_NAME inside it). `metadata` holds
-    the trainer's patchforge.* keys; the base fingerprint and format keys are added here."""
-    from peft.utils import get_peft_model_state_dict
-
-    state_dicts, configs = {}, {}
-    for comp in COMPONENTS:
-        model = getattr(pipe, comp, None)
-        if model is None or adapter_name not in (getattr(model, "peft_config", None) or {}):
-            continue
-        sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
-        if comp in TEXT_COMPONENTS:
-            sd = {k if k.startswith(TEXT_PREFIX) else TEXT_PREFIX + k: v for k, v in sd.items()}
-        state_dicts[comp] = {k: v.detach().to("cpu").clone().contiguous() for k, v in sd.items()}
-        configs[comp] = lora_config_dict(model.peft_config[adapter_name])
-    if not state_dicts:
-        raise PatchforgeError(f"no component of the pipeline has a LoRA adapter named '{adapter_name}': "
-                              f"add one with component.add_adapter(LoraConfig(...), adapter_name='{adapter_name}')")
-    md = {k: str(v) for k, v in metadata.items()}
-    md.update(base_fingerprint(pipe))
-    md.setdefault(K_TARGETS, json.dumps({c: configs[c].get("target_modules") for c in configs}, sort_keys=True))
-    return write_patch(Patch(state_dicts, configs, md), path)
-
 
 def write_patch(patch: Patch, path) -> Path:
     """Validate and write atomically: a reader never sees a half-written patch."""
@@ -685,7 +513,7 @@ def merge_patches(patches: list[Patch], weights: list[float] | None = None) -> P
                                 f"it cannot be merged (re-train or re-save it with patchforge)")
     arches = {p.metadata.get(K_BASE_ARCH) for p in patches}
     if len(arches) > 1:
-        names = ", ".join(f"{p.path or '?'} ({family_of(p.metadata)})" for p in patches)
+        names = ", ".join(f"{p.path or '?'} ({base_label(p.metadata)})" for p in patches)
         raise BaseModelMismatch(f"these patches are for different base models and cannot be merged: {names}")
     state_dicts, configs = {}, {}
     for comp in COMPONENTS:

@@ -69,7 +69,7 @@ def cycle(items: list, n: int) -> list:
 class MethodConfig:
     steps: int = 100
     lr: float = 1e-3
-    unet_targets: str = "xattn"  # a backbone TARGETS key or a peft regex; "none" for text-encoder-only
+    denoiser_targets: str = "xattn"  # a backbone TARGETS key or a peft regex; "none" for text-encoder-only
     text_encoder: bool = False
     n_refs: int = 16  # reference latents for the concept (one per target prompt, cycled)
     preserve_weight: float = 1.0
@@ -105,9 +105,9 @@ class Method:
         raise NotImplementedError
 
     @classmethod
-    def unet_rows(cls, hp, batch: int) -> tuple[int, int]:
-        """UNet rows one step runs (with gradients, without): what the plan's memory estimate and
-        cost line count. A method whose loss() calls the UNet differently says so here."""
+    def denoiser_rows(cls, hp, batch: int) -> tuple[int, int]:
+        """Denoiser rows one step runs (with gradients, without): what the plan's memory estimate and
+        cost line count. A method whose loss() calls the denoiser differently says so here."""
         return 2 * batch, 2 * batch
 
     def lora_rank(self) -> int | None:
@@ -227,10 +227,10 @@ def text_kv_moments(trainer, prompts: list[str], latents: torch.Tensor, paired: 
         for i in range(0, len(prompts), chunk):
             rows = list(range(i, min(i + chunk, len(prompts))))
             x_t, t, _ = trainer.backbone.noised(latents[[j % len(latents) for j in rows]], gen)
-            trainer.eps(x_t, t, trainer.embed([prompts[j] for j in rows], base=True), base=True)
+            trainer.predict(x_t, t, trainer.embed([prompts[j] for j in rows], base=True), base=True)
             c = dict(seen)
             if paired is not None:
-                trainer.eps(x_t, t, trainer.embed([paired[j] for j in rows], base=True), base=True)
+                trainer.predict(x_t, t, trainer.embed([paired[j] for j in rows], base=True), base=True)
             for name, _ in layers:
                 s = sums[name]
                 s[0] = s[0] + c[name].T @ c[name]

@@ -47,7 +47,7 @@ class AllButOne(Method):
         self.guide = guide
 
     @classmethod
-    def unet_rows(cls, hp, batch):
+    def denoiser_rows(cls, hp, batch):
         return 4 * batch, 4 * batch  # [concept | preserve | uncond x2], patched and base
 
     def loss(self, step):
@@ -59,10 +59,10 @@ class AllButOne(Method):
         # patched: [concept | preserve | uncond(concept x_t) | uncond(preserve x_t)] in one call
         cond = Cond.cat([tr.embed([self.prompts[i] for i in idx], role="target"), pcond, empty, empty])
         x_all, t_all = torch.cat([x_t, px, x_t, px]), torch.cat([t, pt, t, pt])
-        e = tr.eps(x_all, t_all, cond).split(b)
+        e = tr.predict(x_all, t_all, cond).split(b)
         goal_c = tr.embed([(self.anchors if self.guide == "alternative" else self.prompts)[i] for i in idx], base=True)
         with torch.no_grad():
-            base = tr.eps(x_all, t_all, Cond.cat([goal_c, pcond, empty, empty]), base=True).split(b)
+            base = tr.predict(x_all, t_all, Cond.cat([goal_c, pcond, empty, empty]), base=True).split(b)
         g_goal = base[0] - base[2]
         if self.guide == "zero":
             g_goal = torch.zeros_like(g_goal)

@@ -34,7 +34,7 @@ class ESD(Method):
         self.load_concept_rows()
 
     @classmethod
-    def unet_rows(cls, hp, batch):
+    def denoiser_rows(cls, hp, batch):
         return batch, 2 * batch  # patched on the concept; base on the concept and on the empty prompt
 
     def loss(self, step):
@@ -42,7 +42,7 @@ class ESD(Method):
         idx = tr.pick(self.prompts, self.batch)
         x_t, t, _ = tr.noised(self.refs[idx])
         cond = tr.embed([self.prompts[i] for i in idx], role="target")
-        e_c = tr.eps(x_t, t, tr.embed([self.prompts[i] for i in idx], base=True), base=True)
-        e_0 = tr.eps(x_t, t, tr.embed([""] * len(idx), base=True), base=True)
-        loss = F.mse_loss(tr.eps(x_t, t, cond), e_c - eta * (e_c - e_0))
+        e_c = tr.predict(x_t, t, tr.embed([self.prompts[i] for i in idx], base=True), base=True)
+        e_0 = tr.predict(x_t, t, tr.embed([""] * len(idx), base=True), base=True)
+        loss = F.mse_loss(tr.predict(x_t, t, cond), e_c - eta * (e_c - e_0))
         return loss, {}

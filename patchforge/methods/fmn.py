@@ -34,7 +34,7 @@ holds every change it makes; a LoRA on to_q/to_out acts on image features and re
     L = attn_weight L_attn + map_weight L_map + preserve_weight (L_pres + L_contrast) + keep_weight L_keep
 
 map_weight = 0 gives attention re-steering alone; away = 0 the plain mapping; keep_weight = 0,
-lr 2e-3 and unet_targets=xattn the previous default. Contrast rows are off by default: beside L_keep
+lr 2e-3 and denoiser_targets=xattn the previous default. Contrast rows are off by default: beside L_keep
 they changed nothing measurable. Defaults were tuned on the toy model (docs/training.md).
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ class FMNConfig(MethodConfig):
     lr: float = 4e-3
     # LoRA on cross-attention's K/V only: what the text reaches. to_q/to_out act on image features, so
     # a change there reaches every prompt, and the keep term below cannot hold it (docs/training.md)
-    unet_targets: str = "xattn-kv"
+    denoiser_targets: str = "xattn-kv"
     attn_weight: float = 1.0
     preserve_weight: float = 3.0  # tuned on the toy model, docs/training.md
     map_weight: float = 2.0
@@ -168,7 +168,7 @@ class ForgetMeNot(Method):
             module.set_processor(proc)
 
     @classmethod
-    def unet_rows(cls, hp, batch):
+    def denoiser_rows(cls, hp, batch):
         target = batch + (max(1, batch // 4) if hp.invert_steps > 0 else 0)
         grad = target + (batch + round(hp.contrast * batch) if hp.preserve_weight > 0 else 0)
         base = (target if hp.map_weight > 0 else 0) + (grad - target if hp.preserve_weight > 0 else 0)
@@ -210,9 +210,9 @@ class ForgetMeNot(Method):
         if teach:
             rows = slice(0 if hp.map_weight > 0 else b, None)
             with torch.no_grad():
-                teacher = tr.eps(x_all[rows], t_all[rows], Cond.cat(teach), base=True)
+                teacher = tr.predict(x_all[rows], t_all[rows], Cond.cat(teach), base=True)
                 if toward is not None:  # the base's own prediction for the concept, to steer away from
-                    teacher[:b] = teacher[:b] - hp.away * (tr.eps(x_t, t, toward, base=True) - teacher[:b])
+                    teacher[:b] = teacher[:b] - hp.away * (tr.predict(x_t, t, toward, base=True) - teacher[:b])
         return Rows(prompts, extra, x_all, t_all, mask, b, pcond, teacher)
 
     def loss(self, step):
@@ -226,7 +226,7 @@ class ForgetMeNot(Method):
         masks = torch.zeros(len(c_all), self.mask.shape[1], device=self.mask.device)
         masks[:b] = r.mask  # preserve rows record nothing
         self.recorder.mask, self.recorder.mass = masks, []
-        pred = tr.eps(r.x, r.t, c_all)
+        pred = tr.predict(r.x, r.t, c_all)
         # the mask stays set until the next step: gradient checkpointing re-runs these forwards during
         # backward and must see the same operations (the recorder skips forwards without gradients)
         heads_rows = [m[: b * (m.shape[0] // len(c_all))] for m in self.recorder.mass]  # target rows only

@@ -22,7 +22,7 @@ from . import Method, MethodConfig, register
 class RedactConfig(MethodConfig):
     steps: int = 100
     lr: float = 3e-3
-    unet_targets: str = "none"
+    denoiser_targets: str = "none"
     text_encoder: bool = True
 
 
@@ -31,7 +31,7 @@ class Redact(Method):
     Config = RedactConfig
 
     @classmethod
-    def unet_rows(cls, hp, batch):
+    def denoiser_rows(cls, hp, batch):
         return 0, 0  # trains the text encoder only
 
     def loss(self, step):

@@ -27,7 +27,7 @@ from ..core.atomic import atomic_path
 from ..core.cache import cache_dir
 from ..core.cond import Cond
 from ..core.lora import has_adapter, lora_delta
-from ..io.patch_format import model_key
+from ..io.fingerprint import model_key
 from . import Method, MethodConfig, cycle, register
 
 
@@ -66,7 +66,7 @@ class SelectiveAmnesia(Method):
         """Diagonal Fisher of the LoRA-targeted base weights, cached once per base model."""
         from safetensors.torch import load_file, save_file
 
-        tr, targets = self.tr, self.tr.backbone.target_pattern(self.hp.unet_targets)
+        tr, targets = self.tr, self.tr.backbone.target_pattern(self.hp.denoiser_targets)
         prompts = self.fisher_prompts()
         tag = hashlib.sha256(f"{targets}|{prompts}|{self.hp.fisher_samples}".encode()).hexdigest()[:10]
         path = cache_dir() / "fisher" / f"{model_key(tr.pipe)}-{tag}.safetensors"
@@ -84,7 +84,7 @@ class SelectiveAmnesia(Method):
             j = i % len(prompts)
             x0 = latents[j:j + 1]
             x_t, t, noise = tr.backbone.noised(x0, gen)
-            loss = F.mse_loss(tr.eps(x_t, t, tr.embed([prompts[j]], base=True)), tr.target(x0, noise, t))
+            loss = F.mse_loss(tr.predict(x_t, t, tr.embed([prompts[j]], base=True)), tr.target(x0, noise, t))
             grads = torch.autograd.grad(loss, list(weights.values()))
             for (n, _), g in zip(weights.items(), grads):
                 fisher[n] += g.float() ** 2 / self.hp.fisher_samples
@@ -103,7 +103,7 @@ class SelectiveAmnesia(Method):
         self.n_weights = max(1, sum(f.numel() for _, f in self.layers))
 
     @classmethod
-    def unet_rows(cls, hp, batch):
+    def denoiser_rows(cls, hp, batch):
         return 2 * batch, 0  # forget and replay rows against the true noise
 
     def loss(self, step):
@@ -114,7 +114,7 @@ class SelectiveAmnesia(Method):
         x_t, t, noise = tr.noised(x0)
         cond = Cond.cat([tr.embed([self.prompts[i] for i in idx], role="target"),
                          tr.embed([self.preserve[i] for i in ridx], role="preserve")])
-        err = (tr.eps(x_t, t, cond) - tr.target(x0, noise, t)).pow(2).flatten(1).mean(1)
+        err = (tr.predict(x_t, t, cond) - tr.target(x0, noise, t)).pow(2).flatten(1).mean(1)
         l_forget, l_replay = err[:b].mean(), err[b:].mean()
         # mean over the targeted weights, so lam does not scale with the model's size
         l_ewc = sum((f * lora_delta(m).pow(2)).sum() for m, f in self.layers) / self.n_weights

@@ -38,7 +38,7 @@ from . import Method, MethodConfig, register
 @dataclass
 class UCEConfig(MethodConfig):
     steps: int = 0  # closed form: no optimisation step
-    unet_targets: str = "xattn-kv"  # the layers the backbone's text_kv() lists, which this edits
+    denoiser_targets: str = "xattn-kv"  # the layers the backbone's text_kv() lists, which this edits
     preserve_weight: float = 1.0  # weight of each preserve token against each erased token
     erase_weight: float = 1.0
     away: float = 1.0  # v* = W0 a - away (W0 c - W0 a): past the anchor, away from the concept

@@ -6,7 +6,7 @@
 
 A method (patchforge/methods/) only says which modules it trains, what data it needs and what its
 loss is; it never owns a loop. Everything a method needs from the model goes through the Trainer
-below (embed, eps, base predictions, noising), so the loop, devices and precision live in one place.
+below (embed, predict, base predictions, noising), so the loop, devices and precision live in one place.
 
 Robust training hook: every prompt embedding a method uses comes from `Trainer.embed()`, which calls
 `trainer.prompt_embeddings(prompts, role)`. A robust wrapper (`--robust`, patchforge/train/robust.py, owned
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import time
@@ -31,14 +30,14 @@ import torch
 from ..core.atomic import atomic_path
 from ..core.output_paths import check_output_file
 from ..backbones import for_pipe
-from ..core.concepts import ConceptSpec, load_concept_file, merge, resolve
+from ..core.concepts import ConceptSpec, merge, resolve
 from ..core.cache import cache_dir
 from ..core.cond import Cond
 from ..core.lora import ADAPTER, adapters_off
 from ..errors import PatchforgeError
 from ..core.generate import generate_latents
-from ..io.patch_format import (K_BASE_ID, K_CONCEPT, K_CONCEPTS, K_DEVICE, K_HPARAMS, K_METHOD, K_SECONDS, K_SEED,
-    model_key)
+from ..io.patch_format import (K_BASE_ID, K_CONCEPT, K_CONCEPTS, K_DEVICE, K_HPARAMS, K_METHOD, K_SECONDS, K_SEED)
+from ..io.fingerprint import model_key
 
 TEXT_ENCODER = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -54,7 +53,7 @@ class TrainConfig:
     batch: int = 8
     seed: int = 0
     grad_clip: float = 1.0
-    unet_targets: str | None = None  # key of TARGETS or a peft regex; None -> method default
+    denoiser_targets: str | None = None  # key of TARGETS or a peft regex; None -> method default
     text_encoder: bool | None = None  # also train a text-encoder LoRA; None -> method default
     device: str | None = None
     mixed_precision: bool = True  # autocast on CUDA only
@@ -68,6 +67,12 @@ class TrainConfig:
     gradient_checkpointing: bool | None = None  # None: on only when the run would not fit without it
     precision: str = "auto"  # auto, fp32, bf16, fp16: the frozen base's dtype; LoRA weights stay fp32
     max_memory_gib: float | None = None  # memory the run may use; None: what the device has free
+
+    def __post_init__(self):  # --set keys under their old names mean the new ones
+        self.options = {OPTION_ALIASES.get(k, k): v for k, v in self.options.items()}
+
+
+OPTION_ALIASES = {"unet_targets": "denoiser_targets"}  # old --set key -> its name now (renamed 2026-12-07)
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -123,7 +128,7 @@ class Trainer:
         return self.backbone.text_encoders()
 
     # ---- denoiser
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, base: bool = False) -> torch.Tensor:
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, base: bool = False) -> torch.Tensor:
         """The denoiser's prediction (epsilon, v or velocity: whatever the base predicts). base=True: the
         frozen base model's (adapter disabled, no grad) -- the teacher of every distillation term."""
         ctx = (torch.no_grad(), adapters_off([self.denoiser])) if base else (nullcontext(), nullcontext())
@@ -188,19 +193,19 @@ class Trainer:
 
 
 # ---------------------------------------------------------------- LoRA injection
-def inject_lora(trainer: Trainer, unet_targets: str | None, text_encoder: bool, rank: int, alpha: float) -> list:
+def inject_lora(trainer: Trainer, denoiser_targets: str | None, text_encoder: bool, rank: int, alpha: float) -> list:
     """Add adapter ADAPTER through peft to the chosen modules; return the trainable parameters."""
     from peft import LoraConfig
 
     params = []
     denoiser = trainer.denoiser
-    if unet_targets:
+    if denoiser_targets:
         config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                            target_modules=trainer.backbone.target_pattern(unet_targets))
+                            target_modules=trainer.backbone.target_pattern(denoiser_targets))
         try:
             denoiser.add_adapter(config, adapter_name=ADAPTER)
         except ValueError:  # PEFT: "Target modules ... not found in the base model"
-            raise PatchforgeError(f"--targets {unet_targets[:40]!r} matches no module of this model's denoiser: "
+            raise PatchforgeError(f"--targets {denoiser_targets[:40]!r} matches no module of this model's denoiser: "
                                   f"give one of {', '.join(TARGET_SETS)} or a regex of its module names") from None
         denoiser.set_adapters(ADAPTER) if hasattr(denoiser, "set_adapters") else None
     if text_encoder:
@@ -216,7 +221,7 @@ def inject_lora(trainer: Trainer, unet_targets: str | None, text_encoder: bool, 
                 p.requires_grad_(True)
                 params.append(p)
     if not params:
-        raise PatchforgeError(f"no module of this model matches the LoRA targets '{unet_targets}'")
+        raise PatchforgeError(f"no module of this model matches the LoRA targets '{denoiser_targets}'")
     return params
 
 
@@ -239,7 +244,7 @@ def check_train_args(cfg: TrainConfig, *, model: str | None = None, out: str | P
     _positive_int("--batch", cfg.batch)
     _positive_int("--ref-images", cfg.ref_images)
     _positive_int("--resolution", cfg.resolution)
-    check_targets(cfg.unet_targets)
+    check_targets(cfg.denoiser_targets)
     if cfg.resolution is not None and cfg.resolution % 8:
         raise PatchforgeError(f"--resolution {cfg.resolution}: must be a multiple of 8 (the VAE's scale)")
     for flag, value in (("--lr", cfg.lr), ("--alpha", cfg.alpha), ("grad_clip", cfg.grad_clip),
@@ -286,68 +291,129 @@ def _positive_int(flag: str, value) -> None:
         raise PatchforgeError(f"{flag} {value}: must be a whole number >= 1")
 
 
-# ---------------------------------------------------------------- the loop
-def train_patch(concepts, method: str = "fmn", model: str | None = None, config: TrainConfig | None = None,
-                out: str | Path | None = None, pipe=None, robust=None, plan=None) -> tuple[Path, dict]:
-    """Train one forget patch erasing `concepts` (spec strings or ConceptSpecs) and write it.
+# ---------------------------------------------------------------- a run, resolved once
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one training run will do, resolved once before any work (resolve_run); run_spec only
+    runs it. `cfg` holds the final steps, lr, batch and resolution; `hp` the method's Config with the
+    --robust and family defaults applied and the plan's reference-image count."""
+    cfg: TrainConfig
+    hp: object
+    specs: tuple[ConceptSpec, ...]
+    plan: object  # core.plan.RunPlan
+    device: torch.device
+    targets: str | None  # the denoiser's LoRA targets (a TARGETS key or a regex); "none": no denoiser LoRA
+    text_encoder: bool
+    out: Path
+    source: str | None  # the model as the user named it (only its public id reaches the patch)
 
-    Returns (path, summary). `pipe` reuses an already loaded pipeline (left without the adapter
-    afterwards); `robust` is an optional callable(trainer) installing the robust hook; `plan` the
-    RunPlan its caller made before loading `pipe` (else it is made here)."""
+    @property
+    def method_cls(self):
+        from ..methods import get_method
+        return get_method(self.cfg.method)
+
+
+def resolve_run(concepts, cfg: TrainConfig, hp, facts, *, model: str | None = None, out=None,
+                loaded: bool = False, source: str | None = None, device: torch.device | None = None) -> RunSpec:
+    """The run's one spec. `hp`: check_train_args' result; `facts`: the base's ModelFacts, read before
+    loading where its folder tells enough; `model`: as the user named it (None: the default), which picks
+    the concept world; `source`: what the patch records as its base (default: `model`); `device`: plan for
+    this device instead of cfg.device's (the benchmarks plan for GPUs they lack). Refuses a run that cannot
+    fit (make_plan)."""
     from dataclasses import replace
 
-    from tqdm.auto import tqdm
-
     from ..core.concepts import concept_world
+    from ..core.pipeline_loading import pick_device
+    from ..core.plan import make_plan
     from ..methods import get_method
-    from ..io.patch_format import K_BASE_REPO_ID, save_patch_from_pipeline
-    from ..core.pipeline_loading import hub_repo_id, load_pipeline, pick_device, public_model_id
+
+    method_cls = get_method(cfg.method)
+    device = device or pick_device(cfg.device)
+    world = concept_world(model, family=facts.family)
+    specs = tuple(resolve(c, world=world) for c in (concepts if isinstance(concepts, (list, tuple)) else [concepts]))
+    hp = family_config(hp, cfg, facts)
+    steps = cfg.steps if cfg.steps is not None else hp.steps
+    plan = make_plan(facts, device, precision=cfg.precision, resolution=cfg.resolution, batch=cfg.batch,
+                     ref_images=cfg.ref_images, checkpointing=cfg.gradient_checkpointing,
+                     rows=lambda b: method_cls.denoiser_rows(hp, b),
+                     steps=steps, ref_steps=int(cfg.options.get("ref_steps", 10)),
+                     max_memory_gib=cfg.max_memory_gib, loaded=loaded,
+                     method_n_refs=hp.n_refs, user_n_refs="n_refs" in cfg.options)
+    return RunSpec(
+        cfg=replace(cfg, steps=steps, lr=cfg.lr if cfg.lr is not None else hp.lr, batch=plan.batch,
+                    resolution=plan.resolution),
+        hp=replace(hp, n_refs=plan.ref_images), specs=specs, plan=plan, device=device,
+        targets=cfg.denoiser_targets if cfg.denoiser_targets is not None else hp.denoiser_targets,
+        text_encoder=cfg.text_encoder if cfg.text_encoder is not None else hp.text_encoder,
+        out=Path(out) if out else Path("patches") / default_name(specs, cfg.method),
+        source=source if source is not None else model)
+
+
+def prepare_run(concepts, cfg: TrainConfig, hp, *, model: str | None = None, out=None, pipe=None):
+    """(RunSpec, pipeline): planned before loading where the model's folder tells enough (a run that
+    cannot fit is refused before gigabytes load), else on the loaded pipeline; `pipe` reuses one."""
+    from ..core.pipeline_loading import load_pipeline, pick_device
     from ..core.plan import ModelFacts
 
-    cfg = config or TrainConfig(method=method)
-    cfg.method = method or cfg.method
-    cfg.robust = cfg.robust or robust is not None
-    hp = check_train_args(cfg, model=None if pipe is not None else model, out=out)
-    method_cls = get_method(cfg.method)
-    t0 = time.time()
-    device = pick_device(cfg.device)
     facts = ModelFacts.from_pipe(pipe) if pipe is not None else model_facts(model)
-    world = concept_world(model, family=facts.family if facts else None)
-    specs = [resolve(c, world=world) for c in (concepts if isinstance(concepts, (list, tuple)) else [concepts])]
-    if plan is None and facts is not None:
-        plan = plan_for(cfg, hp, method_cls, facts, device, loaded=pipe is not None)
+    if facts is None:  # a Hub id not in the cache: nothing to read before loading
+        pipe = load_pipeline(model, device=str(pick_device(cfg.device)))
+        facts = ModelFacts.from_pipe(pipe)
+    source = model if model is not None else getattr(pipe, "name_or_path", None)
+    spec = resolve_run(concepts, cfg, hp, facts, model=model, out=out, loaded=pipe is not None, source=source)
     if pipe is None:
-        pipe = load_pipeline(model, device=str(device), dtype=plan.dtype if plan else None)
-    facts = facts or ModelFacts.from_pipe(pipe)
-    if plan is None:  # nothing to read before loading (a Hub id not in the cache): plan on the loaded pipeline
-        plan = plan_for(cfg, hp, method_cls, facts, device, loaded=True)
-    hp = family_config(hp, cfg, facts)
+        pipe = load_pipeline(model, device=str(spec.device), dtype=spec.plan.dtype)
+    return spec, pipe
+
+
+def train_patch(concepts, method: str = "fmn", model: str | None = None, config: TrainConfig | None = None,
+                out: str | Path | None = None, pipe=None, robust=None) -> tuple[Path, dict]:
+    """Train one forget patch erasing `concepts` (spec strings or ConceptSpecs) and write it: the Python
+    entry point (check, resolve, load, run). Returns (path, summary). `pipe` reuses an already loaded
+    pipeline (left without the adapter afterwards); `robust` is an optional callable(trainer)
+    installing the robust hook."""
+    from dataclasses import replace
+
+    cfg = replace(config or TrainConfig(), method=method or (config.method if config else "fmn"))
+    cfg = replace(cfg, robust=cfg.robust or robust is not None)
+    hp = check_train_args(cfg, model=None if pipe is not None else model, out=out)
+    spec, pipe = prepare_run(concepts, cfg, hp, model=model, out=out, pipe=pipe)
+    return run_spec(spec, pipe, robust)
+
+
+def run_spec(spec: RunSpec, pipe, robust=None) -> tuple[Path, dict]:
+    """The shared loop: method.prepare() on the frozen base, LoRA injected, cfg.steps of method.loss()
+    (or the closed form's solve), the patch written. Returns (path, summary)."""
+    from tqdm.auto import tqdm
+
+    from ..core.pipeline_loading import hub_repo_id, public_model_id
+    from ..core.plan import peak_rss
+    from ..io.patch_format import K_BASE_REPO_ID
+    from ..io.saving import save_patch_from_pipeline
+
+    cfg, hp, plan = spec.cfg, spec.hp, spec.plan
+    t0 = time.time()
     if cfg.progress:
         print(plan.line(cfg.method), flush=True)
-    cfg = replace(cfg, batch=plan.batch, resolution=plan.resolution)
-    hp.n_refs = plan.ref_images
-    steps = cfg.steps if cfg.steps is not None else hp.steps
-    lr = cfg.lr if cfg.lr is not None else hp.lr
     torch.manual_seed(cfg.seed)  # LoRA's gaussian init draws from the global generator
-    trainer = Trainer(pipe, cfg, device, resolution=plan.resolution)
+    trainer = Trainer(pipe, cfg, spec.device, resolution=plan.resolution)
     if robust is not None:
         robust(trainer)
-    runner = method_cls(hp, trainer, specs, merge(specs))
+    runner = spec.method_cls(hp, trainer, list(spec.specs), merge(list(spec.specs)))
     t_prep = time.time()
     runner.prepare()  # on the frozen base: references, cached embeddings, Fisher
     prepare_seconds = time.time() - t_prep
 
-    unet_targets = cfg.unet_targets if cfg.unet_targets is not None else hp.unet_targets
-    text_encoder = cfg.text_encoder if cfg.text_encoder is not None else hp.text_encoder
+    steps, targets, text_encoder = cfg.steps, spec.targets, spec.text_encoder
     closed = runner.closed_form  # solved, not trained: its rank comes from the solution, no steps
     rank = runner.lora_rank() or cfg.rank
     if closed:
-        steps, unet_targets, text_encoder = 0, hp.unet_targets, False
+        steps, targets, text_encoder = 0, hp.denoiser_targets, False
     alpha = cfg.alpha if cfg.alpha is not None else float(rank)
-    params = inject_lora(trainer, None if unet_targets == "none" else unet_targets, text_encoder, rank, alpha)
+    params = inject_lora(trainer, None if targets == "none" else targets, text_encoder, rank, alpha)
     if plan.checkpointing:
         trainer.denoiser.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     losses, solved = [], {}
     try:
         runner.start()
@@ -370,37 +436,34 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
         step_seconds = (time.time() - t_loop) / max(1, steps)
         runner.finish()
         seconds = time.time() - t0
-        names = [s.key for s in specs]
-        hparams = {"steps": steps, "lr": lr, "rank": rank, "alpha": alpha, "batch": cfg.batch,
-                   "grad_clip": cfg.grad_clip, "unet_targets": unet_targets, "text_encoder": text_encoder,
+        names = [s.key for s in spec.specs]
+        hparams = {"steps": steps, "lr": cfg.lr, "rank": rank, "alpha": alpha, "batch": cfg.batch,
+                   "grad_clip": cfg.grad_clip, "denoiser_targets": targets, "text_encoder": text_encoder,
                    "reference_images": "user" if cfg.images else "base model",
                    **({"resolution": plan.resolution} if plan.resolution != trainer.native else {}),
-                   **{k: v for k, v in asdict(hp).items() if k not in ("steps", "lr")},
+                   **{k: v for k, v in asdict(hp).items() if k not in ("steps", "lr", "denoiser_targets",
+                                                                         "text_encoder")},  # resolved above
                    **{f"solve_{k}": v for k, v in solved.items()}}  # closed form: rank and residual error
-        metadata = {K_CONCEPT: "; ".join(names), K_CONCEPTS: json.dumps([s.to_json() for s in specs]),
+        metadata = {K_CONCEPT: "; ".join(names), K_CONCEPTS: json.dumps([s.to_json() for s in spec.specs]),
                     K_METHOD: cfg.method, K_HPARAMS: json.dumps(hparams), K_SECONDS: f"{seconds:.1f}",
-                    K_DEVICE: str(device), K_SEED: str(cfg.seed)}
-        source = model if model is not None else getattr(pipe, "name_or_path", None)
-        metadata[K_BASE_ID] = public_model_id(source)  # never a local path
-        repo_id = hub_repo_id(source)
+                    K_DEVICE: str(spec.device), K_SEED: str(cfg.seed)}
+        metadata[K_BASE_ID] = public_model_id(spec.source)  # never a local path
+        repo_id = hub_repo_id(spec.source)
         if repo_id:
             metadata[K_BASE_REPO_ID] = repo_id
-        path = Path(out) if out else Path("patches") / default_name(specs, cfg.method)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path = save_patch_from_pipeline(pipe, path, adapter_name=ADAPTER, metadata=metadata)
+        spec.out.parent.mkdir(parents=True, exist_ok=True)
+        path = save_patch_from_pipeline(pipe, spec.out, adapter_name=ADAPTER, metadata=metadata)
     finally:
         if plan.checkpointing:
             trainer.denoiser.disable_gradient_checkpointing()
         remove_lora(trainer)
     written = time.time() - t0  # with a loaded pipe: from model loaded to patch written
-    size = path.stat().st_size
-    from ..core.plan import peak_rss
-
     summary = {"concepts": names, "method": cfg.method, "steps": steps, "seconds": round(seconds, 1),
                "prepare_seconds": round(prepare_seconds, 1), "step_seconds": round(step_seconds, 2),
                "peak_rss_gib": round(peak_rss() / 2**30, 2), "expected_peak_gib": round(plan.estimate.total / 2**30, 2),
                "seconds_to_written": round(written, 3), "rank": rank, "solve": solved or None,
-               "bytes": size, "path": str(path), "device": str(device), "first_loss": losses[0] if losses else None,
+               "bytes": path.stat().st_size, "path": str(path), "device": str(spec.device),
+               "first_loss": losses[0] if losses else None,
                "last_loss": sum(losses[-5:]) / max(1, len(losses[-5:])) if losses else None, "losses": losses,
                "robust": getattr(trainer, "robust_stats", None)}  # the inner attack's cost, when --robust
     return path, summary
@@ -426,20 +489,6 @@ def family_config(hp, cfg: TrainConfig, facts):
     if facts is not None and facts.joint_attention:
         changes.update(type(hp).JOINT_ATTENTION)
     return replace(hp, **{k: v for k, v in changes.items() if k not in user}) if changes else hp
-
-
-def plan_for(cfg: TrainConfig, hp, method_cls, facts, device: torch.device, loaded: bool):
-    """The run's RunPlan from the family's defaults and cfg's choices; refuses one that cannot fit."""
-    from ..core.plan import make_plan
-
-    hp = family_config(hp, cfg, facts)
-    steps = cfg.steps if cfg.steps is not None else hp.steps
-    return make_plan(facts, device, precision=cfg.precision, resolution=cfg.resolution, batch=cfg.batch,
-                     ref_images=cfg.ref_images, checkpointing=cfg.gradient_checkpointing,
-                     rows=lambda b: method_cls.unet_rows(hp, b),
-                     steps=steps, ref_steps=int(cfg.options.get("ref_steps", 10)),
-                     max_memory_gib=cfg.max_memory_gib, loaded=loaded,
-                     method_n_refs=hp.n_refs, user_n_refs="n_refs" in cfg.options)
 
 
 def default_name(specs: list[ConceptSpec], method: str) -> str:
@@ -495,101 +544,3 @@ def _check_option_type(key: str, value, default) -> None:
     if not ok:
         shown = value if isinstance(value, str) else json.dumps(value)
         raise PatchforgeError(f"--set {key}={shown}: expected {want}")
-
-
-def run_command(args) -> int:
-    from ..core.concepts import concept_world
-
-    cfg = TrainConfig(method=args.method, steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
-                      batch=args.batch, seed=args.seed, unet_targets=args.targets, text_encoder=args.text_encoder,
-                      options=dict(args.set), progress=not args.quiet, images=args.images,
-                      resolution=args.resolution, ref_images=args.ref_images,
-                      gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
-                      max_memory_gib=args.max_memory, robust=args.robust)
-    hp = check_train_args(cfg, model=args.model, out=args.out, concept_file=args.concept_file)  # before any load
-    if args.device:
-        from ..core.pipeline_loading import pick_device
-
-        pick_device(args.device)
-    if not args.concept and not args.concept_file:
-        raise PatchforgeError("give at least one --concept KIND:NAME or a --concept-file")
-    world = concept_world(args.model)
-    jobs = [[resolve(c, to=args.to, seed=args.seed, world=world) for c in args.concept]] if args.concept else []
-    if args.concept_file:
-        jobs += [[s] for s in load_concept_file(args.concept_file, world=world)]
-    if args.one_patch:
-        jobs = [[s for job in jobs for s in job]]
-    if args.out and len(jobs) > 1:
-        raise PatchforgeError("--out names one file but the concept file trains several patches: leave --out out")
-    if args.images and len(jobs) > 1:
-        raise PatchforgeError("--images holds one concept's images but the concept file trains several patches")
-    robust = None
-    if args.robust:
-        try:
-            from .robust import wrap_trainer as robust
-        except ImportError:
-            raise PatchforgeError("robust training is not available in this installation (patchforge.train.robust "
-                                  "missing)") from None
-    rank, world_size, device = process_share(args.device)
-    tag = f"[process {rank + 1}/{world_size}] " if world_size > 1 else ""
-    mine = jobs[rank::world_size]
-    if world_size > 1:
-        print(f"{tag}{len(mine)} of {len(jobs)} patches on {device}", flush=True)
-    cfg.device, cfg.progress = device, cfg.progress and rank == 0
-    if args.dry_run:
-        from ..methods import get_method
-        from ..core.pipeline_loading import pick_device
-
-        facts = model_facts(args.model)
-        if facts is None:
-            raise PatchforgeError(f"--dry-run: nothing to plan from before loading '{args.model}' (not a folder, "
-                                  "not in the Hub cache)")
-        print(plan_for(cfg, hp, get_method(args.method), facts, pick_device(device), loaded=False).line(args.method))
-        return 0
-    pipe, t_all, written = None, time.time(), []
-    for specs in mine:
-        if pipe is None:
-            from ..methods import get_method
-            from ..core.pipeline_loading import load_pipeline, pick_device
-
-            facts = model_facts(args.model)  # a run that cannot fit is refused here, before loading
-            plan = (plan_for(cfg, hp, get_method(args.method), facts, pick_device(device), loaded=False)
-                    if facts else None)
-            pipe = load_pipeline(args.model, device=str(pick_device(device)), dtype=plan.dtype if plan else None)
-        else:
-            plan = None  # the next patch's plan: on the pipeline already loaded
-        path, s = train_patch(specs, args.method, args.model, cfg, out=args.out, pipe=pipe, robust=robust, plan=plan)
-        print(f"{tag}{summary_line(s)} -> {path}", flush=True)
-        written.append(s)
-        if s["robust"]:
-            print(f"{tag}  robust: {s['robust']['inner_steps']} inner attack steps took "
-                  f"{s['robust']['inner_seconds']:.1f} s of the {s['seconds']} s")
-    if len(written) > 1:
-        print(f"{tag}{len(written)} patches, {sum(len(s['concepts']) for s in written)} concepts in "
-              f"{time.time() - t_all:.1f} s (one model load; {sum(s['bytes'] for s in written) / 1024:.0f} KiB)")
-    return 0
-
-
-def summary_line(s: dict) -> str:
-    """One line for a written patch: steps and loss, or the closed form's rank and residual."""
-    if s["solve"]:
-        how = (f"solved in closed form in {s['seconds_to_written']:.2f} s on {s['device']}: rank {s['rank']}, "
-               f"residual {s['solve']['residual']:.2%} of the exact edit")
-    else:
-        how = (f"{s['steps']} steps in {s['seconds']} s on {s['device']} ({s['prepare_seconds']} s references, "
-               f"{s['step_seconds']} s/step, peak RSS {s['peak_rss_gib']:.1f} GiB, expected "
-               f"{s['expected_peak_gib']:.1f}), loss "
-               + (f"{s['first_loss']:.4g} -> {s['last_loss']:.4g}" if s["losses"] else "n/a"))
-    return f"trained {', '.join(s['concepts'])} with {s['method']}: {how}, patch {s['bytes'] / 1024:.0f} KiB"
-
-
-def process_share(device: str | None) -> tuple[int, int, str | None]:
-    """(rank, world size, device) of this process. Under `accelerate launch` or `torchrun`, which set
-    RANK / WORLD_SIZE / LOCAL_RANK, the patches of a concept list are dealt out round-robin, one
-    process per GPU (cuda:LOCAL_RANK): a patch is minutes of work at most, so patches in parallel
-    beat one patch split over GPUs, and no process ever waits for another. A single process: (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and device is None and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-    return rank, world, device

@@ -62,8 +62,8 @@ def wrap_trainer(trainer, config: RobustConfig | None = None) -> None:
         for _ in range(cfg.inner_steps):
             x_t, t, _ = trainer.backbone.noised(x0, g)
             x_t, t = x_t.to(trainer.device, trainer.backbone.dtype), t.to(trainer.device)
-            target = trainer.eps(x_t, t, plain, base=True)
-            pred = trainer.eps(x_t, t, Cond(soft.encode(pipe, prompts)))
+            target = trainer.predict(x_t, t, plain, base=True)
+            pred = trainer.predict(x_t, t, Cond(soft.encode(pipe, prompts)))
             (grad,) = torch.autograd.grad(F.mse_loss(pred, target), [soft.vectors])
             soft.vectors.grad = grad
             opt.step()
