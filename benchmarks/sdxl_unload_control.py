@@ -2,7 +2,7 @@
 is the difference patchforge's or the CPU kernels' run-to-run behaviour?
 
 One SDXL-sized random-weight pipeline (benchmarks/bench_gpu.py's config, fp16 on disk) loaded in bf16,
-deterministic algorithms on, 256 px, 2 denoising steps, one seed. Outputs compared (largest absolute
+deterministic algorithms on, 256 px, 2 denoising steps (--size, --steps), one seed. Outputs compared (largest absolute
 latent difference, and whether every weight is bit-identical):
 
     base vs base                 the same pipeline run twice
@@ -36,9 +36,9 @@ def weights_digest(pipe) -> str:
     return h.hexdigest()[:16]
 
 
-def latents(pipe) -> torch.Tensor:
+def latents(pipe, steps: int, size: int) -> torch.Tensor:
     gen = torch.Generator("cpu").manual_seed(0)
-    return pipe("a painting of a lighthouse", num_inference_steps=2, guidance_scale=5.0, height=256, width=256,
+    return pipe("a painting of a lighthouse", num_inference_steps=steps, guidance_scale=5.0, height=size, width=size,
                 generator=gen, output_type="latent").images.float()
 
 
@@ -46,6 +46,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/pf_real"))
     ap.add_argument("--tiny", action="store_true", help="toy widths: checks the script, its numbers mean nothing")
+    ap.add_argument("--steps", type=int, default=2, help="denoising steps per output (bf16 on a CPU: minutes each)")
+    ap.add_argument("--size", type=int, default=256, help="pixels")
     args = ap.parse_args()
     from diffusers import StableDiffusionXLPipeline
 
@@ -60,17 +62,17 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     patch = make_patch(pipe, args.workdir / "sdxl-random-patch.safetensors", "random", scale=0.05,
                        targets=["attn2.to_k", "attn2.to_v"])
-    digest, base = weights_digest(pipe), latents(pipe)
-    rows = [("base vs base", latents(pipe), weights_digest(pipe))]
+    digest, base = weights_digest(pipe), latents(pipe, args.steps, args.size)
+    rows = [("base vs base", latents(pipe, args.steps, args.size), weights_digest(pipe))]
     with torch.no_grad():
         for comp in ("unet", "text_encoder", "text_encoder_2", "vae"):
             for p in getattr(pipe, comp).parameters():
                 p.data = p.data.clone()  # the same values in fresh memory
-    rows.append(("base vs weights moved (no patch)", latents(pipe), weights_digest(pipe)))
+    rows.append(("base vs weights moved (no patch)", latents(pipe, args.steps, args.size), weights_digest(pipe)))
     name = pf.load_forget_patch(pipe, patch)
-    patched = latents(pipe)
+    patched = latents(pipe, args.steps, args.size)
     pf.unload_forget_patch(pipe, name)
-    rows.append(("base vs patch unloaded", latents(pipe), weights_digest(pipe)))
+    rows.append(("base vs patch unloaded", latents(pipe, args.steps, args.size), weights_digest(pipe)))
     print(f"patched vs base: largest difference {float((patched - base).abs().max()):.4g} (the patch acts)")
     print("| comparison | largest latent difference | weights bit-identical |\n|---|---|---|")
     for label, out, d in rows:

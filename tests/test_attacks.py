@@ -13,7 +13,7 @@ from patchforge.eval.attacks.ring_a_bell import concept_pairs, concept_vector, r
 from patchforge.eval.attacks.soft_prompt import soft_prompt_attack
 from patchforge.eval.attacks.unlearndiff import prefix_objective, target_latents, unlearndiff_attack
 from patchforge.core import worlds
-from patchforge.core.generate import generate_latents
+from patchforge.core.sampling import generate_latents
 from patchforge.eval.text_attacks import misspell
 from patchforge.toyworld import world
 
@@ -216,7 +216,7 @@ def test_run_attacks_reports_the_new_attacks(monkeypatch):
     on prompts without the name), inversion_converged the steps it ran."""
     from tiny_pipelines import tiny_sd1
 
-    from patchforge.core import generate as gen_module
+    from patchforge.core import sampling as gen_module
 
     monkeypatch.setattr(gen_module, "STEPS", 2)
     pipe = tiny_sd1()
@@ -288,7 +288,7 @@ EXAMPLE_ATTACK = '''
 """brightness_prompt: the target prompts with "bright" in front (a test attack)."""
 from dataclasses import dataclass
 
-from patchforge.core.generate import generate
+from patchforge.core.sampling import generate
 from patchforge.eval.attacks import Attack, Outcome, knob, register
 
 
@@ -315,7 +315,7 @@ def test_a_new_attack_is_one_file(tmp_path, monkeypatch):
     from tiny_pipelines import tiny_sd1
 
     from patchforge.cli import build_parser
-    from patchforge.core import generate as gen_module
+    from patchforge.core import sampling as gen_module
     from patchforge.errors import PatchforgeError
 
     (tmp_path / "brightness_prompt.py").write_text(EXAMPLE_ATTACK)

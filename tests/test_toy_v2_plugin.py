@@ -8,7 +8,7 @@ import json
 import pytest
 
 from patchforge.core import concepts, worlds
-from patchforge.core import generate as generation
+from patchforge.core import sampling as generation
 from patchforge.toyworld import world as v1, world_v2 as v2
 from patchforge.toyworld.plugin import ToyWorld, ToyWorldV2
 

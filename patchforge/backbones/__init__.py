@@ -5,7 +5,7 @@ attacks -- asks a Backbone, never the pipeline's denoiser directly. A family is 
 class that implements the protocol below and registers itself with @register; `for_pipe(pipe)` picks
 the first registered family whose `matches(pipe)` is true.
 
-    denoiser_name      the pipeline attribute of the denoiser ("unet", later "transformer")
+    denoiser_name      the pipeline attribute of the denoiser ("unet" or "transformer")
     components         the LoRA-carrying components a patch may hold, denoiser first
     TARGETS            LoRA target patterns by key: text-attention K/V, text attention, none
     encode()           prompts -> Cond (the pipeline's own prompt encoding)

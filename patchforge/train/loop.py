@@ -1,16 +1,17 @@
-"""`patchforge train`: the one training loop every erasure method shares.
+"""The one training loop every erasure method shares, and the run spec it runs.
 
-    specs -> prompt sets (concepts.py) -> method.prepare() on the frozen base (reference latents,
-    cached embeddings, Fisher...) -> LoRA injected through peft -> N steps of method.loss() with
-    seeded timesteps/noise, AdamW, grad clipping -> forget patch written by patch_format.
+    arguments checked (check_train_args) -> one frozen RunSpec (resolve_run: concepts, the method's
+    config, the memory plan, steps, lr, targets) -> method.prepare() on the frozen base (reference
+    latents, cached embeddings, Fisher...) -> LoRA injected through peft -> N steps of method.loss()
+    with seeded timesteps/noise, AdamW, grad clipping -> forget patch written (io/saving.py).
 
 A method (patchforge/methods/) only says which modules it trains, what data it needs and what its
 loss is; it never owns a loop. Everything a method needs from the model goes through the Trainer
 below (embed, predict, base predictions, noising), so the loop, devices and precision live in one place.
 
 Robust training hook: every prompt embedding a method uses comes from `Trainer.embed()`, which calls
-`trainer.prompt_embeddings(prompts, role)`. A robust wrapper (`--robust`, patchforge/train/robust.py, owned
-by the evaluation/attacks side) may replace that attribute with one returning adversarially perturbed
+`trainer.prompt_embeddings(prompts, role)`. A robust wrapper (`--robust`, patchforge/train/robust.py) may
+replace that attribute with one returning adversarially perturbed
 embeddings for role == "target"; the loop and the methods need no change.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ..core.cache import cache_dir
 from ..core.cond import Cond
 from ..core.lora import ADAPTER, adapters_off
 from ..errors import PatchforgeError
-from ..core.generate import generate_latents
+from ..core.sampling import generate_latents
 from ..io.patch_format import (K_BASE_ID, K_CONCEPT, K_CONCEPTS, K_DEVICE, K_HPARAMS, K_METHOD, K_SECONDS, K_SEED)
 from ..io.fingerprint import model_key
 
@@ -386,9 +387,7 @@ def run_spec(spec: RunSpec, pipe, robust=None) -> tuple[Path, dict]:
     (or the closed form's solve), the patch written. Returns (path, summary)."""
     from tqdm.auto import tqdm
 
-    from ..core.pipeline_loading import hub_repo_id, public_model_id
     from ..core.plan import peak_rss
-    from ..io.patch_format import K_BASE_REPO_ID
     from ..io.saving import save_patch_from_pipeline
 
     cfg, hp, plan = spec.cfg, spec.hp, spec.plan
@@ -444,13 +443,7 @@ def run_spec(spec: RunSpec, pipe, robust=None) -> tuple[Path, dict]:
                    **{k: v for k, v in asdict(hp).items() if k not in ("steps", "lr", "denoiser_targets",
                                                                          "text_encoder")},  # resolved above
                    **{f"solve_{k}": v for k, v in solved.items()}}  # closed form: rank and residual error
-        metadata = {K_CONCEPT: "; ".join(names), K_CONCEPTS: json.dumps([s.to_json() for s in spec.specs]),
-                    K_METHOD: cfg.method, K_HPARAMS: json.dumps(hparams), K_SECONDS: f"{seconds:.1f}",
-                    K_DEVICE: str(spec.device), K_SEED: str(cfg.seed)}
-        metadata[K_BASE_ID] = public_model_id(spec.source)  # never a local path
-        repo_id = hub_repo_id(spec.source)
-        if repo_id:
-            metadata[K_BASE_REPO_ID] = repo_id
+        metadata = patch_metadata(spec, hparams, seconds)
         spec.out.parent.mkdir(parents=True, exist_ok=True)
         path = save_patch_from_pipeline(pipe, spec.out, adapter_name=ADAPTER, metadata=metadata)
     finally:
@@ -467,6 +460,21 @@ def run_spec(spec: RunSpec, pipe, robust=None) -> tuple[Path, dict]:
                "last_loss": sum(losses[-5:]) / max(1, len(losses[-5:])) if losses else None, "losses": losses,
                "robust": getattr(trainer, "robust_stats", None)}  # the inner attack's cost, when --robust
     return path, summary
+
+
+def patch_metadata(spec: RunSpec, hparams: dict, seconds: float) -> dict[str, str]:
+    """The patchforge.* keys a trained patch records (the base's fingerprint is added when it is saved)."""
+    from ..core.pipeline_loading import hub_repo_id, public_model_id
+    from ..io.patch_format import K_BASE_REPO_ID
+
+    metadata = {K_CONCEPT: "; ".join(s.key for s in spec.specs),
+                K_CONCEPTS: json.dumps([s.to_json() for s in spec.specs]), K_METHOD: spec.cfg.method,
+                K_HPARAMS: json.dumps(hparams), K_SECONDS: f"{seconds:.1f}", K_DEVICE: str(spec.device),
+                K_SEED: str(spec.cfg.seed), K_BASE_ID: public_model_id(spec.source)}  # never a local path
+    repo_id = hub_repo_id(spec.source)
+    if repo_id:
+        metadata[K_BASE_REPO_ID] = repo_id
+    return metadata
 
 
 def model_facts(model: str | None):

@@ -1,10 +1,11 @@
 """`patchforge train --robust`: adversarial training against soft-prompt attacks (AdvUnlearn-style).
 
-training.py builds every target-prompt embedding through `trainer.prompt_embeddings(prompts, role)`.
-`wrap_trainer` replaces that hook: for role == "target" it first runs a few *inner* attack steps on a
-soft suffix (patchforge.core.soft_tokens.SoftPrompt) that pull the current patched model's noise prediction
-back to the frozen base model's for the concept, then hands the method the *attacked* embeddings, so
-the outer patch update erases the concept on the attacked prompt too. The soft suffix persists
+The shared loop (train/loop.py) builds every target-prompt embedding through
+`trainer.prompt_embeddings(prompts, role)`. `wrap_trainer` replaces that hook: for role == "target" it
+first runs a few *inner* attack steps on a soft suffix (patchforge.core.soft_tokens.SoftPrompt) that
+pull the current patched model's noise prediction back to the frozen base model's for the concept,
+then hands the method the *attacked* embeddings, so the outer patch update erases the concept on the
+attacked prompt too. The soft suffix persists
 across outer steps (warm start: the attack keeps up with the patch). Retain: the method's own
 preservation term on its preserve prompts (neighbours and other kinds) keeps the rest.
 

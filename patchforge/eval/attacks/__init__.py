@@ -30,7 +30,7 @@ import torch
 from ...backbones import for_pipe
 from ...core import worlds
 from ...core.atomic import write_text
-from ...core.generate import GUIDANCE, SEED0, generate
+from ...core.sampling import GUIDANCE, SEED0, generate
 from ...core.output_paths import check_output_file
 from ...errors import PatchforgeError
 from ...io.loading import patches_suspended

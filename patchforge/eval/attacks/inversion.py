@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...core.generate import generate
+from ...core.sampling import generate
 from ...core.soft_tokens import SoftPrompt, invert_latents
 from . import Attack, Outcome, Target, for_pipe, knob, register
 

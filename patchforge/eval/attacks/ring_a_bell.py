@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ...core.cond import Cond
-from ...core.generate import generate
+from ...core.sampling import generate
 from ...errors import PatchforgeError
 from ...io.loading import patches_suspended
 from . import Attack, Outcome, Target, for_pipe, knob, register

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...core.generate import GUIDANCE, empty_embeds, generate, generate_latents
+from ...core.sampling import GUIDANCE, encode_prompts, generate, generate_latents
 from ...core.soft_tokens import SoftPrompt
 from ...io.loading import patches_suspended
 from . import Attack, Outcome, Target, for_pipe, guided, knob, register
@@ -32,9 +32,9 @@ def soft_prompt_attack(pipe, prompts: list[str], steps: int = 30, n_tokens: int 
     opt = torch.optim.Adam([soft.vectors], lr=lr)
     g = torch.Generator("cpu").manual_seed(seed)
     with torch.no_grad():
-        plain = empty_embeds(pipe, len(prompts), list(prompts))
-        empty = empty_embeds(pipe, len(prompts))
-        neg = empty_embeds(pipe, len(prompts), [negative] * len(prompts)) if negative else empty
+        plain = encode_prompts(pipe, len(prompts), list(prompts))
+        empty = encode_prompts(pipe, len(prompts))
+        neg = encode_prompts(pipe, len(prompts), [negative] * len(prompts)) if negative else empty
     for _ in range(steps):
         x_t, t, _ = backbone.noised(latents, g)
         with patches_suspended(pipe), torch.no_grad():

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...core.generate import generate, generate_latents
+from ...core.sampling import generate, generate_latents
 from ...core.soft_tokens import SoftPrefix
 from ...errors import PatchforgeError
 from ...io.loading import patches_suspended

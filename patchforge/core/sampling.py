@@ -63,7 +63,7 @@ def generate_latents(pipe, prompts: list[str], seeds: list[int], steps: int | No
     return torch.cat(out)
 
 
-def empty_embeds(pipe, n: int, texts: list[str] | None = None) -> torch.Tensor:
+def encode_prompts(pipe, n: int, texts: list[str] | None = None) -> torch.Tensor:
     """Text-encoder output of "" (or of `texts`): the unconditional branch of guidance."""
     from ..backbones import for_pipe
 
