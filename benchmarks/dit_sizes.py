@@ -108,7 +108,7 @@ def meta_facts(arch: str, cfg: dict):
     sizes as bf16 weights (what the released checkpoints ship)."""
     from patchforge.backbones.flux import Flux
     from patchforge.backbones.sd3 import SD3
-    from patchforge.core.plan import ModelFacts, family_key
+    from patchforge.pipeline.plan import ModelFacts, family_key
 
     with torch.device("meta"):
         parts = _parts(arch, cfg)

@@ -11,7 +11,7 @@ import argparse
 
 import numpy as np
 
-from patchforge.core.sampling import generate
+from patchforge.pipeline.sampling import generate
 from patchforge.core.pipeline_loading import load_pipeline
 from patchforge.io.loading import load_forget_patch, unload_forget_patch
 from patchforge.toyworld import world_v2 as world

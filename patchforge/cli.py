@@ -143,7 +143,7 @@ def _concepts(sub) -> None:
     p = sub.add_parser("concepts", help="list the concepts a model knows and the prompts each one uses")
     p.add_argument("--model", default=None, help="diffusers folder or repo id (default: the toy model)")
     p.add_argument("--concept", action="append", default=None, metavar="KIND:NAME", help="show only these")
-    p.set_defaults(run="patchforge.core.concepts:run_command")
+    p.set_defaults(run="patchforge.pipeline.concept_worlds:run_command")
 
 
 def _eval(sub) -> None:

@@ -122,11 +122,12 @@ def test_is_this_the_toy_model_is_decided_in_one_place():
                 assert not {"toy", "patchforge/toy-sd"} & set(consts), f"{name} compares with a toy name"
 
 
-# The wings, bottom to top: a module imports only from its own wing or lower ones. core and the backbone
-# seam are one wing (the seam returns core types; core's generation asks the seam). The toy world is a
-# plug-in above the library (it may use any of it; only core.worlds names it, by string).
-WINGS = [("errors", "compat"), ("core", "backbones"), ("io",), ("methods",), ("train",), ("eval",), ("demo",),
-         ("toyworld",), ("cli",)]
+# The wings, bottom to top: a module imports only from its own wing or lower ones. core is the bottom
+# layer; the backbone seam is above it (its types, Cond included, are its own); pipeline/ works through
+# the seam (sampling, the memory plan, soft tokens). The toy world is a plug-in above the library (it may
+# use any of it; only core.worlds names it, by string).
+WINGS = [("errors", "compat"), ("core",), ("backbones",), ("pipeline",), ("io",), ("methods",), ("train",),
+         ("eval",), ("demo",), ("toyworld",), ("cli",)]
 
 
 def wing(module: str) -> int:
@@ -137,7 +138,7 @@ def wing(module: str) -> int:
 
 
 def test_folders_are_layered():
-    """core < backbones < io < methods < train < eval: imports (function-level ones included) only run
+    """core < backbones < pipeline < io < methods < train < eval: imports (function-level ones included) only run
     downward or within a wing, so a folder can be read knowing only the folders below it."""
     mods = modules()
     for name, path in mods.items():
@@ -153,3 +154,4 @@ def test_folders_are_layered():
 
 def test_the_layer_check_can_fail():
     assert wing("patchforge.eval.attacks") > wing("patchforge.train.loop") > wing("patchforge.core.concepts")
+    assert wing("patchforge.pipeline.plan") > wing("patchforge.backbones.sd_unet") > wing("patchforge.core.worlds")

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from patchforge.core.soft_tokens import SoftPrefix, SoftPrompt
+from patchforge.pipeline.soft_tokens import SoftPrefix, SoftPrompt
 from patchforge.eval import attacks, evaluation
 from patchforge.eval.attacks.ring_a_bell import concept_pairs, concept_vector, ring_a_bell
 from patchforge.eval.attacks.soft_prompt import soft_prompt_attack
 from patchforge.eval.attacks.unlearndiff import prefix_objective, target_latents, unlearndiff_attack
 from patchforge.core import worlds
-from patchforge.core.sampling import generate_latents
+from patchforge.pipeline.sampling import generate_latents
 from patchforge.eval.text_attacks import misspell
 from patchforge.toyworld import world
 
@@ -125,7 +125,7 @@ def test_soft_prefix_reaches_every_text_encoder(family):
     from tiny_pipelines import BUILDERS
 
     from patchforge.backbones import for_pipe
-    from patchforge.core.soft_tokens import SoftPrefix
+    from patchforge.pipeline.soft_tokens import SoftPrefix
 
     pipe = BUILDERS[family]()
     soft = SoftPrefix(pipe, n_tokens=3, n_sets=2)
@@ -216,7 +216,7 @@ def test_run_attacks_reports_the_new_attacks(monkeypatch):
     on prompts without the name), inversion_converged the steps it ran."""
     from tiny_pipelines import tiny_sd1
 
-    from patchforge.core import sampling as gen_module
+    from patchforge.pipeline import sampling as gen_module
 
     monkeypatch.setattr(gen_module, "STEPS", 2)
     pipe = tiny_sd1()
@@ -245,7 +245,7 @@ def test_run_attacks_reports_the_new_attacks(monkeypatch):
 
 
 def test_inversion_until_plateau_stops_and_reports_its_steps():
-    from patchforge.core.soft_tokens import Plateau
+    from patchforge.pipeline.soft_tokens import Plateau
 
     flat = Plateau(patience=5)
     assert [flat.done(1.0) for _ in range(6)] == [False] * 5 + [True]
@@ -253,7 +253,7 @@ def test_inversion_until_plateau_stops_and_reports_its_steps():
     assert not any(falling.done(0.9 ** i) for i in range(100))  # 10 % better every step: never done
     from tiny_pipelines import tiny_sd1
 
-    from patchforge.core.soft_tokens import invert_latents
+    from patchforge.pipeline.soft_tokens import invert_latents
 
     pipe = tiny_sd1()
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -288,7 +288,7 @@ EXAMPLE_ATTACK = '''
 """brightness_prompt: the target prompts with "bright" in front (a test attack)."""
 from dataclasses import dataclass
 
-from patchforge.core.sampling import generate
+from patchforge.pipeline.sampling import generate
 from patchforge.eval.attacks import Attack, Outcome, knob, register
 
 
@@ -315,7 +315,7 @@ def test_a_new_attack_is_one_file(tmp_path, monkeypatch):
     from tiny_pipelines import tiny_sd1
 
     from patchforge.cli import build_parser
-    from patchforge.core import sampling as gen_module
+    from patchforge.pipeline import sampling as gen_module
     from patchforge.errors import PatchforgeError
 
     (tmp_path / "brightness_prompt.py").write_text(EXAMPLE_ATTACK)

@@ -251,7 +251,7 @@ def test_dry_run_plans_a_dit_folder(fam, folders, capsys):
 
 
 def test_joint_attention_defaults_apply_only_where_the_user_set_nothing(folders):
-    from patchforge.core.plan import ModelFacts
+    from patchforge.pipeline.plan import ModelFacts
     from patchforge.methods.fmn import FMNConfig
     from patchforge.train.loop import TrainConfig, family_config, method_config
     from patchforge.methods import get_method
@@ -271,7 +271,7 @@ def test_joint_attention_defaults_apply_only_where_the_user_set_nothing(folders)
 
 def test_robust_defaults_apply_only_where_the_user_set_nothing(folders):
     """--robust: fmn trains cold, with fresh teachers, for 80 steps (160 on joint attention)."""
-    from patchforge.core.plan import ModelFacts
+    from patchforge.pipeline.plan import ModelFacts
     from patchforge.methods.fmn import FMNConfig
     from patchforge.train.loop import TrainConfig, family_config
 
@@ -296,7 +296,7 @@ def test_soft_token_methods_say_they_cannot_run_on_dit():
 def test_the_families_have_their_defaults():
     from patchforge.backbones.flux import Flux
     from patchforge.backbones.sd3 import SD3
-    from patchforge.core.plan import family_key
+    from patchforge.pipeline.plan import family_key
 
     real = json.loads('{"num_layers": 19, "num_single_layers": 38, "joint_attention_dim": 4096, '
                       '"guidance_embeds": true}')
@@ -312,7 +312,7 @@ def test_the_denoiser_call_is_the_pipelines(fam):
     (timestep units, pooled vector, RoPE ids, guidance embedding, packed latents)."""
     from patchforge.backbones import for_pipe
     from patchforge.backbones.flux import GUIDANCE
-    from patchforge.core.cond import Cond
+    from patchforge.backbones import Cond
 
     pipe = BUILDERS[fam]()
     seen = {}

@@ -5,7 +5,7 @@ no patch acts, its neighbour while one does at weight >= 0.5), so every expected
 import numpy as np
 import pytest
 
-from patchforge.core import sampling as generation
+from patchforge.pipeline import sampling as generation
 from patchforge.errors import PatchforgeError
 from patchforge.eval import drawn, evaluation, report
 from patchforge.eval.rows import Generated, Row

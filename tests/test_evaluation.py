@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from patchforge.eval import evaluation, report
-from patchforge.core import sampling as generation
+from patchforge.pipeline import sampling as generation
 from patchforge.eval import stats
 from patchforge.eval.judging import load_judge
 from patchforge.toyworld.plugin import ToyJudge

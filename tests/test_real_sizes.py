@@ -163,7 +163,7 @@ def _fake_folder(tmp_path, cross_dim=2048, te2=True, unet_params=2_567_463_684):
 
 def test_a_run_that_cannot_fit_is_refused_before_loading(tmp_path, capsys, no_model_load):
     from patchforge.cli import main
-    from patchforge.core.plan import ModelFacts
+    from patchforge.pipeline.plan import ModelFacts
 
     folder = _fake_folder(tmp_path)
     facts = ModelFacts.from_folder(folder)
@@ -177,7 +177,7 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(tmp_path, capsys, no_mo
 
 
 def test_toy_family_defaults_are_the_toy_results_settings():
-    from patchforge.core.plan import ModelFacts, make_plan
+    from patchforge.pipeline.plan import ModelFacts, make_plan
 
     pipe = tiny_sd1()
     facts = ModelFacts.from_pipe(pipe)
@@ -221,7 +221,8 @@ def test_gradient_checkpointing_trains_the_same_patch(tmp_path):
 
 # ---------------------------------------------------------------- concepts fit the model
 def test_concept_world_is_decided_by_the_model(tmp_path, capsys):
-    from patchforge.core.concepts import concept_world, resolve
+    from patchforge.core.concepts import resolve
+    from patchforge.pipeline.concept_worlds import concept_world
 
     assert concept_world(None) == "toy" and concept_world("toy") == "toy"
     assert concept_world(str(_fake_folder(tmp_path))) == "real"
@@ -326,7 +327,7 @@ def test_dit_plan_counts_the_cpu_heap_growth_measured_on_the_toy():
     """The DiT toy's star patch peaked at 1.4 / 1.5 / 1.8 / 3.14 GiB RSS after 10 / 20 / 40 / 160 steps on a
     CPU (docs/real-models.md, 2026-12-06, /usr/bin/time -v); the plan must be at or above each, and a GPU
     run (no heap growth in host memory counted) must not pay for it."""
-    from patchforge.core import plan
+    from patchforge.pipeline import plan
     from patchforge.train.loop import model_facts
 
     facts = model_facts("patchforge/toy-sd3")

@@ -842,7 +842,7 @@ def test_export_and_merge_refuse_files_that_disagree_with_themselves(tmp_path):
 
 def test_no_local_path_in_a_patch_its_exports_reports_or_card(tmp_path, fake_hub, monkeypatch, capsys):
     """Train from a model folder with a unique name: no byte of what patchforge writes names it."""
-    from patchforge.core import sampling as generation
+    from patchforge.pipeline import sampling as generation
 
     unique = "zq_private_folder_7731"
     model = tmp_path / unique / "sd15"

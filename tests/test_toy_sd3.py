@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchforge.core.sampling import generate
+from patchforge.pipeline.sampling import generate
 from patchforge.errors import PatchforgeError
 from patchforge.core.pipeline_loading import TOY_MODEL_DIR, TOY_SD3_DIR, TOY_SD3_ID, load_pipeline, model_id, is_toy
 from patchforge.toyworld import build_sd3

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from patchforge.core import concepts, worlds
-from patchforge.core import sampling as generation
+from patchforge.pipeline import concept_worlds
+from patchforge.pipeline import sampling as generation
 from patchforge.toyworld import world as v1, world_v2 as v2
 from patchforge.toyworld.plugin import ToyWorld, ToyWorldV2
 
@@ -23,13 +24,13 @@ def test_each_toy_world_claims_only_its_own_models(toy_v2_model, tmp_path):
 
     pipeline = toy_v2_model / "pipeline"
     assert [w.name for w in worlds.all_worlds() if w.knows_model(pipeline)] == ["toy-v2"]
-    assert concepts.concept_world(str(pipeline)) == "toy-v2"
-    assert concepts.concept_world(str(pipeline), family="toy") == "toy-v2"  # the model outranks its family
+    assert concept_worlds.concept_world(str(pipeline)) == "toy-v2"
+    assert concept_worlds.concept_world(str(pipeline), family="toy") == "toy-v2"  # the model outranks its family
     # a folder beside v1 judges (no world in their metadata) is v1's, as is the embedded model
     save_judge(JudgeNet(width=8), tmp_path / "judges.safetensors")
     assert [w.name for w in worlds.all_worlds() if w.knows_model(tmp_path / "pipeline")] == ["toy"]
     assert worlds.for_model(None).name == "toy" and not worlds.get("toy-v2").knows_model(None)
-    assert concepts.concept_world(None, family="toy") == "toy"  # tiny toy-sized pipelines stay v1's
+    assert concept_worlds.concept_world(None, family="toy") == "toy"  # tiny toy-sized pipelines stay v1's
 
 
 def test_concepts_resolve_in_the_models_world():

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import PatchforgeError
@@ -39,10 +40,27 @@ from ..errors import PatchforgeError
 if TYPE_CHECKING:
     import torch
 
-    from ..core.cond import Cond
-
 FAMILIES: list[type] = []
 _discovered: list[bool] = []
+
+
+@dataclass
+class Cond:
+    """What a denoiser is conditioned on, whatever the family: token embeddings (+ the pooled embedding of
+    families that also condition on one, e.g. SDXL)."""
+    emb: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __len__(self):
+        return self.emb.shape[0]
+
+    @staticmethod
+    def cat(conds: list[Cond]) -> Cond:
+        """One batch from several (methods run target and preserve rows in one denoiser call)."""
+        import torch
+
+        pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
+        return Cond(torch.cat([c.emb for c in conds]), pooled)
 
 
 class Backbone(Protocol):

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..core.cond import Cond
+from . import Cond
 from . import concept_token_mask, register
 from .sd3 import JointAttentionRecorder, FlowMatching
 

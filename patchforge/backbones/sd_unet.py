@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.cond import Cond
+from . import Cond
 from . import PipelineParts, concept_token_mask, register
 
 XATTN = r".*attn2\.(to_q|to_k|to_v|to_out\.0)$"  # cross-attention: where text meets image

@@ -114,28 +114,6 @@ GENERAL_PRESERVE = ["a photo of a house", "a dog in a park", "a bowl of fruit", 
 REAL = "real"  # the catalogue's world: every base model no concept world (patchforge.core.worlds) claims
 
 
-def concept_world(model: str | None = None, family: str | None = None) -> str:
-    """Which concepts a base model knows: a concept world's name (patchforge.core.worlds: "toy") or REAL.
-
-    `family`: a plan.FAMILY_DEFAULTS key when the model's architecture is already known; otherwise
-    `model` is looked at (its name, a folder's configs; a Hub id not in the cache is taken to be real).
-    Each world says which models and families it claims (worlds.for_model, worlds.for_family)."""
-    claimed = worlds.for_model(model) if model is not None or family is None else None
-    if claimed is not None:  # a world that claims the model itself outranks its family (toy v2 vs v1)
-        return claimed.name
-    if family is None:
-        from .pipeline_loading import local_folder
-
-        folder = local_folder(model)
-        if folder is not None:
-            from .plan import ModelFacts
-
-            facts = ModelFacts.from_folder(folder)
-            family = facts.family if facts is not None else None
-    world = worlds.for_family(family) if family is not None else None
-    return world.name if world else REAL
-
-
 def parse(text: str) -> tuple[str, str]:
     """'style:vangogh' -> ('style', 'vangogh'); bare 'nudity' -> ('nudity', 'nudity')."""
     kind, _, name = text.partition(":")
@@ -161,9 +139,9 @@ def known_names(kind: str, world_name: str | None = None) -> list[str]:
 def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0, world: str | None = None) -> ConceptSpec:
     """A spec string (or an already resolved spec, returned as is) -> ConceptSpec with prompt sets.
 
-    world (concept_world()): a concept world's name ("toy") -> its concepts, and a warning for a catalogue
-    concept its models never saw; REAL -> the catalogue only, a concept world's name is an error;
-    None -> the concept worlds first, then the catalogue (callers that do not know the base)."""
+    world (pipeline.concept_worlds.concept_world()): a concept world's name ("toy") -> its concepts, and a
+    warning for a catalogue concept its models never saw; REAL -> the catalogue only, a concept world's name
+    is an error; None -> the concept worlds first, then the catalogue (callers that do not know the base)."""
     if isinstance(spec, ConceptSpec):
         return spec
     kind, name = parse(spec)
@@ -411,13 +389,5 @@ def listing(world_name: str, only: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def run_command(args) -> int:
-    from .pipeline_loading import check_model
-
-    check_model(args.model)
-    print(listing(concept_world(args.model), args.concept))
-    return 0
-
-
-__all__ = ["CATALOG", "ConceptSpec", "asdict", "concept_world", "describe", "listing", "load_concept_file", "merge",
+__all__ = ["CATALOG", "ConceptSpec", "asdict", "describe", "listing", "load_concept_file", "merge",
            "parse", "resolve"]

@@ -40,8 +40,8 @@ from ..core.output_paths import check_output_file
 from ..core.pipeline_loading import load_pipeline, public_model_id
 from ..io.patch_format import K_BASE_ID, K_SECONDS, public_metadata, read_patch
 from ..errors import PatchforgeError
-from ..core import sampling as generation
-from ..core.sampling import SEED0, encode_prompts, generate  # noqa: F401  (generate, encode_prompts: this module's API)
+from ..pipeline import sampling as generation
+from ..pipeline.sampling import SEED0, encode_prompts, generate  # noqa: F401  (generate, encode_prompts: this module's API)
 from . import drawn
 from .judging import default_judge
 from .rows import Generated, Row, dedupe, load_patch, patch_concepts, patch_targets, run_rows, subset, unload_patch

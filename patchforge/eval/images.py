@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..core.atomic import atomic_path
 from ..core.output_paths import IMAGE_SUFFIXES, check_output_file
 from ..core.pipeline_loading import check_model, load_pipeline, pick_device
-from ..core.sampling import generate, to_grid
+from ..pipeline.sampling import generate, to_grid
 from ..errors import PatchforgeError
 from ..io.loading import load_forget_patch
 

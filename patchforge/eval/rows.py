@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.concept import KINDS
-from ..core.sampling import SEED0, generate
+from ..pipeline.sampling import SEED0, generate
 from ..errors import PatchFormatError, one_line
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..core.cond import Cond
+from ..backbones import Cond
 from . import Method, MethodConfig, register
 
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PatchforgeError
-from ..core.cond import Cond
+from ..backbones import Cond
 from . import Method, MethodConfig, ProjectionKeeper, cycle, register
 
 
@@ -118,7 +118,7 @@ class ForgetMeNot(Method):
 
     def invert_concept(self) -> tuple[Cond, torch.Tensor]:
         """(embedding of "a photo of <v>", mask of the <v> positions), <v> learnt on the references."""
-        from ..core.soft_tokens import invert_latents
+        from ..pipeline.soft_tokens import invert_latents
 
         pipe = self.tr.pipe
         soft = invert_latents(pipe, self.refs, steps=self.hp.invert_steps, n_tokens=self.hp.invert_tokens,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..core.atomic import atomic_path
 from ..core.cache import cache_dir
-from ..core.cond import Cond
+from ..backbones import Cond
 from ..core.lora import has_adapter, lora_delta
 from ..io.fingerprint import model_key
 from . import Method, MethodConfig, cycle, register

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..core.atomic import atomic_path, write_text
-from ..core.sampling import GUIDANCE, STEPS, generate, to_grid  # one generation path for every measurement
+from ..pipeline.sampling import GUIDANCE, STEPS, generate, to_grid  # one generation path for every measurement
 from ..core.pipeline_loading import load_pipeline, toy_judge_path
 from . import world
 from .judges import WORLDS, Judge, identity_accuracy_by_art, judge_accuracy

@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from ..core.concepts import concept_world, load_concept_file, resolve
+from ..core.concepts import load_concept_file, resolve
+from ..pipeline.concept_worlds import concept_world
 from ..errors import PatchforgeError
 from .loop import OPTION_ALIASES, TrainConfig, check_train_args, model_facts, prepare_run, resolve_run, run_spec
 

@@ -33,10 +33,10 @@ from ..core.output_paths import check_output_file
 from ..backbones import for_pipe
 from ..core.concepts import ConceptSpec, merge, resolve
 from ..core.cache import cache_dir
-from ..core.cond import Cond
+from ..backbones import Cond
 from ..core.lora import ADAPTER, adapters_off
 from ..errors import PatchforgeError
-from ..core.sampling import generate_latents
+from ..pipeline.sampling import generate_latents
 from ..io.patch_format import (K_BASE_ID, K_CONCEPT, K_CONCEPTS, K_DEVICE, K_HPARAMS, K_METHOD, K_SECONDS, K_SEED)
 from ..io.fingerprint import model_key
 
@@ -301,7 +301,7 @@ class RunSpec:
     cfg: TrainConfig
     hp: object
     specs: tuple[ConceptSpec, ...]
-    plan: object  # core.plan.RunPlan
+    plan: object  # pipeline.plan.RunPlan
     device: torch.device
     targets: str | None  # the denoiser's LoRA targets (a TARGETS key or a regex); "none": no denoiser LoRA
     text_encoder: bool
@@ -323,9 +323,9 @@ def resolve_run(concepts, cfg: TrainConfig, hp, facts, *, model: str | None = No
     fit (make_plan)."""
     from dataclasses import replace
 
-    from ..core.concepts import concept_world
+    from ..pipeline.concept_worlds import concept_world
     from ..core.pipeline_loading import pick_device
-    from ..core.plan import make_plan
+    from ..pipeline.plan import make_plan
     from ..methods import get_method
 
     method_cls = get_method(cfg.method)
@@ -354,7 +354,7 @@ def prepare_run(concepts, cfg: TrainConfig, hp, *, model: str | None = None, out
     """(RunSpec, pipeline): planned before loading where the model's folder tells enough (a run that
     cannot fit is refused before gigabytes load), else on the loaded pipeline; `pipe` reuses one."""
     from ..core.pipeline_loading import load_pipeline, pick_device
-    from ..core.plan import ModelFacts
+    from ..pipeline.plan import ModelFacts
 
     facts = ModelFacts.from_pipe(pipe) if pipe is not None else model_facts(model)
     if facts is None:  # a Hub id not in the cache: nothing to read before loading
@@ -387,7 +387,7 @@ def run_spec(spec: RunSpec, pipe, robust=None) -> tuple[Path, dict]:
     (or the closed form's solve), the patch written. Returns (path, summary)."""
     from tqdm.auto import tqdm
 
-    from ..core.plan import peak_rss
+    from ..pipeline.plan import peak_rss
     from ..io.saving import save_patch_from_pipeline
 
     cfg, hp, plan = spec.cfg, spec.hp, spec.plan
@@ -480,7 +480,7 @@ def patch_metadata(spec: RunSpec, hparams: dict, seconds: float) -> dict[str, st
 def model_facts(model: str | None):
     """ModelFacts of a model not loaded yet (its folder, or a Hub id's cached snapshot); None if unknown."""
     from ..core.pipeline_loading import local_folder
-    from ..core.plan import ModelFacts
+    from ..pipeline.plan import ModelFacts
 
     folder = local_folder(model)
     return ModelFacts.from_folder(folder) if folder else None

@@ -2,7 +2,7 @@
 
 The shared loop (train/loop.py) builds every target-prompt embedding through
 `trainer.prompt_embeddings(prompts, role)`. `wrap_trainer` replaces that hook: for role == "target" it
-first runs a few *inner* attack steps on a soft suffix (patchforge.core.soft_tokens.SoftPrompt) that
+first runs a few *inner* attack steps on a soft suffix (patchforge.pipeline.soft_tokens.SoftPrompt) that
 pull the current patched model's noise prediction back to the frozen base model's for the concept,
 then hands the method the *attacked* embeddings, so the outer patch update erases the concept on the
 attacked prompt too. The soft suffix persists
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..core.cond import Cond
-from ..core.soft_tokens import SoftPrompt
+from ..backbones import Cond
+from ..pipeline.soft_tokens import SoftPrompt
 
 
 @dataclass

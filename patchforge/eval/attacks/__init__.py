@@ -30,7 +30,7 @@ import torch
 from ...backbones import for_pipe
 from ...core import worlds
 from ...core.atomic import write_text
-from ...core.sampling import GUIDANCE, SEED0, generate
+from ...pipeline.sampling import GUIDANCE, SEED0, generate
 from ...core.output_paths import check_output_file
 from ...errors import PatchforgeError
 from ...io.loading import patches_suspended
@@ -280,7 +280,7 @@ def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judg
     """Load the patch, run the attacks (`which`, default: every attack's by_default), return
     {attack: metric} (+ seconds)."""
     from ...core.pipeline_loading import load_pipeline
-    from ...core.soft_tokens import unsupported as soft_unsupported
+    from ...pipeline.soft_tokens import unsupported as soft_unsupported
     from ..judging import default_judge
 
     asked = which

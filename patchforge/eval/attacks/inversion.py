@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...core.sampling import generate
-from ...core.soft_tokens import SoftPrompt, invert_latents
+from ...pipeline.sampling import generate
+from ...pipeline.soft_tokens import SoftPrompt, invert_latents
 from . import Attack, Outcome, Target, for_pipe, knob, register
 
 

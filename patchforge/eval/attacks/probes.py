@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...core.sampling import GUIDANCE, SEED0, STEPS, generate
+from ...pipeline.sampling import GUIDANCE, SEED0, STEPS, generate
 from ...io.loading import patches_suspended
 from . import Attack, Outcome, Target, for_pipe, guided, knob, register
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ...core.cond import Cond
-from ...core.sampling import generate
+from ...backbones import Cond
+from ...pipeline.sampling import generate
 from ...errors import PatchforgeError
 from ...io.loading import patches_suspended
 from . import Attack, Outcome, Target, for_pipe, knob, register

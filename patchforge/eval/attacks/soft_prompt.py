@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...core.sampling import GUIDANCE, encode_prompts, generate, generate_latents
-from ...core.soft_tokens import SoftPrompt
+from ...pipeline.sampling import GUIDANCE, encode_prompts, generate, generate_latents
+from ...pipeline.soft_tokens import SoftPrompt
 from ...io.loading import patches_suspended
 from . import Attack, Outcome, Target, for_pipe, guided, knob, register
 

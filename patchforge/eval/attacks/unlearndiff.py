@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ...core.sampling import generate, generate_latents
-from ...core.soft_tokens import SoftPrefix
+from ...pipeline.sampling import generate, generate_latents
+from ...pipeline.soft_tokens import SoftPrefix
 from ...errors import PatchforgeError
 from ...io.loading import patches_suspended
 from . import Attack, Outcome, Target, for_pipe, knob, register

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import for_pipe
-from .cond import Cond
+from ..backbones import Cond
 from ..errors import PatchforgeError
 
 
