@@ -16,32 +16,23 @@ Methods never own a loop, never save files and never look at a judge.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ..core.lora import ADAPTER, has_adapter
+from ..core.registry import import_modules, registrar
 from ..errors import PatchforgeError
 
 METHODS: dict[str, type] = {}
 
 
-def register(name: str):
-    def deco(cls):
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-    return deco
+register = registrar(__name__, "METHODS")
 
 
 def _discover() -> None:
-    """Import every module of this package once: each registers its method(s) with @register, so
-    adding a method is adding one file here (no list to edit)."""
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+    import_modules(__name__)
 
 
 def get_method(name: str) -> type:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import json
-import pkgutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ from ...core import worlds
 from ...core.atomic import write_text
 from ...pipeline.sampling import GUIDANCE, SEED0, generate
 from ...core.output_paths import check_output_file
+from ...core.registry import import_modules, registrar
 from ...errors import PatchforgeError
 from ...io.loading import patches_suspended
 from ..rows import load_patch, patch_targets, unload_patch
@@ -41,18 +40,11 @@ ATTACKS: dict[str, type] = {}
 EVAL_ATTACKS = ("soft_prompt", "inversion", "unconditional", "partial")  # what `patchforge eval --attacks` runs
 
 
-def register(name: str):
-    def deco(cls):
-        cls.name = name
-        ATTACKS[name] = cls
-        return cls
-    return deco
+register = registrar(__name__, "ATTACKS")
 
 
 def _discover() -> None:
-    """Import every module of this package once: each registers its attack(s) with @register."""
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+    import_modules(__name__)
 
 
 def available() -> list[str]:
