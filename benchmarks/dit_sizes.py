@@ -108,7 +108,8 @@ def meta_facts(arch: str, cfg: dict):
     sizes as bf16 weights (what the released checkpoints ship)."""
     from patchforge.backbones.flux import Flux
     from patchforge.backbones.sd3 import SD3
-    from patchforge.pipeline.plan import ModelFacts, family_key
+    from patchforge.backbones import release_defaults
+    from patchforge.pipeline.plan import ModelFacts
 
     with torch.device("meta"):
         parts = _parts(arch, cfg)
@@ -116,5 +117,5 @@ def meta_facts(arch: str, cfg: dict):
     family = SD3 if arch == "sd35m" else Flux
     tcfg = dict(cfg["transformer"])
     name = family.family_from_config(tcfg)
-    return ModelFacts(family_key(name), name, tcfg, params, {c: 2 * n for c, n in params.items()}, 1024, 8,
-                      family.resolution_multiple(tcfg, 8))
+    return ModelFacts(release_defaults(name).key, name, tcfg, params, {c: 2 * n for c, n in params.items()}, 1024,
+                      8, family.resolution_multiple(tcfg, 8), joint_attention=True, backbone=family)

@@ -296,14 +296,14 @@ def test_soft_token_methods_say_they_cannot_run_on_dit():
 def test_the_families_have_their_defaults():
     from patchforge.backbones.flux import Flux
     from patchforge.backbones.sd3 import SD3
-    from patchforge.pipeline.plan import family_key
+    from patchforge.backbones import release_defaults
 
     real = json.loads('{"num_layers": 19, "num_single_layers": 38, "joint_attention_dim": 4096, '
                       '"guidance_embeds": true}')
-    assert Flux.family_from_config(real) == "flux.1-dev" and family_key("flux.1-dev") == "flux"
+    assert Flux.family_from_config(real) == "flux.1-dev" and release_defaults("flux.1-dev").key == "flux"
     medium = {"num_layers": 24, "caption_projection_dim": 1536, "joint_attention_dim": 4096,
               "dual_attention_layers": [0, 1, 2]}
-    assert SD3.family_from_config(medium) == "sd3.5-medium" and family_key("sd3.5-medium") == "sd3"
+    assert SD3.family_from_config(medium) == "sd3.5-medium" and release_defaults("sd3.5-medium").key == "sd3"
 
 
 @pytest.mark.parametrize("fam", FAMILIES)

@@ -44,6 +44,27 @@ FAMILIES: list[type] = []
 _discovered: list[bool] = []
 
 
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """A release family's training defaults (a family module's RELEASES maps family names to these)."""
+    key: str  # the defaults' name: "sd1", "sdxl", "flux"...; "toy" for every model that is no release
+    resolution: int | None  # training / reference pixels; None: the checkpoint's own size
+    batch_gpu: int
+    batch_cpu: int
+    ref_images: int | None  # None: the method's own n_refs
+
+
+TOY_FAMILY = "toy"  # every model that is no SD release: the embedded toy and the tests' tiny pipelines
+# what every toy result was measured with: do not change it
+TOY_DEFAULTS = FamilyDefaults(TOY_FAMILY, None, 8, 8, None)
+
+
+def release_defaults(name: str) -> FamilyDefaults:
+    """The defaults of the release family `name` ("sd1.x", "flux.1-dev"...); TOY_DEFAULTS for any other."""
+    _discover()
+    return next((cls.RELEASES[name] for cls in FAMILIES if name in getattr(cls, "RELEASES", {})), TOY_DEFAULTS)
+
+
 @dataclass
 class Cond:
     """What a denoiser is conditioned on, whatever the family: token embeddings (+ the pooled embedding of

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import Cond
 from . import concept_token_mask, register
-from .sd3 import JointAttentionRecorder, FlowMatching
+from .sd3 import JOINT_DEFAULTS, FlowMatching, JointAttentionRecorder, joint_attention_values
 
 # the double-stream blocks' text stream (single_transformer_blocks have no add_* projections)
 TEXT_STREAM = r".*transformer_blocks\.\d+\.attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)$"
@@ -76,6 +76,13 @@ class FluxAttentionRecorder(JointAttentionRecorder):
 @register
 class Flux(FlowMatching):
     """The backbone of FluxPipeline (FLUX.1-dev, FLUX.1-schnell)."""
+
+    RELEASES = {name: JOINT_DEFAULTS["flux"] for name in ("flux.1-dev", "flux.1-schnell")}
+
+    @staticmethod
+    def feature_values(cfg: dict, latent_side: int) -> int:
+        """Image tokens (2x2 latents packed into one) plus 512 T5 text tokens."""
+        return joint_attention_values(cfg, (latent_side // 2) ** 2, 512)
 
     denoiser_name = "transformer"
     components = ("transformer", "text_encoder")  # FluxLoraLoaderMixin's

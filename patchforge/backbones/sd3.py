@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import Cond
-from . import PipelineParts, concept_token_mask, register
+from . import FamilyDefaults, PipelineParts, concept_token_mask, register
 
 TEXT_STREAM = r".*attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)$"  # the text stream of joint attention
 TEXT_KV = r".*attn\.(add_k_proj|add_v_proj)$"  # what the image queries read from the text
@@ -178,9 +178,29 @@ class JointAttentionRecorder:
         return attn.to_out[1](attn.to_out[0](hidden)), context
 
 
+TOKEN_VALUES = 6  # values per token and width unit one transformer block keeps for backward, beyond ACT_K
+# the transformers train at 512 px by default (they generate well there, at a quarter of 1024's tokens)
+JOINT_DEFAULTS = {"sd3": FamilyDefaults("sd3", 512, 2, 1, 8), "flux": FamilyDefaults("flux", 512, 1, 1, 8)}
+
+
+def joint_attention_values(cfg: dict, image_tokens: int, text_tokens: int) -> int:
+    """The memory plan's F for a joint-attention transformer: (image + text tokens) x width x blocks x
+    TOKEN_VALUES (a rough count, not fitted like the UNet's)."""
+    width = cfg.get("num_attention_heads", 1) * cfg.get("attention_head_dim", 1)
+    blocks = cfg.get("num_layers", 1) + cfg.get("num_single_layers", 0)
+    return (image_tokens + text_tokens) * width * blocks * TOKEN_VALUES
+
+
 @register
 class SD3(FlowMatching):
     """The backbone of StableDiffusion3Pipeline (SD3, SD3.5 medium / large)."""
+
+    RELEASES = {name: JOINT_DEFAULTS["sd3"] for name in ("sd3", "sd3.5-medium", "sd3.5-large")}
+
+    @staticmethod
+    def feature_values(cfg: dict, latent_side: int) -> int:
+        """Image tokens (patch_size 2) plus 77 CLIP + 256 T5 text tokens."""
+        return joint_attention_values(cfg, (latent_side // cfg.get("patch_size", 2)) ** 2, 77 + 256)
 
     denoiser_name = "transformer"
     components = ("transformer", "text_encoder", "text_encoder_2")  # SD3LoraLoaderMixin's

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import Cond
-from . import PipelineParts, concept_token_mask, register
+from . import FamilyDefaults, PipelineParts, concept_token_mask, register
 
 XATTN = r".*attn2\.(to_q|to_k|to_v|to_out\.0)$"  # cross-attention: where text meets image
 XATTN_KV = r".*attn2\.(to_k|to_v)$"
@@ -54,6 +54,29 @@ class CrossAttentionRecorder:
 @register
 class SDUNet(PipelineParts):
     """The backbone of StableDiffusion(XL)Pipeline and of every pipeline with a `unet` denoiser."""
+
+    RELEASES = {  # training defaults per release (docs/real-models.md)
+        "sd1.x": FamilyDefaults("sd1", 512, 4, 1, 8),
+        "sd2.x": FamilyDefaults("sd2", None, 4, 1, 8),  # 512 or 768 (v-prediction): the checkpoint's own
+        "sdxl": FamilyDefaults("sdxl", 1024, 2, 1, 8),
+    }
+
+    @staticmethod
+    def feature_values(cfg: dict, latent_side: int) -> int:
+        """The memory plan's F (pipeline/plan.py): feature-map values of one UNet row, weighted by block depth."""
+        channels = list(cfg["block_out_channels"])
+        lpb = cfg.get("layers_per_block", 2)
+        lpb = lpb if isinstance(lpb, int) else max(lpb)
+        depth = cfg.get("transformer_layers_per_block", 1)
+        depth = [depth] * len(channels) if isinstance(depth, int) else list(depth)
+        downs = cfg.get("down_block_types") or ()
+        total = 0
+        for level, c in enumerate(channels):
+            attn = level < len(downs) and "CrossAttn" in downs[level]
+            side = max(1, latent_side // 2 ** level)
+            total += c * side * side * (2 * lpb + 1) * (1 + 3 * (depth[level] if attn else 0))
+        return total
+
 
     denoiser_name = "unet"
     components = ("unet", "text_encoder", "text_encoder_2")

@@ -7,7 +7,7 @@ This is the one module outside a world's package that names it. A world is a cla
     name                       its key here ("toy")
     title                      how an error names its models ("the toy model (world v1)")
     knows_model(model)         True for the base models drawn from this world: the one place that decides
-    knows_family(family)       True for a model family (plan.FAMILY_DEFAULTS key) whose models know it
+    knows_family(family)       True for a model family (backbones.FamilyDefaults.key) whose models know it
     resolve(kind, name, to, seed) -> ConceptSpec or None (not one of its concepts)
     known_names(kind)          its concepts of a kind (for "did you mean" hints)
     general_prompts()          one prompt per concept: what a Fisher estimate averages over
@@ -54,7 +54,7 @@ def for_model(model) -> object | None:
 
 
 def for_family(family: str) -> object | None:
-    """The world whose models are of this family (a plan.FAMILY_DEFAULTS key), or None."""
+    """The world whose models are of this family (a backbones.FamilyDefaults.key), or None."""
     return next((w for w in all_worlds() if w.knows_family(family)), None)
 
 

@@ -11,7 +11,7 @@ from .plan import ModelFacts
 def concept_world(model: str | None = None, family: str | None = None) -> str:
     """Which concepts a base model knows: a concept world's name (patchforge.core.worlds: "toy") or REAL.
 
-    `family`: a plan.FAMILY_DEFAULTS key when the model's architecture is already known; otherwise
+    `family`: a backbones.FamilyDefaults key when the model's architecture is already known; otherwise
     `model` is looked at (its name, a folder's configs; a Hub id not in the cache is taken to be real).
     Each world says which models and families it claims (worlds.for_model, worlds.for_family)."""
     claimed = worlds.for_model(model) if model is not None or family is None else None

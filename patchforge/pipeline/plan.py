@@ -5,7 +5,7 @@ Families. The toy model and the tiny test pipelines are "toy": their defaults ar
 result was measured with, and never change. The backbone of each family (patchforge.backbones) names
 it from its denoiser config, as patch metadata does: SD 1.x, SD 2.x and SDXL by their cross-attention
 width (768, 1024, 2048 with a second text encoder), SD3 / SD3.5 and FLUX.1 by their transformer
-config. For a transformer F below is a rough count instead (feature_values), not fitted.
+config. For a transformer F below is a rough count instead (its backbone's feature_values), not fitted.
 
 Peak memory (bytes), the estimate printed in the plan line and checked against what is free:
 
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ..backbones import backbone_for_folder, for_pipe
+from ..backbones import TOY_FAMILY, backbone_for_folder, for_pipe, release_defaults
 from ..errors import PatchforgeError
 
 GIB = 2 ** 30
@@ -61,40 +61,14 @@ WORKSPACE = 0.13
 HEAP_GROWTH_PER_STEP = 0.02
 
 
-@dataclass(frozen=True)
-class FamilyDefaults:
-    resolution: int | None  # training / reference pixels; None: the checkpoint's own size
-    batch_gpu: int
-    batch_cpu: int
-    ref_images: int | None  # None: the method's own n_refs
-
-
-TOY_FAMILY = "toy"  # every model that is no SD release: the embedded toy and the tests' tiny pipelines
-# The toy's row is what every toy result was measured with: do not change it.
-FAMILY_DEFAULTS = {
-    TOY_FAMILY: FamilyDefaults(None, 8, 8, None),
-    "sd1": FamilyDefaults(512, 4, 1, 8),
-    "sd2": FamilyDefaults(None, 4, 1, 8),  # 512 or 768 (v-prediction): the checkpoint's own
-    "sdxl": FamilyDefaults(1024, 2, 1, 8),
-    # the transformers train at 512 px by default (they generate well there, at a quarter of 1024's tokens)
-    "sd3": FamilyDefaults(512, 2, 1, 8),
-    "flux": FamilyDefaults(512, 1, 1, 8),
-}
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 DENOISERS = ("unet", "transformer")
-
-
-def family_key(name: str) -> str:
-    """'sd1.x' -> 'sd1', 'sd2.x' -> 'sd2', 'sdxl' -> 'sdxl', SD3 / SD3.5 -> 'sd3', FLUX.1 -> 'flux'; every
-    other (toy-sized) family -> 'toy'."""
-    return {"sd1.x": "sd1", "sd2.x": "sd2", "sdxl": "sdxl", "sd3": "sd3", "sd3.5-medium": "sd3",
-            "sd3.5-large": "sd3", "flux.1-dev": "flux", "flux.1-schnell": "flux"}.get(name, TOY_FAMILY)
 
 
 @dataclass
 class ModelFacts:
     """What the plan needs to know about a base model, read from its folder or from a loaded pipeline."""
-    family: str  # key of FAMILY_DEFAULTS
+    family: str  # its defaults' key (backbones.FamilyDefaults.key: "sd1", "flux", "toy"...)
     family_name: str
     denoiser: dict  # the denoiser's config (a UNet config for the SD families)
     params: dict  # component -> parameter count
@@ -103,6 +77,7 @@ class ModelFacts:
     vae_scale: int = 8
     multiple: int = 0  # training pixels must be a multiple of this (0: the UNet rule, check_resolution)
     joint_attention: bool = False  # text meets image in joint attention (SD3, FLUX), not cross-attention
+    backbone: type | None = None  # the family's Backbone class (its feature_values; None: the UNet's)
 
     @classmethod
     def from_pipe(cls, pipe) -> "ModelFacts":
@@ -112,8 +87,9 @@ class ModelFacts:
         params = {c: sum(p.numel() for n, p in getattr(pipe, c).named_parameters() if "lora_" not in n)
                   for c in COMPONENTS if getattr(pipe, c, None) is not None}
         scale = getattr(pipe, "vae_scale_factor", 8)
-        return cls(family_key(name), name, cfg, params, {c: 0 for c in params}, backbone.native_size(), scale,
-                   type(backbone).resolution_multiple(cfg, scale), not backbone.text_kv_reads_text)
+        return cls(release_defaults(name).key, name, cfg, params, {c: 0 for c in params}, backbone.native_size(),
+                   scale, type(backbone).resolution_multiple(cfg, scale), not backbone.text_kv_reads_text,
+                   type(backbone))
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelFacts | None":
@@ -133,8 +109,8 @@ class ModelFacts:
         if not set(DENOISERS) & set(params):
             return None
         scale = 2 ** (len(_vae_channels(folder)) - 1) if _vae_channels(folder) else 8
-        return cls(family_key(name), name, cfg, params, sizes, family_cls.folder_native(folder, cfg, scale), scale,
-                   family_cls.resolution_multiple(cfg, scale), not family_cls.text_kv_reads_text)
+        return cls(release_defaults(name).key, name, cfg, params, sizes, family_cls.folder_native(folder, cfg, scale),
+                   scale, family_cls.resolution_multiple(cfg, scale), not family_cls.text_kv_reads_text, family_cls)
 
 
 def _vae_channels(folder: Path) -> list:
@@ -195,38 +171,11 @@ def choose_dtype(precision: str, family: str, device: torch.device) -> torch.dty
 
 
 # ---------------------------------------------------------------- memory
-def feature_values(unet_cfg: dict, latent_side: int) -> int:
-    """F of the module docstring: feature-map values of one UNet row, weighted by block depth. For a
-    transformer: tokens x width x blocks x TOKEN_VALUES (a rough count, not fitted like the UNet's)."""
-    if "block_out_channels" not in unet_cfg:
-        return transformer_values(unet_cfg, latent_side)
-    channels = list(unet_cfg["block_out_channels"])
-    lpb = unet_cfg.get("layers_per_block", 2)
-    lpb = lpb if isinstance(lpb, int) else max(lpb)
-    depth = unet_cfg.get("transformer_layers_per_block", 1)
-    depth = [depth] * len(channels) if isinstance(depth, int) else list(depth)
-    downs = unet_cfg.get("down_block_types") or ()
-    total = 0
-    for level, c in enumerate(channels):
-        attn = level < len(downs) and "CrossAttn" in downs[level]
-        side = max(1, latent_side // 2 ** level)
-        total += c * side * side * (2 * lpb + 1) * (1 + 3 * (depth[level] if attn else 0))
-    return total
+def features(facts: ModelFacts, latent_side: int) -> int:
+    """F of the module docstring, as the model's family counts it (Backbone.feature_values)."""
+    from ..backbones.sd_unet import SDUNet
 
-
-TOKEN_VALUES = 6  # values per token and width unit one transformer block keeps for backward, beyond ACT_K
-
-
-def transformer_values(cfg: dict, latent_side: int) -> int:
-    """Feature values of one transformer row: image tokens (FLUX packs 2x2 latents into one token, SD3 has
-    patch_size 2) plus text tokens (FLUX: 512 T5 tokens; SD3: 77 CLIP + 256 T5), times the width and
-    the number of blocks."""
-    flux = "num_single_layers" in cfg
-    patch = 2 if flux else cfg.get("patch_size", 2)
-    tokens = (latent_side // patch) ** 2 + (512 if flux else 77 + 256)
-    width = cfg.get("num_attention_heads", 1) * cfg.get("attention_head_dim", 1)
-    blocks = cfg.get("num_layers", 1) + cfg.get("num_single_layers", 0)
-    return tokens * width * blocks * TOKEN_VALUES
+    return (facts.backbone or SDUNet).feature_values(facts.denoiser, latent_side)
 
 
 @dataclass
@@ -256,7 +205,7 @@ def estimate(facts: ModelFacts, dtype: torch.dtype, resolution: int, grad_rows: 
     weights = sum(facts.params.values()) * nbytes
     loading = 0 if loaded else max(facts.file_bytes.values(), default=0)
     k = ACT_K_CHECKPOINTED if checkpointing else ACT_K
-    acts = int(grad_rows * k * feature_values(facts.denoiser, resolution // facts.vae_scale) * nbytes)
+    acts = int(grad_rows * k * features(facts, resolution // facts.vae_scale) * nbytes)
     denoiser = next(facts.params[c] for c in DENOISERS if c in facts.params)
     acts += int(WORKSPACE * denoiser * nbytes) if grad_rows else 0
     if facts.joint_attention:
@@ -338,7 +287,7 @@ def make_plan(facts: ModelFacts, device: torch.device, *, precision: str, resolu
     rows(batch) -> (UNet rows with gradients, rows without) per step. method_n_refs: the method's
     n_refs; user_n_refs: the user set it (--set n_refs=N), so the family default does not override it.
     Raises PatchforgeError (one line, with the estimate) when the run cannot fit."""
-    defaults = FAMILY_DEFAULTS[facts.family]
+    defaults = release_defaults(facts.family_name)
     dtype = choose_dtype(precision, facts.family, device)
     res = resolution or defaults.resolution or facts.native
     check_resolution(res, facts)

@@ -98,7 +98,7 @@ class ToyWorld:
     def knows_family(self, family: str) -> bool:
         """Toy-sized models (sizes no SD release has: the toy, the tests' tiny pipelines) use v1's tokenizer;
         a v2 model is recognised by its judges only (knows_model)."""
-        from ..pipeline.plan import TOY_FAMILY
+        from ..backbones import TOY_FAMILY
 
         return family == TOY_FAMILY and self.version == "v1"
 

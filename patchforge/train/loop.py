@@ -62,7 +62,7 @@ class TrainConfig:
     robust: bool = False  # adversarial training (--robust): the method's ROBUST defaults apply
     images: str | None = None  # folder of the concept's own images; None: the base model's generations
     progress: bool = True
-    # None in the four below: the model family's default (FAMILY_DEFAULTS; the toy's are what it always used)
+    # None in the four below: the family's default (its Backbone's RELEASES; the toy's: what it always used)
     resolution: int | None = None  # pixels of training and reference images
     ref_images: int | None = None  # reference images the base model generates (the method's n_refs)
     gradient_checkpointing: bool | None = None  # None: on only when the run would not fit without it
