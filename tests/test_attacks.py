@@ -342,3 +342,26 @@ def test_a_new_attack_is_one_file(tmp_path, monkeypatch):
     assert list(res) == ["brightness_prompt", "unconditional"]  # in their order
     assert res["brightness_prompt"]["metric"]["n"] == 4
     assert res["brightness_prompt"]["metric"]["what"] == "ASR, 'vivid' in front of the prompt"
+
+
+@pytest.mark.parametrize("name", attacks.available())
+def test_every_registered_attack_runs_and_reports(name, monkeypatch):
+    """Each attack in the registry (a new file included, without editing this test) runs at a tiny budget
+    on a tiny pipeline and reports a rate over its generations with a description."""
+    from tiny_pipelines import tiny_sd1
+
+    from patchforge.pipeline import sampling
+
+    monkeypatch.setattr(sampling, "STEPS", 2)
+
+    class Bright:
+        def detect(self, images, concept):
+            return [float(im.mean() > 127) for im in images]
+
+    tiny = {"prompts": 1, "soft_steps": 1, "inv_steps": 1, "inv_images": 2, "invc_max_steps": 2,
+            "invc_patience": 1, "ud_steps": 1, "uds_steps": 1, "uds_images": 1, "rab_pairs": 2, "probe_images": 2}
+    res = attacks.run_attacks(tiny_sd1(), ["star"], Bright(), tiny, seeds=1, world=worlds.get("toy"), which=(name,))
+    assert res, f"{name} reported nothing"
+    for r in res.values():
+        m = r["metric"]
+        assert m["n"] >= 1 and 0 <= m["patched"] <= 1 and m["what"]
