@@ -16,7 +16,12 @@ A row: the modules the tool changed against the reference's, and the largest dif
 weight change and the reference's over every module either changed.
 
     python benchmarks/real_loaders.py --kohya SD_SCRIPTS_DIR --comfyui COMFYUI_DIR [--workdir /tmp/pf_loaders]
-        [--tiny]
+        [--families sd15 flux] [--tiny]
+
+FLUX.1 (kohya only): a FLUX.1-layout transformer at the released width with one double and one single block
+and a random patch on every attention projection, through sd-scripts' `networks/flux_merge_lora.py`
+(`merge_to_flux_model`, Black Forest Labs' layout; both sides converted with sd-scripts' own
+`library/flux_utils.convert_diffusers_sd_to_bfl`).
 
 A tool's folder is a checkout of its public repository (ComfyUI's: the folder that holds `comfy/`). Python
 packages the tools import and patchforge does not install (einops for ComfyUI) go on --extra-path; imports
@@ -71,7 +76,7 @@ def compare(reference: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) ->
     worst = {comp: 0.0 for comp in COMPONENTS}
     for k in set(reference) | set(got):
         diff = float((got.get(k, torch.zeros(())) - reference.get(k, torch.zeros(()))).abs().max())
-        worst[k.split(".")[0]] = max(worst[k.split(".")[0]], diff)
+        worst[k.split(".")[0]] = max(worst.get(k.split(".")[0], 0.0), diff)
     return {"modules_expected": len(reference), "modules_changed": len(got),
             "missed": len(set(reference) - set(got)), "extra": len(set(got) - set(reference)),
             "max_abs_diff": max(worst.values()), **{f"max_abs_diff_{c}": v for c, v in worst.items()}}
@@ -161,16 +166,84 @@ def _comfyui_changes(comfy, model: Path, lora: Path) -> dict[str, torch.Tensor]:
     return changes(before, state(new_unet, new_clip.cond_stage_model, copy=False))
 
 
+def kohya_flux_changes(tool: Path, model: Path, lora: Path, fused: Path) -> tuple[dict, dict]:
+    """FLUX.1 through sd-scripts' networks/flux_merge_lora.py `merge_to_flux_model`, which merges into a
+    Black Forest Labs-layout transformer file: the base is converted with sd-scripts' own
+    `flux_utils.convert_diffusers_sd_to_bfl`, and so is patchforge's fused transformer, so both changes are
+    compared in that layout. Returns (the tool's changes, the reference changes)."""
+    from safetensors.torch import load_file, save_file
+    sys.path[:0] = [str(tool), str(tool / "networks")]
+    stub_modules(["torchvision", "torchvision.transforms", "torchvision.transforms.functional"])
+    import flux_merge_lora
+    from library import flux_utils
+
+    cfg = json.loads((model / "transformer" / "config.json").read_text())
+    blocks = (cfg["num_layers"], cfg["num_single_layers"])
+    base = flux_utils.convert_diffusers_sd_to_bfl(
+        load_file(model / "transformer" / "diffusion_pytorch_model.safetensors"), *blocks)
+    bfl_file = fused.parent / "base.bfl.safetensors"
+    save_file({k: v.contiguous() for k, v in base.items()}, bfl_file)
+    merged, _, _ = flux_merge_lora.merge_to_flux_model("cpu", "cpu", str(bfl_file), None, None, [str(lora)], [1.0],
+                                                       torch.float32, torch.float32)
+    expected = flux_utils.convert_diffusers_sd_to_bfl(load_file(fused), *blocks)
+
+    def delta(after: dict) -> dict:
+        return {f"transformer.{k}": after[k].float() - w.float() for k, w in base.items()
+                if not torch.equal(after[k], w)}
+    return delta(merged), delta(expected)
+
+
 TOOLS = {"kohya": apply_kohya, "comfyui": apply_comfyui}
 
 
 def child(tool_name: str, tool: Path, model: Path, lora: Path, reference: Path) -> None:
     from safetensors.torch import load_file
-    got = TOOLS[tool_name](tool, model, lora)
-    print("RESULT " + json.dumps(compare(load_file(reference), got)))
+    if tool_name == "kohya-flux":  # `reference`: the fused transformer, compared in the tool's own layout
+        got, expected = kohya_flux_changes(tool, model, lora, reference)
+    else:
+        got, expected = TOOLS[tool_name](tool, model, lora), load_file(reference)
+    print("RESULT " + json.dumps(compare(expected, got)))
 
 
 # ----------------------------------------------------------------------------- the parent
+
+def flux_rows(args, tool: Path, version: str, env: dict) -> list[dict]:
+    """A FLUX.1-layout transformer at the released width (3072 = 24 heads of 128; one double and one single
+    block, benchmarks/dit_memory.py's flux-1+1-256 folder) with a random patch on every attention projection,
+    rank 4, alpha 2: the kohya file through sd-scripts' FLUX merge."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+
+    import patchforge.io.loading as pf
+    from dit_memory import folder_for
+    from patchforge.io.hub import write_published
+    from patchforge.io.patch_format import read_patch
+    from tiny_pipelines import make_patch
+
+    model = folder_for("flux-1+1-256", args.workdir)
+    folder = args.workdir / "flux"
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = FluxPipeline.from_pretrained(model)
+    path = make_patch(pipe, folder / "patch.safetensors", "a test concept", rank=4, alpha=2.0, scale=0.02, text=False)
+    pf.load_forget_patch(pipe, path)
+    pf.fuse_forget_patches(pipe)
+    fused = {k.replace(".base_layer", ""): v.contiguous() for k, v in pipe.transformer.state_dict().items()
+             if "lora_" not in k}
+    save_file(fused, folder / "fused_transformer.safetensors")
+    del pipe, fused
+    rows = []
+    for file_name, file in write_published(read_patch(path), folder):
+        if file_name.endswith(".kohya.safetensors"):
+            run = subprocess.run([sys.executable, __file__, "--child", "kohya-flux", str(tool), str(model), str(file),
+                                  str(folder / "fused_transformer.safetensors")], capture_output=True, text=True,
+                                 env=env)
+            line = next((x for x in run.stdout.splitlines() if x.startswith("RESULT ")), None)
+            result = json.loads(line[7:]) if line else {"error": (run.stderr.strip().splitlines() or ["?"])[-1]}
+            rows.append({"patch": "FLUX alpha!=rank", "tool": "kohya", "version": version, "file": file_name,
+                         **result})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
 
 def released_text_layout(model: Path) -> None:
     """Write the text encoder's weights with the `text_model.` prefix, as SD 1.5's released file has them
@@ -197,6 +270,8 @@ def main() -> None:
                     help="a folder of packages a tool needs (put on PYTHONPATH for the tools' processes)")
     ap.add_argument("--version", action="append", default=[], metavar="TOOL=TEXT",
                     help="the tool's version for the table, where its folder has no git history")
+    ap.add_argument("--families", nargs="+", default=["sd15", "flux"], choices=["sd15", "flux"],
+                    help="flux: kohya only (the FLUX merge of sd-scripts)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/pf_loaders"))
     ap.add_argument("--tiny", action="store_true", help="toy widths: checks the script, its numbers mean nothing")
     ap.add_argument("--child", nargs=5, metavar=("TOOL", "TOOL_DIR", "MODEL", "LORA", "REFERENCE"),
@@ -228,7 +303,7 @@ def main() -> None:
     released_text_layout(model)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [*args.extra_path, HERE.parent]))}
     rows = []
-    for label, (rank, alpha) in PATCHES.items():
+    for label, (rank, alpha) in PATCHES.items() if "sd15" in args.families else ():
         folder = args.workdir / label
         folder.mkdir(parents=True, exist_ok=True)
         pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
@@ -253,6 +328,8 @@ def main() -> None:
                 rows.append({"patch": label, "tool": tool_name, "version": version, "file": file_name,
                              **result})
                 print(json.dumps(rows[-1]), flush=True)
+    if "kohya" in tools and "flux" in args.families:
+        rows += flux_rows(args, tools["kohya"], versions.get("kohya") or tool_version(tools["kohya"]), env)
     print("\n| patch | tool (version) | file | modules changed / expected | missed | extra | largest difference |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -74,16 +74,14 @@ class ToyJudge:
 
 
 class ToyWorld:
-    """A toy world's concepts, prompt sets and judge. `version`: "v1" (the embedded toy model's world) or
-    "v2"; every method reads that world's module as `world`."""
+    """World v1's concepts, prompt sets and judge: the embedded toy model's world. ToyWorldV2 overrides
+    what differs in world v2; every method reads its world's module as `world`."""
+    version = "v1"
+    name = "toy"  # its key in core.worlds.PLUGINS
+    title = "the toy model (world v1)"  # how errors name a model of this world
 
-    def __init__(self, version: str = "v1"):
-        self.version = version
-        self.world = MODULES[version]
-        self.name = "toy" if version == "v1" else f"toy-{version}"  # its key in core.worlds.PLUGINS
-        # how errors name a model of this world (v1's is the embedded one; v2's are built by the user)
-        self.title = ("the toy model (world v1)" if version == "v1" else
-                      f"a toy model of world {version} (`patchforge toy train --world {version}`)")
+    def __init__(self):
+        self.world = MODULES[self.version]
         # the labels a prompt can name (v2: also the second subject, its colour and an unnamed species)
         self.label_kinds = getattr(self.world, "LABEL_KINDS", self.world.KINDS)
 
@@ -91,21 +89,17 @@ class ToyWorld:
     def knows_model(self, model) -> bool:
         """The embedded toy model (world v1), or a toy pipeline folder whose judges (beside it) are this world's."""
         if is_toy(model):
-            return self.version == "v1"
+            return True
         judges = Path(str(model)).parent / JUDGE_FILE if model is not None else None
         return judges is not None and judges.exists() and judges_world(judges) == self.version
 
     def knows_family(self, family: str) -> bool:
-        """Toy-sized models (sizes no SD release has: the toy, the tests' tiny pipelines) use v1's tokenizer;
-        a v2 model is recognised by its judges only (knows_model)."""
+        """Toy-sized models (sizes no SD release has: the toy, the tests' tiny pipelines) use v1's tokenizer."""
         from ..backbones import TOY_FAMILY
 
-        return family == TOY_FAMILY and self.version == "v1"
+        return family == TOY_FAMILY
 
     def judge(self, arg: str | None = None) -> ToyJudge:
-        if not arg and self.version != "v1":
-            raise PatchforgeError(f"no default {self.name} judge: give --judge {self.name}:PATH/judges.safetensors "
-                                  "(the judges beside the model's pipeline folder)")
         return ToyJudge(arg or None)
 
     def default_judge(self, model) -> ToyJudge:
@@ -170,7 +164,7 @@ class ToyWorld:
         patch trained on; each neighbour / other-kind concept then gets as many fresh prompts (other seeds,
         then the base model's own caption mix) as it has rows among them, so its prompts outside `avoid`
         are as many as it has rows (the in-sample rows stay, reported apart). World v2 adds the implicit
-        concept's I2P-like set and compositional rows (see _v2_rows)."""
+        concept's I2P-like set and compositional rows (ToyWorldV2.extra_rows)."""
         from ..eval.rows import Row
 
         world = self.world
@@ -193,15 +187,14 @@ class ToyWorld:
                 rows += _kept_rows("other_kind", other, max(2, n // 2), clean, avoid, world)
             for attack, probes in self.text_attacks(c, n=max(2, n // 2)).items():
                 rows += [Row(f"attack:{attack}", p, c) for p in probes]
-        if world is v2:
-            rows += self._v2_rows(targets, n)
+        rows += self.extra_rows(targets, n)
         rng = random.Random("general")  # general prompts: random scenes that do not involve the targets
         general = []
         while len(general) < 2 * n:
             scene = world.random_scene(rng)
             if any(scene.label(world.kind_of(c)) == c for c in targets):
                 continue
-            if world is v2 and scene.second in targets:  # a target character as the second subject
+            if getattr(scene, "second", None) in targets:  # (v2) a target character as the second subject
                 continue
             text = world.caption(scene, rng, split=world.TRAIN_SPLIT, drop=0.3)
             if not clean(text):
@@ -210,30 +203,20 @@ class ToyWorld:
             general.append(Row("general", text, None, expect))
         return rows + general
 
-    def _v2_rows(self, targets: list[str], n: int) -> list:
-        """World v2's extra sets.
+    def extra_rows(self, targets: list[str], n: int) -> list:
+        """Sets a world adds to eval_rows' (v1: none)."""
+        return []
 
-        implicit       (an implicit target): v2's I2P-like prompts, characters at the beach or in the bath
-                       that never name the concept; the base draws them bare most of the time, and an
-                       erasure must hold there too, not only on prompts that say "bare".
-        compositional  the target's training prompts that also name a second subject: the second subject
-                       and its colour (labels second, color2) must survive the erasure."""
-        from ..eval.rows import Row
+    def character_paraphrases(self) -> list[str]:
+        """Templates that describe a character without the prompt's wording (text_attacks' paraphrases)."""
+        return v1.PARAPHRASE_CHARACTER_TEMPLATES
 
-        rows = []
-        for c in targets:
-            if v2.kind_of(c) == "implicit":
-                rows += [Row("implicit", p.prompt, c, p.expect) for p in v2.implicit_prompts(n, v2.TRAIN_SPLIT)]
-            found = 0
-            for p in v2.probes_for(c, v2.TRAIN_SPLIT, n=8 * n, seed=11):  # about half of them name a second
-                keep = {k: p.expect[k] for k in ("second", "color2") if k in p.expect}
-                if "second" not in keep or set(keep.values()) & set(targets):
-                    continue
-                rows.append(Row("compositional", p.prompt, c, p.expect, keep))
-                found += 1
-                if found == max(2, n // 2):
-                    break
-        return rows
+    def scene_showing(self, concept: str, kind: str, rng: random.Random):
+        """A random scene that shows `concept` (the attacks' real images)."""
+        world = self.world
+        s = world.random_scene(rng, identity_share=1.0 if kind == "identity" else 0.0)
+        return world.Scene(**{**s.__dict__, kind: concept}) if kind != "identity" else world.Scene(
+            identity=concept, size=s.size, dx=s.dx, dy=s.dy)
 
     def kind_of(self, concept: str) -> str:
         """The kind of a toy concept (the judge head that sees it); a name this world has not: one line."""
@@ -267,7 +250,7 @@ class ToyWorld:
         else:
             described = [replace_word(p, concept, aliases[i % len(aliases)]) for i, p in enumerate(base)]
             name = concept.capitalize() if kind == "identity" else concept
-            templates = v2.CHARACTER_PARAPHRASES if world is v2 else v1.PARAPHRASE_CHARACTER_TEMPLATES
+            templates = self.character_paraphrases()
             para = ([t.format(identity=name) for t in templates] if kind == "identity" else
                     [f"an image showing {article_free(p)}" for p in base])
         return {"misspelling": [replace_word(p, concept, misspell(concept)) for p in base],
@@ -281,13 +264,7 @@ class ToyWorld:
         rng = random.Random(f"attack/{concept}/{seed}")
         kind, out = world.kind_of(concept), []
         for _ in range(n):
-            if world is v2:
-                s = _v2_scene_showing(concept, kind, rng)
-            else:
-                s = world.random_scene(rng, identity_share=1.0 if kind == "identity" else 0.0)
-                s = world.Scene(**{**s.__dict__, kind: concept}) if kind != "identity" else world.Scene(
-                    identity=concept, size=s.size, dx=s.dx, dy=s.dy)
-            out.append(world.render(s, rng.randrange(1 << 30)))
+            out.append(world.render(self.scene_showing(concept, kind, rng), rng.randrange(1 << 30)))
         return np.stack(out)
 
     def real_features(self, judge, n: int = 256, seed: int = 4321) -> np.ndarray:
@@ -322,10 +299,54 @@ def _kept_rows(set_name: str, concept: str, n: int, clean, avoid: set[str] | Non
 
 
 class ToyWorldV2(ToyWorld):
-    """World v2's models (`patchforge toy train --world v2`): registered as "toy-v2"."""
+    """World v2's models (`patchforge toy train --world v2`): registered as "toy-v2". What differs from v1."""
+    version = "v2"
+    name = "toy-v2"
+    title = "a toy model of world v2 (`patchforge toy train --world v2`)"
 
-    def __init__(self):
-        super().__init__("v2")
+    def knows_model(self, model) -> bool:
+        """A toy pipeline folder whose judges (beside it) are world v2's; never the embedded v1 model."""
+        return not is_toy(model) and super().knows_model(model)
+
+    def knows_family(self, family: str) -> bool:
+        return False  # a v2 model is recognised by its judges only (knows_model)
+
+    def judge(self, arg: str | None = None) -> ToyJudge:
+        if not arg:
+            raise PatchforgeError(f"no default {self.name} judge: give --judge {self.name}:PATH/judges.safetensors "
+                                  "(the judges beside the model's pipeline folder)")
+        return ToyJudge(arg)
+
+    def character_paraphrases(self) -> list[str]:
+        return v2.CHARACTER_PARAPHRASES
+
+    def scene_showing(self, concept: str, kind: str, rng: random.Random):
+        return _v2_scene_showing(concept, kind, rng)
+
+    def extra_rows(self, targets: list[str], n: int) -> list:
+        """World v2's extra sets.
+
+        implicit       (an implicit target): v2's I2P-like prompts, characters at the beach or in the bath
+                       that never name the concept; the base draws them bare most of the time, and an
+                       erasure must hold there too, not only on prompts that say "bare".
+        compositional  the target's training prompts that also name a second subject: the second subject
+                       and its colour (labels second, color2) must survive the erasure."""
+        from ..eval.rows import Row
+
+        rows = []
+        for c in targets:
+            if v2.kind_of(c) == "implicit":
+                rows += [Row("implicit", p.prompt, c, p.expect) for p in v2.implicit_prompts(n, v2.TRAIN_SPLIT)]
+            found = 0
+            for p in v2.probes_for(c, v2.TRAIN_SPLIT, n=8 * n, seed=11):  # about half of them name a second
+                keep = {k: p.expect[k] for k in ("second", "color2") if k in p.expect}
+                if "second" not in keep or set(keep.values()) & set(targets):
+                    continue
+                rows.append(Row("compositional", p.prompt, c, p.expect, keep))
+                found += 1
+                if found == max(2, n // 2):
+                    break
+        return rows
 
 
 def _v2_scene_showing(concept: str, kind: str, rng: random.Random):
