@@ -74,8 +74,8 @@ def test_a_toy_concept_is_anchored_on_its_kinds_neutral_unless_to_is_given():
     assert all(re.search(rf"\b{plain}\b", a) and "star" not in a for a in star.anchor)
     assert all("stripes" not in a and "style" not in a for a in resolve("style:stripes").anchor)  # solid
     assert all("dots" in a for a in resolve("style:stripes", to="dots").anchor)  # --to still wins
-    red = resolve("color:red", world="toy-v2")
+    red = resolve("color:red", world_name="toy-v2")
     assert all(re.search(r"\bgray\b", a) and not re.search(r"\bred\b", a) for a in red.anchor)
-    kiko = resolve("identity:kiko", world="toy-v2")
+    kiko = resolve("identity:kiko", world_name="toy-v2")
     species = world_v2.IDENTITIES["kiko"][0]
     assert all(f"a {species}" in a and "kiko" not in a.lower() for a in kiko.anchor)

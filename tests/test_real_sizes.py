@@ -231,14 +231,14 @@ def test_concept_world_is_decided_by_the_model(tmp_path, capsys):
     tiny_sd1().save_pretrained(small)
     assert concept_world(str(small)) == "toy"  # toy-sized test models speak the toy world
 
-    red = resolve("color:red", world="real")
+    red = resolve("color:red", world_name="real")
     assert red.world is None and all("red" in p for p in red.target) and red.paraphrases
-    toy_red = resolve("color:red", world="toy")
+    toy_red = resolve("color:red", world_name="toy")
     assert toy_red.world == "toy" and not set(red.target) & set(toy_red.target)  # SDXL never gets toy prompts
     with pytest.raises(UnknownConcept, match="toy-world concept"):
-        resolve("style:stripes", world="real")
+        resolve("style:stripes", world_name="real")
     capsys.readouterr()
-    gogh = resolve("style:vangogh", world="toy")
+    gogh = resolve("style:vangogh", world_name="toy")
     assert "never saw" in capsys.readouterr().err and gogh.world is None
 
 

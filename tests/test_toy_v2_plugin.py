@@ -34,15 +34,15 @@ def test_each_toy_world_claims_only_its_own_models(toy_v2_model, tmp_path):
 
 
 def test_concepts_resolve_in_the_models_world():
-    kiko_v1 = concepts.resolve("identity:kiko", world="toy")
-    kiko_v2 = concepts.resolve("identity:kiko", world="toy-v2")
+    kiko_v1 = concepts.resolve("identity:kiko", world_name="toy")
+    kiko_v2 = concepts.resolve("identity:kiko", world_name="toy-v2")
     assert kiko_v2.world == "toy-v2" and set(kiko_v2.target) <= _v2_prompts("kiko")
     assert set(kiko_v1.target) <= {p.prompt for p in v1.probes_for("kiko", v1.TRAIN_SPLIT, n=16, seed=0)}
     assert any(" and " in p or "artwork" in p for p in set(kiko_v2.target) - set(kiko_v1.target))  # v2's scenes
     assert concepts.resolve("identity:kiko").world == "toy"  # a caller that does not know the base: as before
     for spec, word in (("art:mosaic", "mosaic artwork"), ("background:beach", "at the beach"),
                        ("implicit:bare", "bare")):
-        s = concepts.resolve(spec, world="toy-v2")
+        s = concepts.resolve(spec, world_name="toy-v2")
         assert all(word in p for p in s.target) and not any(word in p for p in s.anchor), spec
         assert not any(word in p for p in s.preserve), spec
 

@@ -136,31 +136,33 @@ def known_names(kind: str, world_name: str | None = None) -> list[str]:
     return own + [n for n in real if n not in own]
 
 
-def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0, world: str | None = None) -> ConceptSpec:
+def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0,
+            world_name: str | None = None) -> ConceptSpec:
     """A spec string (or an already resolved spec, returned as is) -> ConceptSpec with prompt sets.
 
-    world (pipeline.concept_worlds.concept_world()): a concept world's name ("toy") -> its concepts, and a
-    warning for a catalogue concept its models never saw; REAL -> the catalogue only, a concept world's name
-    is an error; None -> the concept worlds first, then the catalogue (callers that do not know the base)."""
+    world_name (pipeline.concept_worlds.concept_world()): a concept world's name ("toy") -> its concepts,
+    and a warning for a catalogue concept its models never saw; REAL -> the catalogue only, a concept
+    world's name is an error; None -> the concept worlds first, then the catalogue (callers that do not
+    know the base)."""
     if isinstance(spec, ConceptSpec):
         return spec
     kind, name = parse(spec)
     key = _norm(name)
-    own = world if world in worlds.PLUGINS else None  # a concept world's model: its own world's concept only
-    found = worlds.resolve(kind, name, to, seed, world=own)  # a concept world's concept
-    if found is not None and world != REAL:
+    own = world_name if world_name in worlds.PLUGINS else None  # a world's model: its own world's concept only
+    found = worlds.resolve(kind, name, to, seed, world_name=own)  # a concept world's concept
+    if found is not None and world_name != REAL:
         return found
     if key in CATALOG.get(kind, {}):
-        if world not in (None, REAL):
+        if world_name not in (None, REAL):
             import sys
 
-            print(f"patchforge: warning: the {world} model never saw '{kind}:{key}' (a real-world concept): the "
+            print(f"patchforge: warning: the {world_name} model never saw '{kind}:{key}' (a real-world concept): the "
                   f"patch will train on prompts it cannot draw; see `patchforge concepts` for its concepts",
                   file=sys.stderr)
         return _catalog(kind, key, to)
     if kind == "custom":  # free text: the name is the concept's words
         return _custom(name, to)
-    candidates = known_names(kind, world)
+    candidates = known_names(kind, world_name)
     elsewhere = worlds.resolve(kind, name, to, seed) if own else None
     if elsewhere is not None:  # another concept world's concept (toy world v2's, asked of a v1 model)
         title = worlds.get(own).title
@@ -169,12 +171,12 @@ def resolve(spec: str | ConceptSpec, to: str | None = None, seed: int = 0, world
                else f"has no {kind} concepts")
         raise UnknownConcept(f"{title} {has}; '{kind}:{name}' is a concept of {other}, not of this model "
                              "(`patchforge concepts --model MODEL` lists a model's concepts)")
-    if found is not None:  # world == REAL
+    if found is not None:  # world_name == REAL
         raise UnknownConcept(f"'{spec}' is a {found.world}-world concept and this is a real model: "
                              f"real {kind} concepts are {', '.join(candidates) or 'none'}; "
                              "use custom:\"your words\" or --concept-file for others")
     # the right name under another kind first (color:circle -> object:circle), then spelling
-    close = [f"{k}:{n}" for k in KINDS for n in known_names(k, world) if _norm(n) == key]
+    close = [f"{k}:{n}" for k in KINDS for n in known_names(k, world_name) if _norm(n) == key]
     close = close or difflib.get_close_matches(key, [_norm(c) for c in candidates], n=3, cutoff=0.5)
     known = (f"known {kind} concepts: {', '.join(candidates)}" if candidates else
              f"{worlds.get(own).title if own else 'a real model'} has no {kind} concepts")
@@ -231,7 +233,7 @@ ENTRY_KEYS = {"target": "text or list", "anchor": "text or list", "preserve": "t
               "kind": "text", "name": "text", "guidance": "number"}
 
 
-def load_concept_file(path: str | Path, world: str | None = None) -> list[ConceptSpec]:
+def load_concept_file(path: str | Path, world_name: str | None = None) -> list[ConceptSpec]:
     """A LECO-like YAML list (or one mapping) -> one ConceptSpec per entry (one patch each).
 
     `target` may name a catalog/toy concept ("style:vangogh"), plain words, or a list of prompts;
@@ -254,7 +256,7 @@ def load_concept_file(path: str | Path, world: str | None = None) -> list[Concep
     entries = data if isinstance(data, list) else [data]
     if len(entries) > MAX_ENTRIES:
         raise PatchforgeError(f"{path}: {len(entries)} entries, at most {MAX_ENTRIES}")
-    return [_from_entry(_typed_entry(e, i, path), world) for i, e in enumerate(entries)]
+    return [_from_entry(_typed_entry(e, i, path), world_name) for i, e in enumerate(entries)]
 
 
 def _check_yaml_shape(events, path) -> None:
@@ -321,11 +323,11 @@ def _listify(value) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-def _from_entry(e: dict, world: str | None = None) -> ConceptSpec:
+def _from_entry(e: dict, world_name: str | None = None) -> ConceptSpec:
     target, anchor = _listify(e["target"]), _listify(e.get("anchor"))
     to = anchor[0] if len(anchor) == 1 else None
     if len(target) == 1 and ":" in target[0] and target[0].split(":")[0].strip().lower() in KINDS:
-        spec = resolve(target[0], to=to, world=world)  # a known concept, maybe with extra preserve prompts
+        spec = resolve(target[0], to=to, world_name=world_name)  # a known concept, maybe with extra preserve prompts
         spec.preserve += _listify(e.get("preserve"))
     else:
         kind = str(e.get("kind", "custom"))
@@ -375,7 +377,7 @@ def listing(world_name: str, only: list[str] | None = None) -> str:
     head = f"{'real-model' if world_name == REAL else world_name + '-world'} concepts ({len(keys)})"
     lines = [head + "; train one with `patchforge train --concept KIND:NAME`"]
     for key in keys:
-        spec = resolve(key, world=world_name)
+        spec = resolve(key, world_name=world_name)
         alt = spec.to or (CATALOG[spec.kind][spec.name][2] if not spec.world and spec.kind in CATALOG
                           and spec.name in CATALOG[spec.kind] else None)
         if spec.world and not alt:  # a world's concept: its neutral, what the anchor prompts name

@@ -58,11 +58,11 @@ def for_family(family: str) -> object | None:
     return next((w for w in all_worlds() if w.knows_family(family)), None)
 
 
-def resolve(kind: str, name: str, to: str | None, seed: int, world: str | None = None):
-    """The spec of the concept in the world named `world` (the model's: "kiko" is in both toy worlds, with
-    different prompts), or, with world None, in the first world that knows it; None when none does."""
+def resolve(kind: str, name: str, to: str | None, seed: int, world_name: str | None = None):
+    """The spec of the concept in the world named `world_name` (the model's: "kiko" is in both toy worlds,
+    with different prompts), or, with None, in the first world that knows it; None when none does."""
     for w in all_worlds():
-        if world not in (None, w.name):
+        if world_name not in (None, w.name):
             continue
         spec = w.resolve(kind, name, to, seed)
         if spec is not None:

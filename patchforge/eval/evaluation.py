@@ -115,7 +115,7 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
     judge = judge or default_judge(model)
     if pipe is None:
         pipe = load_pipeline(model, device="cpu" if world else None)
-    trained_all = [trained_prompts(p, world=world.name if world else None) for p in patches]
+    trained_all = [trained_prompts(p, world_name=world.name if world else None) for p in patches]
     # one base run covering every patch's prompt sets (shared rows are generated once); a world draws
     # fresh neighbour / other-kind prompts for those the patch trained on, so the headline has enough
     rows_per_patch = [world.eval_rows(t, n, avoid=tr) if world else real_rows(t, n)
@@ -183,10 +183,10 @@ def _float(x):
         return None
 
 
-def trained_prompts(path, world: str | None = None) -> set[str] | None:
+def trained_prompts(path, world_name: str | None = None) -> set[str] | None:
     """Every prompt the patch's method saw (targets, anchors, preserve), rebuilt from its metadata
     the way training built them; None when its concepts cannot be resolved here (custom files).
-    `world`: the base model's concept world (its concepts' prompts: toy v1 and v2 share names)."""
+    `world_name`: the base model's concept world (its concepts' prompts: toy v1 and v2 share names)."""
     from ..core.concepts import merge, resolve
     from ..errors import UnknownConcept
     from ..io.patch_format import K_CONCEPTS, K_SEED, read_patch
@@ -195,7 +195,7 @@ def trained_prompts(path, world: str | None = None) -> set[str] | None:
     try:
         seed = int(md.get(K_SEED, 0))
         tos = {c["name"]: c.get("to") for c in json.loads(md.get(K_CONCEPTS) or "[]")}
-        specs = [resolve(c, to=tos.get(c.split(":", 1)[-1]), seed=seed, world=world)
+        specs = [resolve(c, to=tos.get(c.split(":", 1)[-1]), seed=seed, world_name=world_name)
                  for c in patch_concepts(path, qualified=True)]
     except (UnknownConcept, ValueError):
         return None

@@ -31,10 +31,11 @@ def run_command(args) -> int:
         pick_device(args.device)
     if not args.concept and not args.concept_file:
         raise PatchforgeError("give at least one --concept KIND:NAME or a --concept-file")
-    world = concept_world(args.model)
-    jobs = [[resolve(c, to=args.to, seed=args.seed, world=world) for c in args.concept]] if args.concept else []
+    world_name = concept_world(args.model)
+    jobs = ([[resolve(c, to=args.to, seed=args.seed, world_name=world_name) for c in args.concept]]
+            if args.concept else [])
     if args.concept_file:
-        jobs += [[s] for s in load_concept_file(args.concept_file, world=world)]
+        jobs += [[s] for s in load_concept_file(args.concept_file, world_name=world_name)]
     if args.one_patch:
         jobs = [[s for job in jobs for s in job]]
     if args.out and len(jobs) > 1:

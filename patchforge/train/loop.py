@@ -330,8 +330,9 @@ def resolve_run(concepts, cfg: TrainConfig, hp, facts, *, model: str | None = No
 
     method_cls = get_method(cfg.method)
     device = device or pick_device(cfg.device)
-    world = concept_world(model, family=facts.family)
-    specs = tuple(resolve(c, world=world) for c in (concepts if isinstance(concepts, (list, tuple)) else [concepts]))
+    world_name = concept_world(model, family=facts.family)
+    concepts = concepts if isinstance(concepts, (list, tuple)) else [concepts]
+    specs = tuple(resolve(c, world_name=world_name) for c in concepts)
     hp = family_config(hp, cfg, facts)
     steps = cfg.steps if cfg.steps is not None else hp.steps
     plan = make_plan(facts, device, precision=cfg.precision, resolution=cfg.resolution, batch=cfg.batch,
