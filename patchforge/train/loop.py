@@ -16,6 +16,7 @@ embeddings for role == "target"; the loop and the methods need no change.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -23,22 +24,34 @@ import random
 import re
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from peft import LoraConfig
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
+from ..backbones import Cond, for_pipe
 from ..core.atomic import atomic_path
-from ..core.output_paths import check_output_file
-from ..backbones import for_pipe
-from ..core.concepts import ConceptSpec, merge, resolve
 from ..core.cache import cache_dir
-from ..backbones import Cond
+from ..core.concepts import ConceptSpec, merge, resolve
 from ..core.lora import ADAPTER, adapters_off
+from ..core.output_paths import check_output_file
+from ..core.pipeline_loading import (check_model, hub_repo_id, load_pipeline, local_folder, pick_device,
+                                     public_model_id)
 from ..errors import PatchforgeError
-from ..pipeline.sampling import generate_latents
-from ..io.patch_format import (K_BASE_ID, K_CONCEPT, K_CONCEPTS, K_DEVICE, K_HPARAMS, K_METHOD, K_SECONDS, K_SEED)
 from ..io.fingerprint import model_key
+from ..io.patch_format import (K_BASE_ID, K_BASE_REPO_ID, K_CONCEPT, K_CONCEPTS, K_DEVICE, K_HPARAMS, K_METHOD,
+                               K_SECONDS, K_SEED)
+from ..io.saving import save_patch_from_pipeline
+from ..methods import get_method
+from ..pipeline.concept_worlds import concept_world
+from ..pipeline.plan import ModelFacts, make_plan, peak_rss
+from ..pipeline.sampling import generate_latents
+from .robust import RobustConfig
 
 TEXT_ENCODER = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -89,7 +102,6 @@ def image_files(folder: str | Path) -> list[Path]:
 
 class Trainer:
     """The frozen pipeline plus everything methods need: embeddings, predictions, noise, references."""
-
     def __init__(self, pipe, cfg: TrainConfig, device: torch.device, resolution: int | None = None):
         self.pipe, self.cfg, self.device = pipe, cfg, device
         self.backbone = for_pipe(pipe)  # the only thing that knows how this family's denoiser is called
@@ -155,8 +167,6 @@ class Trainer:
     def reference_latents(self, prompts: list[str], name: str, per_prompt: int = 1) -> torch.Tensor:
         """Clean latents of base-model generations for prompts (the images FMN/ESD/SA train on when
         the user gives none). Cached in $PATCHFORGE_CACHE/refs/<model>/<name>-<hash>.safetensors."""
-        from safetensors.torch import load_file, save_file
-
         steps, guidance = int(self.cfg.options.get("ref_steps", 10)), float(self.cfg.options.get("ref_guidance", 5.0))
         key = [prompts, per_prompt, steps, guidance, self.cfg.seed] + ([self.size] if self.size != self.native else [])
         digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:10]
@@ -175,9 +185,6 @@ class Trainer:
     def encode_images(self, folder: str | Path) -> torch.Tensor:
         """User-given reference images (`--images`) -> clean latents (VAE mean, scaled). Each image is
         centre-cropped to a square and resized to the model's resolution."""
-        import numpy as np
-        from PIL import Image, UnidentifiedImageError
-
         size = self.size
         files = image_files(folder)
         arr = []
@@ -196,8 +203,6 @@ class Trainer:
 # ---------------------------------------------------------------- LoRA injection
 def inject_lora(trainer: Trainer, denoiser_targets: str | None, text_encoder: bool, rank: int, alpha: float) -> list:
     """Add adapter ADAPTER through peft to the chosen modules; return the trainable parameters."""
-    from peft import LoraConfig
-
     params = []
     denoiser = trainer.denoiser
     if denoiser_targets:
@@ -237,9 +242,6 @@ def check_train_args(cfg: TrainConfig, *, model: str | None = None, out: str | P
                      concept_file: str | None = None) -> object:
     """Every argument of a training run checked before any model loads, each failure one line.
     The CLI and train_patch() both call it. Returns the method's Config (see method_config)."""
-    from ..methods import get_method
-    from ..core.pipeline_loading import check_model
-
     _positive_int("--steps", cfg.steps)
     _positive_int("--rank", cfg.rank)
     _positive_int("--batch", cfg.batch)
@@ -310,7 +312,6 @@ class RunSpec:
 
     @property
     def method_cls(self):
-        from ..methods import get_method
         return get_method(self.cfg.method)
 
 
@@ -321,13 +322,6 @@ def resolve_run(concepts, cfg: TrainConfig, hp, facts, *, model: str | None = No
     the concept world; `source`: what the patch records as its base (default: `model`); `device`: plan for
     this device instead of cfg.device's (the benchmarks plan for GPUs they lack). Refuses a run that cannot
     fit (make_plan)."""
-    from dataclasses import replace
-
-    from ..pipeline.concept_worlds import concept_world
-    from ..core.pipeline_loading import pick_device
-    from ..pipeline.plan import make_plan
-    from ..methods import get_method
-
     method_cls = get_method(cfg.method)
     device = device or pick_device(cfg.device)
     world_name = concept_world(model, family=facts.family)
@@ -354,9 +348,6 @@ def resolve_run(concepts, cfg: TrainConfig, hp, facts, *, model: str | None = No
 def prepare_run(concepts, cfg: TrainConfig, hp, *, model: str | None = None, out=None, pipe=None):
     """(RunSpec, pipeline): planned before loading where the model's folder tells enough (a run that
     cannot fit is refused before gigabytes load), else on the loaded pipeline; `pipe` reuses one."""
-    from ..core.pipeline_loading import load_pipeline, pick_device
-    from ..pipeline.plan import ModelFacts
-
     facts = ModelFacts.from_pipe(pipe) if pipe is not None else model_facts(model)
     if facts is None:  # a Hub id not in the cache: nothing to read before loading
         pipe = load_pipeline(model, device=str(pick_device(cfg.device)))
@@ -374,8 +365,6 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
     entry point (check, resolve, load, run). Returns (path, summary). `pipe` reuses an already loaded
     pipeline (left without the adapter afterwards); `robust` is an optional callable(trainer)
     installing the robust hook."""
-    from dataclasses import replace
-
     cfg = replace(config or TrainConfig(), method=method or (config.method if config else "fmn"))
     cfg = replace(cfg, robust=cfg.robust or robust is not None)
     hp = check_train_args(cfg, model=None if pipe is not None else model, out=out)
@@ -386,11 +375,6 @@ def train_patch(concepts, method: str = "fmn", model: str | None = None, config:
 def run_spec(spec: RunSpec, pipe, robust=None) -> tuple[Path, dict]:
     """The shared loop: method.prepare() on the frozen base, LoRA injected, cfg.steps of method.loss()
     (or the closed form's solve), the patch written. Returns (path, summary)."""
-    from tqdm.auto import tqdm
-
-    from ..pipeline.plan import peak_rss
-    from ..io.saving import save_patch_from_pipeline
-
     cfg, hp, plan = spec.cfg, spec.hp, spec.plan
     t0 = time.time()
     if cfg.progress:
@@ -465,9 +449,6 @@ def run_spec(spec: RunSpec, pipe, robust=None) -> tuple[Path, dict]:
 
 def patch_metadata(spec: RunSpec, hparams: dict, seconds: float) -> dict[str, str]:
     """The patchforge.* keys a trained patch records (the base's fingerprint is added when it is saved)."""
-    from ..core.pipeline_loading import hub_repo_id, public_model_id
-    from ..io.patch_format import K_BASE_REPO_ID
-
     metadata = {K_CONCEPT: "; ".join(s.key for s in spec.specs),
                 K_CONCEPTS: json.dumps([s.to_json() for s in spec.specs]), K_METHOD: spec.cfg.method,
                 K_HPARAMS: json.dumps(hparams), K_SECONDS: f"{seconds:.1f}", K_DEVICE: str(spec.device),
@@ -480,9 +461,6 @@ def patch_metadata(spec: RunSpec, hparams: dict, seconds: float) -> dict[str, st
 
 def model_facts(model: str | None):
     """ModelFacts of a model not loaded yet (its folder, or a Hub id's cached snapshot); None if unknown."""
-    from ..core.pipeline_loading import local_folder
-    from ..pipeline.plan import ModelFacts
-
     folder = local_folder(model)
     return ModelFacts.from_folder(folder) if folder else None
 
@@ -491,8 +469,6 @@ def family_config(hp, cfg: TrainConfig, facts):
     """The method's Config for this run: its ROBUST defaults under --robust, then, on a joint-attention
     denoiser (SD3, FLUX), its JOINT_ATTENTION defaults, each for the fields the user did not set (--steps,
     --lr, --set)."""
-    from dataclasses import replace
-
     user = set(cfg.options) | {k for k in ("steps", "lr") if getattr(cfg, k) is not None}
     changes = dict(type(hp).ROBUST) if cfg.robust else {}
     if facts is not None and facts.joint_attention:
@@ -515,17 +491,11 @@ def method_config(method_cls, options: dict):
     """The method's Config from --set options. A key that neither the method, the loop nor --robust
     (robust_*) knows is a typo and fails with the method's options listed; a value of the wrong type
     (preserve_weight=abc) or a number that is not finite fails naming the expected type."""
-    from dataclasses import fields
-
-    from .robust import RobustConfig
-
     own = {f.name: f for f in fields(method_cls.Config)}
     robust = {f"robust_{f.name}": f.default for f in fields(RobustConfig)}
     defaults = {**{k: f.default for k, f in own.items()}, **LOOP_OPTIONS, **robust}
     for key, value in options.items():
         if key not in defaults:
-            import difflib
-
             known = sorted(own) + list(LOOP_OPTIONS)
             close = difflib.get_close_matches(key, known + sorted(robust), n=1)
             raise PatchforgeError(f"--set {key}: not an option of {method_cls.name}"
