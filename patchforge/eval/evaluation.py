@@ -29,6 +29,7 @@ Output (written by report.py): <out>.eval.json (stable keys), <out>.eval.md (a t
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -36,14 +37,17 @@ import numpy as np
 import torch
 
 from ..core import worlds
+from ..core.concepts import merge, resolve
 from ..core.output_paths import check_output_file
 from ..core.pipeline_loading import load_pipeline, public_model_id
-from ..io.patch_format import K_BASE_ID, K_SECONDS, public_metadata, read_patch
-from ..errors import PatchforgeError
+from ..errors import PatchforgeError, UnknownConcept
+from ..io.loading import set_forget_patch_weight
+from ..io.patch_format import K_BASE_ID, K_CONCEPTS, K_SECONDS, K_SEED, public_metadata, read_patch
 from ..pipeline import sampling as generation
 from ..pipeline.sampling import SEED0, encode_prompts, generate  # noqa: F401  (generate, encode_prompts: this module's API)
 from . import drawn
-from .judging import default_judge
+from .attacks import run_attacks
+from .judging import default_judge, load_judge
 from .rows import Generated, Row, dedupe, load_patch, patch_concepts, patch_targets, run_rows, subset, unload_patch
 from .report import WEIGHT_METRICS, fmt, public_command, report_stem, write_reports
 from .text_attacks import catalogue_attacks
@@ -55,8 +59,6 @@ MAX_EVAL_WEIGHT = 4.0  # a weight response past 4x the trained strength measures
 # ---------------------------------------------------------------- prompt sets
 def real_rows(targets: list[str], n: int = 6) -> list[Row]:
     """Real pipelines: the concept catalogue's prompts (patchforge.core.concepts) and text attacks."""
-    from ..core.concepts import resolve
-
     rows = []
     for c in targets:
         spec = resolve(c)
@@ -105,8 +107,6 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
     """Evaluate each patch against the base model. Returns {"base": ..., "patches": [report, ...]}.
     Every report has stable keys (see module docstring); nothing here trains anything. `weights`: also
     measure the patch at each of these adapter weights (the weight response)."""
-    from ..io.loading import set_forget_patch_weight
-
     weights = check_weights(weights)
     t_start = time.perf_counter()
     world = worlds.for_model(model)  # a concept world (the toy) brings its prompt sets; else the catalogue
@@ -135,7 +135,6 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
             patched = run_rows(pipe, judge, rows, seeds)
             white_box = {}
             if attacks:
-                from .attacks import run_attacks
                 white_box = run_attacks(pipe, targets, judge, budget=attack_budget or {}, seeds=seeds, world=world)
             response = []
             for w in weights:  # weight 1 is the run above; every other weight is generated again
@@ -187,10 +186,6 @@ def trained_prompts(path, world_name: str | None = None) -> set[str] | None:
     """Every prompt the patch's method saw (targets, anchors, preserve), rebuilt from its metadata
     the way training built them; None when its concepts cannot be resolved here (custom files).
     `world_name`: the base model's concept world (its concepts' prompts: toy v1 and v2 share names)."""
-    from ..core.concepts import merge, resolve
-    from ..errors import UnknownConcept
-    from ..io.patch_format import K_CONCEPTS, K_SEED, read_patch
-
     md = read_patch(path).metadata
     try:
         seed = int(md.get(K_SEED, 0))
@@ -205,8 +200,6 @@ def trained_prompts(path, world_name: str | None = None) -> set[str] | None:
 
 def _patch_tos(md: dict) -> dict[str, str | None]:
     """concept name -> the replacement (`to`) its training recorded, if any."""
-    from ..io.patch_format import K_CONCEPTS
-
     try:
         return {c["name"]: c.get("to") for c in json.loads(md.get(K_CONCEPTS) or "[]")}
     except (ValueError, TypeError, KeyError):
@@ -297,9 +290,7 @@ def _report(judge, rows, seeds, base: Generated, patched: Generated, real, white
 
 # ---------------------------------------------------------------- CLI
 def run_command(args) -> int:
-    import sys
 
-    from .judging import load_judge
 
     patches = list(args.patch) + list(args.compare)
     if not patches:

@@ -14,6 +14,8 @@ import numpy as np
 from ..core.concept import KINDS
 from ..pipeline.sampling import SEED0, generate
 from ..errors import PatchFormatError, one_line
+from ..io.loading import load_forget_patch, unload_forget_patch
+from ..io.patch_format import K_CONCEPT, K_CONCEPTS, read_patch
 
 
 @dataclass
@@ -90,8 +92,6 @@ def subset(g: Generated, idx: list[int], seeds: int) -> Generated:
 def patch_concepts(path, qualified: bool = False) -> list[str]:
     """The concepts a patch erases, from its metadata: bare names (toy world, where names are unique)
     or, with `qualified`, "kind:name" specs that patchforge.core.concepts.resolve takes (real pipelines)."""
-    from ..io.patch_format import K_CONCEPT, K_CONCEPTS, read_patch
-
     md = read_patch(path).metadata
     if md.get(K_CONCEPTS):
         entries = _concept_entries(md[K_CONCEPTS], path)
@@ -138,14 +138,10 @@ def _concept_entries(raw: str, path) -> list[tuple]:
 
 def load_patch(pipe, path, weight: float = 1.0) -> tuple[str, float]:
     """Load a patch into pipe at `weight` -> (adapter name, seconds)."""
-    from ..io.loading import load_forget_patch
-
     t0 = time.perf_counter()
     name = load_forget_patch(pipe, path, weight=weight)
     return name, time.perf_counter() - t0
 
 
 def unload_patch(pipe, name: str) -> None:
-    from ..io.loading import unload_forget_patch
-
     unload_forget_patch(pipe, name)
