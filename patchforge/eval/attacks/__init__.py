@@ -28,11 +28,15 @@ import torch
 from ...backbones import for_pipe
 from ...core import worlds
 from ...core.atomic import write_text
-from ...pipeline.sampling import GUIDANCE, SEED0, generate
+from ...core.concepts import resolve
 from ...core.output_paths import check_output_file
+from ...core.pipeline_loading import load_pipeline
 from ...core.registry import import_modules, registrar
 from ...errors import PatchforgeError
 from ...io.loading import patches_suspended
+from ...pipeline.sampling import GUIDANCE, SEED0, generate
+from ...pipeline.soft_tokens import unsupported as soft_unsupported
+from ..judging import default_judge, load_judge
 from ..rows import load_patch, patch_targets, unload_patch
 from ..stats import metric
 
@@ -260,7 +264,6 @@ def _target(pipe, judge, concept: str, world, shared: SharedBudget, seeds: int, 
     if world is not None:
         prompts = world.attack_prompts(concept, shared.prompts)
     else:  # a "kind:name" spec; the judge is asked about the concept's name
-        from ...core.concepts import resolve
         spec = resolve(concept)
         prompts, concept = spec.target[:shared.prompts], spec.name
     return Target(pipe, judge, concept, spec_name, prompts, [SEED0 + s for s in range(seeds)], world, negative,
@@ -271,10 +274,6 @@ def _target(pipe, judge, concept: str, world, shared: SharedBudget, seeds: int, 
 def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judge=None, pipe=None) -> dict:
     """Load the patch, run the attacks (`which`, default: every attack's by_default), return
     {attack: metric} (+ seconds)."""
-    from ...core.pipeline_loading import load_pipeline
-    from ...pipeline.soft_tokens import unsupported as soft_unsupported
-    from ..judging import default_judge
-
     asked = which
     flat = check_budget(budget or {}, which)
     which = tuple(which or [a for a in available() if ATTACKS[a].by_default])
@@ -303,7 +302,6 @@ def run_command(args) -> int:
     budget = dict(args.budget)
     check_budget(budget, args.attack)
     out = check_output_file(args.out or Path(args.patch).with_suffix(".attack.json"), "--out")
-    from ..judging import load_judge
 
     res = attack_patch(args.patch, args.model, budget, args.seeds, args.attack or None,
                        load_judge(args.judge) if args.judge else None)
