@@ -207,6 +207,14 @@ def child(tool_name: str, tool: Path, model: Path, lora: Path, reference: Path) 
 
 # ----------------------------------------------------------------------------- the parent
 
+def run_child(tool_name: str, tool: Path, model: Path, lora: Path, reference: Path, env: dict) -> dict:
+    """One tool applying one file, in a process of its own: its comparison, or the error it ended with."""
+    run = subprocess.run([sys.executable, __file__, "--child", tool_name, str(tool), str(model), str(lora),
+                          str(reference)], capture_output=True, text=True, env=env)
+    line = next((x for x in run.stdout.splitlines() if x.startswith("RESULT ")), None)
+    return json.loads(line[7:]) if line else {"error": (run.stderr.strip().splitlines() or ["?"])[-1]}
+
+
 def flux_rows(args, tool: Path, version: str, env: dict) -> list[dict]:
     """A FLUX.1-layout transformer at the released width (3072 = 24 heads of 128; one double and one single
     block, benchmarks/dit_memory.py's flux-1+1-256 folder) with a random patch on every attention projection,
@@ -234,11 +242,7 @@ def flux_rows(args, tool: Path, version: str, env: dict) -> list[dict]:
     rows = []
     for file_name, file in write_published(read_patch(path), folder):
         if file_name.endswith(".kohya.safetensors"):
-            run = subprocess.run([sys.executable, __file__, "--child", "kohya-flux", str(tool), str(model), str(file),
-                                  str(folder / "fused_transformer.safetensors")], capture_output=True, text=True,
-                                 env=env)
-            line = next((x for x in run.stdout.splitlines() if x.startswith("RESULT ")), None)
-            result = json.loads(line[7:]) if line else {"error": (run.stderr.strip().splitlines() or ["?"])[-1]}
+            result = run_child("kohya-flux", tool, model, file, folder / "fused_transformer.safetensors", env)
             rows.append({"patch": "FLUX alpha!=rank", "tool": "kohya", "version": version, "file": file_name,
                          **result})
             print(json.dumps(rows[-1]), flush=True)
@@ -320,10 +324,7 @@ def main() -> None:
               f"({sum(k.startswith('text_encoder.') for k in reference)} in the text encoder)", flush=True)
         for tool_name, tool in tools.items():
             for file_name, file in published:
-                run = subprocess.run([sys.executable, __file__, "--child", tool_name, str(tool), str(model), str(file),
-                                      str(folder / "reference.safetensors")], capture_output=True, text=True, env=env)
-                line = next((x for x in run.stdout.splitlines() if x.startswith("RESULT ")), None)
-                result = json.loads(line[7:]) if line else {"error": (run.stderr.strip().splitlines() or ["?"])[-1]}
+                result = run_child(tool_name, tool, model, file, folder / "reference.safetensors", env)
                 version = versions.get(tool_name) or tool_version(tool)
                 rows.append({"patch": label, "tool": tool_name, "version": version, "file": file_name,
                              **result})

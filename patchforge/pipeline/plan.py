@@ -56,8 +56,8 @@ WORKSPACE = 0.13
 # was tried (1 MiB: 1.1 GiB at 40 steps but twice the time; 8 MiB: 2.7 GiB at 160 steps, 30 % slower)
 # and not kept; malloc_trim after every step reached 2.7 GiB too. The plan counts the growth instead:
 # this fraction of the activation estimate per step (set so the plan is at or above all four runs: 1.5 /
-# 1.6 / 1.9 / 3.2 GiB planned). Not measured past the toy's width: an extrapolation for SD3.5 / FLUX.1 on
-# a CPU, where a run of many steps was already beyond this machine.
+# 1.6 / 1.9 / 3.2 GiB planned). The growth rate is fitted at the toy's width only; at SD3.5 / FLUX.1 widths
+# 2-step runs peak 29-64 % under the plan (benchmarks/dit_memory.py, docs/real-models.md).
 HEAP_GROWTH_PER_STEP = 0.02
 
 
