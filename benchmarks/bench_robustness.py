@@ -3,7 +3,8 @@ train fmn patches, attack them with fixed seeds and budgets, and measure what th
 specificity). Writes a Markdown table and a JSON file.
 
 Patch variants (--variants):
-    default     fmn at its defaults, trained here
+    default     fmn at its defaults, trained here (hardened warm start, 2026-12-07)
+    fast        fmn --fast: the previous default (no hardening)
     robust      fmn --robust (AdvUnlearn-style inner soft-prompt loop)
     undefended  fmn as published: attention re-steering with the preservation, away and keep terms off, cold
                 (--steps 80 --set preserve_weight=0 --set away=0 --set keep_weight=0 --set warm_start=
@@ -50,7 +51,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--concepts", nargs="+", default=["style:stripes", "object:star", "identity:kiko"])
     ap.add_argument("--variants", nargs="+", default=["default", "robust"],
-                    choices=["default", "robust", "undefended", "shipped", "esd"])
+                    choices=["default", "fast", "robust", "undefended", "shipped", "esd"])
     ap.add_argument("--attacks", nargs="+", default=ATTACKS, choices=ATTACKS)
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the method's)")
     ap.add_argument("--inner-steps", type=int, default=3)
@@ -81,7 +82,7 @@ def main() -> None:
                 ev = evaluate([path], args.model, seeds=args.seeds, n=4, judge=judge, pipe=pipe,
                               progress=lambda m: None)["patches"][0]["metrics"]
                 keep = {k: ev[k] for k in ("efficacy", "generality", "specificity.neighbours",
-                                           "specificity.other_kinds")}
+                                           "specificity.other_kinds", "specificity.compositional") if k in ev}
             got = {k: v for k, v in att["attacks"].items() if k in ATTACKS}
             rows.append({"concept": concept, "patch": tag, "train_seconds": train_s,
                          "asr": {k: v["patched"] for k, v in got.items()},
@@ -110,7 +111,7 @@ def patch_for(concept: str, tag: str, args, pipe) -> tuple[Path, float | None]:
     if args.reuse and out.exists():
         return out, None
     steps = args.steps or (UNDEFENDED_STEPS if tag == "undefended" else None)
-    cfg = TrainConfig(method=method, steps=steps, progress=False,
+    cfg = TrainConfig(method=method, steps=steps, progress=False, fast=tag == "fast",
                       options=dict(UNDEFENDED) if tag == "undefended" else dict(args.options))
     hook = (lambda tr: wrap_trainer(tr, RobustConfig(inner_steps=args.inner_steps))) if tag == "robust" else None
     t0 = time.time()

@@ -122,7 +122,12 @@ def _train(sub) -> None:
     p.add_argument("--images", default=None, metavar="FOLDER",
                    help="the concept's own images, for methods that train on images of it "
                         "(default: the base model's generations)")
-    p.add_argument("--robust", action="store_true", help="adversarially robust training (patchforge.train.robust)")
+    strength = p.add_mutually_exclusive_group()
+    strength.add_argument("--robust", action="store_true",
+                          help="adversarial training, AdvUnlearn-style (patchforge.train.robust): slower")
+    strength.add_argument("--fast", action="store_true",
+                          help="skip the default's hardening against optimised prompts: faster, and weaker against "
+                               "the published attacks (docs/robustness.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no plan line")
     p.add_argument("--resolution", type=positive_int, default=None, metavar="PX",
                    help="training and reference image size (default: the model family's, e.g. SD 1.x 512, SDXL 1024)")

@@ -11,7 +11,8 @@ from patchforge.pipeline.soft_tokens import SoftPrefix, SoftPrompt
 from patchforge.eval import attacks, evaluation
 from patchforge.eval.attacks.ring_a_bell import concept_pairs, concept_vector, ring_a_bell
 from patchforge.eval.attacks.soft_prompt import soft_prompt_attack
-from patchforge.eval.attacks.unlearndiff import prefix_objective, target_latents, unlearndiff_attack
+from patchforge.eval.attacks.unlearndiff import target_latents
+from patchforge.pipeline.soft_tokens import prefix_objective, unlearndiff_attack
 from patchforge.core import worlds
 from patchforge.pipeline.sampling import generate_latents
 from patchforge.eval.text_attacks import misspell

@@ -285,6 +285,29 @@ def test_robust_defaults_apply_only_where_the_user_set_nothing(folders):
     assert (mine.steps, mine.warm_start) == (80, "uce")
 
 
+def test_fast_drops_the_hardening_and_the_plan_line_counts_it(folders):
+    """--fast: fmn's warm start without hardening rounds (the previous default); the default's hardening
+    attack is in the plan line, and no family that cannot run it (joint attention) or --robust gets it."""
+    from patchforge.pipeline.plan import ModelFacts
+    from patchforge.methods.fmn import FMNConfig, ForgetMeNot
+    from patchforge.train.loop import TrainConfig, family_config, resolve_run
+
+    dit, toy = ModelFacts.from_folder(folders["sd3"]), ModelFacts.from_pipe(tiny_sd1())
+    hp = FMNConfig()
+    assert (hp.adv_rounds, hp.warm_preserve_weight, hp.adv_rows) == (2, 8.0, 0.5)
+    fast = family_config(hp, TrainConfig(fast=True), toy)
+    assert (fast.adv_rounds, fast.warm_preserve_weight, fast.adv_rows) == (0, 1.0, 0.0)
+    assert ForgetMeNot.hardening(fast, 8) == (0, 0) and ForgetMeNot.hardening(hp, 8) == (40, 8)
+    assert ForgetMeNot.hardening(hp, 2) == (40, 2)  # never more rows than a training step's batch
+    assert family_config(hp, TrainConfig(robust=True), toy).adv_rounds == 0
+    assert family_config(hp, TrainConfig(), dit).adv_rounds == 0
+    line = resolve_run(["custom:a photo of a cat"], TrainConfig(progress=False), hp, toy, loaded=True).plan.line("fmn")
+    assert "hardening 40 attack steps x 8 UNet rows with gradients" in line
+    fast_line = resolve_run(["custom:a photo of a cat"], TrainConfig(progress=False, fast=True), hp, toy,
+                            loaded=True).plan.line("fmn")
+    assert "hardening" not in fast_line
+
+
 def test_soft_token_methods_say_they_cannot_run_on_dit():
     from patchforge.train.loop import TrainConfig, train_patch
 

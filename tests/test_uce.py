@@ -139,9 +139,57 @@ def test_fmn_warm_start_begins_from_the_uce_edit(tmp_path):
     pipe = tiny_sd1()
     factors = prepared_uce(pipe).factors
     # one step at a negligible learning rate (steps must be >= 1): AdamW moves each weight by ~lr
-    cfg = TrainConfig(steps=1, lr=1e-12, rank=4, progress=False,
+    cfg = TrainConfig(steps=1, lr=1e-12, rank=4, progress=False, fast=True,  # --fast: the plain closed form
                       options={"warm_start": "uce", "ref_steps": 2, "n_refs": 2})
     path, _ = train_patch(["custom:a photo of a cat"], "fmn", None, cfg, out=tmp_path / "p.safetensors", pipe=pipe)
     patch = read_patch(path)
     for name, (u, s, vh) in factors.items():  # (almost) no step taken: the LoRA is uce's rank-4 truncation
         assert torch.allclose(patch.delta("unet", name), (u[:, :4] * s[:4]) @ vh[:4], atol=1e-5), name
+
+
+def test_a_hardening_round_fits_the_prefixed_rows_it_found():
+    """adv_rounds: the prefix found against the plain edit enters the solve, so the hardened edit sends
+    "<prefix> target" closer to its goal than the plain edit did (least squares over more rows), while the
+    preserve prompts stay where the plain edit kept them (within a small share of their K/V)."""
+    from patchforge.methods.uce import _edited, _shifted
+
+    pipe = tiny_sd1()
+    options = {"n_refs": 2, "adv_steps": 3, "adv_prompts": 2}
+    plain = prepared_uce(pipe, options)
+    hard = prepared_uce(pipe, {**options, "adv_rounds": 1})
+    assert len(hard.prefixes) == 1 and not plain.prefixes
+    layers = hard.tr.backbone.text_kv()
+    soft, n = hard.prefixes[0], 2
+    with torch.no_grad():
+        c = soft.encode(hard.target[:n]).emb.float()
+        a = _shifted(hard.tr.embed(hard.anchor[:n], base=True).emb.float(), soft.offsets[0], soft.k)
+
+        def miss(deltas):
+            total = 0.0
+            for name, m in layers:
+                w0 = m.weight.float()
+                goal = a @ w0.T - (c @ w0.T - a @ w0.T)
+                total += float(((c @ (w0 + deltas[name]).T) - goal).pow(2).sum())
+            return total
+        assert miss(hard.deltas) < 0.9 * miss(plain.deltas)
+    # the hooks that let the attack see the edit leave the layers as they were
+    before = layers[0][1](c)
+    with _edited(layers, hard.deltas):
+        assert not torch.allclose(layers[0][1](c), before)
+    assert torch.equal(layers[0][1](c), before)
+
+
+def test_shifted_anchor_lines_up_with_a_prefixed_prompt():
+    from patchforge.methods.uce import _shifted
+
+    a = torch.arange(6.0).view(1, 6, 1)  # BOS=0, words 1..4, pad 5
+    out = _shifted(a, 1, 2)
+    assert out.flatten().tolist() == [0.0, 0.0, 0.0, 1.0, 2.0, 3.0]
+
+
+def test_hardening_is_refused_where_it_is_not_built():
+    from patchforge.errors import PatchforgeError
+    from tiny_pipelines import tiny_sd3
+
+    with pytest.raises(PatchforgeError, match="adv_rounds"):
+        prepared_uce(tiny_sd3(), {"adv_rounds": 1, "n_refs": 2})

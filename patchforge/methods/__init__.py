@@ -69,6 +69,8 @@ class MethodConfig:
     JOINT_ATTENTION: ClassVar[dict] = {}
     # defaults that differ under adversarial training (`--robust`), for the fields the user left unset
     ROBUST: ClassVar[dict] = {}
+    # defaults that differ under `--fast` (the cheapest setting the method has)
+    FAST: ClassVar[dict] = {}
 
 
 class Method:
@@ -100,6 +102,12 @@ class Method:
         """Denoiser rows one step runs (with gradients, without): what the plan's memory estimate and
         cost line count. A method whose loss() calls the denoiser differently says so here."""
         return 2 * batch, 2 * batch
+
+    @classmethod
+    def hardening(cls, hp, batch: int) -> tuple[int, int]:
+        """(attack steps, denoiser rows with gradients in each) the method runs before training to harden
+        its edit (uce's adv_rounds): the plan line counts them."""
+        return 0, 0
 
     def lora_rank(self) -> int | None:
         """A closed-form method's LoRA rank, known after prepare(); None: the loop's --rank."""

@@ -26,9 +26,11 @@ A = V_rᵀ), loaded, stacked, merged and exported like any other.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import PatchforgeError
 from ..core.lora import ADAPTER
@@ -45,6 +47,17 @@ class UCEConfig(MethodConfig):
     ridge: float = 0.1  # λ, relative to the mean diagonal of the token covariance
     energy: float = 0.999  # share of ΔW's squared singular values the LoRA keeps, per layer
     max_rank: int = 32
+    # hardening rounds (RECE-style, with UnlearnDiffAtk's prefix as the adversary): after each solve, a
+    # per-prompt soft prefix is optimised against the edited model to bring the concept back; the
+    # prefixed target prompts join the erased rows, the prefixed preserve prompts the kept ones; solve again
+    adv_rounds: int = 0
+    adv_steps: int = 20  # Adam steps of each round's prefix attack
+    adv_tokens: int = 5  # prefix length (UnlearnDiffAtk's published 5)
+    adv_lr: float = 0.01
+    adv_prompts: int = 8  # target prompts attacked per round (at most the training batch: its memory)
+    adv_keep: float = 1.0  # weight of each prefixed preserve token, relative to preserve_weight
+    adv_away: float | None = None  # `away` for the prefixed rows (None: away)
+    adv_span: str = "all"  # "prompt": leave the prefix's own positions out of the erased rows
 
 
 @register("uce")
@@ -61,22 +74,71 @@ class UCE(Method):
             raise PatchforgeError("uce: this model has no text cross-attention key/value projections to edit")
         tr = self.tr
         if not tr.backbone.text_kv_reads_text:
+            if hp.adv_rounds > 0:
+                raise PatchforgeError("uce hardening (adv_rounds) supports cross-attention models (SD 1.x / 2.x / XL) "
+                                      "for now; on SD3 / FLUX add --set adv_rounds=0")
             self.prepare_joint(layers)
             return
         with torch.no_grad():
             c = tr.embed(self.target, base=True).emb.float().flatten(0, 1)  # (targets * tokens, d)
             a = tr.embed(self.anchor, base=True).emb.float().flatten(0, 1)
             p = tr.embed(list(dict.fromkeys(self.preserve + [""])), base=True).emb.float().flatten(0, 1)
-            cov = hp.erase_weight * c.T @ c + hp.preserve_weight * p.T @ p
-            cov += hp.ridge * cov.diagonal().mean() * torch.eye(len(cov), device=cov.device)
-            self.deltas, self.errors = {}, {}
-            for name, module in layers:
-                w0 = getattr(module, "base_layer", module).weight.float()
-                goal = a @ w0.T - hp.away * (c @ w0.T - a @ w0.T)  # (tokens, out): v*_e
-                rhs = hp.erase_weight * (goal - c @ w0.T).T @ c  # (out, d)
-                self.deltas[name] = torch.linalg.solve(cov, rhs.T).T  # rhs cov⁻¹ (cov is symmetric)
+        away = torch.full((len(c), 1), hp.away)
+        self.prefixes = []  # each hardening round's attack (SoftPrefix): fmn trains on them after its warm start
+        self.deltas = self.solve_text(layers, c, a, p, away)
+        for r in range(hp.adv_rounds):
+            ca, aa, pa = self.adversarial_rows(layers, r)
+            c, a, p = torch.cat([c, ca]), torch.cat([a, aa]), torch.cat([p, pa * hp.adv_keep ** 0.5])
+            away = torch.cat([away, torch.full((len(ca), 1), hp.away if hp.adv_away is None else hp.adv_away)])
+            self.deltas = self.solve_text(layers, c, a, p, away)
+        with torch.no_grad():
             self.factors = {n: torch.linalg.svd(d, full_matrices=False) for n, d in self.deltas.items()}
         self.rank = min(hp.max_rank, max(_energy_rank(s, hp.energy) for _, s, _ in self.factors.values()))
+
+    def solve_text(self, layers, c: torch.Tensor, a: torch.Tensor, p: torch.Tensor, away: torch.Tensor) -> dict:
+        """ΔW of every layer for erased tokens c (their anchors a and `away`, row by row) and preserve tokens p."""
+        hp, out = self.hp, {}
+        with torch.no_grad():
+            cov = hp.erase_weight * c.T @ c + hp.preserve_weight * p.T @ p
+            cov += hp.ridge * cov.diagonal().mean() * torch.eye(len(cov), device=cov.device)
+            for name, module in layers:
+                w0 = getattr(module, "base_layer", module).weight.float()
+                goal = a @ w0.T - away * (c @ w0.T - a @ w0.T)  # (tokens, out): v*_e
+                rhs = hp.erase_weight * (goal - c @ w0.T).T @ c  # (out, d)
+                out[name] = torch.linalg.solve(cov, rhs.T).T  # rhs cov⁻¹ (cov is symmetric)
+        return out
+
+    def adversarial_rows(self, layers, round_: int):
+        """One hardening round: UnlearnDiffAtk's per-prompt prefix, optimised against the model edited by
+        the current ΔW (forward hooks; the weights are not touched) to denoise the concept's reference
+        images, gives erased rows "<prefix> target" (anchored on the plain anchor prompt's tokens, position
+        by position, as the plain rows are) and kept rows "<prefix> preserve prompt": the neighbours are
+        held inside the region the attack reaches, not only on their plain prompts."""
+        from ..pipeline.soft_tokens import unlearndiff_attack
+
+        hp, tr = self.hp, self.tr
+        refs = self.concept_refs()
+        n = min(hp.adv_prompts, len(self.target), len(refs), self.batch)  # a training step's rows at most
+        prompts, anchors = self.target[:n], self.anchor[:n]
+        with _edited(layers, self.deltas):
+            soft = unlearndiff_attack(tr.pipe, prompts, refs[:n], steps=hp.adv_steps, n_tokens=hp.adv_tokens,
+                                      lr=hp.adv_lr, seed=tr.cfg.seed + 1 + round_)
+        self.prefixes.append(soft)
+        kept = list(dict.fromkeys(self.preserve + [""]))
+        sets = [j % n for j in range(len(kept))]
+        # each attacked prompt's neighbour twin ("a star" -> "a cross") under that prompt's own prefix
+        twins = [(i, c) for i, c in enumerate(self.contrast_prompts[:n]) if c]
+        kept, sets = kept + [c for _, c in twins], sets + [i for i, _ in twins]
+        with torch.no_grad():
+            ca = soft.encode(prompts).emb.float()
+            aa = _shifted(tr.embed(anchors, base=True).emb.float(), soft.offsets[0], hp.adv_tokens)
+            if hp.adv_span == "prompt":  # the prefix's own positions stay out of the erased rows
+                keep = torch.ones(ca.shape[1], dtype=torch.bool)
+                keep[soft.offsets[0]:soft.offsets[0] + hp.adv_tokens] = False
+                ca, aa = ca[:, keep], aa[:, keep]
+            ca, aa = ca.flatten(0, 1), aa.flatten(0, 1)
+            pa = soft.encode(kept, sets).emb.float().flatten(0, 1)
+        return ca, aa, pa
 
     def prepare_joint(self, layers) -> None:
         """Joint attention (SD3, FLUX): add_k/add_v read the transformer's text stream, which depends on the
@@ -105,6 +167,10 @@ class UCE(Method):
             self.factors = {n: torch.linalg.svd(d, full_matrices=False) for n, d in self.deltas.items()}
         self.rank = min(hp.max_rank, max(_energy_rank(s, hp.energy) for _, s, _ in self.factors.values()))
 
+    @classmethod
+    def hardening(cls, hp, batch: int) -> tuple[int, int]:
+        return hp.adv_rounds * hp.adv_steps, min(hp.adv_prompts, batch)
+
     def lora_rank(self) -> int:
         return self.rank
 
@@ -130,3 +196,27 @@ def _energy_rank(s: torch.Tensor, energy: float) -> int:
     """Smallest k with Σ_{i<k} s_i² >= energy · Σ s_i² (at least 1)."""
     share = (s ** 2).cumsum(0) / max(float((s ** 2).sum()), 1e-30)
     return min(len(s), int((share < energy - 1e-12).sum()) + 1)
+
+
+@contextmanager
+def _edited(layers, deltas: dict):
+    """The layers act as W0 + ΔW while inside (forward hooks add ΔW x; no weight is written)."""
+    def hook_for(delta):
+        def hook(module, args, output):
+            return output + F.linear(args[0].to(delta.dtype), delta).to(output.dtype)
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(deltas[n])) for n, m in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _shifted(anchor: torch.Tensor, offset: int, k: int) -> torch.Tensor:
+    """The anchor's tokens lined up with a prompt that has k prefix tokens at `offset`: the anchor's words
+    move k places right (the last k positions, padding, drop off) and the prefix's positions get the token
+    before them (CLIP's begin-of-text, whose output carries no prompt), so the prefix maps to nothing."""
+    before = anchor[:, offset - 1:offset] if offset > 0 else anchor[:, :1]
+    return torch.cat([anchor[:, :offset], before.expand(-1, k, -1), anchor[:, offset:anchor.shape[1] - k]], 1)

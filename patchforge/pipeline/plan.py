@@ -265,6 +265,7 @@ class RunPlan:
     capped: bool = False  # budget from --max-memory
     denoiser: str = "UNet"  # what the plan line calls the rows' model
     vae_scale: int = 8  # pixels per latent (the toys' VAEs: 2)
+    hardening: tuple[int, int] = (0, 0)  # attack steps before training, rows with gradients in each
 
     def line(self, method: str) -> str:
         dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, str(self.dtype))
@@ -272,7 +273,10 @@ class RunPlan:
         rows = self.denoiser
         return (f"plan: {method} on {self.family_name}, {self.resolution} px ({side}x{side} latents), {dtype} weights "
                 f"+ fp32 LoRA, batch {self.batch}: {self.steps} steps x {self.grad_rows} {rows} rows with gradients "
-                f"+ {self.nograd_rows} without; {self.ref_images} reference images x {self.ref_steps} denoising steps; "
+                f"+ {self.nograd_rows} without; "
+                + (f"hardening {self.hardening[0]} attack steps x {self.hardening[1]} {rows} rows with gradients; "
+                   if self.hardening[0] else "")
+                + f"{self.ref_images} reference images x {self.ref_steps} denoising steps; "
                 f"gradient checkpointing {'on' if self.checkpointing else 'off'}; expected peak "
                 f"{self.estimate.device_total(self.device) / GIB:.1f} GiB of {self.budget / GIB:.1f} GiB "
                 f"{'allowed' if self.capped else 'free'} on {self.device.type}")
@@ -281,10 +285,12 @@ class RunPlan:
 
 def make_plan(facts: ModelFacts, device: torch.device, *, precision: str, resolution: int | None, batch: int | None,
               ref_images: int | None, checkpointing: bool | None, rows, steps: int, ref_steps: int,
-              max_memory_gib: float | None, loaded: bool, method_n_refs: int, user_n_refs: bool) -> RunPlan:
+              max_memory_gib: float | None, loaded: bool, method_n_refs: int, user_n_refs: bool,
+              hardening=lambda b: (0, 0)) -> RunPlan:
     """Resolve the family defaults for what the user left open and check that the run fits.
 
-    rows(batch) -> (UNet rows with gradients, rows without) per step. method_n_refs: the method's
+    rows(batch) -> (UNet rows with gradients, rows without) per step. hardening(batch) -> (attack steps, rows
+    with gradients in each) run before training (the memory counts the larger of the two). method_n_refs: the method's
     n_refs; user_n_refs: the user set it (--set n_refs=N), so the family default does not override it.
     Raises PatchforgeError (one line, with the estimate) when the run cannot fit."""
     defaults = release_defaults(facts.family_name)
@@ -299,6 +305,8 @@ def make_plan(facts: ModelFacts, device: torch.device, *, precision: str, resolu
     else:
         n_refs = defaults.ref_images
     grad_rows, nograd_rows = rows(b)
+    attack = hardening(b)
+    grad_rows = max(grad_rows, attack[1] if attack[0] else 0)
     budget = int(max_memory_gib * GIB) if max_memory_gib else available_memory(device)
     cpu_steps = steps if device.type == "cpu" else 0
     fits_without = estimate(facts, dtype, res, grad_rows, False, loaded, cpu_steps).device_total(device) <= budget
@@ -306,7 +314,7 @@ def make_plan(facts: ModelFacts, device: torch.device, *, precision: str, resolu
     est = estimate(facts, dtype, res, grad_rows, ck, loaded, cpu_steps)
     plan = RunPlan(facts.family, facts.family_name, dtype, res, b, n_refs, ref_steps, ck, grad_rows, nograd_rows,
                    steps, est, budget, device, bool(max_memory_gib),
-                   "UNet" if "block_out_channels" in facts.denoiser else "transformer", facts.vae_scale)
+                   "UNet" if "block_out_channels" in facts.denoiser else "transformer", facts.vae_scale, attack)
     if est.device_total(device) > budget:
         where = "allowed by --max-memory" if max_memory_gib else f"free on this {device.type}"
         raise PatchforgeError(

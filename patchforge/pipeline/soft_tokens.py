@@ -6,6 +6,7 @@ robust training and fmn's optional inversion step, so it imports nothing of eith
     SoftPrompt   a suffix after the prompt's words, SD 1.x / 2.x pipelines (one CLIP text encoder)
     SoftPrefix   a prefix before the words, in every text encoder the prompt goes through (CLIP, CLIP-G,
                  T5), so it serves every family through the backbone's own prompt encoding
+    unlearndiff_attack   UnlearnDiffAtk's per-prompt prefix (the attack, and uce's hardening rounds)
 """
 from __future__ import annotations
 
@@ -186,4 +187,37 @@ def invert_latents(pipe, latents: torch.Tensor, steps: int = 40, n_tokens: int =
         soft.losses.append(float(loss.detach()))
         if stop is not None and stop.done(soft.losses[-1]):
             break
+    return soft
+
+
+def prefix_objective(pipe, soft: SoftPrefix, prompts: list[str], latents: torch.Tensor, seed: int = 0,
+                     grad: bool = False) -> torch.Tensor:
+    """UnlearnDiffAtk's objective, per prompt: the patched model's denoising loss on its target images (a
+    diffusion classifier's score for "this image is what '<prefix> prompt' shows"), at one random timestep
+    and noise per image drawn from `seed`. latents: len(prompts) * m clean latents, prompt i's m in a row."""
+    backbone = for_pipe(pipe)
+    m = len(latents) // len(prompts)
+    sets = [i for i in range(len(prompts)) for _ in range(m)]
+    x_t, t, noise = backbone.noised(latents, torch.Generator("cpu").manual_seed(seed))
+    target = backbone.training_target(latents, noise, t)
+    with torch.set_grad_enabled(grad):
+        pred = backbone.predict(x_t, t, soft.encode([prompts[i] for i in sets], sets))
+        err = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    return err.view(len(prompts), m).mean(1)
+
+
+def unlearndiff_attack(pipe, prompts: list[str], latents: torch.Tensor, steps: int = 40, n_tokens: int = 5,
+                       lr: float = 0.01, seed: int = 0) -> SoftPrefix:
+    """One K-token prefix per prompt (independent sets of one SoftPrefix), each optimised with Adam on its
+    own prompt's prefix_objective: the prompts share a batch, not a prefix (the summed loss gives each
+    set exactly its own prompt's gradient)."""
+    soft = SoftPrefix(pipe, n_tokens, n_sets=len(prompts), seed=seed)
+    params = list(soft.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    for step in range(steps):
+        loss = prefix_objective(pipe, soft, prompts, latents, seed=seed * 100_003 + step, grad=True).sum()
+        for p, g in zip(params, torch.autograd.grad(loss, params)):
+            p.grad = g
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return soft

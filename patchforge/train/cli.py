@@ -20,7 +20,7 @@ def run_command(args) -> int:
                       text_encoder=args.text_encoder, options=dict(args.set), progress=not args.quiet,
                       images=args.images, resolution=args.resolution, ref_images=args.ref_images,
                       gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
-                      max_memory_gib=args.max_memory, robust=args.robust)
+                      max_memory_gib=args.max_memory, robust=args.robust, fast=args.fast)
     hp = check_train_args(cfg, model=args.model, out=args.out, concept_file=args.concept_file)  # before any load
     for old, new in OPTION_ALIASES.items():
         if any(key == old for key, _ in args.set):

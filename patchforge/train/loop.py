@@ -73,6 +73,7 @@ class TrainConfig:
     mixed_precision: bool = True  # autocast on CUDA only
     options: dict = field(default_factory=dict)  # method hyperparameters (--set key=value)
     robust: bool = False  # adversarial training (--robust): the method's ROBUST defaults apply
+    fast: bool = False  # --fast: the method's FAST defaults apply
     images: str | None = None  # folder of the concept's own images; None: the base model's generations
     progress: bool = True
     # None in the four below: the family's default (its Backbone's RELEASES; the toy's: what it always used)
@@ -331,7 +332,7 @@ def resolve_run(concepts, cfg: TrainConfig, hp, facts, *, model: str | None = No
     steps = cfg.steps if cfg.steps is not None else hp.steps
     plan = make_plan(facts, device, precision=cfg.precision, resolution=cfg.resolution, batch=cfg.batch,
                      ref_images=cfg.ref_images, checkpointing=cfg.gradient_checkpointing,
-                     rows=lambda b: method_cls.denoiser_rows(hp, b),
+                     rows=lambda b: method_cls.denoiser_rows(hp, b), hardening=lambda b: method_cls.hardening(hp, b),
                      steps=steps, ref_steps=int(cfg.options.get("ref_steps", 10)),
                      max_memory_gib=cfg.max_memory_gib, loaded=loaded,
                      method_n_refs=hp.n_refs, user_n_refs="n_refs" in cfg.options)
@@ -466,11 +467,11 @@ def model_facts(model: str | None):
 
 
 def family_config(hp, cfg: TrainConfig, facts):
-    """The method's Config for this run: its ROBUST defaults under --robust, then, on a joint-attention
-    denoiser (SD3, FLUX), its JOINT_ATTENTION defaults, each for the fields the user did not set (--steps,
-    --lr, --set)."""
+    """The method's Config for this run: its ROBUST defaults under --robust (FAST under --fast), then, on a
+    joint-attention denoiser (SD3, FLUX), its JOINT_ATTENTION defaults, each for the fields the user did
+    not set (--steps, --lr, --set)."""
     user = set(cfg.options) | {k for k in ("steps", "lr") if getattr(cfg, k) is not None}
-    changes = dict(type(hp).ROBUST) if cfg.robust else {}
+    changes = dict(type(hp).ROBUST) if cfg.robust else dict(type(hp).FAST) if cfg.fast else {}
     if facts is not None and facts.joint_attention:
         changes.update(type(hp).JOINT_ATTENTION)
     return replace(hp, **{k: v for k, v in changes.items() if k not in user}) if changes else hp
