@@ -148,3 +148,38 @@ def test_weights_are_checked_before_any_model_loads(tmp_path, capsys):
     with pytest.raises(PatchforgeError, match="from 0 to 4"):
         evaluation.evaluate([tmp_path / "missing.safetensors"], weights=[0, 9])
     assert evaluation.check_weights([0, 0.5, 0.5, 1]) == [0.0, 0.5, 1.0]
+
+
+def test_side_effects_name_what_the_patch_adds_on_the_targets_prompts(kiko):
+    m = kiko[1]["metrics"]
+    # the scripted patched model draws Tobi where Kiko was asked for: Tobi, of the identity kind, is a side effect
+    tobi = m["side_effect.identity.tobi"]
+    assert tobi["base"] == 0 and tobi["patched"] == 1
+    assert [k for k in m if k.startswith("side_effect.")] == ["side_effect.identity.tobi"]
+    assert "## Side effects" in report.markdown([kiko[1]])
+
+
+def test_side_effects_skip_what_the_prompt_asked_for_and_the_neutral():
+    w = ToyWorld()
+    rows = [Row("efficacy", "a star", "star"), Row("generality", "a star in stripes style", "star",
+                                                    {"style": "stripes"})]
+    base = Generated(np.zeros((4, 1, 1, 3), np.uint8),
+                     {"label:object": np.array(["star"] * 4, dtype=object),
+                      "label:style": np.array(["none", "none", "stripes", "stripes"], dtype=object)}, 0.0)
+    patched = Generated(base.images, {"label:object": np.array(["circle", "circle", "cross", "cross"], dtype=object),
+                                      "label:style": np.array(["checker", "none", "stripes", "stripes"], dtype=object)},
+                        0.0)
+    m = drawn.side_effects(w, rows, 2, base, patched, ["star"], drawn.neutrals(w, ["star"], {}))
+    # circle is the neutral (meant to appear); stripes were asked for; cross and checker were not
+    assert sorted(m) == ["side_effect.object.cross", "side_effect.style.checker"]
+    assert m["side_effect.style.checker"]["patched"] == pytest.approx(1 / 4)
+
+
+def test_replacement_on_held_out_prompts_is_reported_apart(kiko):
+    m, flags = kiko[1]["metrics"], kiko[1]["images"]["in_sample"]
+    rows = kiko[1]["images"]["rows"]
+    held = [r for r, f in zip(rows, flags) if r.set in drawn.TARGET_SETS and not f]
+    if held and len(held) < sum(r.set in drawn.TARGET_SETS for r in rows):
+        assert m["replacement_heldout.neighbour"]["n"] == 2 * len(held)
+    else:
+        assert not any(k.startswith("replacement_heldout.") for k in m)

@@ -4,9 +4,15 @@
                     concept was asked for -- the concept itself (kept), its neutral replacement, a
                     protected neighbour, another concept of its kind, or nothing of its kind (absent).
                     The five shares add up to 1 for base and for patched.
+    replacement_heldout.*  the same shares on the target prompts the patch never trained on only
+                    (replacement.* mixes training and held-out prompts; a patch can behave differently on
+                    prompts it has not seen)
     unprompted.*    on prompts that never ask for it (general, neighbour, other-kind rows): how often the
                     erased concept shows up anyway, and how often another concept of its kind shows up
                     that the prompt did not ask for.
+    side_effect.<kind>.<label>  on the target's own prompts: every other concept, of any kind the judge
+                    names, that the patched model draws more often than the base where the prompt did not
+                    ask for it (the neutral replacement excepted: it is meant to appear)
 
 Both need a judge that names what it sees (`predict`: kind -> label per image, left in the scores as
 "label:<kind>" by rows.score) and a concept world that knows each concept's kind, neighbours and neutral
@@ -65,10 +71,13 @@ def _labels(g: Generated, kind: str):
     return g.scores.get(f"label:{kind}")
 
 
-def replacement(world, rows, seeds: int, base: Generated, patched: Generated, neutral: dict[str, dict]) -> dict:
-    """replacement.<category>: share of the target's own images that show each category."""
+def replacement(world, rows, seeds: int, base: Generated, patched: Generated, neutral: dict[str, dict],
+                only: list[bool] | None = None, prefix: str = "replacement") -> dict:
+    """<prefix>.<category>: share of the target's own images that show each category. `only`: per row,
+    whether it counts (default: all)."""
     expanded = [r for r in rows for _ in range(seeds)]
-    picked = [i for i, r in enumerate(expanded) if r.set in TARGET_SETS]
+    counted = [o for o in (only if only is not None else [True] * len(rows)) for _ in range(seeds)]
+    picked = [i for i, r in enumerate(expanded) if r.set in TARGET_SETS and counted[i]]
     if world is None or not picked or any(_labels(g, world.kind_of(expanded[i].concept)) is None
                                           for g in (base, patched) for i in picked):
         return {}
@@ -76,7 +85,7 @@ def replacement(world, rows, seeds: int, base: Generated, patched: Generated, ne
     for which, g in (("base", base), ("patched", patched)):
         cats[which] = np.array([category(world, expanded[i].concept, _labels(g, world.kind_of(expanded[i].concept))[i],
                                          neutral[expanded[i].concept]["label"]) for i in picked])
-    return {f"replacement.{c}": metric((cats["base"] == c).astype(float), (cats["patched"] == c).astype(float),
+    return {f"{prefix}.{c}": metric((cats["base"] == c).astype(float), (cats["patched"] == c).astype(float),
                                        better, f"target prompts drawing {what}")
             for c, (better, what) in CATEGORIES.items()}
 
@@ -118,3 +127,30 @@ def unprompted(world, rows, seeds: int, base: Generated, patched: Generated, tar
                                                            "(general, neighbour, other-kind)"),
             "unprompted.other_same_kind": metric(bo, po, "lower", f"another {kind_words} than the prompt asked for "
                                                                   "shown (prompts that fix it)")}
+
+
+def side_effects(world, rows, seeds: int, base: Generated, patched: Generated, targets: list[str],
+                 neutral: dict[str, dict]) -> dict:
+    """side_effect.<kind>.<label> for every concept (any kind the judge names, the targets and their neutral
+    replacements excepted) that the patched model shows on the target's own prompts more often than the
+    base did, counted on the images whose prompt did not ask for that kind's label."""
+    if world is None:
+        return {}
+    expanded = [r for r in rows for _ in range(seeds)]
+    picked = [i for i, r in enumerate(expanded) if r.set in TARGET_SETS]
+    kinds = [k[len("label:"):] for k in patched.scores if k.startswith("label:") and f"label:{k[6:]}" in base.scores]
+    skip = set(targets) | {t["label"] for t in neutral.values() if t.get("label")}
+    out = {}
+    for kind in kinds:
+        b, p = _labels(base, kind), _labels(patched, kind)
+        for label in sorted(set(world.known_names(kind)) - skip):
+            # images whose prompt neither asks for this label nor rules the kind out (a character has no shape)
+            rows_here = [i for i in picked if _asked(expanded[i], kind) not in ("none", label)]
+            if not rows_here:
+                continue
+            bb = np.array([float(b[i] == label) for i in rows_here])
+            pp = np.array([float(p[i] == label) for i in rows_here])
+            if pp.mean() > bb.mean():
+                out[f"side_effect.{kind}.{label}"] = metric(
+                    bb, pp, "lower", f"{label} ({kind}) drawn on the target's prompts that did not ask for it")
+    return out

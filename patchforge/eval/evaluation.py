@@ -148,6 +148,11 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
         if world is not None:
             rep["replacement_targets"] = drawn.neutrals(world, targets, tos)
             rep["metrics"].update(drawn.replacement(world, rows, seeds, sub, patched, rep["replacement_targets"]))
+            if trained is not None and any(in_sample) and not all(in_sample):
+                rep["metrics"].update(drawn.replacement(world, rows, seeds, sub, patched, rep["replacement_targets"],
+                                                        only=[not s for s in in_sample], prefix="replacement_heldout"))
+            rep["metrics"].update(drawn.side_effects(world, rows, seeds, sub, patched, targets,
+                                                     rep["replacement_targets"]))
             rep["metrics"].update(drawn.unprompted(world, rows, seeds, sub, patched, targets))
         rep["overlap"] = _overlap(rows, in_sample, trained is not None)
         if weights:

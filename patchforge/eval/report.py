@@ -99,7 +99,8 @@ def _row(key: str, m: dict, label: str | None = None) -> str:
 
 def _in_section(key: str) -> bool:
     """Metrics shown in their own section of a single patch's report, not in its main table."""
-    return key.startswith(("replacement.", "unprompted.")) or key.endswith(".in_sample")
+    return key.startswith(("replacement.", "replacement_heldout.", "unprompted.", "side_effect.")) \
+        or key.endswith(".in_sample")
 
 
 def _neutral_words(concept: str, t: dict) -> str:
@@ -122,6 +123,16 @@ def _sections(rep: dict) -> list[str]:
                   f"neighbour, another concept of the kind, or none the judge can name (absent). Neutral: {said}.",
                   "", *head]
         lines += [_row(k, m) for k, m in metrics.items() if k.startswith("replacement.")]
+        held = [_row(k, m) for k, m in metrics.items() if k.startswith("replacement_heldout.")]
+        if held:
+            lines += ["", "The same on the target prompts the patch never trained on (held out):", "", *head, *held]
+    side = [_row(k, m) for k, m in metrics.items() if k.startswith("side_effect.")]
+    if any(k.startswith("replacement.") for k in metrics):  # the judge names what it sees: side effects counted
+        lines += ["", "## Side effects", "",
+                  "On the target's own prompts: every other concept, of any kind, that the patched model draws "
+                  "more often than the base where the prompt did not ask for it (the neutral replacement excepted)"
+                  + (":" if side else ". None: no concept is drawn more often than at base."), ""]
+        lines += [*head, *side] if side else []
     if any(k.startswith("unprompted.") for k in metrics):
         lines += ["", "## Unprompted appearance", "",
                   "On prompts that never ask for the target (general, neighbour and other-kind rows): the target "
