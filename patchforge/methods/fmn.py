@@ -90,7 +90,7 @@ class FMNConfig(MethodConfig):
     # hardening (methods/uce.py adv_*): the warm start's edit is re-solved adv_rounds times against the
     # UnlearnDiffAtk prefixes found on it (adv_steps Adam steps each), the neighbours held under the same
     # prefixes; warm_preserve_weight weighs uce's preserve tokens. On the toy star this took the published
-    # attack from 81 % to 3 % with every neighbour kept (docs/robustness.md). --fast: adv_rounds=0
+    # attack from 81 % to 3 %, keeping 15 of 16 neighbour images (docs/robustness.md). --fast: adv_rounds=0
     adv_rounds: int = 2
     adv_steps: int = 20
     warm_preserve_weight: float = 8.0
@@ -220,7 +220,7 @@ class ForgetMeNot(Method):
         b = len(x_t)  # target rows
         adv = self.prefixed_rows(idx, mask) if self.prefixes and hp.adv_rows > 0 else None
         if adv is not None:
-            mask = adv[2]
+            adv, mask = adv[:2], adv[2]
         xs, ts, pcond = [x_t], [t], None
         if hp.preserve_weight > 0:  # preserve rows ride in the same denoiser call (one forward, one backward)
             own = self.pres_refs is not None
@@ -315,4 +315,4 @@ class Rows:
     targets: int  # number of target rows (name rows + inverted rows)
     pcond: Cond | None
     teacher: torch.Tensor | None
-    adv: tuple | None = None  # (target rows prompted through a hardening prefix, their Cond, unused mask)
+    adv: tuple | None = None  # (target rows prompted through a hardening prefix, their Cond)

@@ -23,6 +23,12 @@ factored by truncated SVD, ΔW ≈ (U_r S_r)(V_rᵀ), with r the smallest rank t
 squared singular values in every layer, capped at `max_rank`; the relative Frobenius error left by
 the truncation is reported. The result is an ordinary LoRA forget patch (B = U_r S_r / scale,
 A = V_rᵀ), loaded, stacked, merged and exported like any other.
+
+Hardening (adv_rounds > 0; fmn's default warm start uses 2): the closed form erases the concept's own
+token directions, and an optimised prompt steps around them (UnlearnDiffAtk brought the toy star back in
+81 % of images). Each round attacks the current edit with UnlearnDiffAtk's per-prompt prefix, adds the
+prefixed target prompts to the erased rows and the prefixed preserve prompts (and each attacked prompt's
+neighbour twin) to the kept rows, and solves again: RECE's loop, with the published attack as the adversary.
 """
 from __future__ import annotations
 
@@ -69,6 +75,9 @@ class UCE(Method):
         hp = self.hp
         if not 0 < hp.energy <= 1 or hp.max_rank < 1 or hp.ridge < 0 or hp.preserve_weight < 0:
             raise PatchforgeError("uce needs 0 < energy <= 1, max_rank >= 1, ridge >= 0 and preserve_weight >= 0")
+        if hp.adv_rounds < 0 or hp.adv_span not in ("all", "prompt") or hp.adv_keep < 0:
+            raise PatchforgeError("uce needs adv_rounds >= 0, adv_keep >= 0 and adv_span 'all' or 'prompt'")
+        self.prefixes = []  # each hardening round's attack (SoftPrefix): fmn trains on them after its warm start
         layers = self.tr.backbone.text_kv()
         if not layers:
             raise PatchforgeError("uce: this model has no text cross-attention key/value projections to edit")
@@ -84,7 +93,6 @@ class UCE(Method):
             a = tr.embed(self.anchor, base=True).emb.float().flatten(0, 1)
             p = tr.embed(list(dict.fromkeys(self.preserve + [""])), base=True).emb.float().flatten(0, 1)
         away = torch.full((len(c), 1), hp.away)
-        self.prefixes = []  # each hardening round's attack (SoftPrefix): fmn trains on them after its warm start
         self.deltas = self.solve_text(layers, c, a, p, away)
         for r in range(hp.adv_rounds):
             ca, aa, pa = self.adversarial_rows(layers, r)
