@@ -138,7 +138,7 @@ def side_effects(world, rows, seeds: int, base: Generated, patched: Generated, t
         return {}
     expanded = [r for r in rows for _ in range(seeds)]
     picked = [i for i, r in enumerate(expanded) if r.set in TARGET_SETS]
-    kinds = [k[len("label:"):] for k in patched.scores if k.startswith("label:") and f"label:{k[6:]}" in base.scores]
+    kinds = [k.split(":", 1)[1] for k in patched.scores if k.startswith("label:") and k in base.scores]
     skip = set(targets) | {t["label"] for t in neutral.values() if t.get("label")}
     out = {}
     for kind in kinds:
