@@ -291,6 +291,7 @@ def test_fast_drops_the_hardening_and_the_plan_line_counts_it(folders):
     from patchforge.pipeline.plan import ModelFacts
     from patchforge.methods.fmn import FMNConfig, ForgetMeNot
     from patchforge.train.loop import TrainConfig, family_config, resolve_run
+    from dataclasses import replace
 
     dit, toy = ModelFacts.from_folder(folders["sd3"]), ModelFacts.from_pipe(tiny_sd1())
     hp = FMNConfig()
@@ -306,6 +307,11 @@ def test_fast_drops_the_hardening_and_the_plan_line_counts_it(folders):
     fast_line = resolve_run(["custom:a photo of a cat"], TrainConfig(progress=False, fast=True), hp, toy,
                             loaded=True).plan.line("fmn")
     assert "hardening" not in fast_line
+    assert "needs a GPU" not in line  # the toy hardens in seconds on a CPU
+    real = replace(toy, family="sd1")
+    real_line = resolve_run(["custom:a photo of a cat"], TrainConfig(progress=False), hp, real, loaded=True,
+                            device=torch.device("cpu")).plan.line("fmn")
+    assert "the hardening needs a GPU to be practical at this size" in real_line and "--fast" in real_line
 
 
 def test_soft_token_methods_say_they_cannot_run_on_dit():

@@ -279,7 +279,10 @@ class RunPlan:
                 + f"{self.ref_images} reference images x {self.ref_steps} denoising steps; "
                 f"gradient checkpointing {'on' if self.checkpointing else 'off'}; expected peak "
                 f"{self.estimate.device_total(self.device) / GIB:.1f} GiB of {self.budget / GIB:.1f} GiB "
-                f"{'allowed' if self.capped else 'free'} on {self.device.type}")
+                f"{'allowed' if self.capped else 'free'} on {self.device.type}"
+                + ("; the hardening needs a GPU to be practical at this size (an SD 1.5-sized run took ~15 min of "
+                   "attack steps on a 2-core CPU); --fast skips it"
+                   if self.hardening[0] and self.device.type == "cpu" and self.family != TOY_FAMILY else ""))
 
 
 
