@@ -62,8 +62,6 @@ class UCEConfig(MethodConfig):
     adv_lr: float = 0.01
     adv_prompts: int = 8  # target prompts attacked per round (at most the training batch: its memory)
     adv_keep: float = 1.0  # weight of each prefixed preserve token, relative to preserve_weight
-    adv_away: float | None = None  # `away` for the prefixed rows (None: away)
-    adv_span: str = "all"  # "prompt": leave the prefix's own positions out of the erased rows
 
 
 @register("uce")
@@ -75,8 +73,8 @@ class UCE(Method):
         hp = self.hp
         if not 0 < hp.energy <= 1 or hp.max_rank < 1 or hp.ridge < 0 or hp.preserve_weight < 0:
             raise PatchforgeError("uce needs 0 < energy <= 1, max_rank >= 1, ridge >= 0 and preserve_weight >= 0")
-        if hp.adv_rounds < 0 or hp.adv_span not in ("all", "prompt") or hp.adv_keep < 0:
-            raise PatchforgeError("uce needs adv_rounds >= 0, adv_keep >= 0 and adv_span 'all' or 'prompt'")
+        if hp.adv_rounds < 0 or hp.adv_keep < 0:
+            raise PatchforgeError("uce needs adv_rounds >= 0 and adv_keep >= 0")
         self.prefixes = []  # each hardening round's attack (SoftPrefix): fmn trains on them after its warm start
         layers = self.tr.backbone.text_kv()
         if not layers:
@@ -92,31 +90,30 @@ class UCE(Method):
             c = tr.embed(self.target, base=True).emb.float().flatten(0, 1)  # (targets * tokens, d)
             a = tr.embed(self.anchor, base=True).emb.float().flatten(0, 1)
             p = tr.embed(list(dict.fromkeys(self.preserve + [""])), base=True).emb.float().flatten(0, 1)
-        away = torch.full((len(c), 1), hp.away)
-        self.deltas = self.solve_text(layers, c, a, p, away)
+        self.deltas = self.solve_text(layers, c, a, p)
+        refs = self.concept_refs() if hp.adv_rounds > 0 else None  # once: with --images it encodes them
         for r in range(hp.adv_rounds):
-            ca, aa, pa = self.adversarial_rows(layers, r)
+            ca, aa, pa = self.adversarial_rows(layers, refs, r)
             c, a, p = torch.cat([c, ca]), torch.cat([a, aa]), torch.cat([p, pa * hp.adv_keep ** 0.5])
-            away = torch.cat([away, torch.full((len(ca), 1), hp.away if hp.adv_away is None else hp.adv_away)])
-            self.deltas = self.solve_text(layers, c, a, p, away)
+            self.deltas = self.solve_text(layers, c, a, p)
         with torch.no_grad():
             self.factors = {n: torch.linalg.svd(d, full_matrices=False) for n, d in self.deltas.items()}
         self.rank = min(hp.max_rank, max(_energy_rank(s, hp.energy) for _, s, _ in self.factors.values()))
 
-    def solve_text(self, layers, c: torch.Tensor, a: torch.Tensor, p: torch.Tensor, away: torch.Tensor) -> dict:
-        """ΔW of every layer for erased tokens c (their anchors a and `away`, row by row) and preserve tokens p."""
+    def solve_text(self, layers, c: torch.Tensor, a: torch.Tensor, p: torch.Tensor) -> dict:
+        """ΔW of every layer for erased tokens c (their anchors a, row by row) and preserve tokens p."""
         hp, out = self.hp, {}
         with torch.no_grad():
             cov = hp.erase_weight * c.T @ c + hp.preserve_weight * p.T @ p
             cov += hp.ridge * cov.diagonal().mean() * torch.eye(len(cov), device=cov.device)
             for name, module in layers:
                 w0 = getattr(module, "base_layer", module).weight.float()
-                goal = a @ w0.T - away * (c @ w0.T - a @ w0.T)  # (tokens, out): v*_e
+                goal = a @ w0.T - hp.away * (c @ w0.T - a @ w0.T)  # (tokens, out): v*_e
                 rhs = hp.erase_weight * (goal - c @ w0.T).T @ c  # (out, d)
                 out[name] = torch.linalg.solve(cov, rhs.T).T  # rhs cov⁻¹ (cov is symmetric)
         return out
 
-    def adversarial_rows(self, layers, round_: int):
+    def adversarial_rows(self, layers, refs: torch.Tensor, round_: int):
         """One hardening round: UnlearnDiffAtk's per-prompt prefix, optimised against the model edited by
         the current ΔW (forward hooks; the weights are not touched) to denoise the concept's reference
         images, gives erased rows "<prefix> target" (anchored on the plain anchor prompt's tokens, position
@@ -125,7 +122,6 @@ class UCE(Method):
         from ..pipeline.soft_tokens import unlearndiff_attack
 
         hp, tr = self.hp, self.tr
-        refs = self.concept_refs()
         n = min(hp.adv_prompts, len(self.target), len(refs), self.batch)  # a training step's rows at most
         prompts, anchors = self.target[:n], self.anchor[:n]
         with _edited(layers, self.deltas):
@@ -138,13 +134,8 @@ class UCE(Method):
         twins = [(i, c) for i, c in enumerate(self.contrast_prompts[:n]) if c]
         kept, sets = kept + [c for _, c in twins], sets + [i for i, _ in twins]
         with torch.no_grad():
-            ca = soft.encode(prompts).emb.float()
-            aa = _shifted(tr.embed(anchors, base=True).emb.float(), soft.offsets[0], hp.adv_tokens)
-            if hp.adv_span == "prompt":  # the prefix's own positions stay out of the erased rows
-                keep = torch.ones(ca.shape[1], dtype=torch.bool)
-                keep[soft.offsets[0]:soft.offsets[0] + hp.adv_tokens] = False
-                ca, aa = ca[:, keep], aa[:, keep]
-            ca, aa = ca.flatten(0, 1), aa.flatten(0, 1)
+            ca = soft.encode(prompts).emb.float().flatten(0, 1)
+            aa = _shifted(tr.embed(anchors, base=True).emb.float(), soft.offsets[0], hp.adv_tokens).flatten(0, 1)
             pa = soft.encode(kept, sets).emb.float().flatten(0, 1)
         return ca, aa, pa
 
