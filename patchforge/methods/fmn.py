@@ -168,8 +168,10 @@ class ForgetMeNot(Method):
             raise PatchforgeError(f"fmn warm_start must be 'uce' or empty, not {self.hp.warm_start!r}")
         prompts = {"target": self.target, "anchor": self.anchor, "preserve": self.preserve, "words": self.words,
                    "contrast": self.contrast_prompts}
-        uce = UCE(UCE.Config(adv_rounds=self.hp.adv_rounds, adv_steps=self.hp.adv_steps,
-                                 preserve_weight=self.hp.warm_preserve_weight), self.tr, self.specs, prompts)
+        # n_refs: fmn's own (the plan's reference count), so the hardening reads the references fmn already
+        # made from the cache instead of generating uce's default 16 (minutes at SD 1.5 size on a CPU)
+        uce = UCE(UCE.Config(adv_rounds=self.hp.adv_rounds, adv_steps=self.hp.adv_steps, n_refs=self.hp.n_refs,
+                             preserve_weight=self.hp.warm_preserve_weight), self.tr, self.specs, prompts)
         with adapters_off([self.tr.denoiser]):
             uce.prepare()
         layers = [m for _, m in self.tr.backbone.text_kv()]
