@@ -280,8 +280,8 @@ class RunPlan:
                 f"gradient checkpointing {'on' if self.checkpointing else 'off'}; expected peak "
                 f"{self.estimate.device_total(self.device) / GIB:.1f} GiB of {self.budget / GIB:.1f} GiB "
                 f"{'allowed' if self.capped else 'free'} on {self.device.type}"
-                + ("; the hardening needs a GPU to be practical at this size (an SD 1.5-sized run took ~15 min of "
-                   "attack steps on a 2-core CPU); --fast skips it"
+                + ("; the hardening needs a GPU to be practical at this size (its attack steps took ~7 of an "
+                   "SD 1.5-sized 256 px run's 11 min on one CPU thread); --fast skips it"
                    if self.hardening[0] and self.device.type == "cpu" and self.family != TOY_FAMILY else ""))
 
 
