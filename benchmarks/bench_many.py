@@ -2,7 +2,7 @@
 
     python benchmarks/bench_many.py [--seeds 2] [--n 6] [--methods uce,fmn] [--skip-loading]
 
-Prints one markdown report with four tables, every number measured in this one run (same machine,
+Prints one markdown report with three tables, every number measured in this one run (same machine,
 same seeds, one model load):
 
 1. One concept per kind (style, object, colour, identity), uce beside fmn: the target rate on the
@@ -14,8 +14,7 @@ same seeds, one model load):
    from uce (`warm_start=uce`, at fmn's default steps and at 20), and uce patches made one per identity
    then merged (`merge_patches`, ranks concatenated); each identity's rate on training and held-out
    prompts, the other kinds kept, total wall time.
-3. One patch for N concepts mixed across kinds: rank, size and time of uce (N = 1..16) and fmn (8, 16);
-   at 8 and 16 the pooled and per-concept erasure and what is kept.
+3. (moved: one patch for N concepts is benchmarks/bench_lists.py's scaling table)
 4. 50 patches: load and activate with load_forget_patch against diffusers' own load_lora_weights +
    set_adapters for the same files (benchmarks/bench_loading.py), and the per-image cost of 50
    active patches unfused, fused (fuse_forget_patches) and merged into one patch, against the base.
@@ -36,10 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ONE_PER_KIND = ["style:stripes", "object:star", "color:red", "identity:kiko"]
-SCALING = ["identity:kiko", "style:stripes", "object:star", "color:red", "identity:bruno", "style:checker",
-           "object:heart", "color:blue", "identity:mira", "style:dots", "object:cross", "color:green",
-           "identity:tobi", "style:rings", "object:square", "color:purple"]
-
 
 def pct(x) -> str:
     return "–" if x is None else f"{x:.0%}"
@@ -69,7 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="uce,fmn")
     ap.add_argument("--patches", type=int, default=50, help="patches loaded in table 4")
     ap.add_argument("--images", type=int, default=8, help="images per timing in table 4")
-    ap.add_argument("--parts", default="1,2,3,4", help="which tables to make (1-2 share one evaluation run)")
+    ap.add_argument("--parts", default="1,2,4", help="which tables to make (1-2 share one evaluation run)")
     args = ap.parse_args(argv)
     os.environ["PATCHFORGE_CACHE"] = tempfile.mkdtemp(prefix="bench_many_cache_")  # fmn pays its references
     import torch
@@ -155,44 +150,6 @@ def main(argv=None) -> int:
                 "the patch written; the first fmn row generates the identities' reference images, the later "
                 "fmn rows find them in the cache."), ""]
         print("[3/4] evaluated", file=sys.stderr, flush=True)
-
-    out = flush(out)
-    if "3" in parts:  # ---- 3. one patch for N concepts: rank, size, time; erasure and retention at 8 and 16
-        out += ["### One patch for N concepts", "",
-                "| method | N concepts | rank | patch KiB | residual | loaded → written (s) |",
-                "|---|---|---|---|---|---|"]
-        scaled = {}
-        for m in methods:
-            for k in ((1, 2, 4, 8, 16) if m == "uce" else (8, 16)):
-                path, s, wall = train(SCALING[:k], m, f"scale-{k}")
-                scaled[(m, k)] = (path, s, wall)
-                residual = f"{s['solve']['residual']:.2%}" if s.get("solve") else "–"
-                out.append(f"| {m} | {k} | {s['rank']} | {s['bytes'] / 1024:.0f} | {residual} | {wall:.2f} |")
-        print("[3/4] trained the N-concept patches", file=sys.stderr, flush=True)
-        evaluated = [(m, k) for m, k in scaled if k >= 8]
-        reports = evaluate([scaled[mk][0] for mk in evaluated], None, seeds=args.seeds, n=args.n, pipe=pipe,
-                           progress=quiet)["patches"]
-        reps = dict(zip(evaluated, reports))
-        out += ["", f"Concepts taken in turn from: {', '.join(SCALING)} (8: two of each kind; 16: four of each).",
-                "", "| method | N | pooled | worst concept | neighbours, % of base | other kinds, % of base |",
-                "|---|---|---|---|---|---|"]
-        for (m, k), rep in reps.items():
-            per = rep.get("by_concept", {})
-            worst = max(per, key=lambda c: (per[c]["efficacy"]["patched"], per[c]["generality"]["patched"]))
-            out.append(f"| {m} | {k} | {train_held(rep['metrics'])} | {worst} {train_held(per[worst])} | "
-                       f"{pct(kept(rep['metrics'], 'specificity.neighbours'))} | "
-                       f"{pct(kept(rep['metrics'], 'specificity.other_kinds'))} |")
-        big = max(k for _, k in reps)
-        cols = [mk for mk in reps if mk[1] == big]
-        out += ["", f"Per concept at N = {big} (training prompts / held-out):", "",
-                "| concept | " + " | ".join(f"{m}, N = {k}" for m, k in cols) + " |", "|---|" + "---|" * len(cols)]
-        for c in SCALING[:big]:
-            name = c.split(":", 1)[1]
-            out.append(f"| {c} | " + " | ".join(train_held(reps[mk].get("by_concept", {}).get(name, {}))
-                                                 for mk in cols) + " |")
-        out += ["", ("Pooled and per concept: target rate on training prompts / on held-out aliases and paraphrases "
-                "(base 100 % / 100 %). Neighbours and other kinds: concepts not in the list, on prompts the patch "
-                "never trained to hold; with all four identities in the list an identity has no neighbour left."), ""]
 
     out = flush(out)
     if "4" in parts:  # ---- 4. many patches

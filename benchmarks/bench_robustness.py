@@ -13,6 +13,7 @@ Patch variants (--variants):
     shipped     the shipped default patch (patches/<kind>-<name>.fmn.safetensors), not retrained
     esd         ESD at its defaults (the field's baseline, no preservation term): for the leaderboard's
                 ordering of fmn-as-published, esd and adversarial training (robust)
+    uce         uce at its defaults: the closed form alone, no hardening (what fmn's warm start starts from)
 
     .venv/bin/python benchmarks/bench_robustness.py [--model M] [--concepts style:stripes object:star identity:kiko]
         [--variants default robust] [--attacks ...] [--prompts 4] [--seeds 2] [--budget KEY=VALUE]
@@ -51,7 +52,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--concepts", nargs="+", default=["style:stripes", "object:star", "identity:kiko"])
     ap.add_argument("--variants", nargs="+", default=["default", "robust"],
-                    choices=["default", "fast", "robust", "undefended", "shipped", "esd"])
+                    choices=["default", "fast", "robust", "undefended", "shipped", "esd", "uce"])
     ap.add_argument("--attacks", nargs="+", default=ATTACKS, choices=ATTACKS)
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the method's)")
     ap.add_argument("--inner-steps", type=int, default=3)
@@ -105,7 +106,7 @@ def patch_for(concept: str, tag: str, args, pipe) -> tuple[Path, float | None]:
     """The patch of this variant (trained now unless shipped or --reuse) and its training seconds."""
     if tag == "shipped":
         return ROOT / "patches" / f"{concept.replace(':', '-')}.fmn.safetensors", None
-    method = "esd" if tag == "esd" else "fmn"
+    method = tag if tag in ("esd", "uce") else "fmn"
     name = f"{method}.{tag}" if tag != method else method
     out = Path(args.patch_dir) / f"{concept.replace(':', '-')}.{name}.safetensors"
     if args.reuse and out.exists():

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .core import worlds
+from .core.concept import KINDS
 from .errors import PatchforgeError
 
 
@@ -148,6 +149,11 @@ def _concepts(sub) -> None:
     p = sub.add_parser("concepts", help="list the concepts a model knows and the prompts each one uses")
     p.add_argument("--model", default=None, help="diffusers folder or repo id (default: the toy model)")
     p.add_argument("--concept", action="append", default=None, metavar="KIND:NAME", help="show only these")
+    p.add_argument("--kind", action="append", default=None, choices=KINDS, help="only concepts of this kind")
+    p.add_argument("--except", dest="leave_out", action="append", default=[], metavar="KIND:NAME",
+                   help="leave this concept out (e.g. every identity but one)")
+    p.add_argument("--out", default=None, metavar="FILE.yaml",
+                   help="write the selection as a roster: a concept file for `train --concept-file F --one-patch`")
     p.set_defaults(run="patchforge.pipeline.concept_worlds:run_command")
 
 

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from patchforge.core.concepts import load_concept_file, merge, resolve
+from patchforge.core.concepts import apply_swap, load_concept_file, merge, resolve, swap
 from patchforge.errors import UnknownConcept
 from patchforge.toyworld import world
 
@@ -65,6 +65,18 @@ def test_concept_file_and_merge(tmp_path):
     assert not any(re.search(r"\b(red|star)\b", p) for p in m["preserve"])
 
 
+def test_merged_anchors_leave_out_every_listed_concept():
+    blue, star, kiko = resolve("color:blue"), resolve("object:star"), resolve("identity:kiko")
+    assert swap(blue) == (("blue",), ()) and swap(star) == (("star",), ("circle",))
+    m = merge([blue, star, kiko])
+    pairs = dict(zip(m["target"], m["anchor"]))
+    assert len(pairs) == len(m["target"]) == len(m["contrast"])  # a prompt both concepts name, once
+    assert pairs["a blue star"] == "a circle"  # neither blue (star's anchor was "a blue circle") nor star
+    assert not any(re.search(r"\b(blue|star|kiko)\b", a, re.IGNORECASE) for a in m["anchor"])
+    assert merge([star])["anchor"] == star.anchor  # one concept: its own anchors
+    assert apply_swap("A Blue star in rings style", swap(blue)) == "A star in rings style"
+
+
 def test_a_toy_concept_is_anchored_on_its_kinds_neutral_unless_to_is_given():
     from patchforge.toyworld import world_v2
 
@@ -79,3 +91,16 @@ def test_a_toy_concept_is_anchored_on_its_kinds_neutral_unless_to_is_given():
     kiko = resolve("identity:kiko", world_name="toy-v2")
     species = world_v2.IDENTITIES["kiko"][0]
     assert all(f"a {species}" in a and "kiko" not in a.lower() for a in kiko.anchor)
+
+
+def test_concepts_roster_round_trips_through_a_concept_file(tmp_path, capsys):
+    from patchforge.cli import main
+
+    out = tmp_path / "ids.yaml"
+    assert main(["concepts", "--kind", "identity", "--except", "identity:kiko", "--out", str(out)]) == 0
+    specs = load_concept_file(out)
+    assert [s.key for s in specs] == [f"identity:{n}" for n in world.IDENTITIES if n != "kiko"]
+    assert str(tmp_path) not in out.read_text()  # nothing private in a file meant to be shared
+    assert main(["concepts", "--kind", "color", "--out", str(tmp_path / "c.txt")]) == 2  # checked first
+    assert "ending in .yaml" in capsys.readouterr().err and not (tmp_path / "c.txt").exists()
+    assert main(["concepts", "--kind", "identity", "--concept", "object:star"]) == 2  # nothing left

@@ -109,6 +109,28 @@ def test_weight_response(kiko):
         assert section in table
 
 
+def test_a_list_patch_reports_each_concept_and_what_replaces_it(tmp_path):
+    from tiny_pipelines import tiny_sd1
+
+    pipe = tiny_sd1()
+    pipe.unet.register_to_config(sample_size=8)
+    path = make_lora_patch(pipe, tmp_path / "two.safetensors", concept="identity:kiko; identity:mira")
+    steps, generation.STEPS = generation.STEPS, 2
+    try:
+        rep = evaluation.evaluate([path], pipe=pipe, judge=ScriptedJudge(pipe, "kiko", "tobi"), seeds=1, n=2,
+                                  progress=lambda m: None)["patches"][0]
+    finally:
+        generation.STEPS = steps
+    per = rep["by_concept"]
+    assert list(per) == ["kiko", "mira"]
+    assert per["kiko"]["efficacy"]["base"] == 1 and per["kiko"]["efficacy"]["patched"] == 0
+    # the patched model draws Tobi: Kiko's protected neighbour, for Mira another identity
+    assert per["kiko"]["replacement.neighbour"]["patched"] == 1 and per["kiko"]["replacement.other"]["patched"] == 0
+    assert per["mira"]["replacement.other"]["patched"] == 1 and per["mira"]["replacement.neighbour"]["patched"] == 0
+    table = report.markdown([rep])
+    assert "## Per concept" in table and "| mira | 0% (0%) |" in table and "| kiko | 0% (100%) |" in table
+
+
 def test_categories_and_neutral_from_to():
     w = ToyWorld()
     star = drawn.neutrals(w, ["star"], {})["star"]

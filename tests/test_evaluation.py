@@ -29,10 +29,10 @@ def make_lora_patch(pipe, path, concept="style:stripes", scale=0.0, seed=0, rank
         for name, p in pipe.unet.named_parameters():
             if ".handmade." in name:
                 p.normal_(0, scale) if scale > 0 else (p.normal_(0, 0.1) if "lora_A" in name else p.zero_())
-    kind, name = concept.split(":")
+    listed = [c.split(":") for c in concept.split("; ")]  # "identity:kiko; identity:mira": a list patch
     out = save_patch_from_pipeline(pipe, path, adapter_name="handmade", metadata={
         "patchforge.concept": concept, "patchforge.method": "handmade", "patchforge.training_seconds": "0.0",
-        "patchforge.concepts": json.dumps([{"kind": kind, "name": name, "to": None}])})
+        "patchforge.concepts": json.dumps([{"kind": kind, "name": name, "to": None} for kind, name in listed])})
     pipe.unet.delete_adapters("handmade")
     return out
 

@@ -354,22 +354,81 @@ def describe(specs: list[ConceptSpec]) -> str:
 
 def merge(specs: list[ConceptSpec]) -> dict:
     """Several concepts in one patch: the union of their prompt sets, without preserving a prompt
-    that another erased concept names."""
-    target, anchor, preserve, words, contrast = [], [], [], [], []
-    for s in specs:
-        target += s.target
-        anchor += s.anchor
-        words += s.words
+    that another erased concept names, and with every anchor rid of the other listed concepts too.
+
+    Why composed anchors: "a blue star" is a target of both color:blue (anchor "a star") and object:star
+    (anchor "a blue circle"). Kept apart, the two rows ask the same tokens for two goals and a closed form
+    settles between them, half blue; composed, both ask for "a circle". A prompt named by several concepts
+    is trained once."""
+    swaps = [swap(s) for s in specs]
+    pairs, words = {}, []
     named = lambda p: any(mentions(p, w) for o in specs for w in o.words)  # noqa: E731
-    for s in specs:
-        preserve += [p for p in s.preserve if not named(p)]
-        pairs = s.contrast if len(s.contrast) == len(s.target) else [None] * len(s.target)
-        contrast += [p if p and not named(p) else None for p in pairs]
-    return {"target": target, "anchor": anchor, "preserve": list(dict.fromkeys(preserve)), "words": words,
-            "contrast": contrast}
+    for i, s in enumerate(specs):
+        words += s.words
+        twins = s.contrast if len(s.contrast) == len(s.target) else [None] * len(s.target)
+        for t, a, c in zip(s.target, s.anchor, twins):
+            for j, w in enumerate(swaps):
+                if j != i and w:
+                    a = apply_swap(a, w)
+            if t not in pairs:
+                pairs[t] = (" ".join(a.split()), c if c and not named(c) else None)
+    preserve = [p for s in specs for p in s.preserve if not named(p)]
+    return {"target": list(pairs), "anchor": [a for a, _ in pairs.values()], "preserve": list(dict.fromkeys(preserve)),
+            "words": words, "contrast": [c for _, c in pairs.values()]}
+
+
+def swap(spec: ConceptSpec) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """The word swap that turns most of the concept's target prompts into their anchors ("blue" -> nothing,
+    "star" -> "circle", "in stripes style" -> nothing, "Kiko" -> "a character"), read off the prompt pairs
+    themselves so a concept file's own anchors work too; None where no pair differs by one span."""
+    counts: dict = {}
+    for t, a in zip(spec.target, spec.anchor):
+        tw, aw = t.lower().split(), a.lower().split()
+        ops = [o for o in difflib.SequenceMatcher(a=tw, b=aw, autojunk=False).get_opcodes() if o[0] != "equal"]
+        if len(ops) == 1:
+            _, i1, i2, j1, j2 = ops[0]
+            key = (tuple(tw[i1:i2]), tuple(aw[j1:j2]))
+            if key[0]:
+                counts[key] = counts.get(key, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def apply_swap(prompt: str, swap_: tuple[tuple[str, ...], tuple[str, ...]]) -> str:
+    """The prompt with every whole-word occurrence of the swap's words (any case) replaced."""
+    old, new = swap_
+    words, out, i = prompt.split(), [], 0
+    while i < len(words):
+        if tuple(w.lower() for w in words[i:i + len(old)]) == old:
+            out += new
+            i += len(old)
+        else:
+            out.append(words[i])
+            i += 1
+    return " ".join(out)
 
 
 # ---------------------------------------------------------------- `patchforge concepts`
+def select(world_name: str, only: list[str] | None = None, kinds: list[str] | None = None,
+           leave_out: list[str] = ()) -> list[str]:
+    """The concept keys `patchforge concepts` shows: `only` (checked), else every concept of the world's
+    `kinds` (default: all); less `leave_out`. Raises one line for an unknown name."""
+    keys = [resolve(k, world_name=world_name).key for k in only] if only else \
+        [f"{k}:{n}" for k in (kinds or KINDS) for n in known_names(k, world_name)]
+    gone = {resolve(k, world_name=world_name).key for k in leave_out}
+    keys = [k for k in dict.fromkeys(keys) if k not in gone and (not kinds or k.split(":")[0] in kinds)]
+    if not keys:
+        raise PatchforgeError("no concept left to list: check --kind / --concept / --except")
+    return keys
+
+
+def roster(world_name: str, keys: list[str]) -> str:
+    """A concept file (YAML) naming each concept: `patchforge train --concept-file F --one-patch` erases
+    them all in one patch; an entry may be given its own anchor/preserve prompts by editing the file."""
+    head = [f"# {len(keys)} concepts of the {'real-model catalogue' if world_name == REAL else world_name + ' world'}",
+            "# patchforge train --concept-file THIS_FILE --one-patch   (one patch for all of them)"]
+    return "\n".join(head + [f"- target: {json.dumps(k)}" for k in keys]) + "\n"
+
+
 def listing(world_name: str, only: list[str] | None = None) -> str:
     """What `patchforge concepts` prints: each concept a base of this world knows, with the prompts a
     patch trains on (target), maps them to (anchor), keeps (preserve) and the held-out paraphrases."""
@@ -392,4 +451,4 @@ def listing(world_name: str, only: list[str] | None = None) -> str:
 
 
 __all__ = ["CATALOG", "ConceptSpec", "asdict", "describe", "listing", "load_concept_file", "merge",
-           "parse", "resolve"]
+           "parse", "resolve", "roster", "select"]

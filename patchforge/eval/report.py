@@ -126,6 +126,8 @@ def _sections(rep: dict) -> list[str]:
         held = [_row(k, m) for k, m in metrics.items() if k.startswith("replacement_heldout.")]
         if held:
             lines += ["", "The same on the target prompts the patch never trained on (held out):", "", *head, *held]
+    if rep.get("by_concept"):
+        lines += _per_concept(rep["by_concept"])
     side = [_row(k, m) for k, m in metrics.items() if k.startswith("side_effect.")]
     if any(k.startswith("replacement.") for k in metrics):  # the judge names what it sees: side effects counted
         lines += ["", "## Side effects", "",
@@ -162,6 +164,23 @@ def _sections(rep: dict) -> list[str]:
             cells = [f"{fmt(m['patched'], k)} ({_change(m, k)}, {_fmt_ci(m['ci_change'], k)})"
                      for k, m in point["metrics"].items()]
             lines.append(f"| {point['weight']:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _per_concept(by_concept: dict) -> list[str]:
+    """A multi-concept patch: each concept's own target rates and what replaces it (patched, base in brackets)."""
+    cats = [c for c in ("neutral", "neighbour", "other", "absent") if any(f"replacement.{c}" in m
+                                                                          for m in by_concept.values())]
+    lines = ["", "## Per concept", "",
+             "Each listed concept on its own prompts: the target rate on training prompts (efficacy) and held-out "
+             "ones (generality), patched (base), and what its images show instead.", "",
+             "| concept | efficacy | generality | " + " | ".join(cats) + " |", "|---|---|---|" + "---|" * len(cats)]
+    for c, m in by_concept.items():
+        cells = [f"{fmt(m[k]['patched'], k)} ({fmt(m[k]['base'], k)})" if k in m else "n/a"
+                 for k in ("efficacy", "generality")]
+        cells += [fmt(m[f"replacement.{x}"]["patched"], "replacement") if f"replacement.{x}" in m else "n/a"
+                  for x in cats]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return lines
 
 

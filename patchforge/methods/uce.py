@@ -32,6 +32,7 @@ neighbour twin) to the kept rows, and solves again: RECE's loop, with the publis
 """
 from __future__ import annotations
 
+import difflib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -53,6 +54,10 @@ class UCEConfig(MethodConfig):
     ridge: float = 0.1  # λ, relative to the mean diagonal of the token covariance
     energy: float = 0.999  # share of ΔW's squared singular values the LoRA keeps, per layer
     max_rank: int = 32
+    # each target token's goal is the anchor token it lines up with, word by word ("a blue square" ->
+    # "a square": "square" -> "square", the removed "blue" -> the "a" before it), not the token at the same
+    # position ("blue" -> "square", "square" -> end-of-text). Off: position by position, as UCE's script
+    align: bool = False
     # hardening rounds (RECE-style, with UnlearnDiffAtk's prefix as the adversary): after each solve, a
     # per-prompt soft prefix is optimised against the edited model to bring the concept back; the
     # prefixed target prompts join the erased rows, the prefixed preserve prompts the kept ones; solve again
@@ -88,7 +93,11 @@ class UCE(Method):
             return
         with torch.no_grad():
             c = tr.embed(self.target, base=True).emb.float().flatten(0, 1)  # (targets * tokens, d)
-            a = tr.embed(self.anchor, base=True).emb.float().flatten(0, 1)
+            a = tr.embed(self.anchor, base=True).emb.float()
+            if hp.align:
+                a = a.gather(1, _alignment(tr.pipe.tokenizer, self.target, self.anchor, a.shape[1])
+                             [..., None].expand(-1, -1, a.shape[2]))
+            a = a.flatten(0, 1)
             p = tr.embed(list(dict.fromkeys(self.preserve + [""])), base=True).emb.float().flatten(0, 1)
         self.deltas = self.solve_text(layers, c, a, p)
         refs = self.concept_refs() if hp.adv_rounds > 0 else None  # once: with --images it encodes them
@@ -211,6 +220,20 @@ def _edited(layers, deltas: dict):
     finally:
         for h in handles:
             h.remove()
+
+
+def _alignment(tokenizer, targets: list[str], anchors: list[str], length: int) -> torch.Tensor:
+    """(targets, length) index of the anchor position each target token maps to: equal tokens to their
+    counterparts, a replaced span to the replacement's end ("Kiko" -> "a character": to "character", which
+    CLIP's causal encoder gives the whole phrase), a removed token to the anchor token before it."""
+    ids = [tokenizer(p, padding="max_length", max_length=length, truncation=True).input_ids
+           for p in (targets, anchors)]
+    out = torch.zeros(len(targets), length, dtype=torch.long)
+    for row, (t, a) in enumerate(zip(*ids)):
+        for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=t, b=a, autojunk=False).get_opcodes():
+            for k in range(i1, i2):  # an insertion (i1 == i2) has no target token to map
+                out[row, k] = max(j2 - (i2 - k), j1) if op != "delete" else max(j1 - 1, 0)
+    return out
 
 
 def _shifted(anchor: torch.Tensor, offset: int, k: int) -> torch.Tensor:

@@ -3,7 +3,9 @@ or its folder's facts -- and the `patchforge concepts` verb that lists them."""
 from __future__ import annotations
 
 from ..core import worlds
-from ..core.concepts import REAL, listing
+from ..core.atomic import write_text
+from ..core.concepts import REAL, listing, roster, select
+from ..core.output_paths import check_output_file
 from ..core.pipeline_loading import check_model, local_folder
 from .plan import ModelFacts
 
@@ -27,6 +29,14 @@ def concept_world(model: str | None = None, family: str | None = None) -> str:
 
 
 def run_command(args) -> int:
+    out = check_output_file(args.out, "--out", suffixes=(".yaml", ".yml")) if args.out else None
     check_model(args.model)
-    print(listing(concept_world(args.model), args.concept))
+    world = concept_world(args.model)
+    keys = select(world, args.concept, args.kind, args.leave_out)
+    if out is None:
+        print(listing(world, keys))
+        return 0
+    write_text(out, roster(world, keys))
+    print(f"wrote {out.name}: {len(keys)} concepts ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}); "
+          f"erase them in one patch with `patchforge train --concept-file {out.name} --one-patch`")
     return 0
