@@ -1,7 +1,7 @@
 """Many concepts in one patch on the toy model: the scaling table behind docs/methods.md ("Many concepts").
 
-    python benchmarks/bench_lists.py [--candidates uce uce-aligned] [--lists 1 4 8 16 abo:identity abo:color]
-        [--seeds 2] [--n 6] [--eval-from 8] [--json benchmarks/lists.json]
+    python benchmarks/bench_lists.py [--candidates uce uce-plain] [--lists 1 4 8 16 abo:identity abo:color]
+        [--seeds 2] [--n 6] [--eval-from 8] [--json benchmarks/lists.json] [--model patchforge/toy-sd3]
 
 For each candidate (a method and its options) and each list, one patch erasing the whole list:
 - N = 1, 4, 8, 16: the first N of SCALING (mixed kinds, in turn); abo:<kind>: every concept of that kind
@@ -32,6 +32,10 @@ SCALING = ["identity:kiko", "style:stripes", "object:star", "color:red", "identi
            "identity:tobi", "style:rings", "object:square", "color:purple"]
 CANDIDATES = {  # name -> (method, options)
     "uce": ("uce", {}),
+    "uce-plain": ("uce", {"preserve_anchors": False, "preserve_weight": 1.0}),  # uce's default before 2026-12-07
+    "uce-pw4": ("uce", {"preserve_weight": 4.0}),
+    "uce-pw6": ("uce", {"preserve_weight": 6.0}),
+    "uce-away0.5": ("uce", {"away": 0.5}),
     "uce-aligned": ("uce", {"align": True}),
     "uce-aligned-away2": ("uce", {"align": True, "away": 2.0}),
     "fmn": ("fmn", {}),
@@ -62,13 +66,14 @@ def lists_for(names: list[str]) -> dict[str, list[str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--candidates", nargs="+", default=["uce", "uce-aligned"], choices=list(CANDIDATES))
+    ap.add_argument("--candidates", nargs="+", default=["uce", "uce-plain"], choices=list(CANDIDATES))
     ap.add_argument("--lists", nargs="+", default=["1", "4", "8", "16", "abo:identity", "abo:style", "abo:object",
                                                     "abo:color"])
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--n", type=int, default=6, help="prompts per set")
     ap.add_argument("--eval-from", type=int, default=8, help="evaluate mixed lists of at least this many concepts")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--model", default=None, help="default: the embedded toy; patchforge/toy-sd3: the DiT toy")
     args = ap.parse_args()
     os.environ["PATCHFORGE_CACHE"] = tempfile.mkdtemp(prefix="bench_lists_cache_")  # a method pays its references
     import torch
@@ -81,7 +86,7 @@ def main() -> None:
     from patchforge.toyworld.plugin import ToyWorld
     from patchforge.train.loop import TrainConfig, train_patch
 
-    pipe, judge = load_pipeline(None, device="cpu"), default_judge(None)
+    pipe, judge = load_pipeline(args.model, device="cpu"), default_judge(args.model)
     work = Path(tempfile.mkdtemp(prefix="bench_lists_"))
     lists = lists_for(args.lists)
     rows, patches = [], {}
@@ -91,7 +96,7 @@ def main() -> None:
             cfg = TrainConfig(method=method, progress=False, options=dict(options))
             t0 = time.perf_counter()
             out = work / f"{cand}.{name.replace(':', '-')}.safetensors"
-            path, s = train_patch(concepts, method, None, cfg, out=out, pipe=pipe)
+            path, s = train_patch(concepts, method, args.model, cfg, out=out, pipe=pipe)
             wall = time.perf_counter() - t0
             rows.append({"candidate": cand, "list": name, "n": len(concepts), "rank": s["rank"],
                          "kib": round(s["bytes"] / 1024), "seconds": round(wall, 2)})
@@ -99,7 +104,7 @@ def main() -> None:
                 patches[(cand, name)] = (path, len(rows) - 1)
             print(f"trained {cand} {name}: {len(concepts)} concepts, {wall:.2f} s", file=sys.stderr, flush=True)
     keys = list(patches)
-    reports = evaluate([patches[k][0] for k in keys], None, seeds=args.seeds, n=args.n, judge=judge, pipe=pipe,
+    reports = evaluate([patches[k][0] for k in keys], args.model, seeds=args.seeds, n=args.n, judge=judge, pipe=pipe,
                        progress=lambda m: print(m, file=sys.stderr, flush=True))["patches"]
     toy = ToyWorld()
     for key, rep in zip(keys, reports):
@@ -126,7 +131,8 @@ def main() -> None:
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "seeds": args.seeds,
-                                               "prompts": args.n, "rows": rows}, indent=1))
+                                               "prompts": args.n, "model": args.model or "embedded toy",
+                                               "rows": rows}, indent=1))
 
 
 def table(rows: list[dict]) -> str:

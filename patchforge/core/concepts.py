@@ -372,7 +372,14 @@ def merge(specs: list[ConceptSpec]) -> dict:
                     a = apply_swap(a, w)
             if t not in pairs:
                 pairs[t] = (" ".join(a.split()), c if c and not named(c) else None)
-    preserve = [p for s in specs for p in s.preserve if not named(p)]
+    # a preserve prompt that names a listed concept is kept as what the patch should make of it ("a purple
+    # cross in checker style" with checker listed -> "a purple cross"): the rest of the scene is held
+    preserve = []
+    for p in (p for s in specs for p in s.preserve):
+        for w in swaps:
+            p = apply_swap(p, w) if w and named(p) else p
+        if p.strip() and not named(p):
+            preserve.append(" ".join(p.split()))
     return {"target": list(pairs), "anchor": [a for a, _ in pairs.values()], "preserve": list(dict.fromkeys(preserve)),
             "words": words, "contrast": [c for _, c in pairs.values()]}
 
