@@ -248,7 +248,7 @@ def test_dry_run_plans_a_dit_folder(fam, folders, capsys):
     assert main(["train", "--model", str(folders[fam]), "--concept", "style:vangogh", "--dry-run"]) == 0
     line = capsys.readouterr().out
     assert f"on {fam}-like" in line and "transformer rows" in line and "32 px" in line
-    assert ": 40 steps x" in line  # fmn's joint-attention default (FMNConfig.JOINT_ATTENTION)
+    assert ": 160 steps x" in line  # fmn's joint-attention default (FMNConfig.JOINT_ATTENTION)
 
 
 def test_joint_attention_defaults_apply_only_where_the_user_set_nothing(folders):
@@ -262,7 +262,10 @@ def test_joint_attention_defaults_apply_only_where_the_user_set_nothing(folders)
     assert ModelFacts.from_pipe(BUILDERS["flux"]()).joint_attention
     hp = FMNConfig()
     joint = family_config(hp, TrainConfig(), dit)
-    assert (joint.steps, joint.lr, joint.keep_weight, joint.warm_start, joint.adv_rounds) == (40, 6e-3, 3.0, "uce", 0)
+    assert (joint.steps, joint.keep_weight, joint.warm_start) == (160, 3.0, "")
+    fast = family_config(hp, TrainConfig(fast=True), dit)  # --fast there: JOINT_FAST, warm-started
+    assert (fast.steps, fast.lr, fast.keep_weight, fast.warm_start, fast.teacher_pool) == (40, 6e-3, 3.0, "uce", 10)
+    assert (fast.adv_rounds, fast.warm_preserve_weight) == (0, 8.0)
     assert (hp.steps, hp.keep_weight, hp.warm_start) == (20, 2.0, "uce")
     assert family_config(hp, TrainConfig(), toy) == hp  # a UNet keeps the defaults it was tuned with
     mine = TrainConfig(steps=7, options={"keep_weight": 1.5})

@@ -67,8 +67,8 @@ class MethodConfig:
     # defaults that differ where the denoiser's text meets the image in joint attention (SD3, FLUX), for
     # the fields the user left unset (train.loop.family_config); a method tuned there says why
     JOINT_ATTENTION: ClassVar[dict] = {}
-    # the same under --robust (empty: JOINT_ATTENTION applies there too)
-    JOINT_ROBUST: ClassVar[dict] = {}
+    # the same under --fast (empty: JOINT_ATTENTION applies there too)
+    JOINT_FAST: ClassVar[dict] = {}
     # defaults that differ under adversarial training (`--robust`), for the fields the user left unset
     ROBUST: ClassVar[dict] = {}
     # defaults that differ under `--fast` (the cheapest setting the method has)

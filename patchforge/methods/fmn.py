@@ -103,17 +103,18 @@ class FMNConfig(MethodConfig):
     # teacher calls (3 of every step's 5 denoiser rows) then cost once, not every step. 0: fresh each step
     teacher_pool: int = 10
     # joint attention (SD3, FLUX): the text reaches the image through every block's text stream, not one
-    # cross-attention read. Cold, 80 steps left the DiT toy's star at 25 % and red at 33 %, and it took
-    # 160 fresh-teacher steps (163-223 s a patch) to erase them. Warm-started from uce with pooled teachers,
-    # 40 steps at twice the UNet's learning rate do it in about a third of the time; keep_weight 3 holds
-    # stripes' compositional prompts (2: 88 %). Measured on the DiT toy: patches/README.md. No hardening
-    # rounds: uce's prefix attack is not built for joint attention (methods/uce.py)
-    JOINT_ATTENTION: ClassVar[dict] = {"steps": 40, "lr": 6e-3, "keep_weight": 3.0, "adv_rounds": 0,
-                                       "warm_preserve_weight": 8.0, "adv_rows": 0.0}
-    # --robust on joint attention: the cold schedule with fresh teachers its inner attack needs (as ROBUST
-    # below), at joint attention's 160 steps (the default there before 2026-12-07)
-    JOINT_ROBUST: ClassVar[dict] = {"steps": 160, "keep_weight": 3.0, "warm_start": "", "teacher_pool": 0,
-                                    "adv_rounds": 0}
+    # cross-attention read, and 80 steps left the DiT toy's star at 25 % and red at 33 %. 160 steps erase
+    # them; keep_weight 3 holds stripes' compositional prompts there (2: 88 %) and still lets red's
+    # paraphrases go (4: 29 % left). Measured on the DiT toy, cold and with fresh teachers: patches/README.md
+    JOINT_ATTENTION: ClassVar[dict] = {"steps": 160, "keep_weight": 3.0, "warm_start": "", "teacher_pool": 0,
+                                       "adv_rounds": 0}
+    # --fast on joint attention: 40 steps warm-started from uce with pooled teachers, at a learning rate that
+    # trades the star's compositional prompts kept against red's paraphrases left (4e-3: 95 % / 33 %,
+    # 6e-3: 90 % / 21 %, 8e-3: 85 % / 17 %). A quarter of the time; red keeps 8 % and the star's replacement is the
+    # neutral circle in 60 % instead of 94 %, so it is not the default (patches/README.md). No hardening
+    # rounds: uce's prefix attack is not built for joint attention
+    JOINT_FAST: ClassVar[dict] = {"steps": 40, "lr": 6e-3, "keep_weight": 3.0, "adv_rounds": 0,
+                                  "warm_preserve_weight": 8.0, "adv_rows": 0.0}
     # --robust: the inner attack needs the outer loop's fresh teachers and many steps. On the toy star at the
     # published UnlearnDiffAtk budget, 80 cold steps with fresh teachers held it to 3 % ASR, where the fast
     # schedule (20 warm-started steps, pooled teachers) let 88 % through and 80 warm-started pooled steps

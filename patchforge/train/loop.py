@@ -468,13 +468,13 @@ def model_facts(model: str | None):
 
 def family_config(hp, cfg: TrainConfig, facts):
     """The method's Config for this run: its ROBUST defaults under --robust (FAST under --fast), then, on a
-    joint-attention denoiser (SD3, FLUX), its JOINT_ATTENTION defaults (JOINT_ROBUST under --robust where
-    the method has them), each for the fields the user did not set (--steps, --lr, --set)."""
+    joint-attention denoiser (SD3, FLUX), its JOINT_ATTENTION defaults (JOINT_FAST under --fast where the
+    method has them), each for the fields the user did not set (--steps, --lr, --set)."""
     user = set(cfg.options) | {k for k in ("steps", "lr") if getattr(cfg, k) is not None}
     kind = type(hp)
     changes = dict(kind.ROBUST) if cfg.robust else dict(kind.FAST) if cfg.fast else {}
     if facts is not None and facts.joint_attention:
-        changes.update(kind.JOINT_ROBUST if cfg.robust and kind.JOINT_ROBUST else kind.JOINT_ATTENTION)
+        changes.update(kind.JOINT_FAST if cfg.fast and kind.JOINT_FAST else kind.JOINT_ATTENTION)
     return replace(hp, **{k: v for k, v in changes.items() if k not in user}) if changes else hp
 
 
