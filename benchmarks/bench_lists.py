@@ -36,6 +36,7 @@ CANDIDATES = {  # name -> (method, options)
     "uce-pw4": ("uce", {"preserve_weight": 4.0}),
     "uce-pw6": ("uce", {"preserve_weight": 6.0}),
     "uce-away0.5": ("uce", {"away": 0.5}),
+    "uce-away-by-kind": ("uce", {"away_by_kind": "style=0.5,object=0.5,color=0.5"}),
     "uce-aligned": ("uce", {"align": True}),
     "uce-aligned-away2": ("uce", {"align": True, "away": 2.0}),
     "fmn": ("fmn", {}),

@@ -54,11 +54,12 @@ class UCEConfig(MethodConfig):
     preserve_weight: float = 6.0
     erase_weight: float = 1.0
     away: float = 1.0  # v* = W0 a - away (W0 c - W0 a): past the anchor, away from the concept
-    # the push per kind, "kind=value,..." (kinds not named: `away`; cross-attention models; "" for `away`
-    # everywhere). An identity needs the full push, its anchor ("a character") drawing it at base (Tobi);
-    # a style, object or colour does not, and half the push keeps compositions: on the toy's lists of 16,
-    # compositional prompts 84 -> 96 % of base at away 0.5 (docs/methods.md, "Many concepts")
-    away_by_kind: str = "style=0.5,object=0.5,color=0.5"
+    # the push per kind, "kind=value,..." (kinds not named: `away`; cross-attention models only). Off by
+    # default: "style=0.5,object=0.5,color=0.5" took the toy's lists of 8 and 16 from 84 to 93 % of their
+    # compositional prompts and one stripes patch from 83 to 92 %, but left Kiko at 50 % in the list of 4
+    # and blue at 17 % in the list of 8 (docs/methods.md, "Many concepts"): an erasure that lets a listed
+    # concept back loses more than a composition does
+    away_by_kind: str = ""
     ridge: float = 0.1  # λ, relative to the mean diagonal of the token covariance
     energy: float = 0.999  # share of ΔW's squared singular values the LoRA keeps, per layer
     max_rank: int = 32
