@@ -97,6 +97,24 @@ def test_uce_edit_is_the_ridge_least_squares_optimum():
         assert float(grad.norm()) < 1e-4 * scale, name
 
 
+def test_away_by_kind_pushes_each_concepts_rows_by_its_kind():
+    """A kind named in away_by_kind gets that push, every other kind `away`; a bad entry is one clear error."""
+    from patchforge.errors import PatchforgeError
+
+    pipe = tiny_sd1()
+    two = ("custom:a photo of a cat", "style:vangogh")
+    mixed = prepared_uce(pipe, {"away_by_kind": "style=0.25", "away": 1.0}, concepts=two)
+    kinds = {t: s.kind for s in mixed.specs for t in s.target}
+    assert sorted(set(mixed.row_away().tolist())) == [0.25, 1.0]
+    assert all(w == (0.25 if kinds[t] == "style" else 1.0) for t, w in zip(mixed.target, mixed.row_away().tolist()))
+    # one kind, pushed by name, is the same edit as `away` set to that push
+    by_name = prepared_uce(pipe, {"away_by_kind": "custom=0.5"}).deltas
+    plain = prepared_uce(pipe, {"away": 0.5}).deltas
+    assert all(torch.allclose(by_name[n], plain[n], atol=1e-6) for n in plain)
+    with pytest.raises(PatchforgeError, match="kind=number"):
+        prepared_uce(pipe, {"away_by_kind": "style=half"})
+
+
 def test_uce_rank_comes_from_the_spectrum_and_respects_the_cap():
     pipe = tiny_sd1()
     loose, tight = prepared_uce(pipe, {"energy": 0.5}), prepared_uce(pipe, {"energy": 0.9999})

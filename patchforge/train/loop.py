@@ -471,10 +471,10 @@ def family_config(hp, cfg: TrainConfig, facts):
     joint-attention denoiser (SD3, FLUX), its JOINT_ATTENTION defaults (JOINT_FAST under --fast where the
     method has them), each for the fields the user did not set (--steps, --lr, --set)."""
     user = set(cfg.options) | {k for k in ("steps", "lr") if getattr(cfg, k) is not None}
-    kind = type(hp)
-    changes = dict(kind.ROBUST) if cfg.robust else dict(kind.FAST) if cfg.fast else {}
+    cls = type(hp)
+    changes = dict(cls.ROBUST) if cfg.robust else dict(cls.FAST) if cfg.fast else {}
     if facts is not None and facts.joint_attention:
-        changes.update(kind.JOINT_FAST if cfg.fast and kind.JOINT_FAST else kind.JOINT_ATTENTION)
+        changes.update(cls.JOINT_FAST if cfg.fast and cls.JOINT_FAST else cls.JOINT_ATTENTION)
     return replace(hp, **{k: v for k, v in changes.items() if k not in user}) if changes else hp
 
 
