@@ -80,6 +80,9 @@ class UCEConfig(MethodConfig):
     adv_prompts: int = 8  # target prompts attacked per round (at most the training batch: its memory)
     adv_keep: float = 1.0  # weight of each prefixed preserve token, relative to preserve_weight
 
+    def __post_init__(self):
+        away_table(self.away_by_kind)  # a malformed value fails with the other options, before any model loads
+
 
 @register("uce")
 class UCE(Method):
@@ -126,14 +129,7 @@ class UCE(Method):
 
     def row_away(self) -> torch.Tensor:
         """The push past the anchor for each target prompt: its concept's kind's (away_by_kind), else away."""
-        by_kind = {}
-        for item in filter(None, (x.strip() for x in self.hp.away_by_kind.split(","))):
-            kind, _, value = item.partition("=")
-            try:
-                by_kind[kind.strip()] = float(value)
-            except ValueError:
-                raise PatchforgeError(f"uce away_by_kind: {item!r} is not kind=number "
-                                      "(e.g. style=0.5,object=0.5; empty for `away` everywhere)") from None
+        by_kind = away_table(self.hp.away_by_kind)
         kind_of = {}
         for spec in self.specs:
             for t in spec.target:
@@ -252,6 +248,19 @@ def _edited(layers, deltas: dict):
     finally:
         for h in handles:
             h.remove()
+
+
+def away_table(text: str) -> dict[str, float]:
+    """away_by_kind's "kind=number,..." as {kind: number}; anything else is one clear error."""
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        kind, _, value = item.partition("=")
+        try:
+            out[kind.strip()] = float(value)
+        except ValueError:
+            raise PatchforgeError(f"uce away_by_kind: {item!r} is not kind=number "
+                                  "(e.g. style=0.5,object=0.5; empty for `away` everywhere)") from None
+    return out
 
 
 def _alignment(tokenizer, targets: list[str], anchors: list[str], length: int) -> torch.Tensor:
