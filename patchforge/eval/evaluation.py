@@ -159,9 +159,10 @@ def evaluate(patches: list[str | Path], model: str | None = None, seeds: int = 2
             rep["weights"] = response
         if len(targets) > 1:
             rep["by_concept"] = _by_concept(rows, seeds, sub, patched)
-            for c, m in rep["by_concept"].items() if world is not None else ():  # what replaces each one
-                m.update(drawn.replacement(world, rows, seeds, sub, patched, rep["replacement_targets"],
-                                          only=[r.concept == c for r in rows]))
+            if world is not None:  # what replaces each one
+                for c, m in rep["by_concept"].items():
+                    m.update(drawn.replacement(world, rows, seeds, sub, patched, rep["replacement_targets"],
+                                              only=[r.concept == c for r in rows]))
         rep["patch"] = {"path": str(path), "concepts": targets, "method": patch.method,
                         "bytes": path.stat().st_size,
                         "base_model": public_metadata(patch.metadata).get(K_BASE_ID)}
