@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from patchforge.toyworld import checkpoint  # noqa: E402
 from patchforge.toyworld.build import (WORLD_BUILD, encode_posteriors, make_components,  # noqa: E402
-                                       random_scenes, render_images)
+                                       random_scenes, render_images, sd_pipeline)
 from patchforge.toyworld.judges import WORLDS  # noqa: E402
 from patchforge.toyworld.tokenizer import build_tokenizer  # noqa: E402
 
@@ -52,11 +52,7 @@ def main() -> None:
     means, _ = encode_posteriors(vae.eval(), images)
     vae.register_to_config(scaling_factor=float(1.0 / means.std()))
 
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = sd_pipeline(vae, text_encoder.eval(), tokenizer, unet.eval(), scheduler)
     pipe.save_pretrained(args.out / "pipeline", safe_serialization=True)
     shutil.copy(args.judges, args.out / "judges.safetensors")
     (args.out / "curve_point.json").write_text(json.dumps({"step": meta["step"], "unet_loss": meta["extra"].get(

@@ -101,6 +101,15 @@ def make_components(tokenizer, image_size: int = 32, vae_blocks: tuple = (32, 64
     return vae, unet, text_encoder, scheduler
 
 
+def sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """The toy's parts as a Stable Diffusion pipeline (no safety checker): what a build saves."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
 def random_scenes(wm, rng: random.Random, n: int) -> list:
     return [wm.random_scene(rng) for _ in tqdm(range(n), desc="render scenes", leave=False, disable=None)]
 
@@ -211,8 +220,6 @@ def cosine_lr(opt, steps, warmup=200):
 def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool = False, on_checkpoint=None) -> dict:
     """resume: continue from out_dir's last checkpoint (bit-exactly; a fresh build if there is none).
     on_checkpoint(step): called after each checkpoint is written."""
-    from diffusers import StableDiffusionPipeline
-
     if cfg.world not in WORLD_BUILD:
         raise PatchforgeError(f"unknown toy world {cfg.world!r}; choose one of {', '.join(WORLD_BUILD)}")
     wm, (vae_blocks, max_tokens) = WORLDS[cfg.world], WORLD_BUILD[cfg.world]
@@ -290,9 +297,7 @@ def build_toy_model(out_dir: Path, cfg: ToyBuildConfig, log=print, resume: bool 
     report["stages"]["unet_s"] = round(time.time() - t0, 1)
     report["unet_final_loss"] = last_loss
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text.eval(), tokenizer=tokenizer, unet=ema_unet.eval(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = sd_pipeline(vae, ema_text.eval(), tokenizer, ema_unet.eval(), scheduler)
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir / "pipeline", safe_serialization=True)
 
