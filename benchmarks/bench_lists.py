@@ -40,6 +40,7 @@ CANDIDATES = {  # name -> (method, options)
     "uce-aligned": ("uce", {"align": True}),
     "uce-aligned-away2": ("uce", {"align": True, "away": 2.0}),
     "fmn": ("fmn", {}),
+    "fmn-fast": ("fmn", {}),  # with --fast (on the DiT toy: FMNConfig.JOINT_FAST)
 }
 
 
@@ -94,7 +95,7 @@ def main() -> None:
     for cand in args.candidates:
         method, options = CANDIDATES[cand]
         for name, concepts in lists.items():
-            cfg = TrainConfig(method=method, progress=False, options=dict(options))
+            cfg = TrainConfig(method=method, progress=False, options=dict(options), fast=cand.endswith("-fast"))
             t0 = time.perf_counter()
             out = work / f"{cand}.{name.replace(':', '-')}.safetensors"
             path, s = train_patch(concepts, method, args.model, cfg, out=out, pipe=pipe)

@@ -93,6 +93,8 @@ class FMNConfig(MethodConfig):
     # attack from 81 % to 3 %, keeping 15 of 16 neighbour images (docs/robustness.md). --fast: adv_rounds=0
     adv_rounds: int = 2
     adv_steps: int = 20
+    adv_tokens: int = 5  # prefix length of each round's attack (UnlearnDiffAtk's published 5)
+    rece_rounds: int = 0  # uce's closed-form RECE rounds after the prefix rounds (methods/uce.py)
     warm_preserve_weight: float = 8.0
     # share of each step's target rows prompted through a hardening prefix ("<prefix> a star"), the prefix's
     # columns re-steered and mapped like the name's: without them the 20 steps give back what the hardening
@@ -178,7 +180,8 @@ class ForgetMeNot(Method):
         # n_refs: fmn's own (the plan's reference count), so the hardening reads the references fmn already
         # made from the cache instead of generating uce's default 16 (minutes at SD 1.5 size on a CPU)
         # preserve_anchors off: fmn's warm start as measured (docs/robustness.md), before uce's default changed
-        warm = UCE.Config(adv_rounds=self.hp.adv_rounds, adv_steps=self.hp.adv_steps, n_refs=self.hp.n_refs,
+        warm = UCE.Config(adv_rounds=self.hp.adv_rounds, adv_steps=self.hp.adv_steps, adv_tokens=self.hp.adv_tokens,
+                          rece_rounds=self.hp.rece_rounds, n_refs=self.hp.n_refs,
                           preserve_weight=self.hp.warm_preserve_weight, preserve_anchors=False, away_by_kind="")
         uce = UCE(warm, self.tr, self.specs, prompts)
         with adapters_off([self.tr.denoiser]):
