@@ -94,7 +94,6 @@ class FMNConfig(MethodConfig):
     adv_rounds: int = 2
     adv_steps: int = 20
     adv_tokens: int = 5  # prefix length of each round's attack (UnlearnDiffAtk's published 5)
-    rece_rounds: int = 0  # uce's closed-form RECE rounds after the prefix rounds (methods/uce.py)
     warm_preserve_weight: float = 8.0
     # share of each step's target rows prompted through a hardening prefix ("<prefix> a star"), the prefix's
     # columns re-steered and mapped like the name's: without them the 20 steps give back what the hardening
@@ -181,7 +180,7 @@ class ForgetMeNot(Method):
         # made from the cache instead of generating uce's default 16 (minutes at SD 1.5 size on a CPU)
         # preserve_anchors off: fmn's warm start as measured (docs/robustness.md), before uce's default changed
         warm = UCE.Config(adv_rounds=self.hp.adv_rounds, adv_steps=self.hp.adv_steps, adv_tokens=self.hp.adv_tokens,
-                          rece_rounds=self.hp.rece_rounds, n_refs=self.hp.n_refs,
+                          n_refs=self.hp.n_refs,
                           preserve_weight=self.hp.warm_preserve_weight, preserve_anchors=False, away_by_kind="")
         uce = UCE(warm, self.tr, self.specs, prompts)
         with adapters_off([self.tr.denoiser]):

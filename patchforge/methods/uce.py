@@ -79,12 +79,6 @@ class UCEConfig(MethodConfig):
     adv_lr: float = 0.01
     adv_prompts: int = 8  # target prompts attacked per round (at most the training batch: its memory)
     adv_keep: float = 1.0  # weight of each prefixed preserve token, relative to preserve_weight
-    # RECE's rounds (Gong et al. 2024), in closed form and after the prefix rounds: for each erased token c the
-    # embedding e* that the edited layers turn back into the base's keys and values of c,
-    #     e* = argmin_e Σ_layers ||(W0 + ΔW) e - W0 c||² + rece_ridge · mean diag · ||e||²,
-    # joins the erased rows (with c's anchor) and the edit is solved again. No denoiser call: milliseconds
-    rece_rounds: int = 0
-    rece_ridge: float = 0.1
 
     def __post_init__(self):
         away_table(self.away_by_kind)  # a malformed value fails with the other options, before any model loads
@@ -99,17 +93,17 @@ class UCE(Method):
         hp = self.hp
         if not 0 < hp.energy <= 1 or hp.max_rank < 1 or hp.ridge < 0 or hp.preserve_weight < 0:
             raise PatchforgeError("uce needs 0 < energy <= 1, max_rank >= 1, ridge >= 0 and preserve_weight >= 0")
-        if hp.adv_rounds < 0 or hp.adv_keep < 0 or hp.rece_rounds < 0 or hp.rece_ridge <= 0:
-            raise PatchforgeError("uce needs adv_rounds >= 0, adv_keep >= 0, rece_rounds >= 0 and rece_ridge > 0")
+        if hp.adv_rounds < 0 or hp.adv_keep < 0:
+            raise PatchforgeError("uce needs adv_rounds >= 0 and adv_keep >= 0")
         self.prefixes = []  # each hardening round's attack (SoftPrefix): fmn trains on them after its warm start
         layers = self.tr.backbone.text_kv()
         if not layers:
             raise PatchforgeError("uce: this model has no text cross-attention key/value projections to edit")
         tr = self.tr
         if not tr.backbone.text_kv_reads_text:
-            if hp.adv_rounds > 0 or hp.rece_rounds > 0:
-                raise PatchforgeError("uce hardening (adv_rounds, rece_rounds) supports cross-attention models (SD 1.x / 2.x / XL) "
-                                      "for now; on SD3 / FLUX add --set adv_rounds=0 --set rece_rounds=0")
+            if hp.adv_rounds > 0:
+                raise PatchforgeError("uce hardening (adv_rounds) supports cross-attention models (SD 1.x / 2.x / XL) "
+                                      "for now; on SD3 / FLUX add --set adv_rounds=0")
             self.prepare_joint(layers)
             return
         with torch.no_grad():
@@ -129,10 +123,6 @@ class UCE(Method):
             c, a, p = torch.cat([c, ca]), torch.cat([a, aa]), torch.cat([p, pa * hp.adv_keep ** 0.5])
             away = torch.cat([away, torch.full((len(ca), 1), hp.away)])
             self.deltas = self.solve_text(layers, c, a, p, away)
-        c0, a0, away0 = c, a, away
-        for _ in range(hp.rece_rounds):
-            c, a, away = torch.cat([c, self.rece_rows(layers, c0)]), torch.cat([a, a0]), torch.cat([away, away0])
-            self.deltas = self.solve_text(layers, c, a, p, away)
         with torch.no_grad():
             self.factors = {n: torch.linalg.svd(d, full_matrices=False) for n, d in self.deltas.items()}
         self.rank = min(hp.max_rank, max(_energy_rank(s, hp.energy) for _, s, _ in self.factors.values()))
@@ -145,18 +135,6 @@ class UCE(Method):
             for t in spec.target:
                 kind_of.setdefault(t, spec.kind)
         return torch.tensor([by_kind.get(kind_of.get(t), self.hp.away) for t in self.target])
-
-    def rece_rows(self, layers, c: torch.Tensor) -> torch.Tensor:
-        """RECE's adversarial embeddings: for each row of c, the token embedding the current edit maps closest
-        to the base's keys and values of that row, over every edited layer at once (one d×d solve)."""
-        with torch.no_grad():
-            gram, cross = 0.0, 0.0
-            for name, module in layers:
-                w0 = getattr(module, "base_layer", module).weight.float()
-                w = w0 + self.deltas[name]
-                gram, cross = gram + w.T @ w, cross + w.T @ w0
-            gram = gram + self.hp.rece_ridge * gram.diagonal().mean() * torch.eye(len(gram), device=gram.device)
-            return torch.linalg.solve(gram, cross @ c.T).T
 
     def solve_text(self, layers, c: torch.Tensor, a: torch.Tensor, p: torch.Tensor, away: torch.Tensor) -> dict:
         """ΔW of every layer for erased tokens c (their anchors a, row by row, each pushed `away` past its
