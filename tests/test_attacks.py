@@ -238,11 +238,11 @@ def test_run_attacks_reports_the_new_attacks(monkeypatch):
     assert "8-token prefix" in res["unlearndiff_strong"]["metric"]["what"]
     # a concept world's concept (the toy world's prompts and real images on the tiny pipeline)
     res = attacks.run_attacks(pipe, ["star"], Bright(), {"prompts": 1, "inv_images": 2, "invc_max_steps": 12,
-                                                         "invc_patience": 3}, seeds=1, world=worlds.get("toy"),
-                              which=("inversion_converged",))
-    steps = res["inversion_converged"]["steps"]
-    assert len(steps) == 1 and 3 <= steps[0] <= 12 and f"steps taken: {steps}" in res["inversion_converged"][
-        "metric"]["what"]
+                                                         "invc_patience": 3, "invc_restarts": 2}, seeds=1,
+                              world=worlds.get("toy"), which=("inversion_converged",))
+    steps, got = res["inversion_converged"]["steps"], res["inversion_converged"]["metric"]
+    assert len(steps) == 1 and len(steps[0]) == 2 and all(3 <= n <= 12 for n in steps[0])  # one concept, 2 runs
+    assert got["n"] == 2 and f"steps taken: {steps}" in got["what"]  # 1 prompt x 1 seed, once per inversion
 
 
 def test_inversion_until_plateau_stops_and_reports_its_steps():
