@@ -43,3 +43,16 @@ def test_a_teacher_pool_calls_the_base_once_per_pooled_row_and_still_trains(tmp_
     _, capped_calls = _train(pipe, tmp_path / "d.safetensors", teacher_pool=50)
     assert capped_calls == 6 * 2  # a pool larger than the run is cut to one batch per step
 
+
+
+def test_a_teacher_pool_trains_a_text_encoder_lora_too(tmp_path):
+    """Pooled rows are reused across steps: the preserve rows' embeddings are made every step, through the
+    text-encoder LoRA as it is then (a pooled embedding would backward through a freed, since-updated graph)."""
+    from patchforge.io.patch_format import read_patch
+
+    pipe = tiny_sd1()
+    cfg = TrainConfig(steps=4, batch=2, progress=False, lr=1e-2, text_encoder=True,
+                      options={**FAST, "teacher_pool": 2})
+    path, _ = train_patch(["custom:a photo of a cat"], "fmn", None, cfg, out=tmp_path / "te.safetensors", pipe=pipe)
+    text = read_patch(path).state_dicts["text_encoder"]
+    assert text and all(text[k].abs().max() > 0 for k in text if "lora_B" in k)  # the text encoder trained

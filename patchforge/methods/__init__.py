@@ -144,11 +144,16 @@ class Method:
         frozen base is the teacher at whatever point it is asked -- so by default methods reuse the
         concept's references and save generating images of every preserve prompt. paired=True:
         refs[i] is the base's own image of preserve prompt i (preserve_refs()), used with its prompt."""
+        x_t, t, noise, prompts, x0 = self.preserve_rows(refs, n, paired)
+        return x_t, t, noise, self.tr.embed(prompts, role="preserve"), x0
+
+    def preserve_rows(self, refs: torch.Tensor, n: int | None = None, paired: bool = False):
+        """preserve_batch's rows with their prompts instead of their embeddings: (x_t, t, noise, prompts, x0)."""
         n = n or self.batch
         idx = self.tr.pick(self.preserve, n)
         x0 = refs[idx] if paired else refs[[self.tr.rng.randrange(len(refs)) for _ in idx]]
         x_t, t, noise = self.tr.noised(x0)
-        return x_t, t, noise, self.tr.embed([self.preserve[i] for i in idx], role="preserve"), x0
+        return x_t, t, noise, [self.preserve[i] for i in idx], x0
 
 
 class ProjectionKeeper:

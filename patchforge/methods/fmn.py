@@ -234,19 +234,19 @@ class ForgetMeNot(Method):
         adv = self.prefixed_rows(idx, mask) if self.prefixes and hp.adv_rows > 0 else None
         if adv is not None:
             adv, mask = adv[:2], adv[2]
-        xs, ts, pcond = [x_t], [t], None
+        xs, ts, kept = [x_t], [t], []
         if hp.preserve_weight > 0:  # preserve rows ride in the same denoiser call (one forward, one backward)
             own = self.pres_refs is not None
-            px, pt, _, pcond, _ = self.preserve_batch(self.pres_refs if own else self.refs, paired=own)
+            px, pt, _, kept, _ = self.preserve_rows(self.pres_refs if own else self.refs, paired=own)
             pairs = [j for j, i in enumerate(idx) if self.contrasts[i]][: round(hp.contrast * len(idx))]
             if pairs:  # contrast rows: the target rows' own latents, a neighbour named instead
                 px, pt = torch.cat([px, x_t[pairs]]), torch.cat([pt, t[pairs]])
-                pcond = Cond.cat([pcond, tr.embed([self.contrasts[idx[j]] for j in pairs], role="preserve")])
+                kept = kept + [self.contrasts[idx[j]] for j in pairs]
             xs, ts = xs + [px], ts + [pt]
         x_all, t_all = torch.cat(xs), torch.cat(ts)
         # teachers: base on the anchor prompts (target rows) and on the preserve prompts (preserve rows)
         teach = [tr.embed(anchors, role="anchor", base=True)] if hp.map_weight > 0 else []
-        teach += [pcond] if pcond is not None else []
+        teach += [tr.embed(kept, role="preserve", base=True)] if kept else []
         teacher = None
         if teach:
             rows = slice(0 if hp.map_weight > 0 else b, None)
@@ -254,7 +254,7 @@ class ForgetMeNot(Method):
                 teacher = tr.predict(x_all[rows], t_all[rows], Cond.cat(teach), base=True)
                 if toward is not None:  # the base's own prediction for the concept, to steer away from
                     teacher[:b] = teacher[:b] - hp.away * (tr.predict(x_t, t, toward, base=True) - teacher[:b])
-        return Rows(prompts, extra, x_all, t_all, mask, b, pcond, teacher, adv)
+        return Rows(prompts, extra, x_all, t_all, mask, b, kept, teacher, adv)
 
     def prefixed_rows(self, idx: list[int], mask: torch.Tensor):
         """(rows, their embeddings, the target rows' masks): the first adv_rows share of this step's target
@@ -289,7 +289,9 @@ class ForgetMeNot(Method):
                 pooled[rows] = adv.pooled.to(pooled.dtype)
             cond = Cond(emb, pooled)
         cond = Cond.cat([cond, r.extra]) if r.extra is not None else cond
-        c_all = Cond.cat([cond, r.pcond]) if r.pcond is not None else cond
+        # embedded every step, as the target rows are: a pooled step's rows are reused, and a text-encoder
+        # LoRA must see its own current output (cached when the text encoder is frozen)
+        c_all = Cond.cat([cond, tr.embed(r.kept, role="preserve")]) if r.kept else cond
         masks = torch.zeros(len(c_all), self.mask.shape[1], device=self.mask.device)
         masks[:b] = r.mask  # preserve rows record nothing
         self.recorder.mask, self.recorder.mass = masks, []
@@ -326,6 +328,6 @@ class Rows:
     t: torch.Tensor
     mask: torch.Tensor  # the target rows' concept columns
     targets: int  # number of target rows (name rows + inverted rows)
-    pcond: Cond | None
+    kept: list[str]  # the preserve (and contrast) rows' prompts
     teacher: torch.Tensor | None
     adv: tuple | None = None  # (target rows prompted through a hardening prefix, their Cond)
