@@ -30,17 +30,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SCALING = ["identity:kiko", "style:stripes", "object:star", "color:red", "identity:bruno", "style:checker",
            "object:heart", "color:blue", "identity:mira", "style:dots", "object:cross", "color:green",
            "identity:tobi", "style:rings", "object:square", "color:purple"]
-CANDIDATES = {  # name -> (method, options)
-    "uce": ("uce", {}),
-    "uce-plain": ("uce", {"preserve_anchors": False, "preserve_weight": 1.0}),  # uce's default before 2026-12-07
-    "uce-pw4": ("uce", {"preserve_weight": 4.0}),
-    "uce-pw6": ("uce", {"preserve_weight": 6.0}),
-    "uce-away0.5": ("uce", {"away": 0.5}),
-    "uce-away-by-kind": ("uce", {"away_by_kind": "style=0.5,object=0.5,color=0.5"}),
-    "uce-aligned": ("uce", {"align": True}),
-    "uce-aligned-away2": ("uce", {"align": True, "away": 2.0}),
-    "fmn": ("fmn", {}),
-    "fmn-fast": ("fmn", {}),  # with --fast (on the DiT toy: FMNConfig.JOINT_FAST)
+CANDIDATES = {  # name -> (method, its options, TrainConfig fields)
+    "uce": ("uce", {}, {}),
+    "uce-plain": ("uce", {"preserve_anchors": False, "preserve_weight": 1.0}, {}),  # uce's default before 2026-12-07
+    "uce-pw4": ("uce", {"preserve_weight": 4.0}, {}),
+    "uce-pw6": ("uce", {"preserve_weight": 6.0}, {}),
+    "uce-away0.5": ("uce", {"away": 0.5}, {}),
+    "uce-away-by-kind": ("uce", {"away_by_kind": "style=0.5,object=0.5,color=0.5"}, {}),
+    "uce-aligned": ("uce", {"align": True}, {}),
+    "uce-aligned-away2": ("uce", {"align": True, "away": 2.0}, {}),
+    "fmn": ("fmn", {}, {}),
+    "fmn-fast": ("fmn", {}, {"fast": True}),  # on the DiT toy: FMNConfig.JOINT_FAST
+    "fmn-fast-r32": ("fmn", {}, {"fast": True, "rank": 32}),  # a LoRA wide enough for uce's warm start
 }
 
 
@@ -93,9 +94,9 @@ def main() -> None:
     lists = lists_for(args.lists)
     rows, patches = [], {}
     for cand in args.candidates:
-        method, options = CANDIDATES[cand]
+        method, options, train = CANDIDATES[cand]
         for name, concepts in lists.items():
-            cfg = TrainConfig(method=method, progress=False, options=dict(options), fast=cand.endswith("-fast"))
+            cfg = TrainConfig(method=method, progress=False, options=dict(options), **train)
             t0 = time.perf_counter()
             out = work / f"{cand}.{name.replace(':', '-')}.safetensors"
             path, s = train_patch(concepts, method, args.model, cfg, out=out, pipe=pipe)
