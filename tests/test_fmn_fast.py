@@ -44,7 +44,6 @@ def test_a_teacher_pool_calls_the_base_once_per_pooled_row_and_still_trains(tmp_
     assert capped_calls == 6 * 2  # a pool larger than the run is cut to one batch per step
 
 
-
 def test_a_teacher_pool_trains_a_text_encoder_lora_too(tmp_path):
     """Pooled rows are reused across steps: the preserve rows' embeddings are made every step, through the
     text-encoder LoRA as it is then (a pooled embedding would backward through a freed, since-updated graph)."""

@@ -180,8 +180,8 @@ class ForgetMeNot(Method):
         # made from the cache instead of generating uce's default 16 (minutes at SD 1.5 size on a CPU)
         # preserve_anchors off: fmn's warm start as measured (docs/robustness.md), before uce's default changed
         warm = UCE.Config(adv_rounds=self.hp.adv_rounds, adv_steps=self.hp.adv_steps, adv_tokens=self.hp.adv_tokens,
-                          n_refs=self.hp.n_refs,
-                          preserve_weight=self.hp.warm_preserve_weight, preserve_anchors=False, away_by_kind="")
+                          n_refs=self.hp.n_refs, preserve_weight=self.hp.warm_preserve_weight,
+                          preserve_anchors=False, away_by_kind="")
         uce = UCE(warm, self.tr, self.specs, prompts)
         with adapters_off([self.tr.denoiser]):
             uce.prepare()

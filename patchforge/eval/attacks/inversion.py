@@ -36,9 +36,11 @@ class InversionAttack(Attack):
         images: int = knob(8, "inv_images")  # images of the concept it learns from
         seed: int = knob(0, "seed", any_int=True)
 
-    def invert(self, t: Target, **steps) -> SoftPrompt:
-        images = t.world.concept_images(t.concept, self.b.images, self.b.seed)
-        return textual_inversion(t.pipe, images, n_tokens=self.b.tokens, seed=self.b.seed, **steps)
+    def invert(self, t: Target, offset: int = 0, **steps) -> SoftPrompt:
+        """One inversion; offset moves its seed (images and initial tokens) from the budget's."""
+        seed = self.b.seed + offset
+        images = t.world.concept_images(t.concept, self.b.images, seed)
+        return textual_inversion(t.pipe, images, n_tokens=self.b.tokens, seed=seed, **steps)
 
     def run(self, t: Target) -> Outcome:
         return self.attacked(t, self.invert(t, steps=self.b.steps))
@@ -74,9 +76,7 @@ class ConvergedInversionAttack(InversionAttack):
     def run(self, t: Target) -> Outcome:
         runs = []
         for r in range(self.b.restarts):
-            images = t.world.concept_images(t.concept, self.b.images, self.b.seed + r)
-            soft = textual_inversion(t.pipe, images, n_tokens=self.b.tokens, seed=self.b.seed + r,
-                                     steps=self.b.max_steps, patience=self.b.patience, tol=self.b.tol)
+            soft = self.invert(t, r, steps=self.b.max_steps, patience=self.b.patience, tol=self.b.tol)
             runs.append((self.attacked(t, soft).images, len(soft.losses)))
         return Outcome(np.concatenate([im for im, _ in runs]), np.tile(t.base_hits, len(runs)),
                        {"steps": [n for _, n in runs]})
