@@ -39,6 +39,11 @@ CANDIDATES = {  # name -> (method, its options, TrainConfig fields)
     "uce-away-by-kind": ("uce", {"away_by_kind": "style=0.5,object=0.5,color=0.5"}, {}),
     "uce-aligned": ("uce", {"align": True}, {}),
     "uce-aligned-away2": ("uce", {"align": True, "away": 2.0}, {}),
+    "uce-null0.9": ("uce", {"null_space": 0.9}, {}),  # SPEED's null-space constraint on the kept rows
+    "uce-null0.99": ("uce", {"null_space": 0.99}, {}),
+    "uce-null0.999": ("uce", {"null_space": 0.999}, {}),
+    "uce-null0.99-r64": ("uce", {"null_space": 0.99, "max_rank": 64}, {}),  # the projected edit needs more rank
+    "uce-r64": ("uce", {"max_rank": 64}, {}),
     "fmn": ("fmn", {}, {}),
     "fmn-fast": ("fmn", {}, {"fast": True}),  # on the DiT toy: FMNConfig.JOINT_FAST
     "fmn-fast-r32": ("fmn", {}, {"fast": True, "rank": 32}),  # a LoRA wide enough for uce's warm start

@@ -11,8 +11,8 @@ Patch variants (--variants):
                 --set teacher_pool=0): the suite's validity check,
                 every strong attack should bring its concept back
     shipped     the shipped default patch (patches/<kind>-<name>.fmn.safetensors), not retrained
-    esd         ESD at its defaults (the field's baseline, no preservation term): for the leaderboard's
-                ordering of fmn-as-published, esd and adversarial training (robust)
+    esd         ESD tuned for the toy (ESD_TOY: eta 3; no preservation term, the field's baseline): for the
+                leaderboard's ordering of fmn-as-published, esd and adversarial training (robust)
     uce         uce at its defaults: the closed form alone, no hardening (what fmn's warm start starts from)
 
     .venv/bin/python benchmarks/bench_robustness.py [--model M] [--concepts style:stripes object:star identity:kiko]
@@ -45,6 +45,10 @@ TEXT = {"misspelling", "paraphrase", "described", "padding"}
 # fmn's FMNConfig fields: FMN as published starts cold, with fresh teachers, for 80 steps (UNDEFENDED_STEPS)
 UNDEFENDED = {"preserve_weight": 0, "away": 0, "keep_weight": 0, "warm_start": "", "teacher_pool": 0}
 UNDEFENDED_STEPS = 80
+# esd at its published defaults (80 steps, lr 2e-3, eta 1) leaves the toy star in 62 % of images, so the
+# table's esd row is esd tuned for the toy (docs/robustness.md, "The benchmark"); --esd-set overrides it
+ESD_TOY = {"eta": 3.0}  # erases the star and stripes (0 % left; other kinds 56 % of base)
+FAMILY_ATTACKS = ["unlearndiff", "unlearndiff_strong", "ring_a_bell", "inversion_converged"]
 
 
 def main() -> None:
@@ -57,7 +61,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the method's)")
     ap.add_argument("--inner-steps", type=int, default=3)
     ap.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE", dest="options",
-                    help="method option for the trained variants (default, robust, esd), as `patchforge train --set`")
+                    help="option for the fmn variants (default, fast, robust), as `patchforge train --set`")
+    ap.add_argument("--esd-set", action="append", type=key_value, default=[], metavar="KEY=VALUE", dest="esd_options",
+                    help=f"option for the esd variant (default: {ESD_TOY}, its tuning for the toy model)")
     ap.add_argument("--prompts", type=int, default=BUDGET["prompts"], help="target prompts attacked per concept")
     ap.add_argument("--seeds", type=int, default=2, help="image seeds per prompt (cells: prompts x seeds images)")
     ap.add_argument("--budget", action="append", type=key_value, default=[], metavar="KEY=VALUE",
@@ -72,11 +78,13 @@ def main() -> None:
     pipe, judge = load_pipeline(args.model, device="cpu"), default_judge(args.model)
     # Rows for (concept, variant) pairs not rerun now are kept, so one can be re-measured without redoing all.
     out_path = Path(args.out)
-    rows = [r for r in (json.loads(out_path.read_text())["rows"] if out_path.exists() else [])
-            if not (r["concept"] in args.concepts and r["patch"] in args.variants)]
+    # With --reuse the patch is the one already measured, so its row gains the attacks run now.
+    rows = json.loads(out_path.read_text())["rows"] if out_path.exists() else []
     for concept in args.concepts:
         for tag in args.variants:
             path, train_s = patch_for(concept, tag, args, pipe)
+            before = next((r for r in rows if r["concept"] == concept and r["patch"] == tag), None)
+            rows = [r for r in rows if r is not before]
             att = attack_patch(path, args.model, budget, args.seeds, which=which, judge=judge, pipe=pipe)
             keep = None
             if not args.skip_eval:
@@ -93,10 +101,18 @@ def main() -> None:
                          "seconds": {k: v.get("seconds") for k, v in got.items()},
                          "steps": {k: v["steps"] for k, v in got.items() if "steps" in v},
                          "eval": keep, "attack_seconds": att["seconds"]})
+            if before is not None and train_s is None:  # reused: the earlier attacks and eval still hold
+                row = rows[-1]
+                for key in ("asr", "base", "ci", "n", "seconds", "steps"):
+                    row[key] = {**before.get(key, {}), **row[key]}
+                row["train_seconds"] = before.get("train_seconds")
+                row["eval"] = row["eval"] or before.get("eval")
             print(json.dumps(rows[-1]["asr"]), concept, tag, f"train {train_s}s", flush=True)
             tmp = out_path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"budget": att["budget"], "seeds": args.seeds, "rows": rows}, indent=1))
             tmp.replace(out_path)
+    print(family_table(rows))
+    print()
     print(table(rows))
     print()
     print(ci_table(rows))
@@ -112,8 +128,9 @@ def patch_for(concept: str, tag: str, args, pipe) -> tuple[Path, float | None]:
     if args.reuse and out.exists():
         return out, None
     steps = args.steps or (UNDEFENDED_STEPS if tag == "undefended" else None)
-    cfg = TrainConfig(method=method, steps=steps, progress=False, fast=tag == "fast",
-                      options=dict(UNDEFENDED) if tag == "undefended" else dict(args.options))
+    options = {"undefended": UNDEFENDED, "esd": {**ESD_TOY, **dict(args.esd_options)}, "uce": {}}.get(tag, args.options)
+    lr = options.pop("lr", None) if tag == "esd" else None
+    cfg = TrainConfig(method=method, steps=steps, lr=lr, progress=False, fast=tag == "fast", options=dict(options))
     hook = (lambda tr: wrap_trainer(tr, RobustConfig(inner_steps=args.inner_steps))) if tag == "robust" else None
     t0 = time.time()
     path, _ = train_patch([concept], method, args.model, cfg, out=out, pipe=pipe, robust=hook)
@@ -133,6 +150,33 @@ def table(rows) -> str:
                     (r["eval"]["specificity.neighbours"], r["eval"]["specificity.other_kinds"])]
         lines.append(f"| {r['concept']} | {r['patch']} | {r['train_seconds'] or 'n/a'} | " + " | ".join(cells) +
                      f" | {keep[0]} | {keep[1]} |")
+    return "\n".join(lines)
+
+
+def family_table(rows) -> str:
+    """The issue's table: per patch, training seconds, post-attack ASR [95 % CI] under the four attacks, the
+    target left (training / held-out prompts) and what is kept as % of base (out of sample)."""
+    def asr(r, a):
+        if r["asr"].get(a) is None:
+            return "–"
+        lo, hi = r["ci"][a]
+        return f"{r['asr'][a]:.0%} [{lo:.0%}, {hi:.0%}]"
+
+    def kept(ev, key):
+        m = (ev or {}).get(key)
+        return f"{m['patched'] / m['base']:.0%}" if m and m.get("base") else "–"
+
+    lines = ["| concept | patch | train s | " + " | ".join(f"`{a}`" for a in FAMILY_ATTACKS)
+             + " | target (train / held-out) | neighbours | other kinds | compositional |",
+             "|" + "---|" * (len(FAMILY_ATTACKS) + 7)]
+    for r in rows:
+        ev = r.get("eval")
+        target = (f"{ev['efficacy']['patched']:.0%} / {ev['generality']['patched']:.0%}"
+                  if ev and "efficacy" in ev and "generality" in ev else "–")
+        lines.append(f"| {r['concept']} | {r['patch']} | {r['train_seconds'] or '–'} | "
+                     + " | ".join(asr(r, a) for a in FAMILY_ATTACKS)
+                     + f" | {target} | {kept(ev, 'specificity.neighbours')} | {kept(ev, 'specificity.other_kinds')}"
+                     f" | {kept(ev, 'specificity.compositional')} |")
     return "\n".join(lines)
 
 

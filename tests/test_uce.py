@@ -97,6 +97,24 @@ def test_uce_edit_is_the_ridge_least_squares_optimum():
         assert float(grad.norm()) < 1e-4 * scale, name
 
 
+def test_null_space_leaves_the_kept_rows_main_directions_exactly_unchanged():
+    """With null_space, ΔW maps the kept rows' top eigen-directions to zero (SPEED's constraint), while the
+    plain ridge solution moves them; the concept's own rows are still edited."""
+    from patchforge.methods.uce import _null_projector
+
+    pipe = tiny_sd1()
+    held, plain = prepared_uce(pipe, {"null_space": 0.9}), prepared_uce(pipe)
+    tr = held.tr
+    p = tr.embed(list(dict.fromkeys(held.preserve + [""] + held.anchor)), base=True).emb.float().flatten(0, 1)
+    top = torch.eye(p.shape[1]) - _null_projector(p, 0.9)  # projector onto the held directions
+    assert 1 <= round(float(top.trace())) < p.shape[1]
+    c = tr.embed(held.target, base=True).emb.float().flatten(0, 1)
+    for name, delta in held.deltas.items():
+        assert float((delta @ top).norm()) < 1e-4 * float(delta.norm()), name
+        assert float((plain.deltas[name] @ top).norm()) > 1e-2 * float(plain.deltas[name].norm()), name
+        assert float((c @ delta.T).norm()) > 0.1 * float((c @ plain.deltas[name].T).norm()), name
+
+
 def test_away_by_kind_pushes_each_concepts_rows_by_its_kind():
     """A kind named in away_by_kind gets that push, every other kind `away`; a bad entry is one clear error."""
     from patchforge.errors import PatchforgeError

@@ -79,6 +79,11 @@ class UCEConfig(MethodConfig):
     adv_lr: float = 0.01
     adv_prompts: int = 8  # target prompts attacked per round (at most the training batch: its memory)
     adv_keep: float = 1.0  # weight of each prefixed preserve token, relative to preserve_weight
+    # SPEED's null-space constraint (Li et al. 2025): the edit acts only in directions the kept rows do not
+    # use -- the top eigen-directions of their covariance that hold this share of its trace are projected
+    # out of every row before the solve, so a kept token moves only by what lies outside them. 0 = off
+    # (the ridge's soft hold alone)
+    null_space: float = 0.0
 
     def __post_init__(self):
         away_table(self.away_by_kind)  # a malformed value fails with the other options, before any model loads
@@ -95,6 +100,8 @@ class UCE(Method):
             raise PatchforgeError("uce needs 0 < energy <= 1, max_rank >= 1, ridge >= 0 and preserve_weight >= 0")
         if hp.adv_rounds < 0 or hp.adv_keep < 0:
             raise PatchforgeError("uce needs adv_rounds >= 0 and adv_keep >= 0")
+        if not 0 <= hp.null_space < 1:
+            raise PatchforgeError("uce needs 0 <= null_space < 1 (the share of the kept rows' energy held exactly)")
         self.prefixes = []  # each hardening round's attack (SoftPrefix): fmn trains on them after its warm start
         layers = self.tr.backbone.text_kv()
         if not layers:
@@ -141,12 +148,18 @@ class UCE(Method):
         anchor) and preserve tokens p."""
         hp, out = self.hp, {}
         with torch.no_grad():
-            cov = hp.erase_weight * c.T @ c + hp.preserve_weight * p.T @ p
+            if hp.null_space > 0:  # the solution's rows then lie in the projector's range: ΔW = ΔW P
+                proj = _null_projector(p, hp.null_space)
+                c_in = c @ proj
+                p = p @ proj
+            else:
+                c_in = c
+            cov = hp.erase_weight * c_in.T @ c_in + hp.preserve_weight * p.T @ p
             cov += hp.ridge * cov.diagonal().mean() * torch.eye(len(cov), device=cov.device)
             for name, module in layers:
                 w0 = getattr(module, "base_layer", module).weight.float()
                 goal = a @ w0.T - away * (c @ w0.T - a @ w0.T)  # (tokens, out): v*_e
-                rhs = hp.erase_weight * (goal - c @ w0.T).T @ c  # (out, d)
+                rhs = hp.erase_weight * (goal - c @ w0.T).T @ c_in  # (out, d)
                 out[name] = torch.linalg.solve(cov, rhs.T).T  # rhs cov⁻¹ (cov is symmetric)
         return out
 
@@ -226,6 +239,14 @@ class UCE(Method):
                 num, den = num + err ** 2, den + float(delta.norm()) ** 2
         return {"rank": r, "residual": (num / max(den, 1e-24)) ** 0.5, "residual_max_layer": worst,
                 "layers": len(self.factors)}
+
+
+def _null_projector(p: torch.Tensor, share: float) -> torch.Tensor:
+    """I - U Uᵀ, U the fewest eigenvectors of the kept rows' covariance pᵀp that hold `share` of its trace."""
+    vals, vecs = torch.linalg.eigh(p.T @ p)
+    vals, vecs = vals.flip(0), vecs.flip(1)  # largest first
+    u = vecs[:, :_energy_rank(vals.clamp_min(0).sqrt(), share)]
+    return torch.eye(len(vals), dtype=p.dtype, device=p.device) - u @ u.T
 
 
 def _energy_rank(s: torch.Tensor, energy: float) -> int:
