@@ -44,6 +44,7 @@ CANDIDATES = {  # name -> (method, its options, TrainConfig fields)
     "uce-null0.999": ("uce", {"null_space": 0.999}, {}),
     "uce-null0.99-r64": ("uce", {"null_space": 0.99, "max_rank": 64}, {}),  # the projected edit needs more rank
     "uce-r64": ("uce", {"max_rank": 64}, {}),
+    "uce-color-away2": ("uce", {"away_by_kind": "color=2"}, {}),  # a harder push off the colours' anchors
     "fmn": ("fmn", {}, {}),
     "fmn-fast": ("fmn", {}, {"fast": True}),  # on the DiT toy: FMNConfig.JOINT_FAST
     "fmn-fast-r32": ("fmn", {}, {"fast": True, "rank": 32}),  # a LoRA wide enough for uce's warm start
