@@ -232,3 +232,5 @@ def test_hardening_is_refused_where_it_is_not_built():
 
     with pytest.raises(PatchforgeError, match="adv_rounds"):
         prepared_uce(tiny_sd3(), {"adv_rounds": 1, "n_refs": 2})
+    with pytest.raises(PatchforgeError, match="null_space"):
+        prepared_uce(tiny_sd3(), {"null_space": 0.9, "n_refs": 2})

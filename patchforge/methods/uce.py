@@ -111,6 +111,9 @@ class UCE(Method):
             if hp.adv_rounds > 0:
                 raise PatchforgeError("uce hardening (adv_rounds) supports cross-attention models (SD 1.x / 2.x / XL) "
                                       "for now; on SD3 / FLUX add --set adv_rounds=0")
+            if hp.null_space > 0:
+                raise PatchforgeError("uce null_space supports cross-attention models (SD 1.x / 2.x / XL) for now; "
+                                      "on SD3 / FLUX leave it at 0")
             self.prepare_joint(layers)
             return
         with torch.no_grad():
