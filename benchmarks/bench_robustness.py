@@ -17,7 +17,7 @@ Patch variants (--variants):
 
     .venv/bin/python benchmarks/bench_robustness.py [--model M] [--concepts style:stripes object:star identity:kiko]
         [--variants default robust] [--attacks ...] [--prompts 4] [--seeds 2] [--budget KEY=VALUE]
-        [--skip-eval] [--reuse] [--steps N] [--set KEY=VALUE] [--out benchmarks/robustness.json]
+        [--skip-eval] [--reuse] [--steps N] [--set KEY=VALUE] [--esd-set KEY=VALUE] [--out F.json]
 """
 from __future__ import annotations
 
