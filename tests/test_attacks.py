@@ -263,6 +263,48 @@ def test_inversion_until_plateau_stops_and_reports_its_steps():
     assert len(invert_latents(pipe, latents, steps=7).losses) == 7  # no patience: exactly the steps
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_inversion_is_a_prefix_where_a_suffix_cannot_go(family, monkeypatch):
+    """With several text encoders, textual inversion learns "<v> a photo of" in each of them: the learnt
+    tokens denoise their images better than the starting ones at timesteps and noise the optimisation
+    never drew, and the attack runs end to end through the family's pooled embeddings."""
+    from tiny_pipelines import BUILDERS
+
+    from patchforge.backbones import Cond, for_pipe
+    from patchforge.pipeline import sampling as gen_module
+    from patchforge.pipeline.soft_tokens import invert_latents, soft_cond
+
+    pipe = BUILDERS[family]()
+    backbone = for_pipe(pipe)
+    with torch.no_grad():
+        latents = generate_latents(pipe, PROMPTS, [0, 1], steps=2)
+    start = SoftPrefix(pipe, 2, seed=0)  # what invert_latents(prefix=True, seed=0) starts from
+    soft = invert_latents(pipe, latents, steps=30, lr=0.05, seed=0, prefix=True)
+    assert isinstance(soft, SoftPrefix) and len(soft.losses) == 30
+
+    def held_out_loss(tokens):
+        losses = []
+        for s in range(10_000, 10_008):
+            x_t, t, noise = backbone.noised(latents, torch.Generator().manual_seed(s))
+            with torch.no_grad():
+                pred = backbone.predict(x_t, t, soft_cond(pipe, tokens, ["a photo of"] * len(latents)))
+            losses.append(torch.nn.functional.mse_loss(pred.float(), backbone.training_target(latents, noise, t)))
+        return float(torch.stack(losses).mean())
+
+    assert held_out_loss(soft) < held_out_loss(start)
+    assert isinstance(soft_cond(pipe, soft, ["a star"]), Cond)
+
+    monkeypatch.setattr(gen_module, "STEPS", 2)
+
+    class Bright:  # a stand-in judge: "the concept" = a bright image
+        def detect(self, images, concept):
+            return [float(im.mean() > 127) for im in images]
+
+    res = attacks.run_attacks(pipe, ["star"], Bright(), {"prompts": 1, "inv_images": 2, "inv_steps": 2}, seeds=2,
+                              world=worlds.get("toy"), which=("inversion",))
+    assert res["inversion"]["metric"]["n"] == 2
+
+
 @pytest.mark.parametrize("budget, which, message", [
     ({"ud_stpes": 3}, None, "unknown budget key(s) ud_stpes"),
     ({}, ["unlearndif"], "unknown attack(s) unlearndif"),

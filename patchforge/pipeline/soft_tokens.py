@@ -162,28 +162,45 @@ class Plateau:
         return self.since >= self.patience
 
 
+def soft_cond(pipe, soft: "SoftPrompt | SoftPrefix", prompts: list[str]) -> Cond:
+    """The Cond of `prompts` through either kind of soft tokens: a SoftPrompt's suffix, or a SoftPrefix's
+    first set before every prompt."""
+    if isinstance(soft, SoftPrompt):
+        return Cond(soft.encode(pipe, prompts))
+    return soft.encode(prompts, [0] * len(prompts))
+
+
 def invert_latents(pipe, latents: torch.Tensor, steps: int = 40, n_tokens: int = 2, lr: float | None = None,
-                   seed: int = 0, template: str = "a photo of", patience: int = 0, tol: float = 0.01) -> SoftPrompt:
-    """Textual inversion: K token embeddings <v> that make the pipeline's current UNet denoise the clean
+                   seed: int = 0, template: str = "a photo of", patience: int = 0, tol: float = 0.01,
+                   prefix: bool = False) -> "SoftPrompt | SoftPrefix":
+    """Textual inversion: K token embeddings <v> that make the pipeline's current denoiser denoise the clean
     `latents` when prompted "<template> <v>" -- the plain diffusion loss ||pred(x_t, c) - target||^2
     (target: what the backbone predicts, epsilon or v). Only the K vectors train.
+    prefix=True: the vectors go before the template instead ("<v> <template>", a SoftPrefix in every text
+    encoder), which every family takes; the suffix needs a single CLIP text encoder (SD 1.x / 2.x).
     patience > 0: run until the loss plateaus (Plateau(patience, tol)), `steps` at most. The returned
-    SoftPrompt carries `losses`, one per step run."""
+    soft tokens carry `losses`, one per step run; soft_cond() encodes prompts through them."""
     backbone = for_pipe(pipe)
-    soft = SoftPrompt(pipe, n_tokens, seed=seed)
-    opt = torch.optim.Adam([soft.vectors], lr=lr or 0.5 * soft.scale)
+    if prefix:
+        soft = SoftPrefix(pipe, n_tokens, seed=seed)
+        vectors, scales = list(soft.vectors), soft.scales
+    else:
+        soft = SoftPrompt(pipe, n_tokens, seed=seed)
+        vectors, scales = [soft.vectors], [soft.scale]
+    # one step size per encoder: its token table's spread (CLIP-L, CLIP-G and T5 differ)
+    opt = torch.optim.Adam([{"params": [v], "lr": lr or 0.5 * s} for v, s in zip(vectors, scales)])
     g = torch.Generator("cpu").manual_seed(seed + 1)
     prompts = [template] * len(latents)
     stop, soft.losses = Plateau(patience, tol) if patience > 0 else None, []
     for _ in range(steps):
         x_t, t, noise = backbone.noised(latents, g)
         target = backbone.training_target(latents, noise, t)
-        pred = backbone.predict(x_t, t, Cond(soft.encode(pipe, prompts)))
+        pred = backbone.predict(x_t, t, soft_cond(pipe, soft, prompts))
         loss = F.mse_loss(pred.float(), target.float())
-        (grad,) = torch.autograd.grad(loss, [soft.vectors])
-        soft.vectors.grad = grad
+        for v, grad in zip(vectors, torch.autograd.grad(loss, vectors)):
+            v.grad = grad
         opt.step()
-        soft.vectors.grad = None
+        opt.zero_grad(set_to_none=True)
         soft.losses.append(float(loss.detach()))
         if stop is not None and stop.done(soft.losses[-1]):
             break

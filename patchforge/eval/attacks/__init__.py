@@ -8,9 +8,9 @@ metric means). Dropping a file here adds an attack; `run_attacks` is one loop ov
 
 Soft tokens (patchforge/core/soft_tokens.py) enter through a forward hook on the text encoders' token-
 embedding tables, so the same code serves the attacks, robust training (patchforge/train/robust.py) and
-fmn's concept inversion. The suffix (soft_prompt, inversion) supports SD 1.x / 2.x; the prefix
-(unlearndiff) and the concept vector (ring_a_bell) work on every family through the backbone's prompt
-encoding.
+fmn's concept inversion. The suffix (soft_prompt) supports SD 1.x / 2.x; the prefix (unlearndiff, and
+inversion where there are several text encoders) and the concept vector (ring_a_bell) work on every
+family through the backbone's prompt encoding.
 """
 from __future__ import annotations
 

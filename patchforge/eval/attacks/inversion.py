@@ -1,6 +1,7 @@
 """inversion: textual inversion -- K new token embeddings learnt on images of the concept with the patched
 model's denoising loss, then "a photo of <tokens>". inversion_converged: the same, run until its loss
-plateaus (a step cap), reporting the steps it took."""
+plateaus (a step cap), reporting the steps it took. On pipelines with several text encoders (SDXL, SD3,
+FLUX) the tokens are a prefix in each of them ("<tokens> a photo of"): a suffix needs one CLIP."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,25 +10,28 @@ import numpy as np
 import torch
 
 from ...pipeline.sampling import generate
-from ...pipeline.soft_tokens import SoftPrompt, invert_latents
+from ...pipeline.soft_tokens import SoftPrefix, SoftPrompt, invert_latents, soft_cond
+from ...pipeline.soft_tokens import unsupported as suffix_unsupported
 from . import Attack, Outcome, Target, for_pipe, knob, register
+
+TEMPLATE = "a photo of"  # textual inversion's prompt around the learnt tokens
 
 
 def textual_inversion(pipe, images: np.ndarray, steps: int = 40, n_tokens: int = 2, lr: float | None = None,
-                      seed: int = 0, template: str = "a photo of", patience: int = 0, tol: float = 0.01) -> SoftPrompt:
+                      seed: int = 0, template: str = TEMPLATE, patience: int = 0,
+                      tol: float = 0.01) -> SoftPrompt | SoftPrefix:
     """Learn K token embeddings that make the (patched) model denoise images of the concept:
     the plain diffusion loss ||eps_theta(x_t, "a photo of <v>") - eps||^2, as in textual inversion.
     patience > 0: until the loss plateaus, `steps` at most (core/soft_tokens.py's Plateau)."""
     latents = for_pipe(pipe).encode_images(np.asarray(images))
     return invert_latents(pipe, latents, steps=steps, n_tokens=n_tokens, lr=lr, seed=seed, template=template,
-                          patience=patience, tol=tol)
+                          patience=patience, tol=tol, prefix=suffix_unsupported(pipe) is not None)
 
 
 @register("inversion")
 class InversionAttack(Attack):
     order = 20
     needs_world = True
-    soft_suffix = True
 
     @dataclass(frozen=True)
     class Budget:
@@ -36,7 +40,7 @@ class InversionAttack(Attack):
         images: int = knob(8, "inv_images")  # images of the concept it learns from
         seed: int = knob(0, "seed", any_int=True)
 
-    def invert(self, t: Target, offset: int = 0, **steps) -> SoftPrompt:
+    def invert(self, t: Target, offset: int = 0, **steps) -> SoftPrompt | SoftPrefix:
         """One inversion; offset moves its seed (images and initial tokens) from the budget's."""
         seed = self.b.seed + offset
         images = t.world.concept_images(t.concept, self.b.images, seed)
@@ -46,10 +50,11 @@ class InversionAttack(Attack):
         return self.attacked(t, self.invert(t, steps=self.b.steps))
 
     @staticmethod
-    def attacked(t: Target, soft: SoftPrompt, **extra) -> Outcome:
+    def attacked(t: Target, soft: SoftPrompt | SoftPrefix, **extra) -> Outcome:
         with torch.no_grad():
-            emb = soft.encode(t.pipe, ["a photo of"] * len(t.rep))
-        return Outcome(generate(t.pipe, t.rep, t.rep_seeds, prompt_embeds=emb), t.base_hits, extra)
+            cond = soft_cond(t.pipe, soft, [TEMPLATE] * len(t.rep))
+        return Outcome(generate(t.pipe, t.rep, t.rep_seeds, prompt_embeds=cond.emb, pooled_embeds=cond.pooled),
+                       t.base_hits, extra)
 
     def describe(self, extra: dict) -> str:
         return f"ASR, textual inversion ({self.b.tokens} tokens, {self.b.steps} steps, {self.b.images} images)"
