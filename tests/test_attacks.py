@@ -60,14 +60,17 @@ def test_soft_prompt_is_appended_and_differentiable():
     assert ids[0, n_words + 3].item() == pipe.tokenizer.eos_token_id
 
 
-def test_robust_training_runs(tmp_path, monkeypatch):
-    from tiny_pipelines import tiny_sd1
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux"])
+def test_robust_training_runs(family, tmp_path, monkeypatch):
+    """--robust on every family: a suffix on SD 1.x, a prefix in each text encoder elsewhere; the target
+    rows the method sees are the attacked encoding, not the plain one."""
+    from tiny_pipelines import BUILDERS
 
     from patchforge.train.robust import RobustConfig, wrap_trainer
     from patchforge.train.loop import TrainConfig, train_patch
 
     monkeypatch.setenv("PATCHFORGE_CACHE", str(tmp_path / "cache"))
-    pipe = tiny_sd1()
+    pipe = BUILDERS[family]()
     seen = {}
 
     def robust(trainer):
@@ -78,7 +81,10 @@ def test_robust_training_runs(tmp_path, monkeypatch):
     path, summary = train_patch(["style:stripes"], "fmn", config=cfg, pipe=pipe, robust=robust,
                                 out=tmp_path / "p.safetensors")
     assert path.exists() and all(np.isfinite(summary["losses"]))
-    assert seen["trainer"].robust_stats["inner_steps"] >= 2
+    trainer = seen["trainer"]
+    assert trainer.robust_stats["inner_steps"] >= 2
+    attacked, plain = trainer.prompt_embeddings(["a star"], "target").emb, trainer.encode(["a star"], "target").emb
+    assert attacked.shape == plain.shape and not torch.allclose(attacked, plain)
 
 
 @pytest.mark.slow

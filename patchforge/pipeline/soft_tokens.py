@@ -6,6 +6,8 @@ robust training and fmn's optional inversion step, so it imports nothing of eith
     SoftPrompt   a suffix after the prompt's words, SD 1.x / 2.x pipelines (one CLIP text encoder)
     SoftPrefix   a prefix before the words, in every text encoder the prompt goes through (CLIP, CLIP-G,
                  T5), so it serves every family through the backbone's own prompt encoding
+    soft_cond    a prompt's Cond through either kind
+    invert_latents   textual inversion, as a suffix or as a prefix
     unlearndiff_attack   UnlearnDiffAtk's per-prompt prefix (the attack, and uce's hardening rounds)
 """
 from __future__ import annotations
@@ -19,11 +21,12 @@ from ..errors import PatchforgeError
 
 
 def unsupported(pipe) -> str | None:
-    """Why soft tokens cannot run on this pipeline (one line), or None where they can."""
+    """Why a soft *suffix* (SoftPrompt) cannot run on this pipeline (one line), or None where it can. Where
+    it cannot (several text encoders), SoftPrefix serves: inversion and robust training switch to it."""
     if getattr(pipe, "text_encoder_2", None) is None:
         return None
     family = "SDXL" if for_pipe(pipe).text_kv_reads_text else for_pipe(pipe).family_name()
-    return ("soft tokens (soft-prompt and inversion attacks, robust training, fmn invert_steps) support SD 1.x / 2.x "
+    return ("a soft token suffix (the soft-prompt attack, fmn invert_steps) supports SD 1.x / 2.x "
             f"pipelines, not {family} yet")
 
 

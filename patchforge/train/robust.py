@@ -2,10 +2,11 @@
 
 The shared loop (train/loop.py) builds every target-prompt embedding through
 `trainer.prompt_embeddings(prompts, role)`. `wrap_trainer` replaces that hook: for role == "target" it
-first runs a few *inner* attack steps on a soft suffix (patchforge.pipeline.soft_tokens.SoftPrompt) that
+first runs a few *inner* attack steps on soft tokens (patchforge.pipeline.soft_tokens: a SoftPrompt suffix
+on SD 1.x / 2.x, a SoftPrefix in each text encoder where there are several: SDXL, SD3, FLUX) that
 pull the current patched model's noise prediction back to the frozen base model's for the concept,
 then hands the method the *attacked* embeddings, so the outer patch update erases the concept on the
-attacked prompt too. The soft suffix persists
+attacked prompt too. The soft tokens persist
 across outer steps (warm start: the attack keeps up with the patch). Retain: the method's own
 preservation term on its preserve prompts (neighbours and other kinds) keeps the rest.
 
@@ -22,8 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..backbones import Cond
-from ..pipeline.soft_tokens import SoftPrompt
+from ..pipeline.soft_tokens import SoftPrefix, SoftPrompt, soft_cond, unsupported
 
 
 @dataclass
@@ -54,9 +54,16 @@ def wrap_trainer(trainer, config: RobustConfig | None = None) -> None:
 
     def attack(prompts):
         if state["soft"] is None:
-            state["soft"] = SoftPrompt(pipe, cfg.tokens, seed=cfg.seed)
-            state["opt"] = torch.optim.Adam([state["soft"].vectors], lr=cfg.lr or 0.5 * state["soft"].scale)
-        soft, opt = state["soft"], state["opt"]
+            if unsupported(pipe):  # several text encoders: a prefix in each, where a suffix cannot go
+                soft = SoftPrefix(pipe, cfg.tokens, seed=cfg.seed)
+                state["vectors"], scales = list(soft.vectors), soft.scales
+            else:
+                soft = SoftPrompt(pipe, cfg.tokens, seed=cfg.seed)
+                state["vectors"], scales = [soft.vectors], [soft.scale]
+            state["soft"] = soft
+            state["opt"] = torch.optim.Adam([{"params": [v], "lr": cfg.lr or 0.5 * s}
+                                             for v, s in zip(state["vectors"], scales)])
+        soft, opt, vectors = state["soft"], state["opt"], state["vectors"]
         x0 = latents_for(prompts)
         with torch.no_grad():
             plain = trainer.embed(prompts, role="anchor", base=True)
@@ -64,11 +71,11 @@ def wrap_trainer(trainer, config: RobustConfig | None = None) -> None:
             x_t, t, _ = trainer.backbone.noised(x0, g)
             x_t, t = x_t.to(trainer.device, trainer.backbone.dtype), t.to(trainer.device)
             target = trainer.predict(x_t, t, plain, base=True)
-            pred = trainer.predict(x_t, t, Cond(soft.encode(pipe, prompts)))
-            (grad,) = torch.autograd.grad(F.mse_loss(pred, target), [soft.vectors])
-            soft.vectors.grad = grad
+            pred = trainer.predict(x_t, t, soft_cond(pipe, soft, prompts))
+            for v, grad in zip(vectors, torch.autograd.grad(F.mse_loss(pred, target), vectors)):
+                v.grad = grad
             opt.step()
-            soft.vectors.grad = None
+            opt.zero_grad(set_to_none=True)
             stats["inner_steps"] += 1
 
     def prompt_embeddings(prompts, role="other"):
@@ -80,10 +87,8 @@ def wrap_trainer(trainer, config: RobustConfig | None = None) -> None:
         state["calls"] += 1
         stats["inner_seconds"] += time.perf_counter() - t0
         if trainer.train_text:  # the text-encoder LoRA trains through the attacked encoding
-            emb = state["soft"].encode(pipe, list(prompts))
-        else:
-            with torch.no_grad():
-                emb = state["soft"].encode(pipe, list(prompts))
-        return Cond(emb)
+            return soft_cond(pipe, state["soft"], list(prompts))
+        with torch.no_grad():
+            return soft_cond(pipe, state["soft"], list(prompts))
 
     trainer.prompt_embeddings = prompt_embeddings
