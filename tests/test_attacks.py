@@ -90,8 +90,8 @@ def test_robust_training_runs(family, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_soft_prompt_beats_a_weak_patch_and_finds_no_absent_concept():
     """The attack works: the shipped stripes patch at weight 0.5 is a weak defence (stripes left in
-    these 8 images: 37.5 %; at 0.4 87.5 %, at 0.6 25 %, at 0.7 none), and the soft suffix brings stripes
-    back (87.5 %; at 0.7 it brings back 25 %). (A negative prompt "in stripes style" was the weak defence here until
+    these 8 images: 25 %, the hardened default patch of 2026-12-07; the previous one left 37.5 %), and the
+    soft suffix brings stripes back (62.5 %; 87.5 % on the previous patch). (A negative prompt "in stripes style" was the weak defence here until
     the 2026-11-23 rebuilds; those models ignore it: stripes stay at 100 %.)"""
     from patchforge.toyworld.plugin import ToyJudge
     from patchforge.io.loading import load_forget_patch, unload_forget_patch
@@ -169,8 +169,8 @@ def test_unlearndiff_lowers_its_own_objective():
 @pytest.mark.slow
 def test_unlearndiff_brings_the_toy_star_closer():
     """On the shipped toy model with the star patch: per prompt, the prefix lowers the patched model's
-    denoising loss on a real star image at held-out timesteps and noise (measured: 0.108 -> 0.107 and
-    0.034 -> 0.019 after 20 steps)."""
+    denoising loss on a real star image at held-out timesteps and noise (on the previous default's star
+    patch: 0.108 -> 0.107 and 0.034 -> 0.019 after 20 steps)."""
     from patchforge.core.pipeline_loading import load_pipeline
     from patchforge.io.loading import load_forget_patch, unload_forget_patch
 
