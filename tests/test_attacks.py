@@ -91,8 +91,9 @@ def test_robust_training_runs(family, tmp_path, monkeypatch):
 def test_soft_prompt_beats_a_weak_patch_and_finds_no_absent_concept():
     """The attack works: the shipped stripes patch at weight 0.5 is a weak defence (stripes left in
     these 8 images: 25 %, the hardened default patch of 2026-12-07; the previous one left 37.5 %), and the
-    soft suffix brings stripes back (62.5 %; 87.5 % on the previous patch). (A negative prompt "in stripes style" was the weak defence here until
-    the 2026-11-23 rebuilds; those models ignore it: stripes stay at 100 %.)"""
+    soft suffix brings stripes back (62.5 %; 87.5 % on the previous patch). (A negative prompt "in stripes
+    style" was the weak defence here until the 2026-11-23 rebuilds; those models ignore it: stripes stay at
+    100 %.)"""
     from patchforge.toyworld.plugin import ToyJudge
     from patchforge.io.loading import load_forget_patch, unload_forget_patch
     from patchforge.core.pipeline_loading import load_pipeline

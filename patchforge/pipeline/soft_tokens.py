@@ -7,6 +7,7 @@ robust training and fmn's optional inversion step, so it imports nothing of eith
     SoftPrefix   a prefix before the words, in every text encoder the prompt goes through (CLIP, CLIP-G,
                  T5), so it serves every family through the backbone's own prompt encoding
     soft_cond    a prompt's Cond through either kind
+    learnable_tokens   either kind with an optimiser over it (inversion, robust training)
     invert_latents   textual inversion, as a suffix or as a prefix
     unlearndiff_attack   UnlearnDiffAtk's per-prompt prefix (the attack, and uce's hardening rounds)
 """
@@ -173,6 +174,19 @@ def soft_cond(pipe, soft: "SoftPrompt | SoftPrefix", prompts: list[str]) -> Cond
     return soft.encode(prompts, [0] * len(prompts))
 
 
+def learnable_tokens(pipe, n_tokens: int, seed: int, prefix: bool, lr: float | None):
+    """(soft tokens, their vectors, an Adam over them): a SoftPrompt suffix, or with prefix=True a SoftPrefix
+    of one set. One step size per text encoder: `lr`, or half the spread of that encoder's token table
+    (CLIP-L, CLIP-G and T5 differ)."""
+    if prefix:
+        soft = SoftPrefix(pipe, n_tokens, seed=seed)
+        vectors, scales = list(soft.vectors), soft.scales
+    else:
+        soft = SoftPrompt(pipe, n_tokens, seed=seed)
+        vectors, scales = [soft.vectors], [soft.scale]
+    return soft, vectors, torch.optim.Adam([{"params": [v], "lr": lr or 0.5 * s} for v, s in zip(vectors, scales)])
+
+
 def invert_latents(pipe, latents: torch.Tensor, steps: int = 40, n_tokens: int = 2, lr: float | None = None,
                    seed: int = 0, template: str = "a photo of", patience: int = 0, tol: float = 0.01,
                    prefix: bool = False) -> "SoftPrompt | SoftPrefix":
@@ -184,14 +198,7 @@ def invert_latents(pipe, latents: torch.Tensor, steps: int = 40, n_tokens: int =
     patience > 0: run until the loss plateaus (Plateau(patience, tol)), `steps` at most. The returned
     soft tokens carry `losses`, one per step run; soft_cond() encodes prompts through them."""
     backbone = for_pipe(pipe)
-    if prefix:
-        soft = SoftPrefix(pipe, n_tokens, seed=seed)
-        vectors, scales = list(soft.vectors), soft.scales
-    else:
-        soft = SoftPrompt(pipe, n_tokens, seed=seed)
-        vectors, scales = [soft.vectors], [soft.scale]
-    # one step size per encoder: its token table's spread (CLIP-L, CLIP-G and T5 differ)
-    opt = torch.optim.Adam([{"params": [v], "lr": lr or 0.5 * s} for v, s in zip(vectors, scales)])
+    soft, vectors, opt = learnable_tokens(pipe, n_tokens, seed, prefix, lr)
     g = torch.Generator("cpu").manual_seed(seed + 1)
     prompts = [template] * len(latents)
     stop, soft.losses = Plateau(patience, tol) if patience > 0 else None, []

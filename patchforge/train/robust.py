@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..pipeline.soft_tokens import SoftPrefix, SoftPrompt, soft_cond, unsupported
+from ..pipeline.soft_tokens import learnable_tokens, soft_cond, unsupported
 
 
 @dataclass
@@ -40,7 +40,7 @@ def wrap_trainer(trainer, config: RobustConfig | None = None) -> None:
     own = {f"robust_{k}": k for k in RobustConfig.__dataclass_fields__}  # --set robust_KEY=VALUE -> KEY
     cfg = config or RobustConfig(**{own[k]: v for k, v in trainer.cfg.options.items() if k in own})
     pipe, plain_encode = trainer.pipe, trainer.encode
-    state = {"soft": None, "opt": None, "latents": {}, "calls": 0}
+    state = {"soft": None, "vectors": None, "opt": None, "latents": {}, "calls": 0}
     stats = trainer.robust_stats = {"inner_steps": 0, "inner_seconds": 0.0, "config": vars(cfg).copy()}
     g = torch.Generator("cpu").manual_seed(cfg.seed)
 
@@ -53,16 +53,9 @@ def wrap_trainer(trainer, config: RobustConfig | None = None) -> None:
         return torch.stack([state["latents"][p] for p in prompts]).float()
 
     def attack(prompts):
-        if state["soft"] is None:
-            if unsupported(pipe):  # several text encoders: a prefix in each, where a suffix cannot go
-                soft = SoftPrefix(pipe, cfg.tokens, seed=cfg.seed)
-                state["vectors"], scales = list(soft.vectors), soft.scales
-            else:
-                soft = SoftPrompt(pipe, cfg.tokens, seed=cfg.seed)
-                state["vectors"], scales = [soft.vectors], [soft.scale]
-            state["soft"] = soft
-            state["opt"] = torch.optim.Adam([{"params": [v], "lr": cfg.lr or 0.5 * s}
-                                             for v, s in zip(state["vectors"], scales)])
+        if state["soft"] is None:  # several text encoders: a prefix in each, where a suffix cannot go
+            state["soft"], state["vectors"], state["opt"] = learnable_tokens(
+                pipe, cfg.tokens, cfg.seed, prefix=unsupported(pipe) is not None, lr=cfg.lr)
         soft, opt, vectors = state["soft"], state["opt"], state["vectors"]
         x0 = latents_for(prompts)
         with torch.no_grad():
