@@ -33,7 +33,7 @@ from patchforge.cli import key_value  # noqa: E402
 from patchforge.eval.attacks import attack_patch  # noqa: E402
 from patchforge.eval.evaluation import default_judge, evaluate  # noqa: E402
 from patchforge.core.pipeline_loading import load_pipeline  # noqa: E402
-from patchforge.train.robust import RobustConfig, wrap_trainer  # noqa: E402
+from patchforge.train.robust import wrap_trainer  # noqa: E402
 from patchforge.train.loop import TrainConfig, train_patch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,8 @@ def main() -> None:
                     choices=["default", "fast", "robust", "undefended", "shipped", "esd", "uce"])
     ap.add_argument("--attacks", nargs="+", default=ATTACKS, choices=ATTACKS)
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the method's)")
-    ap.add_argument("--inner-steps", type=int, default=3)
+    ap.add_argument("--inner-steps", type=int, default=3,
+                    help="robust's inner attack steps (--set robust_inner_steps=N wins)")
     ap.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE", dest="options",
                     help="option for the fmn variants (default, fast, robust), as `patchforge train --set`")
     ap.add_argument("--esd-set", action="append", type=key_value, default=[], metavar="KEY=VALUE", dest="esd_options",
@@ -128,10 +129,13 @@ def patch_for(concept: str, tag: str, args, pipe) -> tuple[Path, float | None]:
     if args.reuse and out.exists():
         return out, None
     steps = args.steps or (UNDEFENDED_STEPS if tag == "undefended" else None)
-    options = {"undefended": UNDEFENDED, "esd": {**ESD_TOY, **dict(args.esd_options)}, "uce": {}}.get(tag, args.options)
+    fixed = {"undefended": UNDEFENDED, "esd": {**ESD_TOY, **dict(args.esd_options)}, "uce": {}}
+    options = dict(fixed.get(tag, args.options))
+    if tag == "robust":  # the inner attack reads its robust_* options, as `patchforge train --robust --set` gives them
+        options.setdefault("robust_inner_steps", args.inner_steps)
     lr = options.pop("lr", None) if tag == "esd" else None
     cfg = TrainConfig(method=method, steps=steps, lr=lr, progress=False, fast=tag == "fast", options=dict(options))
-    hook = (lambda tr: wrap_trainer(tr, RobustConfig(inner_steps=args.inner_steps))) if tag == "robust" else None
+    hook = wrap_trainer if tag == "robust" else None
     t0 = time.time()
     path, _ = train_patch([concept], method, args.model, cfg, out=out, pipe=pipe, robust=hook)
     return path, round(time.time() - t0, 1)
