@@ -19,6 +19,12 @@ from patchforge.eval.text_attacks import misspell
 from patchforge.toyworld import world
 
 
+class Bright:
+    """A stand-in judge for the plumbing tests: "the concept" is a bright image."""
+
+    def detect(self, images, concept):
+        return [float(im.mean() > 127) for im in images]
+
 
 def test_text_attacks_are_what_they_claim():
     from patchforge.toyworld.tokenizer import build_tokenizer
@@ -229,10 +235,6 @@ def test_run_attacks_reports_the_new_attacks(monkeypatch):
     monkeypatch.setattr(gen_module, "STEPS", 2)
     pipe = tiny_sd1()
 
-    class Bright:  # a stand-in judge: "the concept" = a bright image
-        def detect(self, images, concept):
-            return [float(im.mean() > 127) for im in images]
-
     budget = {"prompts": 2, "ud_steps": 2, "uds_steps": 2, "uds_images": 1, "rab_pairs": 3}
     res = attacks.run_attacks(pipe, ["object:car"], Bright(), budget, seeds=2, world=None,
                               which=("unlearndiff", "unlearndiff_strong", "ring_a_bell"))
@@ -302,10 +304,6 @@ def test_inversion_is_a_prefix_where_a_suffix_cannot_go(family, monkeypatch):
     assert isinstance(soft_cond(pipe, soft, ["a star"]), Cond)
 
     monkeypatch.setattr(gen_module, "STEPS", 2)
-
-    class Bright:  # a stand-in judge: "the concept" = a bright image
-        def detect(self, images, concept):
-            return [float(im.mean() > 127) for im in images]
 
     res = attacks.run_attacks(pipe, ["star"], Bright(), {"prompts": 1, "inv_images": 2, "inv_steps": 2}, seeds=2,
                               world=worlds.get("toy"), which=("inversion",))
@@ -383,10 +381,6 @@ def test_a_new_attack_is_one_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gen_module, "STEPS", 2)
 
-    class Bright:
-        def detect(self, images, concept):
-            return [float(im.mean() > 127) for im in images]
-
     res = attacks.run_attacks(tiny_sd1(), ["object:car"], Bright(), {"prompts": 2, "bp_word": "vivid"}, seeds=2,
                               world=None, which=("brightness_prompt", "unconditional"))
     assert list(res) == ["brightness_prompt", "unconditional"]  # in their order
@@ -403,10 +397,6 @@ def test_every_registered_attack_runs_and_reports(name, monkeypatch):
     from patchforge.pipeline import sampling
 
     monkeypatch.setattr(sampling, "STEPS", 2)
-
-    class Bright:
-        def detect(self, images, concept):
-            return [float(im.mean() > 127) for im in images]
 
     tiny = {"prompts": 1, "soft_steps": 1, "inv_steps": 1, "inv_images": 2, "invc_max_steps": 2,
             "invc_patience": 1, "ud_steps": 1, "uds_steps": 1, "uds_images": 1, "rab_pairs": 2, "probe_images": 2}
