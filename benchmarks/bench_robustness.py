@@ -134,7 +134,7 @@ def patch_for(concept: str, tag: str, args, pipe) -> tuple[Path, float | None]:
     if tag == "robust":  # the inner attack reads its robust_* options, as `patchforge train --robust --set` gives them
         options.setdefault("robust_inner_steps", args.inner_steps)
     lr = options.pop("lr", None) if tag == "esd" else None
-    cfg = TrainConfig(method=method, steps=steps, lr=lr, progress=False, fast=tag == "fast", options=dict(options))
+    cfg = TrainConfig(method=method, steps=steps, lr=lr, progress=False, fast=tag == "fast", options=options)
     hook = wrap_trainer if tag == "robust" else None
     t0 = time.time()
     path, _ = train_patch([concept], method, args.model, cfg, out=out, pipe=pipe, robust=hook)
