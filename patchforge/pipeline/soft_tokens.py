@@ -21,7 +21,7 @@ from ..backbones import Cond
 from ..errors import PatchforgeError
 
 
-def unsupported(pipe) -> str | None:
+def suffix_unsupported(pipe) -> str | None:
     """Why a soft *suffix* (SoftPrompt) cannot run on this pipeline (one line), or None where it can. Where
     it cannot (several text encoders), SoftPrefix serves: inversion and robust training switch to it."""
     if getattr(pipe, "text_encoder_2", None) is None:
@@ -44,7 +44,7 @@ class SoftPrompt(torch.nn.Module):
 
     def __init__(self, pipe, n_tokens: int, init_word: str = "a", seed: int = 0):
         super().__init__()
-        why = unsupported(pipe)  # SDXL, SD3 and FLUX: more than one text encoder
+        why = suffix_unsupported(pipe)  # SDXL, SD3 and FLUX: more than one text encoder
         if why:
             raise PatchforgeError(why)
         table = pipe.text_encoder.get_input_embeddings().weight

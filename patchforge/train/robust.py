@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..pipeline.soft_tokens import learnable_tokens, soft_cond, unsupported
+from ..pipeline.soft_tokens import learnable_tokens, soft_cond, suffix_unsupported
 
 
 @dataclass
@@ -55,7 +55,7 @@ def wrap_trainer(trainer, config: RobustConfig | None = None) -> None:
     def attack(prompts):
         if state["soft"] is None:  # several text encoders: a prefix in each, where a suffix cannot go
             state["soft"], state["vectors"], state["opt"] = learnable_tokens(
-                pipe, cfg.tokens, cfg.seed, prefix=unsupported(pipe) is not None, lr=cfg.lr)
+                pipe, cfg.tokens, cfg.seed, prefix=suffix_unsupported(pipe) is not None, lr=cfg.lr)
         soft, opt, vectors = state["soft"], state["opt"], state["vectors"]
         x0 = latents_for(prompts)
         with torch.no_grad():

@@ -35,7 +35,7 @@ from ...core.registry import import_modules, registrar
 from ...errors import PatchforgeError
 from ...io.loading import patches_suspended
 from ...pipeline.sampling import GUIDANCE, SEED0, generate
-from ...pipeline.soft_tokens import unsupported as soft_unsupported
+from ...pipeline.soft_tokens import suffix_unsupported
 from ..judging import default_judge, load_judge
 from ..rows import load_patch, patch_targets, unload_patch
 from ..stats import metric
@@ -282,8 +282,8 @@ def attack_patch(path, model=None, budget=None, seeds: int = 2, which=None, judg
     judge = judge or default_judge(model)
     pipe = pipe or load_pipeline(model, device="cpu" if world else None)
     skipped = {}
-    if not asked and soft_unsupported(pipe):  # by default, run what this family supports; asked for, it fails
-        skipped = {a: soft_unsupported(pipe) for a in which if ATTACKS[a].soft_suffix}
+    if not asked and suffix_unsupported(pipe):  # by default, run what this family supports; asked for, it fails
+        skipped = {a: suffix_unsupported(pipe) for a in which if ATTACKS[a].soft_suffix}
         which = tuple(a for a in which if a not in skipped)
     t0 = time.perf_counter()
     name, _ = load_patch(pipe, path)

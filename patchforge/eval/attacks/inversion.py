@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 from ...pipeline.sampling import generate
-from ...pipeline.soft_tokens import SoftPrefix, SoftPrompt, invert_latents, soft_cond
-from ...pipeline.soft_tokens import unsupported as suffix_unsupported
+from ...pipeline.soft_tokens import SoftPrefix, SoftPrompt, invert_latents, soft_cond, suffix_unsupported
 from . import Attack, Outcome, Target, for_pipe, knob, register
 
 TEMPLATE = "a photo of"  # textual inversion's prompt around the learnt tokens
