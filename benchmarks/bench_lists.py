@@ -33,10 +33,13 @@ SCALING = ["identity:kiko", "style:stripes", "object:star", "color:red", "identi
 CANDIDATES = {  # name -> (method, its options, TrainConfig fields)
     "uce": ("uce", {}, {}),
     "uce-plain": ("uce", {"preserve_anchors": False, "preserve_weight": 1.0}, {}),  # uce's default before 2026-12-07
+    "uce-unbalanced": ("uce", {"balance": False}, {}),  # every prompt one row: uce before balance (2026-12-07)
+    "uce-style-away1": ("uce", {"away_by_kind": ""}, {}),  # the full push for styles too, as before (2026-12-07)
     "uce-pw4": ("uce", {"preserve_weight": 4.0}, {}),
     "uce-pw6": ("uce", {"preserve_weight": 6.0}, {}),
     "uce-away0.5": ("uce", {"away": 0.5}, {}),
     "uce-away-by-kind": ("uce", {"away_by_kind": "style=0.5,object=0.5,color=0.5"}, {}),
+    "uce-style-away0": ("uce", {"away_by_kind": "style=0"}, {}),
     "uce-aligned": ("uce", {"align": True}, {}),
     "uce-aligned-away2": ("uce", {"align": True, "away": 2.0}, {}),
     "uce-null0.9": ("uce", {"null_space": 0.9}, {}),  # SPEED's null-space constraint on the kept rows

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from patchforge.core.concepts import apply_swap, load_concept_file, merge, resolve, swap
+from patchforge.core.concepts import apply_swap, list_alternatives, load_concept_file, merge, resolve, swap
 from patchforge.errors import UnknownConcept
 from patchforge.toyworld import world
 
@@ -75,6 +75,26 @@ def test_merged_anchors_leave_out_every_listed_concept():
     assert not any(re.search(r"\b(blue|star|kiko)\b", a, re.IGNORECASE) for a in m["anchor"])
     assert merge([star])["anchor"] == star.anchor  # one concept: its own anchors
     assert apply_swap("A Blue star in rings style", swap(blue)) == "A star in rings style"
+
+
+def test_a_lists_colours_are_anchored_on_a_colour_the_list_leaves_out():
+    """In a list, a colour whose alternative is nothing ("a blue star" -> "a star") is mapped onto the world's
+    first colour the list does not name; a colour given its own `to`, a single colour, the other kinds and
+    a world whose colours have a neutral (v2: gray) keep their anchors."""
+    free = next(c for c in world.concepts_of("color") if c not in ("red", "blue"))
+    listed = list_alternatives((resolve("color:red"), resolve("color:blue", to="green"), resolve("object:star")),
+                               "toy")
+    red, blue, star = listed
+    assert red.to == free and all(re.search(rf"\b{free}\b", a) and "red" not in a for a in red.anchor)
+    assert blue.to == "green" and star.anchor == resolve("object:star").anchor
+    assert red.preserve[:len(resolve("color:red", to=free).preserve)] == resolve("color:red", to=free).preserve
+    alone = resolve("color:red")
+    assert list_alternatives((alone,), "toy") == (alone,) and alone.to is None
+    v2 = (resolve("color:red", world_name="toy-v2"), resolve("color:blue", world_name="toy-v2"))
+    assert [s.anchor for s in list_alternatives(v2, "toy-v2")] == [s.anchor for s in v2]
+    real = list_alternatives((resolve("color:red", world_name="real"), resolve("color:blue", world_name="real")),
+                             "real")
+    assert [s.to for s in real] == ["green", "green"]  # the catalogue's colours: red, blue, green, yellow
 
 
 def test_a_toy_concept_is_anchored_on_its_kinds_neutral_unless_to_is_given():

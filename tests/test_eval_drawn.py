@@ -129,6 +129,8 @@ def test_a_list_patch_reports_each_concept_and_what_replaces_it(tmp_path):
     assert per["mira"]["replacement.other"]["patched"] == 1 and per["mira"]["replacement.neighbour"]["patched"] == 0
     table = report.markdown([rep])
     assert "## Per concept" in table and "| mira | 0% (0%) |" in table and "| kiko | 0% (100%) |" in table
+    # an identity's training prompts name nothing else: its compositional cell is empty, not a number
+    assert per["kiko"]["specificity.compositional"]["n"] == 0 and "| compositional |" in table
 
 
 def test_categories_and_neutral_from_to():

@@ -133,6 +133,36 @@ def test_away_by_kind_pushes_each_concepts_rows_by_its_kind():
         prepared_uce(pipe, {"away_by_kind": "style=half"})
 
 
+def test_balance_gives_every_listed_concept_the_same_weight():
+    """With balance, each concept's rows sum to the same weight (mean 1), and the edit is the optimum of
+    the least squares with each erased row weighted so (its gradient vanishes)."""
+    pipe = tiny_sd1()
+    two = ("custom:a photo of a cat", "style:vangogh")  # 5 prompts against 6
+    runner = prepared_uce(pipe, {"balance": True, "away_by_kind": ""}, concepts=two)  # one push: `away`
+    owner, w = torch.tensor(runner.concept_of()), runner.row_weight()
+    assert torch.bincount(owner).tolist() == [5, 6]
+    assert torch.allclose(torch.stack([w[owner == i].sum() for i in range(2)]), torch.full((2,), len(w) / 2))
+    assert abs(float(w.mean()) - 1) < 1e-6
+    plain = prepared_uce(pipe, {"balance": False, "away_by_kind": ""}, concepts=two)
+    assert torch.equal(plain.row_weight(), torch.ones(len(w)))
+    assert any(not torch.allclose(runner.deltas[n], plain.deltas[n], atol=1e-6) for n in plain.deltas)
+    tr = runner.tr
+    c = tr.embed(runner.target, base=True).emb.double()
+    rows = c.shape[1]
+    c, a = c.flatten(0, 1), tr.embed(runner.anchor, base=True).emb.double().flatten(0, 1)
+    wr = w.double().repeat_interleave(rows)[:, None]
+    p = tr.embed(list(dict.fromkeys(runner.preserve + [""] + runner.anchor)), base=True).emb.double().flatten(0, 1)
+    cov = (c * wr).T @ c + 6.0 * p.T @ p  # the default preserve weight
+    lam = 0.1 * float(cov.diagonal().mean())
+    modules = dict(pipe.unet.named_modules())
+    for name, delta in runner.deltas.items():
+        w0 = modules[name].weight.detach().double()
+        goal = a @ w0.T - (c @ w0.T - a @ w0.T)
+        grad = ((c @ (w0 + delta.double()).T - goal) * wr).T @ c + 6.0 * (p @ delta.double().T).T @ p \
+            + lam * delta.double()
+        assert float(grad.norm()) < 1e-4 * float((((c @ w0.T - goal) * wr).T @ c).norm()), name
+
+
 def test_uce_rank_comes_from_the_spectrum_and_respects_the_cap():
     pipe = tiny_sd1()
     loose, tight = prepared_uce(pipe, {"energy": 0.5}), prepared_uce(pipe, {"energy": 0.9999})

@@ -247,12 +247,13 @@ def _weight_point(pipe, judge, rows, seeds, base: Generated, patched: Generated,
 
 
 def _by_concept(rows, seeds, base: Generated, patched: Generated) -> dict:
-    """Efficacy and generality of each concept a multi-concept patch erases (its own rows of the run)."""
+    """Efficacy, generality and compositional prompts kept for each concept a multi-concept patch erases (its
+    own rows of the run): which concept's prompts lose the rest of their scene."""
     expanded = [r for r in rows for _ in range(seeds)]
     out = {}
     for c in dict.fromkeys(r.concept for r in rows if r.set == "efficacy"):
         out[c] = {}
-        for key in ("efficacy", "generality"):
+        for key in ("efficacy", "generality", "specificity.compositional"):
             s, fld, better, what = SETS[key]
             m = np.array([r.set == s and r.concept == c for r in expanded])
             out[c][key] = metric(base.scores[fld][m], patched.scores[fld][m], better, what)

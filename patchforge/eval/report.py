@@ -173,11 +173,13 @@ def _per_concept(by_concept: dict) -> list[str]:
                                                                           for m in by_concept.values())]
     lines = ["", "## Per concept", "",
              "Each listed concept on its own prompts: the target rate on training prompts (efficacy) and held-out "
-             "ones (generality), patched (base), and what its images show instead.", "",
-             "| concept | efficacy | generality | " + " | ".join(cats) + " |", "|---|---|---|" + "---|" * len(cats)]
+             "ones (generality), the other concepts its training prompts name kept (compositional), patched (base), "
+             "and what its images show instead.", "",
+             "| concept | efficacy | generality | compositional | " + " | ".join(cats) + " |",
+             "|---|---|---|---|" + "---|" * len(cats)]
     for c, m in by_concept.items():
-        cells = [f"{fmt(m[k]['patched'], k)} ({fmt(m[k]['base'], k)})" if k in m else "n/a"
-                 for k in ("efficacy", "generality")]
+        cells = [f"{fmt(m[k]['patched'], k)} ({fmt(m[k]['base'], k)})" if m.get(k, {}).get("n") else "n/a"
+                 for k in ("efficacy", "generality", "specificity.compositional")]
         cells += [fmt(m[f"replacement.{x}"]["patched"], "replacement") if f"replacement.{x}" in m else "n/a"
                   for x in cats]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")

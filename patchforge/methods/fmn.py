@@ -178,10 +178,11 @@ class ForgetMeNot(Method):
                    "contrast": self.contrast_prompts}
         # n_refs: fmn's own (the plan's reference count), so the hardening reads the references fmn already
         # made from the cache instead of generating uce's default 16 (minutes at SD 1.5 size on a CPU)
-        # preserve_anchors off: fmn's warm start as measured (docs/robustness.md), before uce's default changed
+        # preserve_anchors, balance and the styles' half push off: fmn's warm start as measured
+        # (docs/robustness.md), before uce's defaults changed
         warm = UCE.Config(adv_rounds=self.hp.adv_rounds, adv_steps=self.hp.adv_steps, adv_tokens=self.hp.adv_tokens,
                           n_refs=self.hp.n_refs, preserve_weight=self.hp.warm_preserve_weight,
-                          preserve_anchors=False, away_by_kind="")
+                          preserve_anchors=False, away_by_kind="", balance=False)
         uce = UCE(warm, self.tr, self.specs, prompts)
         with adapters_off([self.tr.denoiser]):
             uce.prepare()

@@ -54,12 +54,13 @@ class UCEConfig(MethodConfig):
     preserve_weight: float = 6.0
     erase_weight: float = 1.0
     away: float = 1.0  # v* = W0 a - away (W0 c - W0 a): past the anchor, away from the concept
-    # the push per kind, "kind=value,..." (kinds not named: `away`; cross-attention models only). Off by
-    # default: "style=0.5,object=0.5,color=0.5" took the toy's lists of 8 and 16 from 84 to 93 % of their
-    # compositional prompts and one stripes patch from 83 to 92 %, but left Kiko at 50 % in the list of 4
-    # and blue at 17 % in the list of 8 (docs/methods.md, "Many concepts"): an erasure that lets a listed
-    # concept back loses more than a composition does
-    away_by_kind: str = ""
+    # the push per kind, "kind=value,..." (kinds not named: `away`; cross-attention models only). Half the
+    # push for styles: a full one moves the rest of the scene (one stripes patch kept 83 % of its
+    # compositional prompts at 1, 92 % at 0.5); with `balance` and the lists' colour anchors, the toy's lists
+    # of 4, 8 and 16 kept 94 / 89 / 98 % of them (91 / 81 / 97 % at 1) with every listed concept still 0 %;
+    # at 0 a listed heart came back (17 % held-out) and outline in all-but-one style (67 %). Halving the
+    # objects' and colours' push too let a listed heart back (docs/methods.md, "Many concepts")
+    away_by_kind: str = "style=0.5"
     ridge: float = 0.1  # λ, relative to the mean diagonal of the token covariance
     energy: float = 0.999  # share of ΔW's squared singular values the LoRA keeps, per layer
     max_rank: int = 32
@@ -84,6 +85,11 @@ class UCEConfig(MethodConfig):
     # out of every row before the solve, so a kept token moves only by what lies outside them. 0 = off
     # (the ridge's soft hold alone)
     null_space: float = 0.0
+    # each listed concept's rows weigh the same in the solve, however many prompts it has (a toy identity
+    # has 3, a colour 16): without it a list's identities are a small share of the erased rows, and Kiko
+    # came back (50 %) in the toy's list of 4 once its colour was anchored on another colour. One concept:
+    # every weight is 1, the solve as before
+    balance: bool = True
 
     def __post_init__(self):
         away_table(self.away_by_kind)  # a malformed value fails with the other options, before any model loads
@@ -125,30 +131,47 @@ class UCE(Method):
             a = a.flatten(0, 1)
             kept = self.preserve + [""] + (self.anchor if hp.preserve_anchors else [])
             p = tr.embed(list(dict.fromkeys(kept)), base=True).emb.float().flatten(0, 1)
-        away = self.row_away().repeat_interleave(len(c) // len(self.target))[:, None]  # one per token row
-        self.deltas = self.solve_text(layers, c, a, p, away)
+        per_prompt = len(c) // len(self.target)
+        away = self.row_away().repeat_interleave(per_prompt)[:, None]  # one per token row
+        weight = self.row_weight().repeat_interleave(per_prompt)[:, None]
+        self.deltas = self.solve_text(layers, c, a, p, away, weight)
         refs = self.concept_refs() if hp.adv_rounds > 0 else None  # once: with --images it encodes them
         for r in range(hp.adv_rounds):
             ca, aa, pa = self.adversarial_rows(layers, refs, r)
             c, a, p = torch.cat([c, ca]), torch.cat([a, aa]), torch.cat([p, pa * hp.adv_keep ** 0.5])
             away = torch.cat([away, torch.full((len(ca), 1), hp.away)])
-            self.deltas = self.solve_text(layers, c, a, p, away)
+            weight = torch.cat([weight, torch.ones(len(ca), 1)])
+            self.deltas = self.solve_text(layers, c, a, p, away, weight)
         with torch.no_grad():
             self.factors = {n: torch.linalg.svd(d, full_matrices=False) for n, d in self.deltas.items()}
         self.rank = min(hp.max_rank, max(_energy_rank(s, hp.energy) for _, s, _ in self.factors.values()))
 
+    def concept_of(self) -> list[int]:
+        """The listed concept (index into specs) each target prompt belongs to: the first that names it."""
+        owner = {}
+        for i, spec in enumerate(self.specs):
+            for t in spec.target:
+                owner.setdefault(t, i)
+        return [owner.get(t, 0) for t in self.target]
+
     def row_away(self) -> torch.Tensor:
         """The push past the anchor for each target prompt: its concept's kind's (away_by_kind), else away."""
         by_kind = away_table(self.hp.away_by_kind)
-        kind_of = {}
-        for spec in self.specs:
-            for t in spec.target:
-                kind_of.setdefault(t, spec.kind)
-        return torch.tensor([by_kind.get(kind_of.get(t), self.hp.away) for t in self.target])
+        return torch.tensor([by_kind.get(self.specs[i].kind, self.hp.away) for i in self.concept_of()])
 
-    def solve_text(self, layers, c: torch.Tensor, a: torch.Tensor, p: torch.Tensor, away: torch.Tensor) -> dict:
+    def row_weight(self) -> torch.Tensor:
+        """Each target prompt's weight: 1, or with `balance` 1 / its concept's prompt count, rescaled so the
+        rows' mean weight stays 1 (the preserve weight keeps its meaning)."""
+        owner = torch.tensor(self.concept_of())
+        if not self.hp.balance:
+            return torch.ones(len(owner))
+        w = 1.0 / torch.bincount(owner)[owner].float()
+        return w / w.mean()
+
+    def solve_text(self, layers, c: torch.Tensor, a: torch.Tensor, p: torch.Tensor, away: torch.Tensor,
+                   weight: torch.Tensor) -> dict:
         """ΔW of every layer for erased tokens c (their anchors a, row by row, each pushed `away` past its
-        anchor) and preserve tokens p."""
+        anchor and weighted by `weight`) and preserve tokens p."""
         hp, out = self.hp, {}
         with torch.no_grad():
             if hp.null_space > 0:  # the solution's rows then lie in the projector's range: ΔW = ΔW P
@@ -157,12 +180,12 @@ class UCE(Method):
                 p = p @ proj
             else:
                 c_in = c
-            cov = hp.erase_weight * c_in.T @ c_in + hp.preserve_weight * p.T @ p
+            cov = hp.erase_weight * (c_in * weight).T @ c_in + hp.preserve_weight * p.T @ p
             cov += hp.ridge * cov.diagonal().mean() * torch.eye(len(cov), device=cov.device)
             for name, module in layers:
                 w0 = getattr(module, "base_layer", module).weight.float()
                 goal = a @ w0.T - away * (c @ w0.T - a @ w0.T)  # (tokens, out): v*_e
-                rhs = hp.erase_weight * (goal - c @ w0.T).T @ c_in  # (out, d)
+                rhs = hp.erase_weight * ((goal - c @ w0.T) * weight).T @ c_in  # (out, d)
                 out[name] = torch.linalg.solve(cov, rhs.T).T  # rhs cov⁻¹ (cov is symmetric)
         return out
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..backbones import Cond, for_pipe
 from ..core.atomic import atomic_path
 from ..core.cache import cache_dir
-from ..core.concepts import ConceptSpec, merge, resolve
+from ..core.concepts import ConceptSpec, list_alternatives, merge, resolve
 from ..core.lora import ADAPTER, adapters_off
 from ..core.output_paths import check_output_file
 from ..core.pipeline_loading import (check_model, hub_repo_id, load_pipeline, local_folder, pick_device,
@@ -327,7 +327,7 @@ def resolve_run(concepts, cfg: TrainConfig, hp, facts, *, model: str | None = No
     device = device or pick_device(cfg.device)
     world_name = concept_world(model, family=facts.family)
     concepts = concepts if isinstance(concepts, (list, tuple)) else [concepts]
-    specs = tuple(resolve(c, world_name=world_name) for c in concepts)
+    specs = list_alternatives(tuple(resolve(c, world_name=world_name) for c in concepts), world_name)
     hp = family_config(hp, cfg, facts)
     steps = cfg.steps if cfg.steps is not None else hp.steps
     plan = make_plan(facts, device, precision=cfg.precision, resolution=cfg.resolution, batch=cfg.batch,
