@@ -77,10 +77,11 @@ def test_merged_anchors_leave_out_every_listed_concept():
     assert apply_swap("A Blue star in rings style", swap(blue)) == "A star in rings style"
 
 
-def test_a_lists_colours_are_anchored_on_a_colour_the_list_leaves_out():
-    """In a list, a colour whose alternative is nothing ("a blue star" -> "a star") is mapped onto the world's
-    first colour the list does not name; a colour given its own `to`, a single colour, the other kinds and
-    a world whose colours have a neutral (v2: gray) keep their anchors."""
+def test_a_lists_colours_and_styles_are_anchored_on_one_the_list_leaves_out():
+    """In a list, a colour (or toy style) whose alternative is nothing ("a blue star" -> "a star") is mapped
+    onto the world's first one the list does not name; a colour given its own `to`, a single colour, the
+    other kinds, an artist (whose alternative is a style) and a world whose colours have a neutral (v2: gray)
+    keep their anchors."""
     free = next(c for c in world.concepts_of("color") if c not in ("red", "blue"))
     listed = list_alternatives((resolve("color:red"), resolve("color:blue", to="green"), resolve("object:star")),
                                "toy")
@@ -95,6 +96,10 @@ def test_a_lists_colours_are_anchored_on_a_colour_the_list_leaves_out():
     real = list_alternatives((resolve("color:red", world_name="real"), resolve("color:blue", world_name="real")),
                              "real")
     assert [s.to for s in real] == ["green", "green"]  # the catalogue's colours: red, blue, green, yellow
+    styles = list_alternatives((resolve("style:outline"), resolve("style:dots")), "toy")
+    assert [s.to for s in styles] == ["stripes", "stripes"] and all("stripes style" in a for a in styles[0].anchor)
+    artists = (resolve("style:vangogh", world_name="real"), resolve("style:monet", world_name="real"))
+    assert list_alternatives(artists, "real") == artists  # their alternative is a style already
 
 
 def test_a_toy_concept_is_anchored_on_its_kinds_neutral_unless_to_is_given():

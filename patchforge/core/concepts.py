@@ -384,25 +384,33 @@ def merge(specs: list[ConceptSpec]) -> dict:
             "words": words, "contrast": [c for _, c in pairs.values()]}
 
 
-def list_alternatives(specs: tuple[ConceptSpec, ...], world_name: str | None = None) -> tuple[ConceptSpec, ...]:
-    """A list's colours get a colour the list does not name as their alternative, where theirs is nothing.
+# the kinds whose concepts, in a list, get a concept of their kind the list leaves out where their own
+# alternative is nothing (list_alternatives)
+LIST_ALTERNATIVE_KINDS = ("color", "style")
 
-    Why: a colour's default alternative is no colour ("a blue star" -> "a star"), and on such prompts a
-    base draws every colour at its own unprompted rate (the toy: blue 38 %, purple 17 %). One colour
-    mapped there is mostly gone; a list of them all mapped onto the same colourless prompt is not (the
-    toy's list of 16: purple 58 % left, every colour but red: purple 42 %, blue 17 %). Mapped onto the
-    first colour of the world the list leaves out, each is 0 % there (docs/methods.md, "Many concepts";
-    taking the free colours in turn did no better). A concept given its own `to` (or anchors, in a concept
-    file) is left as it is; so is a single concept."""
+
+def list_alternatives(specs: tuple[ConceptSpec, ...], world_name: str | None = None) -> tuple[ConceptSpec, ...]:
+    """A list's colours and styles get one the list does not name as their alternative, where theirs is
+    nothing.
+
+    Why: a colour's default alternative is no colour ("a blue star" -> "a star"), a toy style's no style,
+    and on such prompts a base draws every colour, or style, at its own unprompted rate (the toy: blue 38 %,
+    purple 17 %, outline 46 % of unstyled prompts). One concept mapped there is mostly gone; a list of them
+    all mapped onto the same bare prompt is not (the toy's list of 16: purple 58 % left; every colour but
+    red: purple 42 %, blue 17 %; every style but stripes: outline 25 % / 67 %). Mapped onto the first
+    concept of its kind the list leaves out, the colours are 0 % there, outline 17 % / 33 %, and the lists
+    keep more of their compositional prompts (docs/methods.md, "Many concepts"; taking the free ones in turn
+    did no better). A concept given its own `to` (or anchors, in a concept file) is left as it is; so is a
+    single concept, and any concept whose alternative is something (an artist's "impressionist painting")."""
     if len(specs) < 2:
         return specs
     listed = {(s.kind, s.name) for s in specs}
-    free = [n for n in known_names("color", world_name) if ("color", n) not in listed]
+    free = {k: [n for n in known_names(k, world_name) if (k, n) not in listed] for k in LIST_ALTERNATIVE_KINDS}
     out = []
     for s in specs:
         drop = swap(s)
-        if s.kind == "color" and s.to is None and free and drop is not None and not drop[1]:
-            again = resolve(f"color:{s.name}", to=free[0], world_name=world_name)
+        if s.kind in free and free[s.kind] and s.to is None and drop is not None and not drop[1]:
+            again = resolve(f"{s.kind}:{s.name}", to=free[s.kind][0], world_name=world_name)
             again.preserve += [p for p in s.preserve if p not in again.preserve]  # a concept file's own
             again.guidance = s.guidance
             s = again
