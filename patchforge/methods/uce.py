@@ -4,9 +4,11 @@ No training loop. Each projection W that turns text tokens into cross-attention 
 (the backbone's text_kv()) is replaced by the ridge least-squares solution that sends the concept's tokens
 where the anchor's tokens go and holds every preserve token where it was:
 
-    min_W  Σ_e ||W c_e - v*_e||² + preserve_weight Σ_p ||W c_p - W0 c_p||² + λ ||W - W0||²
+    min_W  Σ_e w_e ||W c_e - v*_e||² + preserve_weight Σ_p ||W c_p - W0 c_p||² + λ ||W - W0||²
 
     v*_e = W0 a_e - away · (W0 c_e - W0 a_e)
+
+(w_e: 1 for one concept; with `balance`, the default, every listed concept's rows share the same total.)
 
 c_e runs over EVERY token position of every target prompt (the name, the words after it, the
 end-of-text and padding tokens that CLIP's causal encoder has filled with the name) and a_e over the
@@ -16,7 +18,7 @@ token: on a small CLIP the later tokens carry the concept on their own and that 
 still draws the erased shape at chance rate). The empty prompt is always preserved: it is the
 unconditional half of classifier-free guidance. Setting the gradient to zero gives
 
-    ΔW = Σ_e (v*_e - W0 c_e) c_eᵀ · (C_e + preserve_weight C_p + λ I)⁻¹,   C = Σ c cᵀ
+    ΔW = Σ_e w_e (v*_e - W0 c_e) c_eᵀ · (C_e + preserve_weight C_p + λ I)⁻¹,   C_e = Σ w_e c_e c_eᵀ, C_p = Σ c_p c_pᵀ
 
 (one d×d solve per layer; ΔW's rows live in the span of the target tokens, so it is low rank). ΔW is
 factored by truncated SVD, ΔW ≈ (U_r S_r)(V_rᵀ), with r the smallest rank that keeps `energy` of the
