@@ -37,6 +37,7 @@ CANDIDATES = {  # name -> (method, its options, TrainConfig fields)
     "uce-style-away1": ("uce", {"away_by_kind": ""}, {}),  # the full push for styles too, as before (2026-12-07)
     "uce-pw4": ("uce", {"preserve_weight": 4.0}, {}),
     "uce-pw6": ("uce", {"preserve_weight": 6.0}, {}),
+    "uce-pw8": ("uce", {"preserve_weight": 8.0}, {}),
     "uce-away0.5": ("uce", {"away": 0.5}, {}),
     "uce-away-by-kind": ("uce", {"away_by_kind": "style=0.5,object=0.5,color=0.5"}, {}),
     "uce-style-away0": ("uce", {"away_by_kind": "style=0"}, {}),
