@@ -75,26 +75,34 @@ def test_svd_factoring_reproduces_the_exact_edit_within_the_reported_error(tmp_p
     assert full["solve"]["residual"] < 1e-4  # all of the spectrum: the exact edit
 
 
-def test_uce_edit_is_the_ridge_least_squares_optimum():
-    """The gradient of  sum_e |W c_e - v*_e|^2 + pw sum_p |W c_p - W0 c_p|^2 + lam |W - W0|^2  vanishes."""
-    pipe = tiny_sd1()
-    opts = {"preserve_weight": 2.0, "away": 0.5, "ridge": 0.05}
-    runner = prepared_uce(pipe, opts)
+def assert_least_squares_optimum(pipe, runner, preserve_weight: float, away: float, ridge: float,
+                                 prompt_weight: torch.Tensor | None = None):
+    """The gradient of  sum_e w_e |W c_e - v*_e|^2 + pw sum_p |W c_p - W0 c_p|^2 + lam |W - W0|^2  vanishes at
+    W0 + runner's ΔW, every layer (w_e: each target prompt's weight, on all its tokens; default 1)."""
     tr = runner.tr
-    c = tr.embed(runner.target, base=True).emb.double().flatten(0, 1)
-    a = tr.embed(runner.anchor, base=True).emb.double().flatten(0, 1)
+    c = tr.embed(runner.target, base=True).emb.double()
+    wr = (torch.ones(len(runner.target)) if prompt_weight is None else prompt_weight).double()
+    wr = wr.repeat_interleave(c.shape[1])[:, None]
+    c, a = c.flatten(0, 1), tr.embed(runner.anchor, base=True).emb.double().flatten(0, 1)
     # the kept rows: the preserve prompts, the empty prompt and the anchors themselves (preserve_anchors)
     p = tr.embed(list(dict.fromkeys(runner.preserve + [""] + runner.anchor)), base=True).emb.double().flatten(0, 1)
-    cov = c.T @ c + 2.0 * p.T @ p
-    lam = 0.05 * float(cov.diagonal().mean())
+    cov = (c * wr).T @ c + preserve_weight * p.T @ p
+    lam = ridge * float(cov.diagonal().mean())
     modules = dict(pipe.unet.named_modules())
     for name, delta in runner.deltas.items():
         w0 = modules[name].weight.detach().double()
-        w = w0 + delta.double()
-        goal = a @ w0.T - 0.5 * (c @ w0.T - a @ w0.T)
-        grad = (c @ w.T - goal).T @ c + 2.0 * (p @ (w - w0).T).T @ p + lam * (w - w0)
-        scale = float(((c @ w0.T - goal).T @ c).norm())
+        d = delta.double()
+        goal = a @ w0.T - away * (c @ w0.T - a @ w0.T)
+        grad = ((c @ (w0 + d).T - goal) * wr).T @ c + preserve_weight * (p @ d.T).T @ p + lam * d
+        scale = float((((c @ w0.T - goal) * wr).T @ c).norm())
         assert float(grad.norm()) < 1e-4 * scale, name
+
+
+def test_uce_edit_is_the_ridge_least_squares_optimum():
+    """The gradient of  sum_e |W c_e - v*_e|^2 + pw sum_p |W c_p - W0 c_p|^2 + lam |W - W0|^2  vanishes."""
+    pipe = tiny_sd1()
+    runner = prepared_uce(pipe, {"preserve_weight": 2.0, "away": 0.5, "ridge": 0.05})
+    assert_least_squares_optimum(pipe, runner, preserve_weight=2.0, away=0.5, ridge=0.05)
 
 
 def test_null_space_leaves_the_kept_rows_main_directions_exactly_unchanged():
@@ -146,21 +154,7 @@ def test_balance_gives_every_listed_concept_the_same_weight():
     plain = prepared_uce(pipe, {"balance": False, "away_by_kind": ""}, concepts=two)
     assert torch.equal(plain.row_weight(), torch.ones(len(w)))
     assert any(not torch.allclose(runner.deltas[n], plain.deltas[n], atol=1e-6) for n in plain.deltas)
-    tr = runner.tr
-    c = tr.embed(runner.target, base=True).emb.double()
-    rows = c.shape[1]
-    c, a = c.flatten(0, 1), tr.embed(runner.anchor, base=True).emb.double().flatten(0, 1)
-    wr = w.double().repeat_interleave(rows)[:, None]
-    p = tr.embed(list(dict.fromkeys(runner.preserve + [""] + runner.anchor)), base=True).emb.double().flatten(0, 1)
-    cov = (c * wr).T @ c + 6.0 * p.T @ p  # the default preserve weight
-    lam = 0.1 * float(cov.diagonal().mean())
-    modules = dict(pipe.unet.named_modules())
-    for name, delta in runner.deltas.items():
-        w0 = modules[name].weight.detach().double()
-        goal = a @ w0.T - (c @ w0.T - a @ w0.T)
-        grad = ((c @ (w0 + delta.double()).T - goal) * wr).T @ c + 6.0 * (p @ delta.double().T).T @ p \
-            + lam * delta.double()
-        assert float(grad.norm()) < 1e-4 * float((((c @ w0.T - goal) * wr).T @ c).norm()), name
+    assert_least_squares_optimum(pipe, runner, preserve_weight=6.0, away=1.0, ridge=0.1, prompt_weight=w)  # defaults
 
 
 def test_uce_rank_comes_from_the_spectrum_and_respects_the_cap():
