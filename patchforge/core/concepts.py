@@ -408,8 +408,8 @@ def list_alternatives(specs: tuple[ConceptSpec, ...], world_name: str | None = N
     free = {k: [n for n in known_names(k, world_name) if (k, n) not in listed] for k in LIST_ALTERNATIVE_KINDS}
     out = []
     for s in specs:
-        drop = swap(s)
-        if s.kind in free and free[s.kind] and s.to is None and drop is not None and not drop[1]:
+        drop = swap(s) if free.get(s.kind) and s.to is None else None  # read the anchors only where it can apply
+        if drop is not None and not drop[1]:  # the anchors simply leave the concept out
             again = resolve(f"{s.kind}:{s.name}", to=free[s.kind][0], world_name=world_name)
             again.preserve += [p for p in s.preserve if p not in again.preserve]  # a concept file's own
             again.guidance = s.guidance
