@@ -34,6 +34,8 @@ CANDIDATES = {  # name -> (method, its options, TrainConfig fields)
     "uce": ("uce", {}, {}),
     "uce-plain": ("uce", {"preserve_anchors": False, "preserve_weight": 1.0}, {}),  # uce's default before 2026-12-07
     "uce-unbalanced": ("uce", {"balance": False}, {}),  # every prompt one row: uce before balance (2026-12-07)
+    # SD3 / FLUX: the joint attention's K/V alone, as uce was before it edited the pooled projection (2026-12-07)
+    "uce-kv-only": ("uce", {"denoiser_targets": "xattn-kv"}, {}),
     "uce-style-away1": ("uce", {"away_by_kind": ""}, {}),  # the full push for styles too, as before (2026-12-07)
     "uce-pw4": ("uce", {"preserve_weight": 4.0}, {}),
     "uce-pw6": ("uce", {"preserve_weight": 6.0}, {}),

@@ -63,6 +63,8 @@ def main() -> None:
                     help="robust's inner attack steps (--set robust_inner_steps=N wins)")
     ap.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE", dest="options",
                     help="option for the fmn variants (default, fast, robust), as `patchforge train --set`")
+    ap.add_argument("--uce-set", action="append", type=key_value, default=[], metavar="KEY=VALUE", dest="uce_options",
+                    help="option for the uce variant (default: its defaults)")
     ap.add_argument("--esd-set", action="append", type=key_value, default=[], metavar="KEY=VALUE", dest="esd_options",
                     help=f"option for the esd variant (default: {ESD_TOY}, its tuning for the toy model)")
     ap.add_argument("--prompts", type=int, default=BUDGET["prompts"], help="target prompts attacked per concept")
@@ -129,7 +131,7 @@ def patch_for(concept: str, tag: str, args, pipe) -> tuple[Path, float | None]:
     if args.reuse and out.exists():
         return out, None
     steps = args.steps or (UNDEFENDED_STEPS if tag == "undefended" else None)
-    fixed = {"undefended": UNDEFENDED, "esd": {**ESD_TOY, **dict(args.esd_options)}, "uce": {}}
+    fixed = {"undefended": UNDEFENDED, "esd": {**ESD_TOY, **dict(args.esd_options)}, "uce": dict(args.uce_options)}
     options = dict(fixed.get(tag, args.options))
     if tag == "robust":  # the inner attack reads its robust_* options, as `patchforge train --robust --set` gives them
         options.setdefault("robust_inner_steps", args.inner_steps)

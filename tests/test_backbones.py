@@ -44,6 +44,16 @@ def test_the_seam_on_every_family(arch, tmp_path):
     assert backbone.text_attention() and backbone.text_kv()
     pattern = backbone.target_pattern("xattn-kv")  # a regex string: PEFT full-matches it against module names
     assert any(re.fullmatch(pattern, n) for n, _ in backbone.denoiser.named_modules())
+    from patchforge.train.loop import TARGET_SETS
+    assert set(cls.TARGETS) == set(TARGET_SETS)  # --targets' named sets mean something on every family
+    # the layers that read the pooled prompt embedding are plain linear layers of the denoiser, and the
+    # "xattn-kv+pooled" targets are exactly the K/V plus them
+    pooled = backbone.pooled_text_in()
+    assert all(isinstance(m, torch.nn.Linear) for _, m in pooled)
+    both = backbone.target_pattern("xattn-kv+pooled")
+    assert {n for n, _ in backbone.denoiser.named_modules() if re.fullmatch(both, n)} == \
+        {n for n, _ in backbone.denoiser.named_modules() if re.fullmatch(pattern, n)} | {n for n, _ in pooled}
+    assert bool(pooled) == (backbone.denoiser_name == "transformer")  # SD3 and FLUX have one; SD 1.x / 2.x / XL none
 
     # the memory plan's count, and the same family read back from a saved folder without loading it
     side = backbone.native_size() // getattr(pipe, "vae_scale_factor", 8)

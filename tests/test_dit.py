@@ -86,7 +86,9 @@ def test_every_method_trains_on_every_dit_family(fam, method, tmp_path):
     else:
         assert patch.components == ["transformer"]
     if method == "uce":
-        assert summary["solve"]["layers"] == 2 and summary["solve"]["residual"] < 0.1
+        # one block's add_k / add_v and the pooled embedding's projection
+        assert summary["solve"]["layers"] == 3 and summary["solve"]["residual"] < 0.1
+        assert "time_text_embed.text_embedder.linear_1" in patch.modules("transformer")
     else:
         assert len(summary["losses"]) == 2 and all(map(torch.isfinite, torch.tensor(summary["losses"])))
     base = run(pipe)
@@ -197,6 +199,27 @@ def test_flux_kohya_export_is_exact_and_loads_in_diffusers(tmp_path):
 
     with pytest.raises(PatchforgeError, match="no kohya layout"):
         export_kohya(cached_patches("sd3")[0], tmp_path / "sd3.kohya.safetensors")
+
+
+def test_flux_kohya_export_carries_the_pooled_projection_and_says_where_it_is_dropped(tmp_path, capsys):
+    """uce edits the pooled CLIP vector's projection: the export writes it as BFL's vector_in.in_layer (what
+    ComfyUI and kohya name it), exactly; diffusers' kohya-FLUX reader drops those keys, and export says so."""
+    from safetensors.torch import load_file
+
+    from patchforge.io.patch_format import read_patch
+
+    pipe = BUILDERS["flux"]()
+    src = make_patch(pipe, tmp_path / "p.safetensors", "concept", seed=5, rank=2, alpha=1.0, text=False,
+                     targets=r"time_text_embed\.text_embedder\.linear_1|transformer_blocks\.0\.attn\.add_k_proj")
+    assert main(["export", str(src), "-o", str(tmp_path / "p.kohya.safetensors")]) == 0
+    assert "diffusers' load_lora_weights drops it" in capsys.readouterr().err
+    fused, patch = load_file(str(tmp_path / "p.kohya.safetensors")), read_patch(src)
+    key = "lora_unet_vector_in_in_layer"
+    delta = fused[f"{key}.lora_up.weight"] @ fused[f"{key}.lora_down.weight"] * fused[f"{key}.alpha"] / \
+        fused[f"{key}.lora_down.weight"].shape[0]
+    assert torch.allclose(delta, patch.delta("transformer", "time_text_embed.text_embedder.linear_1"), atol=1e-6)
+    assert main(["export", str(cached_patches("flux")[0]), "-o", str(tmp_path / "q.kohya.safetensors")]) == 0
+    assert "vector_in" not in capsys.readouterr().err  # a patch without it: no note
 
 
 def test_merged_dit_patches_equal_the_stack(tmp_path):

@@ -76,20 +76,29 @@ def test_svd_factoring_reproduces_the_exact_edit_within_the_reported_error(tmp_p
 
 
 def assert_least_squares_optimum(pipe, runner, preserve_weight: float, away: float, ridge: float,
-                                 prompt_weight: torch.Tensor | None = None):
+                                 prompt_weight: torch.Tensor | None = None, pooled: bool = False):
     """The gradient of  sum_e w_e |W c_e - v*_e|^2 + pw sum_p |W c_p - W0 c_p|^2 + lam |W - W0|^2  vanishes at
-    W0 + runner's ΔW, every layer (w_e: each target prompt's weight, on all its tokens; default 1)."""
+    W0 + runner's ΔW, every layer (w_e: each target prompt's weight, on all its tokens; default 1).
+    `pooled`: the layers that read the pooled embedding, one row per prompt (SD3 / FLUX)."""
     tr = runner.tr
-    c = tr.embed(runner.target, base=True).emb.double()
+
+    def rows(prompts):
+        cond = tr.embed(prompts, base=True)
+        return cond.pooled.double()[:, None] if pooled else cond.emb.double()
+
+    c = rows(runner.target)
     wr = (torch.ones(len(runner.target)) if prompt_weight is None else prompt_weight).double()
     wr = wr.repeat_interleave(c.shape[1])[:, None]
-    c, a = c.flatten(0, 1), tr.embed(runner.anchor, base=True).emb.double().flatten(0, 1)
+    c, a = c.flatten(0, 1), rows(runner.anchor).flatten(0, 1)
     # the kept rows: the preserve prompts, the empty prompt and the anchors themselves (preserve_anchors)
-    p = tr.embed(list(dict.fromkeys(runner.preserve + [""] + runner.anchor)), base=True).emb.double().flatten(0, 1)
+    p = rows(list(dict.fromkeys(runner.preserve + [""] + runner.anchor))).flatten(0, 1)
     cov = (c * wr).T @ c + preserve_weight * p.T @ p
     lam = ridge * float(cov.diagonal().mean())
-    modules = dict(pipe.unet.named_modules())
+    modules = dict(runner.tr.backbone.denoiser.named_modules())
+    names = {n for n, _ in runner.tr.backbone.pooled_text_in()}
     for name, delta in runner.deltas.items():
+        if (name in names) != pooled:
+            continue
         w0 = modules[name].weight.detach().double()
         d = delta.double()
         goal = a @ w0.T - away * (c @ w0.T - a @ w0.T)
@@ -250,11 +259,43 @@ def test_shifted_anchor_lines_up_with_a_prefixed_prompt():
     assert out.flatten().tolist() == [0.0, 0.0, 0.0, 1.0, 2.0, 3.0]
 
 
-def test_hardening_is_refused_where_it_is_not_built():
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_on_joint_attention_the_pooled_projection_gets_the_same_least_squares_edit(family, tmp_path):
+    """SD3 / FLUX: the pooled prompt embedding reaches every block through one projection (the DiT toy draws
+    the object from it); uce edits it with the closed form, in the patch beside the K/V, and not when the
+    targets leave it out."""
+    from patchforge.io.patch_format import read_patch
+    from tiny_pipelines import BUILDERS
+
+    pipe = BUILDERS[family]()
+    options = {"n_refs": 2, "preserve_weight": 2.0, "away": 0.5, "ridge": 0.05}
+    runner = prepared_uce(pipe, options)
+    pooled = [n for n, _ in runner.tr.backbone.pooled_text_in()]
+    assert pooled and set(pooled) <= set(runner.deltas) and all(runner.deltas[n].abs().max() > 0 for n in pooled)
+    assert_least_squares_optimum(pipe, runner, preserve_weight=2.0, away=0.5, ridge=0.05, pooled=True)
+    kv_only = prepared_uce(pipe, {**options, "denoiser_targets": "xattn-kv"})
+    assert not set(pooled) & set(kv_only.deltas) and set(kv_only.deltas) == set(runner.deltas) - set(pooled)
+    path, _ = train_patch(["custom:a photo of a cat"], "uce", None, TrainConfig(progress=False, options={"n_refs": 2}),
+                          out=tmp_path / "p.safetensors", pipe=pipe)
+    assert set(pooled) <= set(read_patch(path).modules("transformer"))
+
+
+def test_hardening_on_joint_attention_hardens_the_pooled_projection():
+    """SD3 / FLUX: the prefix attack's pooled vectors join the pooled rows (the K/V read the transformer's own
+    text stream, so their edit stays the plain one); without the pooled projection in the targets, and for
+    null_space, a clear refusal."""
     from patchforge.errors import PatchforgeError
     from tiny_pipelines import tiny_sd3
 
+    pipe = tiny_sd3()
+    options = {"n_refs": 2, "adv_steps": 2, "adv_prompts": 2, "preserve_weight": 1.0, "preserve_anchors": False}
+    plain, hard = prepared_uce(pipe, options), prepared_uce(pipe, {**options, "adv_rounds": 1})
+    assert len(hard.prefixes) == 1 and not plain.prefixes
+    pooled = [n for n, _ in hard.tr.backbone.pooled_text_in()]
+    for name in plain.deltas:
+        same = torch.allclose(plain.deltas[name], hard.deltas[name])
+        assert same != (name in pooled), name
     with pytest.raises(PatchforgeError, match="adv_rounds"):
-        prepared_uce(tiny_sd3(), {"adv_rounds": 1, "n_refs": 2})
+        prepared_uce(pipe, {"adv_rounds": 1, "n_refs": 2, "denoiser_targets": "xattn-kv"})
     with pytest.raises(PatchforgeError, match="null_space"):
-        prepared_uce(tiny_sd3(), {"null_space": 0.9, "n_refs": 2})
+        prepared_uce(pipe, {"null_space": 0.9, "n_refs": 2})

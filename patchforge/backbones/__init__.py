@@ -7,7 +7,8 @@ the first registered family whose `matches(pipe)` is true.
 
     denoiser_name      the pipeline attribute of the denoiser ("unet" or "transformer")
     components         the LoRA-carrying components a patch may hold, denoiser first
-    TARGETS            LoRA target patterns by key: text-attention K/V, text attention, none
+    TARGETS            LoRA target patterns by key: text-attention K/V, text attention, K/V plus the
+                       pooled projection (below), none
     encode()           prompts -> Cond (the pipeline's own prompt encoding)
     add_noise()        x0, noise, t -> x_t (the forward process the family was trained with)
     noised()           x0, a seeded generator -> (x_t, t, noise) at random timesteps
@@ -19,6 +20,9 @@ the first registered family whose `matches(pipe)` is true.
     text_kv()          their key/value projections (what closed-form and keep terms act on)
     text_kv_reads_text True when text_kv() reads the text encoder's output itself (UNet cross-attention);
                        False in joint attention, where they read the transformer's own text stream
+    pooled_text_in()   the layers that read the prompt's pooled embedding itself (SD3 / FLUX: its projection
+                       into the timestep embedding; none in SD 1.x / 2.x); on the DiT toy the object is drawn
+                       from there, not from the tokens
     attention_recorder() an attention processor for text_attention() that records the mass image
                        queries put on the concept's text columns (FMN)
     concept_mask()     prompts, words -> (prompts, text tokens) mask of the concept's columns
@@ -88,7 +92,7 @@ class Backbone(Protocol):
     """What every family module implements (sd_unet.SDUNet is the reference)."""
     denoiser_name: str  # the pipeline attribute of the denoiser
     components: tuple[str, ...]  # LoRA-carrying pipeline attributes, denoiser first
-    TARGETS: dict[str, str | None]  # "xattn", "xattn-kv", "none" -> peft target regex
+    TARGETS: dict[str, str | None]  # "xattn", "xattn-kv", "xattn-kv+pooled", "none" -> peft target regex
 
     def __init__(self, pipe) -> None: ...
 
@@ -116,6 +120,8 @@ class Backbone(Protocol):
     def native_size(self) -> int: ...
 
     text_kv_reads_text: bool
+
+    def pooled_text_in(self) -> list[tuple[str, torch.nn.Module]]: ...
 
     def attention_recorder(self): ...
 
@@ -190,6 +196,10 @@ class PipelineParts:
     def target_pattern(self, key: str | None) -> str | None:
         """A TARGETS key, or a peft regex passed through."""
         return self.TARGETS.get(key, key) if key else None
+
+    def pooled_text_in(self) -> list[tuple[str, torch.nn.Module]]:
+        """No layer reads a pooled prompt embedding (families that have one override this)."""
+        return []
 
     # ---- images <-> latents through the VAE (SD3's and FLUX's VAEs shift their latents, SD's do not)
     def encode_images(self, images) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import Cond
 from . import concept_token_mask, register
-from .sd3 import JOINT_DEFAULTS, FlowMatching, JointAttentionRecorder, joint_attention_values
+from .sd3 import JOINT_DEFAULTS, POOLED_IN, FlowMatching, JointAttentionRecorder, joint_attention_values
 
 # the double-stream blocks' text stream (single_transformer_blocks have no add_* projections)
 TEXT_STREAM = r".*transformer_blocks\.\d+\.attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)$"
@@ -86,7 +86,7 @@ class Flux(FlowMatching):
 
     denoiser_name = "transformer"
     components = ("transformer", "text_encoder")  # FluxLoraLoaderMixin's
-    TARGETS = {"xattn": TEXT_STREAM, "xattn-kv": TEXT_KV, "none": None}
+    TARGETS = {"xattn": TEXT_STREAM, "xattn-kv": TEXT_KV, "xattn-kv+pooled": f"({TEXT_KV})|({POOLED_IN})", "none": None}
     TRANSFORMER_CLASS = "FluxTransformer2DModel"
     PIPELINE_CLASSES = ("FluxPipeline",)
     LOADER_TAKES_ALPHAS = True

@@ -20,6 +20,7 @@ What the seam's members mean here:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from . import FamilyDefaults, PipelineParts, concept_token_mask, register
 
 TEXT_STREAM = r".*attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)$"  # the text stream of joint attention
 TEXT_KV = r".*attn\.(add_k_proj|add_v_proj)$"  # what the image queries read from the text
+POOLED_IN = r"time_text_embed\.text_embedder\.linear_1"  # the pooled prompt's way into every block's modulation
 T5_LENGTH = 256  # the pipeline's default max_sequence_length, used for training and generation alike
 
 
@@ -103,6 +105,11 @@ class FlowMatching(PipelineParts):
         """The text stream's key and value projections of every joint-attention block."""
         return [(n, m) for n, m in self.pipe.transformer.named_modules() if n.endswith(("attn.add_k_proj",
                                                                                          "attn.add_v_proj"))]
+
+    def pooled_text_in(self) -> list[tuple[str, torch.nn.Module]]:
+        """The pooled embedding's projection into the timestep embedding, which modulates every block (adaLN):
+        the prompt reaches the image this way too, beside joint attention."""
+        return [(n, m) for n, m in self.pipe.transformer.named_modules() if re.fullmatch(POOLED_IN, n)]
 
     guidance_distilled = False  # classifier-free guidance at sampling time (FLUX.1-dev: a guidance embedding)
     text_kv_reads_text = False  # their input is the text stream inside the transformer, not the encoder output
@@ -204,7 +211,7 @@ class SD3(FlowMatching):
 
     denoiser_name = "transformer"
     components = ("transformer", "text_encoder", "text_encoder_2")  # SD3LoraLoaderMixin's
-    TARGETS = {"xattn": TEXT_STREAM, "xattn-kv": TEXT_KV, "none": None}
+    TARGETS = {"xattn": TEXT_STREAM, "xattn-kv": TEXT_KV, "xattn-kv+pooled": f"({TEXT_KV})|({POOLED_IN})", "none": None}
     TRANSFORMER_CLASS = "SD3Transformer2DModel"
     PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
     LOADER_TAKES_ALPHAS = False

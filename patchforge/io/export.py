@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..core.atomic import atomic_dir
 from ..core.output_paths import check_output_file, check_output_folder
@@ -62,7 +64,16 @@ def run_command(args) -> int:
     if args.format == "kohya":
         if args.output:
             check_output_file(args.output, "-o", folder_ok=True)
-        print(export_kohya(args.patch, args.output))
+        out = export_kohya(args.patch, args.output)
+        print(out)
+        with safe_open(str(out), "pt") as f:
+            pooled = any(k.startswith("lora_unet_vector_in") for k in f.keys())
+        if pooled:
+            # diffusers 0.42's kohya-FLUX converter renames these keys without the "transformer." prefix its
+            # loader then filters on, and so drops them with a log line only: the pooled edit would be gone
+            print("note: this FLUX patch edits the pooled CLIP vector's projection (lora_unet_vector_in_in_layer): "
+                  "ComfyUI and kohya apply it, diffusers' load_lora_weights drops it from this kohya file; in "
+                  "diffusers load the patch file itself", file=sys.stderr)
         return 0
     if not args.output:
         raise PatchforgeError("--format pipeline writes a folder: give it with -o DIR")

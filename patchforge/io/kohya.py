@@ -12,7 +12,8 @@ checkpoint does, where q, k and v are one fused layer: `lora_unet_double_blocks_
 (diffusers' add_q/add_k/add_v_proj), `..._img_attn_qkv` (to_q/to_k/to_v), `..._txt_attn_proj`
 (to_add_out), `..._img_attn_proj` (to_out.0), `..._{img,txt}_mlp_{0,2}`, and in the single-stream
 blocks `lora_unet_single_blocks_{i}_linear1` (to_q, to_k, to_v and proj_mlp fused) and `..._linear2`
-(proj_out); the CLIP text encoder is `lora_te1_`. A patch's separate LoRAs become one LoRA on the
+(proj_out); the pooled CLIP vector's projection (diffusers' time_text_embed.text_embedder.linear_1) is
+`lora_unet_vector_in_in_layer`; the CLIP text encoder is `lora_te1_`. A patch's separate LoRAs become one LoRA on the
 fused layer without changing what it computes: the down matrices are stacked (a zero block for a
 part the patch leaves alone) and the up matrix is block-diagonal, each part's scale folded into its
 block, alpha = rank. SD3 has no kohya layout that diffusers and ComfyUI share: its patch file itself
@@ -41,11 +42,15 @@ FLUX_DOUBLE = {"attn.to_q": ("img_attn_qkv", 0, 3), "attn.to_k": ("img_attn_qkv"
                "ff_context.net.0.proj": ("txt_mlp_0", 0, 1), "ff_context.net.2": ("txt_mlp_2", 0, 1)}
 FLUX_SINGLE = {"attn.to_q": ("linear1", 0, 4), "attn.to_k": ("linear1", 1, 4), "attn.to_v": ("linear1", 2, 4),
                "proj_mlp": ("linear1", 3, 4), "proj_out": ("linear2", 0, 1)}
+# layers outside the blocks: the pooled CLIP vector's projection (uce edits it), BFL's `vector_in.in_layer`
+FLUX_OUTSIDE = {"time_text_embed.text_embedder.linear_1": "lora_unet_vector_in_in_layer"}
 FLUX_MLP_RATIO = 4  # linear1's MLP part is 4 x the width (FLUX.1's mlp_ratio)
 
 
 def flux_kohya_name(module: str) -> tuple[str, int, int]:
     """A FLUX transformer module (diffusers name) -> (kohya layer name, part, parts of the fused layer)."""
+    if module in FLUX_OUTSIDE:
+        return FLUX_OUTSIDE[module], 0, 1
     for prefix, table, kind in (("transformer_blocks.", FLUX_DOUBLE, "double_blocks"),
                                 ("single_transformer_blocks.", FLUX_SINGLE, "single_blocks")):
         if module.startswith(prefix):
@@ -54,7 +59,8 @@ def flux_kohya_name(module: str) -> tuple[str, int, int]:
                 layer, part, parts = table[rest]
                 return f"lora_unet_{kind}_{index}_{layer}", part, parts
     raise PatchforgeError(f"transformer.{one_line(module, 80)}: no kohya / ComfyUI FLUX layer holds this module "
-                          "(export covers the attention and MLP layers of the double- and single-stream blocks)")
+                          "(export covers the attention and MLP layers of the double- and single-stream blocks "
+                          "and the pooled vector's projection)")
 
 
 def flux_kohya_state_dict(patch: Patch) -> dict[str, torch.Tensor]:

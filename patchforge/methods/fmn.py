@@ -182,7 +182,8 @@ class ForgetMeNot(Method):
         # (docs/robustness.md), before uce's defaults changed
         warm = UCE.Config(adv_rounds=self.hp.adv_rounds, adv_steps=self.hp.adv_steps, adv_tokens=self.hp.adv_tokens,
                           n_refs=self.hp.n_refs, preserve_weight=self.hp.warm_preserve_weight,
-                          preserve_anchors=False, away_by_kind="", balance=False)
+                          preserve_anchors=False, away_by_kind="", balance=False,
+                          denoiser_targets=self.tr.cfg.denoiser_targets or self.hp.denoiser_targets)
         uce = UCE(warm, self.tr, self.specs, prompts)
         with adapters_off([self.tr.denoiser]):
             uce.prepare()

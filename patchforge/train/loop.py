@@ -271,7 +271,7 @@ def check_train_args(cfg: TrainConfig, *, model: str | None = None, out: str | P
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-TARGET_SETS = ("xattn", "xattn-kv", "none")  # every backbone's TARGETS keys
+TARGET_SETS = ("xattn", "xattn-kv", "xattn-kv+pooled", "none")  # every backbone's TARGETS keys
 
 
 def check_targets(targets: str | None) -> None:
