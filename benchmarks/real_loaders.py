@@ -304,9 +304,10 @@ def main() -> None:
         if not folder.is_dir():
             sys.exit(f"--{name} {folder}: not a folder")
     torch.manual_seed(0)
-    model = build("sd15", shrink(SD15) if args.tiny else SD15, args.workdir / ("sd15-tiny" if args.tiny else "sd15"),
-                  dtype=torch.float32)
-    released_text_layout(model)
+    if "sd15" in args.families:  # a FLUX-only run needs no SD 1.5 folder
+        model = build("sd15", shrink(SD15) if args.tiny else SD15,
+                      args.workdir / ("sd15-tiny" if args.tiny else "sd15"), dtype=torch.float32)
+        released_text_layout(model)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [*args.extra_path, HERE.parent]))}
     rows = []
     for label, (rank, alpha) in PATCHES.items() if "sd15" in args.families else ():

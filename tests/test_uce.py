@@ -299,3 +299,25 @@ def test_hardening_on_joint_attention_hardens_the_pooled_projection():
         prepared_uce(pipe, {"adv_rounds": 1, "n_refs": 2, "denoiser_targets": "xattn-kv"})
     with pytest.raises(PatchforgeError, match="null_space"):
         prepared_uce(pipe, {"null_space": 0.9, "n_refs": 2})
+
+
+def test_fmn_holds_the_pooled_projection_at_its_warm_start(tmp_path):
+    """SD3 / FLUX with the pooled projection among fmn's targets: the warm start's closed-form edit there is
+    kept as solved (train_pooled=False, the default) while the steps move the K/V; train_pooled=True trains it."""
+    from patchforge.io.patch_format import read_patch
+    from tiny_pipelines import tiny_sd3
+
+    pipe, pooled = tiny_sd3(), "time_text_embed.text_embedder.linear_1"
+
+    def deltas(lr: float, **options) -> dict:
+        cfg = TrainConfig(steps=2, lr=lr, batch=2, progress=False, fast=True,
+                          options={"ref_steps": 2, "n_refs": 2, "denoiser_targets": "xattn-kv+pooled", **options})
+        path, _ = train_patch(["custom:a photo of a cat"], "fmn", None, cfg, out=tmp_path / f"{lr}{options}.safetensors",
+                              pipe=pipe)
+        patch = read_patch(path)
+        return {m: patch.delta("transformer", m) for m in patch.modules("transformer")}
+
+    still, moved, trained = deltas(1e-12), deltas(1e-2), deltas(1e-2, train_pooled=True)
+    assert still[pooled].abs().max() > 0 and torch.equal(still[pooled], moved[pooled])
+    assert not torch.allclose(trained[pooled], still[pooled])
+    assert any(not torch.allclose(still[m], moved[m]) for m in still if m != pooled)

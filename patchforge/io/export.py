@@ -72,7 +72,7 @@ def run_command(args) -> int:
             # diffusers 0.42's kohya-FLUX converter renames these keys without the "transformer." prefix its
             # loader then filters on, and so drops them with a log line only: the pooled edit would be gone
             print("note: this FLUX patch edits the pooled CLIP vector's projection (lora_unet_vector_in_in_layer): "
-                  "ComfyUI and kohya apply it, diffusers' load_lora_weights drops it from this kohya file; in "
+                  "kohya's FLUX merge applies it, diffusers' load_lora_weights drops it from this kohya file; in "
                   "diffusers load the patch file itself", file=sys.stderr)
         return 0
     if not args.output:

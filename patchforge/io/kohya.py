@@ -43,6 +43,7 @@ FLUX_DOUBLE = {"attn.to_q": ("img_attn_qkv", 0, 3), "attn.to_k": ("img_attn_qkv"
 FLUX_SINGLE = {"attn.to_q": ("linear1", 0, 4), "attn.to_k": ("linear1", 1, 4), "attn.to_v": ("linear1", 2, 4),
                "proj_mlp": ("linear1", 3, 4), "proj_out": ("linear2", 0, 1)}
 # layers outside the blocks: the pooled CLIP vector's projection (uce edits it), BFL's `vector_in.in_layer`
+# (kohya's FLUX merge reads it; diffusers' kohya-FLUX converter drops it: patchforge export says so)
 FLUX_OUTSIDE = {"time_text_embed.text_embedder.linear_1": "lora_unet_vector_in_in_layer"}
 FLUX_MLP_RATIO = 4  # linear1's MLP part is 4 x the width (FLUX.1's mlp_ratio)
 

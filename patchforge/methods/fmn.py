@@ -95,6 +95,10 @@ class FMNConfig(MethodConfig):
     adv_steps: int = 20
     adv_tokens: int = 5  # prefix length of each round's attack (UnlearnDiffAtk's published 5)
     warm_preserve_weight: float = 8.0
+    # SD3 / FLUX with the pooled projection among the targets (xattn-kv+pooled): False keeps that layer at the
+    # warm start's closed-form (hardened) edit and trains the K/V alone. On the DiT toy's star the hardened
+    # closed form held UnlearnDiffAtk to 0 %, and 40 steps that also trained the pooled layer let 50 % back
+    train_pooled: bool = False
     # share of each step's target rows prompted through a hardening prefix ("<prefix> a star"), the prefix's
     # columns re-steered and mapped like the name's: without them the 20 steps give back what the hardening
     # won (star: 22 % post-attack instead of 3 %)
@@ -195,6 +199,12 @@ class ForgetMeNot(Method):
         uce.rank = lora.lora_A[ADAPTER].weight.shape[0]  # as many of its directions as this LoRA holds
         uce.solve(lora.scaling[ADAPTER])
         self.prefixes = uce.prefixes
+        if not self.hp.train_pooled:
+            # a zero gradient, so AdamW's step there is exactly zero (requires_grad cannot hold it: PEFT turns it
+            # back on whenever the adapters are re-enabled after a frozen-base call)
+            for _, module in uce.pooled_layers():
+                for weight in (module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight):
+                    weight.register_hook(torch.zeros_like)
 
     def finish(self):
         for module, proc in self.saved.values():
