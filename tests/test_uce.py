@@ -312,8 +312,8 @@ def test_fmn_holds_the_pooled_projection_at_its_warm_start(tmp_path):
     def deltas(lr: float, **options) -> dict:
         cfg = TrainConfig(steps=2, lr=lr, batch=2, progress=False, fast=True,
                           options={"ref_steps": 2, "n_refs": 2, "denoiser_targets": "xattn-kv+pooled", **options})
-        path, _ = train_patch(["custom:a photo of a cat"], "fmn", None, cfg, out=tmp_path / f"{lr}{options}.safetensors",
-                              pipe=pipe)
+        out = tmp_path / f"{lr}{options}.safetensors"
+        path, _ = train_patch(["custom:a photo of a cat"], "fmn", None, cfg, out=out, pipe=pipe)
         patch = read_patch(path)
         return {m: patch.delta("transformer", m) for m in patch.modules("transformer")}
 

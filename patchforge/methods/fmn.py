@@ -97,7 +97,8 @@ class FMNConfig(MethodConfig):
     warm_preserve_weight: float = 8.0
     # SD3 / FLUX with the pooled projection among the targets (xattn-kv+pooled): False keeps that layer at the
     # warm start's closed-form (hardened) edit and trains the K/V alone. On the DiT toy's star the hardened
-    # closed form held UnlearnDiffAtk to 0 %, and 40 steps that also trained the pooled layer let 50 % back
+    # closed form held UnlearnDiffAtk to 0 %; 40 steps after it let 50 % back training the pooled layer too,
+    # 12 % holding it (docs/robustness.md)
     train_pooled: bool = False
     # share of each step's target rows prompted through a hardening prefix ("<prefix> a star"), the prefix's
     # columns re-steered and mapped like the name's: without them the 20 steps give back what the hardening

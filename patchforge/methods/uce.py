@@ -31,6 +31,8 @@ token directions, and an optimised prompt steps around them (UnlearnDiffAtk brou
 81 % of images). Each round attacks the current edit with UnlearnDiffAtk's per-prompt prefix, adds the
 prefixed target prompts to the erased rows and the prefixed preserve prompts (and each attacked prompt's
 neighbour twin) to the kept rows, and solves again: RECE's loop, with the published attack as the adversary.
+On SD3 / FLUX the rounds run on the pooled projection's rows (solve_pooled): the joint attention's K/V read
+the transformer's own text stream, which a closed form cannot re-solve against a prefix.
 """
 from __future__ import annotations
 
