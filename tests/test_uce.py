@@ -303,7 +303,8 @@ def test_hardening_on_joint_attention_hardens_the_pooled_projection():
 
 def test_fmn_holds_the_pooled_projection_at_its_warm_start(tmp_path):
     """SD3 / FLUX with the pooled projection among fmn's targets: the warm start's closed-form edit there is
-    kept as solved (train_pooled=False, the default) while the steps move the K/V; train_pooled=True trains it."""
+    kept as solved (train_pooled=False, the default) while the steps move the K/V; train_pooled=True trains it;
+    warm_start=uce-pooled starts that layer alone from the edit."""
     from patchforge.io.patch_format import read_patch
     from tiny_pipelines import tiny_sd3
 
@@ -321,3 +322,7 @@ def test_fmn_holds_the_pooled_projection_at_its_warm_start(tmp_path):
     assert still[pooled].abs().max() > 0 and torch.equal(still[pooled], moved[pooled])
     assert not torch.allclose(trained[pooled], still[pooled])
     assert any(not torch.allclose(still[m], moved[m]) for m in still if m != pooled)
+    # warm_start=uce-pooled: that layer alone starts from the edit, the K/V from zero
+    alone = deltas(1e-12, warm_start="uce-pooled")
+    assert torch.allclose(alone[pooled], still[pooled])
+    assert all(alone[m].abs().max() < 1e-6 for m in alone if m != pooled)

@@ -85,7 +85,8 @@ class FMNConfig(MethodConfig):
     invert_tokens: int = 2
     # warm start: "uce" sets the LoRA to the rank-r truncation of uce's closed-form edit of the same
     # concepts (methods/uce.py) before the first step, so the steps refine an erasure instead of
-    # starting from none; "" = the cold start (B = 0), which needs ~80 steps
+    # starting from none; "" = the cold start (B = 0), which needs ~80 steps; "uce-pooled" (SD3 / FLUX, with
+    # the pooled projection among the targets): that layer alone starts from uce's edit, the K/V cold
     warm_start: str = "uce"
     # hardening (methods/uce.py adv_*): the warm start's edit is re-solved adv_rounds times against the
     # UnlearnDiffAtk prefixes found on it (adv_steps Adam steps each), the neighbours held under the same
@@ -177,8 +178,8 @@ class ForgetMeNot(Method):
         from ..core.lora import ADAPTER, adapters_off, has_adapter
         from .uce import UCE
 
-        if self.hp.warm_start != "uce":
-            raise PatchforgeError(f"fmn warm_start must be 'uce' or empty, not {self.hp.warm_start!r}")
+        if self.hp.warm_start not in ("uce", "uce-pooled"):
+            raise PatchforgeError(f"fmn warm_start must be 'uce', 'uce-pooled' or empty, not {self.hp.warm_start!r}")
         prompts = {"target": self.target, "anchor": self.anchor, "preserve": self.preserve, "words": self.words,
                    "contrast": self.contrast_prompts}
         # n_refs: fmn's own (the plan's reference count), so the hardening reads the references fmn already
@@ -192,6 +193,9 @@ class ForgetMeNot(Method):
         uce = UCE(warm, self.tr, self.specs, prompts)
         with adapters_off([self.tr.denoiser]):
             uce.prepare()
+        if self.hp.warm_start == "uce-pooled":  # only the pooled projection starts from the edit; the K/V cold
+            pooled = {n for n, _ in uce.pooled_layers()}
+            uce.factors = {n: f for n, f in uce.factors.items() if n in pooled}
         layers = [m for _, m in self.tr.backbone.text_kv()]
         if not layers or not all(has_adapter(m) for m in layers):
             raise PatchforgeError("fmn warm_start=uce (the default) needs the LoRA on the text K/V projections "
@@ -223,7 +227,7 @@ class ForgetMeNot(Method):
     def hardening(cls, hp, batch: int) -> tuple[int, int]:
         from .uce import UCEConfig
 
-        on = hp.warm_start == "uce" and hp.adv_rounds > 0
+        on = hp.warm_start in ("uce", "uce-pooled") and hp.adv_rounds > 0
         return (hp.adv_rounds * hp.adv_steps, min(UCEConfig.adv_prompts, batch)) if on else (0, 0)
 
     def draw(self) -> Rows:
