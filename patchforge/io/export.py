@@ -22,7 +22,7 @@ from ..core.atomic import atomic_dir
 from ..core.output_paths import check_output_file, check_output_folder
 from ..core.pipeline_loading import check_model, load_pipeline, model_folders, public_model_id
 from ..errors import PatchforgeError
-from .kohya import export_kohya
+from .kohya import FLUX_OUTSIDE, export_kohya
 from .loading import fuse_forget_patches, load_forget_patch
 from .patch_format import public_metadata, read_patch
 
@@ -67,7 +67,7 @@ def run_command(args) -> int:
         out = export_kohya(args.patch, args.output)
         print(out)
         with safe_open(str(out), "pt") as f:
-            pooled = any(k.startswith("lora_unet_vector_in") for k in f.keys())
+            pooled = any(k.startswith(tuple(FLUX_OUTSIDE.values())) for k in f.keys())
         if pooled:
             # diffusers 0.42's kohya-FLUX converter renames these keys without the "transformer." prefix its
             # loader then filters on, and so drops them with a log line only: the pooled edit would be gone

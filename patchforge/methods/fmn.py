@@ -53,6 +53,9 @@ from . import Method, MethodConfig, ProjectionKeeper, cycle, register
 INVERT_TEMPLATE = "a photo of"  # the inverted tokens follow it, as in textual inversion
 
 
+WARM_STARTS = ("uce", "uce-pooled")  # FMNConfig.warm_start's values besides "" (the cold start)
+
+
 @dataclass
 class FMNConfig(MethodConfig):
     # 20 steps from uce's closed-form edit (warm_start) on a pool of 10 teacher batches: on the toy model
@@ -178,7 +181,7 @@ class ForgetMeNot(Method):
         from ..core.lora import ADAPTER, adapters_off, has_adapter
         from .uce import UCE
 
-        if self.hp.warm_start not in ("uce", "uce-pooled"):
+        if self.hp.warm_start not in WARM_STARTS:
             raise PatchforgeError(f"fmn warm_start must be 'uce', 'uce-pooled' or empty, not {self.hp.warm_start!r}")
         prompts = {"target": self.target, "anchor": self.anchor, "preserve": self.preserve, "words": self.words,
                    "contrast": self.contrast_prompts}
@@ -227,7 +230,7 @@ class ForgetMeNot(Method):
     def hardening(cls, hp, batch: int) -> tuple[int, int]:
         from .uce import UCEConfig
 
-        on = hp.warm_start in ("uce", "uce-pooled") and hp.adv_rounds > 0
+        on = hp.warm_start in WARM_STARTS and hp.adv_rounds > 0
         return (hp.adv_rounds * hp.adv_steps, min(UCEConfig.adv_prompts, batch)) if on else (0, 0)
 
     def draw(self) -> Rows:

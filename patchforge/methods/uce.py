@@ -141,17 +141,31 @@ class UCE(Method):
         per_prompt = len(c) // len(self.target)
         away = self.row_away().repeat_interleave(per_prompt)[:, None]  # one per token row
         weight = self.row_weight().repeat_interleave(per_prompt)[:, None]
-        self.deltas = self.solve_text(layers, c, a, p, away, weight)
         refs = self.concept_refs() if hp.adv_rounds > 0 else None  # once: with --images it encodes them
+        self.deltas = {}  # the hardening rounds' attacks read the current edit here
+        self.deltas = self.solve_hardened(layers, c, a, p, away, weight, refs, attacked=layers)
+        self.factor()
+
+    def factor(self) -> None:
+        """The SVD of every layer's ΔW, and the LoRA rank that keeps `energy` of each (at most max_rank)."""
+        with torch.no_grad():
+            self.factors = {n: torch.linalg.svd(d, full_matrices=False) for n, d in self.deltas.items()}
+        self.rank = min(self.hp.max_rank, max(_energy_rank(s, self.hp.energy) for _, s, _ in self.factors.values()))
+
+    def solve_hardened(self, layers, c, a, p, away, weight, refs, attacked, pooled: bool = False) -> dict:
+        """ΔW of `layers` for these rows (solve_text), then adv_rounds hardening rounds: each attacks the whole
+        current edit through the `attacked` layers, adds the prefixed rows (adversarial_rows; `pooled`: their
+        pooled embeddings) and solves again."""
+        hp = self.hp
+        deltas = self.solve_text(layers, c, a, p, away, weight)
         for r in range(hp.adv_rounds):
-            ca, aa, pa = self.adversarial_rows(layers, refs, r)
+            self.deltas.update(deltas)  # the attack runs against the whole current edit
+            ca, aa, pa = self.adversarial_rows(attacked, refs, r, pooled=pooled)
             c, a, p = torch.cat([c, ca]), torch.cat([a, aa]), torch.cat([p, pa * hp.adv_keep ** 0.5])
             away = torch.cat([away, torch.full((len(ca), 1), hp.away)])
             weight = torch.cat([weight, torch.ones(len(ca), 1)])
-            self.deltas = self.solve_text(layers, c, a, p, away, weight)
-        with torch.no_grad():
-            self.factors = {n: torch.linalg.svd(d, full_matrices=False) for n, d in self.deltas.items()}
-        self.rank = min(hp.max_rank, max(_energy_rank(s, hp.energy) for _, s, _ in self.factors.values()))
+            deltas = self.solve_text(layers, c, a, p, away, weight)
+        return deltas
 
     def concept_of(self) -> list[int]:
         """The listed concept (index into specs) each target prompt belongs to: the first that names it."""
@@ -241,7 +255,7 @@ class UCE(Method):
         refs = self.concept_refs()
         erased = text_kv_moments(tr, self.target, refs, paired=self.anchor, seed=tr.cfg.seed)
         kept = text_kv_moments(tr, list(dict.fromkeys(self.preserve + [""])), refs, seed=tr.cfg.seed)
-        self.deltas, self.errors = {}, {}
+        self.deltas = {}
         with torch.no_grad():
             for name, module in layers:
                 s_cc, s_ac, _ = erased[name]
@@ -251,9 +265,7 @@ class UCE(Method):
                 rhs = hp.erase_weight * (1 + hp.away) * w0 @ (s_ac - s_cc)  # (out, d)
                 self.deltas[name] = torch.linalg.solve(cov, rhs.T).T
         self.deltas.update(self.solve_pooled(refs))
-        with torch.no_grad():
-            self.factors = {n: torch.linalg.svd(d, full_matrices=False) for n, d in self.deltas.items()}
-        self.rank = min(hp.max_rank, max(_energy_rank(s, hp.energy) for _, s, _ in self.factors.values()))
+        self.factor()
 
     def pooled_layers(self) -> list:
         """The layers that read the pooled prompt embedding (SD3 / FLUX) among this run's LoRA targets, matched
@@ -276,16 +288,8 @@ class UCE(Method):
             a = tr.embed(self.anchor, base=True).pooled.float()
             kept = self.preserve + [""] + (self.anchor if hp.preserve_anchors else [])
             p = tr.embed(list(dict.fromkeys(kept)), base=True).pooled.float()
-        away, weight = self.row_away()[:, None], self.row_weight()[:, None]
-        deltas = self.solve_text(layers, c, a, p, away, weight)
-        for r in range(hp.adv_rounds):
-            self.deltas.update(deltas)  # the attack runs against the whole current edit
-            ca, aa, pa = self.adversarial_rows(list(tr.backbone.text_kv()) + layers, refs, r, pooled=True)
-            c, a, p = torch.cat([c, ca]), torch.cat([a, aa]), torch.cat([p, pa * hp.adv_keep ** 0.5])
-            away = torch.cat([away, torch.full((len(ca), 1), hp.away)])
-            weight = torch.cat([weight, torch.ones(len(ca), 1)])
-            deltas = self.solve_text(layers, c, a, p, away, weight)
-        return deltas
+        return self.solve_hardened(layers, c, a, p, self.row_away()[:, None], self.row_weight()[:, None], refs,
+                                   attacked=list(tr.backbone.text_kv()) + layers, pooled=True)
 
     @classmethod
     def hardening(cls, hp, batch: int) -> tuple[int, int]:
