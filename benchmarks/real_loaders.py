@@ -218,7 +218,8 @@ def run_child(tool_name: str, tool: Path, model: Path, lora: Path, reference: Pa
 def flux_rows(args, tool: Path, version: str, env: dict) -> list[dict]:
     """A FLUX.1-layout transformer at the released width (3072 = 24 heads of 128; one double and one single
     block, benchmarks/dit_memory.py's flux-1+1-256 folder) with a random patch on every attention projection
-    and the pooled vector's projection, rank 4, alpha 2: the kohya file through sd-scripts' FLUX merge."""
+    and the prompt's two projections (pooled vector, T5 tokens), rank 4, alpha 2: the kohya file through
+    sd-scripts' FLUX merge."""
     from diffusers import FluxPipeline
     from safetensors.torch import save_file
 
@@ -232,9 +233,10 @@ def flux_rows(args, tool: Path, version: str, env: dict) -> list[dict]:
     folder = args.workdir / "flux"
     folder.mkdir(parents=True, exist_ok=True)
     pipe = FluxPipeline.from_pretrained(model)
-    # and the pooled CLIP vector's projection, which uce edits (BFL's vector_in.in_layer)
+    # and the two projections of the prompt that uce edits: the pooled CLIP vector's (BFL's vector_in.in_layer)
+    # and the T5 tokens' (txt_in)
     path = make_patch(pipe, folder / "patch.safetensors", "a test concept", rank=4, alpha=2.0, scale=0.02, text=False,
-                      targets=DIT_TARGETS + ["text_embedder.linear_1"])
+                      targets=DIT_TARGETS + ["text_embedder.linear_1", "context_embedder"])
     pf.load_forget_patch(pipe, path)
     pf.fuse_forget_patches(pipe)
     fused = {k.replace(".base_layer", ""): v.contiguous() for k, v in pipe.transformer.state_dict().items()

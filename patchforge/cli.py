@@ -116,7 +116,9 @@ def _train(sub) -> None:
     p.add_argument("--text-encoder", action="store_true", default=None, help="also train a text-encoder LoRA")
     p.add_argument("--targets", default=None,
                    help="LoRA targets in the UNet or transformer: xattn, xattn-kv, xattn-kv+pooled (SD3 / FLUX: "
-                        "and the pooled embedding's projection), none or a peft regex")
+                        "and the pooled embedding's projection), text-in (the layers that read the text encoders' "
+                        "output: a UNet's K/V; SD3 / FLUX: the tokens' and the pooled embedding's projections), "
+                        "none or a peft regex")
     p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="method hyperparameter (see docs/methods.md)")
     p.add_argument("--out", default=None, help="patch path (default: patches/<concept>.<method>.safetensors)")

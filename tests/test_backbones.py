@@ -54,6 +54,15 @@ def test_the_seam_on_every_family(arch, tmp_path):
     assert {n for n, _ in backbone.denoiser.named_modules() if re.fullmatch(both, n)} == \
         {n for n, _ in backbone.denoiser.named_modules() if re.fullmatch(pattern, n)} | {n for n, _ in pooled}
     assert bool(pooled) == (backbone.denoiser_name == "transformer")  # SD3 and FLUX have one; SD 1.x / 2.x / XL none
+    # "text-in": the layers that read the text encoders' output itself. A UNet's K/V do; a transformer's K/V read
+    # its own text stream, which the tokens enter through token_text_in()
+    tokens_in = backbone.token_text_in()
+    assert all(isinstance(m, torch.nn.Linear) for _, m in tokens_in)
+    readers = backbone.target_pattern("text-in")
+    expected = ({n for n, _ in tokens_in} | {n for n, _ in pooled} if tokens_in else
+                {n for n, _ in backbone.denoiser.named_modules() if re.fullmatch(pattern, n)})
+    assert {n for n, _ in backbone.denoiser.named_modules() if re.fullmatch(readers, n)} == expected
+    assert bool(tokens_in) == (not backbone.text_kv_reads_text)
 
     # the memory plan's count, and the same family read back from a saved folder without loading it
     side = backbone.native_size() // getattr(pipe, "vae_scale_factor", 8)

@@ -86,9 +86,9 @@ def test_every_method_trains_on_every_dit_family(fam, method, tmp_path):
     else:
         assert patch.components == ["transformer"]
     if method == "uce":
-        # one block's add_k / add_v and the pooled embedding's projection
-        assert summary["solve"]["layers"] == 3 and summary["solve"]["residual"] < 0.1
-        assert "time_text_embed.text_embedder.linear_1" in patch.modules("transformer")
+        # the two layers that read the prompt: the tokens' projection and the pooled embedding's
+        assert summary["solve"]["layers"] == 2 and summary["solve"]["residual"] < 0.1
+        assert set(patch.modules("transformer")) == {"context_embedder", "time_text_embed.text_embedder.linear_1"}
     else:
         assert len(summary["losses"]) == 2 and all(map(torch.isfinite, torch.tensor(summary["losses"])))
     base = run(pipe)
@@ -201,25 +201,32 @@ def test_flux_kohya_export_is_exact_and_loads_in_diffusers(tmp_path):
         export_kohya(cached_patches("sd3")[0], tmp_path / "sd3.kohya.safetensors")
 
 
-def test_flux_kohya_export_carries_the_pooled_projection_and_says_where_it_is_dropped(tmp_path, capsys):
-    """uce edits the pooled CLIP vector's projection: the export writes it as BFL's vector_in.in_layer (what
-    ComfyUI and kohya name it), exactly; diffusers' kohya-FLUX reader drops those keys, and export says so."""
+def test_flux_kohya_export_carries_the_layers_outside_the_blocks_and_says_where_they_are_dropped(tmp_path, capsys):
+    """uce edits the pooled CLIP vector's projection and (--targets text-in) the T5 tokens' projection: the export
+    writes them as BFL's vector_in.in_layer and txt_in (what ComfyUI and kohya name them), exactly; diffusers'
+    kohya-FLUX reader drops those keys (measured: it loads only the block's layer here), and export says so."""
     from safetensors.torch import load_file
 
     from patchforge.io.patch_format import read_patch
 
     pipe = BUILDERS["flux"]()
     src = make_patch(pipe, tmp_path / "p.safetensors", "concept", seed=5, rank=2, alpha=1.0, text=False,
-                     targets=r"time_text_embed\.text_embedder\.linear_1|transformer_blocks\.0\.attn\.add_k_proj")
+                     targets=r"context_embedder|time_text_embed\.text_embedder\.linear_1|"
+                             r"transformer_blocks\.0\.attn\.add_k_proj")
     assert main(["export", str(src), "-o", str(tmp_path / "p.kohya.safetensors")]) == 0
-    assert "diffusers' load_lora_weights drops it" in capsys.readouterr().err
+    note = capsys.readouterr().err
+    assert "diffusers' load_lora_weights drops them" in note and "lora_unet_txt_in" in note
     fused, patch = load_file(str(tmp_path / "p.kohya.safetensors")), read_patch(src)
-    key = "lora_unet_vector_in_in_layer"
-    delta = fused[f"{key}.lora_up.weight"] @ fused[f"{key}.lora_down.weight"] * fused[f"{key}.alpha"] / \
-        fused[f"{key}.lora_down.weight"].shape[0]
-    assert torch.allclose(delta, patch.delta("transformer", "time_text_embed.text_embedder.linear_1"), atol=1e-6)
+    for key, module in (("lora_unet_vector_in_in_layer", "time_text_embed.text_embedder.linear_1"),
+                        ("lora_unet_txt_in", "context_embedder")):
+        delta = fused[f"{key}.lora_up.weight"] @ fused[f"{key}.lora_down.weight"] * fused[f"{key}.alpha"] / \
+            fused[f"{key}.lora_down.weight"].shape[0]
+        assert torch.allclose(delta, patch.delta("transformer", module), atol=1e-6)
+    pipe.load_lora_weights(str(tmp_path / "p.kohya.safetensors"), adapter_name="x")
+    loaded = {n for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A")}
+    assert "context_embedder" not in loaded and "transformer_blocks.0.attn.add_k_proj" in loaded  # what the note says
     assert main(["export", str(cached_patches("flux")[0]), "-o", str(tmp_path / "q.kohya.safetensors")]) == 0
-    assert "vector_in" not in capsys.readouterr().err  # a patch without it: no note
+    assert "lora_unet" not in capsys.readouterr().err  # a patch without them: no note
 
 
 def test_merged_dit_patches_equal_the_stack(tmp_path):

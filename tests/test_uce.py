@@ -268,7 +268,7 @@ def test_on_joint_attention_the_pooled_projection_gets_the_same_least_squares_ed
     from tiny_pipelines import BUILDERS
 
     pipe = BUILDERS[family]()
-    options = {"n_refs": 2, "preserve_weight": 2.0, "away": 0.5, "ridge": 0.05}
+    options = {"n_refs": 2, "preserve_weight": 2.0, "away": 0.5, "ridge": 0.05, "denoiser_targets": "xattn-kv+pooled"}
     runner = prepared_uce(pipe, options)
     pooled = [n for n, _ in runner.tr.backbone.pooled_text_in()]
     assert pooled and set(pooled) <= set(runner.deltas) and all(runner.deltas[n].abs().max() > 0 for n in pooled)
@@ -280,6 +280,44 @@ def test_on_joint_attention_the_pooled_projection_gets_the_same_least_squares_ed
     assert set(pooled) <= set(read_patch(path).modules("transformer"))
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_text_in_edits_the_two_layers_that_read_the_prompt_by_least_squares(family):
+    """SD3 / FLUX with --targets text-in: the tokens' projection into the text stream (context_embedder) gets the
+    cross-attention solve on every token row, as a UNet's K/V do, the pooled projection its own; the joint K/V
+    are left alone. A hardening round moves both."""
+    from tiny_pipelines import BUILDERS
+
+    pipe = BUILDERS[family]()
+    options = {"n_refs": 2, "preserve_weight": 2.0, "away": 0.5, "ridge": 0.05, "denoiser_targets": "text-in"}
+    runner = prepared_uce(pipe, options)
+    tokens_in = {n for n, _ in runner.tr.backbone.token_text_in()}
+    pooled = {n for n, _ in runner.tr.backbone.pooled_text_in()}
+    assert tokens_in and set(runner.deltas) == tokens_in | pooled
+    assert_least_squares_optimum(pipe, runner, preserve_weight=2.0, away=0.5, ridge=0.05)
+    assert_least_squares_optimum(pipe, runner, preserve_weight=2.0, away=0.5, ridge=0.05, pooled=True)
+    hard = prepared_uce(pipe, {**options, "adv_rounds": 1, "adv_steps": 2, "adv_prompts": 2})
+    assert len(hard.prefixes) == 1
+    assert all(not torch.allclose(runner.deltas[n], hard.deltas[n]) for n in runner.deltas)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_uce_default_patch_on_joint_attention_loads_whole_in_plain_diffusers(family, tmp_path):
+    """uce's default targets (text-in) on SD3 / FLUX: the patch holds the two projections, and the pipeline's own
+    load_lora_weights puts a LoRA on both, as load_forget_patch does."""
+    from patchforge.io.loading import load_forget_patch
+    from patchforge.io.patch_format import read_patch
+    from tiny_pipelines import BUILDERS
+
+    path, _ = train_patch(["custom:a photo of a cat"], "uce", None, TrainConfig(progress=False, options={"n_refs": 2}),
+                          out=tmp_path / "p.safetensors", pipe=BUILDERS[family]())
+    expected = {"context_embedder", "time_text_embed.text_embedder.linear_1"}
+    assert set(read_patch(path).modules("transformer")) == expected
+    for load in (lambda p: p.load_lora_weights(str(path), adapter_name="x"), lambda p: load_forget_patch(p, path)):
+        pipe = BUILDERS[family]()
+        load(pipe)
+        assert {n for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A")} == expected
+
+
 def test_hardening_on_joint_attention_hardens_the_pooled_projection():
     """SD3 / FLUX: the prefix attack's pooled vectors join the pooled rows (the K/V read the transformer's own
     text stream, so their edit stays the plain one); without the pooled projection in the targets, and for
@@ -288,7 +326,8 @@ def test_hardening_on_joint_attention_hardens_the_pooled_projection():
     from tiny_pipelines import tiny_sd3
 
     pipe = tiny_sd3()
-    options = {"n_refs": 2, "adv_steps": 2, "adv_prompts": 2, "preserve_weight": 1.0, "preserve_anchors": False}
+    options = {"n_refs": 2, "adv_steps": 2, "adv_prompts": 2, "preserve_weight": 1.0, "preserve_anchors": False,
+               "denoiser_targets": "xattn-kv+pooled"}
     plain, hard = prepared_uce(pipe, options), prepared_uce(pipe, {**options, "adv_rounds": 1})
     assert len(hard.prefixes) == 1 and not plain.prefixes
     pooled = [n for n, _ in hard.tr.backbone.pooled_text_in()]
@@ -326,3 +365,38 @@ def test_fmn_holds_the_pooled_projection_at_its_warm_start(tmp_path):
     alone = deltas(1e-12, warm_start="uce-pooled")
     assert torch.allclose(alone[pooled], still[pooled])
     assert all(alone[m].abs().max() < 1e-6 for m in alone if m != pooled)
+
+
+def test_hardening_rows_line_the_anchor_up_with_the_prefix_in_each_encoders_part():
+    """SD3's token sequence is a CLIP part (the prefix after begin-of-text) then a T5 part (the prefix first):
+    the anchor's words move k places right in each part from where the prefix sits there, the prefix's
+    positions take the token before them; a part the prefix never entered (no T5: zeros) stays as it is."""
+    from types import SimpleNamespace
+
+    from patchforge.methods.uce import _prefix_aligned
+
+    clip, t5, absent = object(), object(), object()
+    soft = SimpleNamespace(k=2, offsets=[1, 0],
+                           backbone=SimpleNamespace(prompt_encoders=lambda: [(clip, None), (t5, None)]))
+    anchor = torch.arange(10.0)[None, :, None]  # positions: CLIP 0-5, T5 6-9
+    assert _prefix_aligned(anchor, soft, [(clip, 6), (t5, None)])[0, :, 0].tolist() == [0, 0, 0, 1, 2, 3, 6, 6, 6, 7]
+    assert _prefix_aligned(anchor, soft, [(clip, 6), (absent, None)])[0, 6:, 0].tolist() == [6, 7, 8, 9]
+
+
+def test_targets_pick_the_layers_uce_edits(tmp_path):
+    """--targets reaches the closed form: on SD3 `xattn-kv+pooled` edits the joint K/V and the pooled projection
+    instead of the default's two input projections; a set naming none of them is one clear error."""
+    from patchforge.errors import PatchforgeError
+    from patchforge.io.patch_format import read_patch
+    from tiny_pipelines import tiny_sd3
+
+    pipe = tiny_sd3()
+    cfg = TrainConfig(progress=False, options={"n_refs": 2}, denoiser_targets="xattn-kv+pooled")
+    path, _ = train_patch(["custom:a photo of a cat"], "uce", None, cfg, out=tmp_path / "p.safetensors", pipe=pipe)
+    modules = set(read_patch(path).modules("transformer"))
+    assert "time_text_embed.text_embedder.linear_1" in modules and "context_embedder" not in modules
+    assert any(m.endswith("attn.add_k_proj") for m in modules)
+    with pytest.raises(PatchforgeError, match="name no layer that reads the prompt"):
+        train_patch(["custom:a photo of a cat"], "uce", None, TrainConfig(progress=False, options={"n_refs": 2},
+                    denoiser_targets=r".*attn\.to_q"), out=tmp_path / "q.safetensors", pipe=pipe)
+    assert not (tmp_path / "q.safetensors").exists()

@@ -8,7 +8,8 @@ the first registered family whose `matches(pipe)` is true.
     denoiser_name      the pipeline attribute of the denoiser ("unet" or "transformer")
     components         the LoRA-carrying components a patch may hold, denoiser first
     TARGETS            LoRA target patterns by key: text-attention K/V, text attention, K/V plus the
-                       pooled projection (below), none
+                       pooled projection (below), the layers that read the text encoders' output
+                       ("text-in": the K/V in a UNet, the two input projections in SD3 / FLUX), none
     encode()           prompts -> Cond (the pipeline's own prompt encoding)
     add_noise()        x0, noise, t -> x_t (the forward process the family was trained with)
     noised()           x0, a seeded generator -> (x_t, t, noise) at random timesteps
@@ -23,6 +24,9 @@ the first registered family whose `matches(pipe)` is true.
     pooled_text_in()   the layers that read the prompt's pooled embedding itself (SD3 / FLUX: its projection
                        into the timestep embedding; none in SD 1.x / 2.x); on the DiT toy the object is drawn
                        from there, not from the tokens
+    token_parts()      the encoders' parts of that token sequence, in order (where a prefix sits in each)
+    token_text_in()    the layer that projects the prompt's tokens into a transformer's text stream (SD3 /
+                       FLUX: context_embedder; none where text_kv() reads the tokens themselves)
     attention_recorder() an attention processor for text_attention() that records the mass image
                        queries put on the concept's text columns (FMN)
     concept_mask()     prompts, words -> (prompts, text tokens) mask of the concept's columns
@@ -92,7 +96,7 @@ class Backbone(Protocol):
     """What every family module implements (sd_unet.SDUNet is the reference)."""
     denoiser_name: str  # the pipeline attribute of the denoiser
     components: tuple[str, ...]  # LoRA-carrying pipeline attributes, denoiser first
-    TARGETS: dict[str, str | None]  # "xattn", "xattn-kv", "xattn-kv+pooled", "none" -> peft target regex
+    TARGETS: dict[str, str | None]  # "xattn", "xattn-kv", "xattn-kv+pooled", "text-in", "none" -> peft target regex
 
     def __init__(self, pipe) -> None: ...
 
@@ -122,6 +126,10 @@ class Backbone(Protocol):
     text_kv_reads_text: bool
 
     def pooled_text_in(self) -> list[tuple[str, torch.nn.Module]]: ...
+
+    def token_text_in(self) -> list[tuple[str, torch.nn.Module]]: ...
+
+    def token_parts(self) -> list[tuple[object, int | None]]: ...
 
     def attention_recorder(self): ...
 
@@ -199,6 +207,17 @@ class PipelineParts:
 
     def pooled_text_in(self) -> list[tuple[str, torch.nn.Module]]:
         """No layer reads a pooled prompt embedding (families that have one override this)."""
+        return []
+
+    def token_parts(self) -> list[tuple[object, int | None]]:
+        """The token sequence encode() returns, part by part along the token axis: (the tokenizer of the prompt
+        encoder that wrote it, its length; None: to the end). SD 1.x / 2.x / XL: one CLIP sequence (SDXL's two
+        CLIPs share the positions, joined on the feature axis)."""
+        return [(self.pipe.tokenizer, None)]
+
+    def token_text_in(self) -> list[tuple[str, torch.nn.Module]]:
+        """No layer projects the prompt's tokens before text_kv() reads them (UNet cross-attention reads the
+        text encoder's output itself; the transformer families override this)."""
         return []
 
     # ---- images <-> latents through the VAE (SD3's and FLUX's VAEs shift their latents, SD's do not)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import Cond
 from . import concept_token_mask, register
-from .sd3 import JOINT_DEFAULTS, POOLED_IN, FlowMatching, JointAttentionRecorder, joint_attention_values
+from .sd3 import JOINT_DEFAULTS, POOLED_IN, TOKENS_IN, FlowMatching, JointAttentionRecorder, joint_attention_values
 
 # the double-stream blocks' text stream (single_transformer_blocks have no add_* projections)
 TEXT_STREAM = r".*transformer_blocks\.\d+\.attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)$"
@@ -86,7 +86,8 @@ class Flux(FlowMatching):
 
     denoiser_name = "transformer"
     components = ("transformer", "text_encoder")  # FluxLoraLoaderMixin's
-    TARGETS = {"xattn": TEXT_STREAM, "xattn-kv": TEXT_KV, "xattn-kv+pooled": f"({TEXT_KV})|({POOLED_IN})", "none": None}
+    TARGETS = {"xattn": TEXT_STREAM, "xattn-kv": TEXT_KV, "xattn-kv+pooled": f"({TEXT_KV})|({POOLED_IN})",
+               "text-in": f"({TOKENS_IN})|({POOLED_IN})", "none": None}
     TRANSFORMER_CLASS = "FluxTransformer2DModel"
     PIPELINE_CLASSES = ("FluxPipeline",)
     LOADER_TAKES_ALPHAS = True
@@ -137,6 +138,10 @@ class Flux(FlowMatching):
         emb, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=device,
                                                  num_images_per_prompt=1, max_sequence_length=T5_LENGTH)
         return Cond(emb, pooled)
+
+    def token_parts(self) -> list[tuple[object, int | None]]:
+        """The transformer reads T5's tokens only (CLIP gives the pooled vector)."""
+        return [(self.pipe.tokenizer_2, None)]
 
     def concept_mask(self, prompts: list[str], words: list[str]) -> torch.Tensor:
         """The concept's columns in the T5 sequence (the only tokens the transformer reads)."""

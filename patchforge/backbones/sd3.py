@@ -32,6 +32,7 @@ from . import FamilyDefaults, PipelineParts, concept_token_mask, register
 TEXT_STREAM = r".*attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)$"  # the text stream of joint attention
 TEXT_KV = r".*attn\.(add_k_proj|add_v_proj)$"  # what the image queries read from the text
 POOLED_IN = r"time_text_embed\.text_embedder\.linear_1"  # the pooled prompt's way into every block's modulation
+TOKENS_IN = r"context_embedder"  # the prompt's tokens' way into the transformer's text stream
 T5_LENGTH = 256  # the pipeline's default max_sequence_length, used for training and generation alike
 
 
@@ -110,6 +111,11 @@ class FlowMatching(PipelineParts):
         """The pooled embedding's projection into the timestep embedding, which modulates every block (adaLN):
         the prompt reaches the image this way too, beside joint attention."""
         return [(n, m) for n, m in self.pipe.transformer.named_modules() if re.fullmatch(POOLED_IN, n)]
+
+    def token_text_in(self) -> list[tuple[str, torch.nn.Module]]:
+        """The projection of the text encoders' tokens into the transformer's text stream: the one layer that
+        reads them, so every joint block's K/V see the prompt through it."""
+        return [(n, m) for n, m in self.pipe.transformer.named_modules() if re.fullmatch(TOKENS_IN, n)]
 
     guidance_distilled = False  # classifier-free guidance at sampling time (FLUX.1-dev: a guidance embedding)
     text_kv_reads_text = False  # their input is the text stream inside the transformer, not the encoder output
@@ -211,7 +217,8 @@ class SD3(FlowMatching):
 
     denoiser_name = "transformer"
     components = ("transformer", "text_encoder", "text_encoder_2")  # SD3LoraLoaderMixin's
-    TARGETS = {"xattn": TEXT_STREAM, "xattn-kv": TEXT_KV, "xattn-kv+pooled": f"({TEXT_KV})|({POOLED_IN})", "none": None}
+    TARGETS = {"xattn": TEXT_STREAM, "xattn-kv": TEXT_KV, "xattn-kv+pooled": f"({TEXT_KV})|({POOLED_IN})",
+               "text-in": f"({TOKENS_IN})|({POOLED_IN})", "none": None}
     TRANSFORMER_CLASS = "SD3Transformer2DModel"
     PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
     LOADER_TAKES_ALPHAS = False
@@ -255,6 +262,10 @@ class SD3(FlowMatching):
                                                     num_images_per_prompt=1, do_classifier_free_guidance=False,
                                                     max_sequence_length=T5_LENGTH)
         return Cond(emb, pooled)
+
+    def token_parts(self) -> list[tuple[object, int | None]]:
+        """77 CLIP positions (CLIP-L and CLIP-G on the feature axis), then the T5 part (zeros without a T5)."""
+        return [(self.pipe.tokenizer, 77), (getattr(self.pipe, "tokenizer_3", None), None)]
 
     def concept_mask(self, prompts: list[str], words: list[str]) -> torch.Tensor:
         """(prompts, text tokens) 1.0 where the transformer's text sequence spells one of `words`:

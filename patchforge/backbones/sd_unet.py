@@ -81,7 +81,8 @@ class SDUNet(PipelineParts):
     denoiser_name = "unet"
     components = ("unet", "text_encoder", "text_encoder_2")
     # SDXL's pooled embedding enters add_embedding beside the size ids: not edited (pooled_text_in() is empty)
-    TARGETS = {"xattn": XATTN, "xattn-kv": XATTN_KV, "xattn-kv+pooled": XATTN_KV, "none": None}
+    TARGETS = {"xattn": XATTN, "xattn-kv": XATTN_KV, "xattn-kv+pooled": XATTN_KV, "text-in": XATTN_KV,
+               "none": None}
 
     def __init__(self, pipe):
         super().__init__(pipe)

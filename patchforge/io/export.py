@@ -67,13 +67,13 @@ def run_command(args) -> int:
         out = export_kohya(args.patch, args.output)
         print(out)
         with safe_open(str(out), "pt") as f:
-            pooled = any(k.startswith(tuple(FLUX_OUTSIDE.values())) for k in f.keys())
-        if pooled:
+            outside = sorted({name for name in FLUX_OUTSIDE.values() for k in f.keys() if k.startswith(name + ".")})
+        if outside:
             # diffusers 0.42's kohya-FLUX converter renames these keys without the "transformer." prefix its
-            # loader then filters on, and so drops them with a log line only: the pooled edit would be gone
-            print("note: this FLUX patch edits the pooled CLIP vector's projection (lora_unet_vector_in_in_layer): "
-                  "kohya's FLUX merge applies it, diffusers' load_lora_weights drops it from this kohya file; in "
-                  "diffusers load the patch file itself", file=sys.stderr)
+            # loader then filters on, and so drops them with a log line only: that part of the edit would be gone
+            print(f"note: this FLUX patch edits layers outside the blocks ({', '.join(outside)}): kohya's FLUX merge "
+                  "applies them, diffusers' load_lora_weights drops them from this kohya file; in diffusers load "
+                  "the patch file itself", file=sys.stderr)
         return 0
     if not args.output:
         raise PatchforgeError("--format pipeline writes a folder: give it with -o DIR")

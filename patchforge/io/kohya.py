@@ -13,7 +13,8 @@ checkpoint does, where q, k and v are one fused layer: `lora_unet_double_blocks_
 (to_add_out), `..._img_attn_proj` (to_out.0), `..._{img,txt}_mlp_{0,2}`, and in the single-stream
 blocks `lora_unet_single_blocks_{i}_linear1` (to_q, to_k, to_v and proj_mlp fused) and `..._linear2`
 (proj_out); the pooled CLIP vector's projection (diffusers' time_text_embed.text_embedder.linear_1) is
-`lora_unet_vector_in_in_layer`; the CLIP text encoder is `lora_te1_`. A patch's separate LoRAs become one LoRA on the
+`lora_unet_vector_in_in_layer`, the T5 tokens' projection (context_embedder) `lora_unet_txt_in`; the CLIP text
+encoder is `lora_te1_`. A patch's separate LoRAs become one LoRA on the
 fused layer without changing what it computes: the down matrices are stacked (a zero block for a
 part the patch leaves alone) and the up matrix is block-diagonal, each part's scale folded into its
 block, alpha = rank. SD3 has no kohya layout that diffusers and ComfyUI share: its patch file itself
@@ -42,9 +43,11 @@ FLUX_DOUBLE = {"attn.to_q": ("img_attn_qkv", 0, 3), "attn.to_k": ("img_attn_qkv"
                "ff_context.net.0.proj": ("txt_mlp_0", 0, 1), "ff_context.net.2": ("txt_mlp_2", 0, 1)}
 FLUX_SINGLE = {"attn.to_q": ("linear1", 0, 4), "attn.to_k": ("linear1", 1, 4), "attn.to_v": ("linear1", 2, 4),
                "proj_mlp": ("linear1", 3, 4), "proj_out": ("linear2", 0, 1)}
-# layers outside the blocks: the pooled CLIP vector's projection (uce edits it), BFL's `vector_in.in_layer`
-# (kohya's FLUX merge reads it; diffusers' kohya-FLUX converter drops it: patchforge export says so)
-FLUX_OUTSIDE = {"time_text_embed.text_embedder.linear_1": "lora_unet_vector_in_in_layer"}
+# layers outside the blocks, which uce edits: the pooled CLIP vector's projection, BFL's `vector_in.in_layer`,
+# and the T5 tokens' projection into the text stream, `txt_in` (kohya's FLUX merge reads both; diffusers'
+# kohya-FLUX converter drops them: patchforge export says so)
+FLUX_OUTSIDE = {"time_text_embed.text_embedder.linear_1": "lora_unet_vector_in_in_layer",
+                "context_embedder": "lora_unet_txt_in"}
 FLUX_MLP_RATIO = 4  # linear1's MLP part is 4 x the width (FLUX.1's mlp_ratio)
 
 

@@ -197,7 +197,7 @@ class ForgetMeNot(Method):
         with adapters_off([self.tr.denoiser]):
             uce.prepare()
         if self.hp.warm_start == "uce-pooled":  # only the pooled projection starts from the edit; the K/V cold
-            pooled = {n for n, _ in uce.pooled_layers()}
+            pooled = {n for n, _ in uce.targeted(self.tr.backbone.pooled_text_in())}
             uce.factors = {n: f for n, f in uce.factors.items() if n in pooled}
         layers = [m for _, m in self.tr.backbone.text_kv()]
         if not layers or not all(has_adapter(m) for m in layers):
@@ -210,7 +210,7 @@ class ForgetMeNot(Method):
         if not self.hp.train_pooled:
             # a zero gradient, so AdamW's step there is exactly zero (requires_grad cannot hold it: PEFT turns it
             # back on whenever the adapters are re-enabled after a frozen-base call)
-            for _, module in uce.pooled_layers():
+            for _, module in uce.targeted(self.tr.backbone.pooled_text_in()):
                 for weight in (module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight):
                     weight.register_hook(torch.zeros_like)
 

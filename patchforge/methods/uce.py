@@ -31,8 +31,9 @@ token directions, and an optimised prompt steps around them (UnlearnDiffAtk brou
 81 % of images). Each round attacks the current edit with UnlearnDiffAtk's per-prompt prefix, adds the
 prefixed target prompts to the erased rows and the prefixed preserve prompts (and each attacked prompt's
 neighbour twin) to the kept rows, and solves again: RECE's loop, with the published attack as the adversary.
-On SD3 / FLUX the rounds run on the pooled projection's rows (solve_pooled): the joint attention's K/V read
-the transformer's own text stream, which a closed form cannot re-solve against a prefix.
+On SD3 / FLUX the rounds run on the rows of the layers that read the prompt itself (the pooled projection,
+and with --targets text-in the tokens' projection, context_embedder): the joint attention's K/V read the
+transformer's own text stream, which a closed form cannot re-solve against a prefix.
 """
 from __future__ import annotations
 
@@ -52,16 +53,19 @@ from . import Method, MethodConfig, register
 @dataclass
 class UCEConfig(MethodConfig):
     steps: int = 0  # closed form: no optimisation step
-    # the layers the backbone's text_kv() and pooled_text_in() list, which this edits (SD 1.x / 2.x / XL: the
-    # K/V alone; SD3 / FLUX: the pooled projection too, where the DiT toy reads the object from)
-    denoiser_targets: str = "xattn-kv+pooled"
+    # the layers that read the text encoders' output, which this edits: SD 1.x / 2.x / XL, the cross-attention
+    # K/V; SD3 / FLUX, the tokens' projection into the text stream (context_embedder) and the pooled one (where
+    # the DiT toy reads the object from). On the DiT toy's list of 8 this left 1 % / 0 % pooled where the
+    # joint K/V plus the pooled projection ("xattn-kv+pooled") left 12 % / 5 % and red 67 % (the joint K/V read
+    # the transformer's own text stream, which the closed form only approximates); docs/methods.md
+    denoiser_targets: str = "text-in"
     # weight of each preserve token against each erased token. 6 with the anchors kept (below): on the toy's
     # lists it took compositional prompts from 75 to 84 % of base at 8 concepts and from 62 to 95 % for every
     # colour but red; 8 left Kiko at 50 % in a list of 4, 4 kept less (docs/methods.md, "Many concepts")
     preserve_weight: float = 6.0
     erase_weight: float = 1.0
     away: float = 1.0  # v* = W0 a - away (W0 c - W0 a): past the anchor, away from the concept
-    # the push per kind, "kind=value,..." (kinds not named: `away`; cross-attention models only). Half the
+    # the push per kind, "kind=value,..." (kinds not named: `away`; every row but the joint K/V's). Half the
     # push for styles: a full one moves the rest of the scene (one stripes patch kept 83 % of its
     # compositional prompts at 1, 92 % at 0.5); with `balance` and the lists' colour anchors, the toy's lists
     # of 4, 8 and 16 kept 94 / 89 / 98 % of them (91 / 81 / 97 % at 1) with every listed concept still 0 %;
@@ -102,13 +106,26 @@ class UCEConfig(MethodConfig):
         away_table(self.away_by_kind)  # a malformed value fails with the other options, before any model loads
 
 
+@dataclass
+class Rows:
+    """One solve's rows for some layers: erased inputs c, their anchors a, kept inputs p (one row each), each
+    erased row's push past its anchor and weight; `pooled`: rows are pooled embeddings, else tokens."""
+    layers: list
+    c: torch.Tensor
+    a: torch.Tensor
+    p: torch.Tensor
+    away: torch.Tensor
+    weight: torch.Tensor
+    pooled: bool
+
+
 @register("uce")
 class UCE(Method):
     Config = UCEConfig
     closed_form = True
 
     def prepare(self):
-        hp = self.hp
+        hp, tr = self.hp, self.tr
         if not 0 < hp.energy <= 1 or hp.max_rank < 1 or hp.ridge < 0 or hp.preserve_weight < 0:
             raise PatchforgeError("uce needs 0 < energy <= 1, max_rank >= 1, ridge >= 0 and preserve_weight >= 0")
         if hp.adv_rounds < 0 or hp.adv_keep < 0:
@@ -116,35 +133,72 @@ class UCE(Method):
         if not 0 <= hp.null_space < 1:
             raise PatchforgeError("uce needs 0 <= null_space < 1 (the share of the kept rows' energy held exactly)")
         self.prefixes = []  # each hardening round's attack (SoftPrefix): fmn trains on them after its warm start
-        layers = self.tr.backbone.text_kv()
-        if not layers:
-            raise PatchforgeError("uce: this model has no text cross-attention key/value projections to edit")
-        tr = self.tr
-        if not tr.backbone.text_kv_reads_text:
-            if hp.adv_rounds > 0 and not self.pooled_layers():
-                raise PatchforgeError("uce hardening (adv_rounds) on SD3 / FLUX hardens the pooled projection: keep "
-                                      "it in the targets (--targets xattn-kv+pooled) or add --set adv_rounds=0")
+        backbone = tr.backbone
+        if backbone.text_kv_reads_text:  # UNet cross-attention: the K/V read the prompt's tokens themselves
+            tokens_in, joint, pooled = self.targeted(backbone.text_kv()), [], []
+            if not tokens_in:
+                raise PatchforgeError(f"uce: the targets {hp.denoiser_targets[:40]!r} name no cross-attention "
+                                      "key/value projection of this model (give --targets text-in)")
+        else:  # SD3 / FLUX: whichever of the tokens' projection, the joint K/V and the pooled projection it targets
+            tokens_in, joint, pooled = (self.targeted(backbone.token_text_in()), self.targeted(backbone.text_kv()),
+                                        self.targeted(backbone.pooled_text_in()))
+            if not (tokens_in or joint or pooled):
+                raise PatchforgeError(f"uce: the targets {hp.denoiser_targets[:40]!r} name no layer that reads the "
+                                      "prompt (give --targets text-in or xattn-kv+pooled)")
+            if hp.adv_rounds > 0 and not (tokens_in or pooled):
+                raise PatchforgeError("uce hardening (adv_rounds) on SD3 / FLUX hardens the layers that read the "
+                                      "prompt itself: keep them in the targets (--targets text-in or "
+                                      "xattn-kv+pooled) or add --set adv_rounds=0")
             if hp.null_space > 0:
                 raise PatchforgeError("uce null_space supports cross-attention models (SD 1.x / 2.x / XL) for now; "
                                       "on SD3 / FLUX leave it at 0")
-            self.prepare_joint(layers)
-            return
+        refs = self.concept_refs() if hp.adv_rounds > 0 or joint else None  # once: with --images it encodes them
+        self.deltas = {}  # the hardening rounds' attacks read the current edit here
+        if joint:
+            self.deltas.update(self.solve_joint(joint, refs))
+        groups = ([self.token_rows(tokens_in)] if tokens_in else []) + ([self.pooled_rows(pooled)] if pooled else [])
+        self.deltas.update(self.solve_hardened(groups, refs))
+        self.factor()
+
+    def targeted(self, layers) -> list:
+        """The layers among this run's LoRA targets, matched as PEFT matches them: the whole name."""
+        pattern = self.tr.backbone.target_pattern(self.hp.denoiser_targets)
+        return [(n, m) for n, m in layers if pattern and re.fullmatch(pattern, n)]
+
+    def token_rows(self, layers) -> "Rows":
+        """One row per token position of every target prompt (c), its anchor's token at that position (a,
+        or the aligned one) and every kept prompt's tokens (p)."""
+        hp, tr = self.hp, self.tr
         with torch.no_grad():
-            c = tr.embed(self.target, base=True).emb.float().flatten(0, 1)  # (targets * tokens, d)
+            c = tr.embed(self.target, base=True).emb.float()
             a = tr.embed(self.anchor, base=True).emb.float()
             if hp.align:
                 a = a.gather(1, _alignment(tr.pipe.tokenizer, self.target, self.anchor, a.shape[1])
                              [..., None].expand(-1, -1, a.shape[2]))
-            a = a.flatten(0, 1)
-            kept = self.preserve + [""] + (self.anchor if hp.preserve_anchors else [])
-            p = tr.embed(list(dict.fromkeys(kept)), base=True).emb.float().flatten(0, 1)
-        per_prompt = len(c) // len(self.target)
-        away = self.row_away().repeat_interleave(per_prompt)[:, None]  # one per token row
-        weight = self.row_weight().repeat_interleave(per_prompt)[:, None]
-        refs = self.concept_refs() if hp.adv_rounds > 0 else None  # once: with --images it encodes them
-        self.deltas = {}  # the hardening rounds' attacks read the current edit here
-        self.deltas = self.solve_hardened(layers, c, a, p, away, weight, refs, attacked=layers)
-        self.factor()
+            p = tr.embed(self.kept_prompts(), base=True).emb.float()
+        per_prompt = c.shape[1]
+        return Rows(layers, c.flatten(0, 1), a.flatten(0, 1), p.flatten(0, 1),
+                    self.row_away().repeat_interleave(per_prompt)[:, None],
+                    self.row_weight().repeat_interleave(per_prompt)[:, None], pooled=False)
+
+    def pooled_rows(self, layers) -> "Rows":
+        """The same rows for the pooled-embedding layers: one per prompt. The pooled vector carries the whole
+        prompt, and the DiT toy draws the object from it alone: with a star's tokens and a circle prompt's
+        pooled vector it draws no star, with a circle's tokens and a star's pooled vector a star every time.
+        An edit of the joint attention's K/V alone left the star in 94 % of images; and UnlearnDiffAtk's
+        prefix brings the star back through the pooled vector alone (its pooled vector with the plain
+        tokens: every image)."""
+        tr = self.tr
+        with torch.no_grad():
+            c = tr.embed(self.target, base=True).pooled.float()
+            a = tr.embed(self.anchor, base=True).pooled.float()
+            p = tr.embed(self.kept_prompts(), base=True).pooled.float()
+        return Rows(layers, c, a, p, self.row_away()[:, None], self.row_weight()[:, None], pooled=True)
+
+    def kept_prompts(self) -> list[str]:
+        """The preserve prompts, the empty prompt (classifier-free guidance's other half) and, with
+        preserve_anchors, the anchors."""
+        return list(dict.fromkeys(self.preserve + [""] + (self.anchor if self.hp.preserve_anchors else [])))
 
     def factor(self) -> None:
         """The SVD of every layer's ΔW, and the LoRA rank that keeps `energy` of each (at most max_rank)."""
@@ -152,19 +206,23 @@ class UCE(Method):
             self.factors = {n: torch.linalg.svd(d, full_matrices=False) for n, d in self.deltas.items()}
         self.rank = min(self.hp.max_rank, max(_energy_rank(s, self.hp.energy) for _, s, _ in self.factors.values()))
 
-    def solve_hardened(self, layers, c, a, p, away, weight, refs, attacked, pooled: bool = False) -> dict:
-        """ΔW of `layers` for these rows (solve_text), then adv_rounds hardening rounds: each attacks the whole
-        current edit through the `attacked` layers, adds the prefixed rows (adversarial_rows; `pooled`: their
-        pooled embeddings) and solves again."""
+    def solve_hardened(self, groups: list["Rows"], refs) -> dict:
+        """ΔW of every group's layers for its rows (solve_text), then adv_rounds hardening rounds: each
+        attacks the whole current edit once, adds the prefixed rows to every group (adversarial_rows) and
+        solves again."""
         hp = self.hp
-        deltas = self.solve_text(layers, c, a, p, away, weight)
+        deltas = {}
+        for g in groups:
+            deltas.update(self.solve_text(g.layers, g.c, g.a, g.p, g.away, g.weight))
         for r in range(hp.adv_rounds):
             self.deltas.update(deltas)  # the attack runs against the whole current edit
-            ca, aa, pa = self.adversarial_rows(attacked, refs, r, pooled=pooled)
-            c, a, p = torch.cat([c, ca]), torch.cat([a, aa]), torch.cat([p, pa * hp.adv_keep ** 0.5])
-            away = torch.cat([away, torch.full((len(ca), 1), hp.away)])
-            weight = torch.cat([weight, torch.ones(len(ca), 1)])
-            deltas = self.solve_text(layers, c, a, p, away, weight)
+            soft, n = self.attack(refs, r)
+            for g in groups:
+                ca, aa, pa = self.adversarial_rows(soft, n, pooled=g.pooled)
+                g.c, g.a, g.p = torch.cat([g.c, ca]), torch.cat([g.a, aa]), torch.cat([g.p, pa * hp.adv_keep ** 0.5])
+                g.away = torch.cat([g.away, torch.full((len(ca), 1), hp.away)])
+                g.weight = torch.cat([g.weight, torch.ones(len(ca), 1)])
+                deltas.update(self.solve_text(g.layers, g.c, g.a, g.p, g.away, g.weight))
         return deltas
 
     def concept_of(self) -> list[int]:
@@ -210,22 +268,28 @@ class UCE(Method):
                 out[name] = torch.linalg.solve(cov, rhs.T).T  # rhs cov⁻¹ (cov is symmetric)
         return out
 
-    def adversarial_rows(self, layers, refs: torch.Tensor, round_: int, pooled: bool = False):
-        """One hardening round: UnlearnDiffAtk's per-prompt prefix, optimised against the model edited by
-        the current ΔW (forward hooks; the weights are not touched) to denoise the concept's reference
-        images, gives erased rows "<prefix> target" (anchored on the plain anchor prompt's tokens, position
-        by position, as the plain rows are) and kept rows "<prefix> preserve prompt": the neighbours are
-        held inside the region the attack reaches, not only on their plain prompts. `pooled`: the same rows'
-        pooled embeddings (one per prompt) instead of their tokens."""
+    def attack(self, refs: torch.Tensor, round_: int):
+        """One hardening round's adversary: UnlearnDiffAtk's per-prompt prefix, optimised against the model
+        edited by the current ΔW (forward hooks; the weights are not touched) to denoise the concept's
+        reference images -> (the SoftPrefix, how many target prompts it attacked)."""
         from ..pipeline.soft_tokens import unlearndiff_attack
 
         hp, tr = self.hp, self.tr
         n = min(hp.adv_prompts, len(self.target), len(refs), self.batch)  # a training step's rows at most
-        prompts, anchors = self.target[:n], self.anchor[:n]
-        with _edited(layers, self.deltas):
-            soft = unlearndiff_attack(tr.pipe, prompts, refs[:n], steps=hp.adv_steps, n_tokens=hp.adv_tokens,
-                                      lr=hp.adv_lr, seed=tr.cfg.seed + 1 + round_)
+        modules = dict(tr.denoiser.named_modules())
+        with _edited([(name, modules[name]) for name in self.deltas], self.deltas):
+            soft = unlearndiff_attack(tr.pipe, self.target[:n], refs[:n], steps=hp.adv_steps,
+                                      n_tokens=hp.adv_tokens, lr=hp.adv_lr, seed=tr.cfg.seed + 1 + round_)
         self.prefixes.append(soft)
+        return soft, n
+
+    def adversarial_rows(self, soft, n: int, pooled: bool = False):
+        """The rows one attack adds: erased rows "<prefix> target" (anchored on the plain anchor prompt's
+        tokens, position by position, as the plain rows are) and kept rows "<prefix> preserve prompt": the
+        neighbours are held inside the region the attack reaches, not only on their plain prompts.
+        `pooled`: the same rows' pooled embeddings (one per prompt) instead of their tokens."""
+        tr = self.tr
+        prompts, anchors = self.target[:n], self.anchor[:n]
         kept = list(dict.fromkeys(self.preserve + [""]))
         sets = [j % n for j in range(len(kept))]
         # each attacked prompt's neighbour twin ("a star" -> "a cross") under that prompt's own prefix
@@ -236,11 +300,12 @@ class UCE(Method):
                 return (soft.encode(prompts).pooled.float(), tr.embed(anchors, base=True).pooled.float(),
                         soft.encode(kept, sets).pooled.float())
             ca = soft.encode(prompts).emb.float().flatten(0, 1)
-            aa = _shifted(tr.embed(anchors, base=True).emb.float(), soft.offsets[0], hp.adv_tokens).flatten(0, 1)
+            aa = _prefix_aligned(tr.embed(anchors, base=True).emb.float(), soft, tr.backbone.token_parts())
+            aa = aa.flatten(0, 1)
             pa = soft.encode(kept, sets).emb.float().flatten(0, 1)
         return ca, aa, pa
 
-    def prepare_joint(self, layers) -> None:
+    def solve_joint(self, layers, refs) -> dict:
         """Joint attention (SD3, FLUX): add_k/add_v read the transformer's text stream, which depends on the
         block, the timestep and the image, so c_e, a_e and c_p are each layer's actual inputs, captured from
         the frozen base on the concept's reference latents noised at seeded random timesteps, a_e on the
@@ -252,10 +317,9 @@ class UCE(Method):
         from . import text_kv_moments
 
         hp, tr = self.hp, self.tr
-        refs = self.concept_refs()
         erased = text_kv_moments(tr, self.target, refs, paired=self.anchor, seed=tr.cfg.seed)
         kept = text_kv_moments(tr, list(dict.fromkeys(self.preserve + [""])), refs, seed=tr.cfg.seed)
-        self.deltas = {}
+        out = {}
         with torch.no_grad():
             for name, module in layers:
                 s_cc, s_ac, _ = erased[name]
@@ -263,33 +327,8 @@ class UCE(Method):
                 cov += hp.ridge * cov.diagonal().mean() * torch.eye(len(cov), device=cov.device)
                 w0 = getattr(module, "base_layer", module).weight.float()
                 rhs = hp.erase_weight * (1 + hp.away) * w0 @ (s_ac - s_cc)  # (out, d)
-                self.deltas[name] = torch.linalg.solve(cov, rhs.T).T
-        self.deltas.update(self.solve_pooled(refs))
-        self.factor()
-
-    def pooled_layers(self) -> list:
-        """The layers that read the pooled prompt embedding (SD3 / FLUX) among this run's LoRA targets, matched
-        as PEFT matches them: the whole name."""
-        pattern = self.tr.backbone.target_pattern(self.hp.denoiser_targets)
-        return [(n, m) for n, m in self.tr.backbone.pooled_text_in() if pattern and re.fullmatch(pattern, n)]
-
-    def solve_pooled(self, refs) -> dict:
-        """ΔW of the pooled-embedding layers: the same solve as cross-attention's, one row per prompt, then
-        adv_rounds hardening rounds on the pooled rows. The pooled vector carries the whole prompt, and the
-        DiT toy draws the object from it alone: with a star's tokens and a circle prompt's pooled vector it
-        draws no star, with a circle's tokens and a star's pooled vector a star every time. An edit of the
-        joint attention's K/V alone left the star in 94 % of images; and UnlearnDiffAtk's prefix brings the
-        star back through the pooled vector alone (its pooled vector with the plain tokens: every image)."""
-        layers, tr, hp = self.pooled_layers(), self.tr, self.hp
-        if not layers:
-            return {}
-        with torch.no_grad():
-            c = tr.embed(self.target, base=True).pooled.float()
-            a = tr.embed(self.anchor, base=True).pooled.float()
-            kept = self.preserve + [""] + (self.anchor if hp.preserve_anchors else [])
-            p = tr.embed(list(dict.fromkeys(kept)), base=True).pooled.float()
-        return self.solve_hardened(layers, c, a, p, self.row_away()[:, None], self.row_weight()[:, None], refs,
-                                   attacked=list(tr.backbone.text_kv()) + layers, pooled=True)
+                out[name] = torch.linalg.solve(cov, rhs.T).T
+        return out
 
     @classmethod
     def hardening(cls, hp, batch: int) -> tuple[int, int]:
@@ -371,6 +410,19 @@ def _alignment(tokenizer, targets: list[str], anchors: list[str], length: int) -
             for k in range(i1, i2):  # an insertion (i1 == i2) has no target token to map
                 out[row, k] = max(j2 - (i2 - k), j1) if op != "delete" else max(j1 - 1, 0)
     return out
+
+
+def _prefix_aligned(anchor: torch.Tensor, soft, parts) -> torch.Tensor:
+    """The anchor's tokens lined up with prompts that went through `soft`'s prefix, part by part of the token
+    sequence (backbone.token_parts(): SD3 joins a CLIP part, where the prefix follows begin-of-text, and a T5
+    part, where it comes first); a part whose encoder the prefix did not enter (SD3 without T5: zeros) as is."""
+    offsets = {id(tok): off for (tok, _), off in zip(soft.backbone.prompt_encoders(), soft.offsets)}
+    out, start = [], 0
+    for tok, length in parts:
+        part = anchor[:, start:None if length is None else start + length]
+        out.append(_shifted(part, offsets[id(tok)], soft.k) if id(tok) in offsets else part)
+        start += part.shape[1]
+    return torch.cat(out, 1)
 
 
 def _shifted(anchor: torch.Tensor, offset: int, k: int) -> torch.Tensor:

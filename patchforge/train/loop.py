@@ -271,7 +271,7 @@ def check_train_args(cfg: TrainConfig, *, model: str | None = None, out: str | P
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-TARGET_SETS = ("xattn", "xattn-kv", "xattn-kv+pooled", "none")  # every backbone's TARGETS keys
+TARGET_SETS = ("xattn", "xattn-kv", "xattn-kv+pooled", "text-in", "none")  # every backbone's TARGETS keys
 
 
 def check_targets(targets: str | None) -> None:
@@ -336,11 +336,13 @@ def resolve_run(concepts, cfg: TrainConfig, hp, facts, *, model: str | None = No
                      steps=steps, ref_steps=int(cfg.options.get("ref_steps", 10)),
                      max_memory_gib=cfg.max_memory_gib, loaded=loaded,
                      method_n_refs=hp.n_refs, user_n_refs="n_refs" in cfg.options)
+    targets = cfg.denoiser_targets if cfg.denoiser_targets is not None else hp.denoiser_targets
     return RunSpec(
         cfg=replace(cfg, steps=steps, lr=cfg.lr if cfg.lr is not None else hp.lr, batch=plan.batch,
                     resolution=plan.resolution),
-        hp=replace(hp, n_refs=plan.ref_images), specs=specs, plan=plan, device=device,
-        targets=cfg.denoiser_targets if cfg.denoiser_targets is not None else hp.denoiser_targets,
+        # the method reads the run's targets from its config (a closed form edits the layers they name)
+        hp=replace(hp, n_refs=plan.ref_images, denoiser_targets=targets), specs=specs, plan=plan, device=device,
+        targets=targets,
         text_encoder=cfg.text_encoder if cfg.text_encoder is not None else hp.text_encoder,
         out=Path(out) if out else Path("patches") / default_name(specs, cfg.method),
         source=source if source is not None else model)
@@ -393,7 +395,7 @@ def run_spec(spec: RunSpec, pipe, robust=None) -> tuple[Path, dict]:
     closed = runner.closed_form  # solved, not trained: its rank comes from the solution, no steps
     rank = runner.lora_rank() or cfg.rank
     if closed:
-        steps, targets, text_encoder = 0, hp.denoiser_targets, False
+        steps, text_encoder = 0, False
     alpha = cfg.alpha if cfg.alpha is not None else float(rank)
     params = inject_lora(trainer, None if targets == "none" else targets, text_encoder, rank, alpha)
     if plan.checkpointing:
