@@ -64,7 +64,7 @@ def flux_kohya_name(module: str) -> tuple[str, int, int]:
                 return f"lora_unet_{kind}_{index}_{layer}", part, parts
     raise PatchforgeError(f"transformer.{one_line(module, 80)}: no kohya / ComfyUI FLUX layer holds this module "
                           "(export covers the attention and MLP layers of the double- and single-stream blocks "
-                          "and the pooled vector's projection)")
+                          "and the prompt's two projections, txt_in and vector_in)")
 
 
 def flux_kohya_state_dict(patch: Patch) -> dict[str, torch.Tensor]:

@@ -1,8 +1,10 @@
 """UCE: Unified Concept Editing (Gandikota et al. 2024), closed form, every token.
 
-No training loop. Each projection W that turns text tokens into cross-attention keys and values
-(the backbone's text_kv()) is replaced by the ridge least-squares solution that sends the concept's tokens
-where the anchor's tokens go and holds every preserve token where it was:
+No training loop. Each layer that reads the text encoders' output (--targets text-in: a UNet's cross-attention
+keys and values, the backbone's text_kv(); on SD3 / FLUX the tokens' projection into the transformer's text
+stream, token_text_in(), and the pooled embedding's, pooled_text_in(), one row per prompt) is replaced by the
+ridge least-squares solution that sends the concept's tokens where the anchor's tokens go and holds every
+preserve token where it was:
 
     min_W  Σ_e w_e ||W c_e - v*_e||² + preserve_weight Σ_p ||W c_p - W0 c_p||² + λ ||W - W0||²
 
@@ -149,9 +151,9 @@ class UCE(Method):
                 raise PatchforgeError("uce hardening (adv_rounds) on SD3 / FLUX hardens the layers that read the "
                                       "prompt itself: keep them in the targets (--targets text-in or "
                                       "xattn-kv+pooled) or add --set adv_rounds=0")
-            if hp.null_space > 0:
-                raise PatchforgeError("uce null_space supports cross-attention models (SD 1.x / 2.x / XL) for now; "
-                                      "on SD3 / FLUX leave it at 0")
+            if hp.null_space > 0 or hp.align:
+                raise PatchforgeError("uce null_space and align support cross-attention models (SD 1.x / 2.x / XL) "
+                                      "for now; on SD3 / FLUX leave them off")
         refs = self.concept_refs() if hp.adv_rounds > 0 or joint else None  # once: with --images it encodes them
         self.deltas = {}  # the hardening rounds' attacks read the current edit here
         if joint:
