@@ -190,6 +190,15 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["eval"]) == 2
     assert main(["eval", str(tmp_path / "missing.safetensors")]) == 2
     assert "no patch" in capsys.readouterr().err
+    # two patches of one name into one --out folder: refused before any work, nothing written
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "p.safetensors").write_bytes(b"")
+    out = tmp_path / "reports"
+    out.mkdir()
+    args = ["eval", "--compare", str(tmp_path / "a" / "p.safetensors"), str(tmp_path / "b" / "p.safetensors")]
+    assert main(args + ["--out", str(out)]) == 2
+    assert "the same report p.eval.json" in capsys.readouterr().err and not any(out.iterdir())
 
 
 @pytest.mark.slow

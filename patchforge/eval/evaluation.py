@@ -313,8 +313,13 @@ def run_command(args) -> int:
     torch.manual_seed(0)
     judge = load_judge(args.judge) if args.judge else None
     weights = check_weights(getattr(args, "weights", None))  # before the model loads
-    for p in patches:  # where the reports will go, before any work
-        check_output_file(f"{report_stem(p, args.out)}.eval.json", "--out" if args.out else "report")
+    stems = [report_stem(p, args.out) for p in patches]
+    for stem in stems:  # where the reports will go, before any work
+        check_output_file(f"{stem}.eval.json", "--out" if args.out else "report")
+    same = next((s for s in stems if stems.count(s) > 1), None)
+    if same is not None:  # the second report would silently replace the first
+        raise PatchforgeError(f"two patches would write the same report {same.name}.eval.json (the same file name"
+                              f"{' in --out' if args.out else ''}): give each patch its own name")
     result = evaluate(patches, model=args.model, seeds=args.seeds, n=args.prompts, judge=judge, attacks=args.attacks,
                       weights=weights, progress=lambda m: print(m, file=sys.stderr))
     command = public_command(sys.argv[1:], args.model) if sys.argv[1:] else None
