@@ -400,3 +400,13 @@ def test_targets_pick_the_layers_uce_edits(tmp_path):
         train_patch(["custom:a photo of a cat"], "uce", None, TrainConfig(progress=False, options={"n_refs": 2},
                     denoiser_targets=r".*attn\.to_q"), out=tmp_path / "q.safetensors", pipe=pipe)
     assert not (tmp_path / "q.safetensors").exists()
+
+
+def test_hold_twins_adds_each_target_prompts_neighbour_twin_to_the_kept_rows():
+    """hold_twins: the twins ("a red star" -> "a red cross") are kept prompts, each once; off, they are not."""
+    pipe = tiny_sd1()
+    off = prepared_uce(pipe, {}, concepts=("style:vangogh",))
+    on = prepared_uce(pipe, {"hold_twins": True}, concepts=("style:vangogh",))
+    twins = [c for c in on.contrast_prompts if c]
+    assert twins and not set(twins) <= set(off.kept_prompts())
+    assert set(twins) <= set(on.kept_prompts()) and len(on.kept_prompts()) == len(set(on.kept_prompts()))

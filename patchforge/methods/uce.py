@@ -103,6 +103,10 @@ class UCEConfig(MethodConfig):
     # came back (50 %) in the toy's list of 4 once its colour was anchored on another colour. One concept:
     # every weight is 1, the solve as before
     balance: bool = True
+    # each target prompt's neighbour twin ("a red star" -> "a red cross") joins the kept rows: on the DiT toy
+    # the star's pooled edit turned "a blue pentagon" (kept) into a circle in 3 of 4 images and left no
+    # pentagon in "a red pentagon" (4 of 4): one row per prompt, and short prompts' pooled vectors lie close
+    hold_twins: bool = False
 
     def __post_init__(self):
         away_table(self.away_by_kind)  # a malformed value fails with the other options, before any model loads
@@ -198,9 +202,10 @@ class UCE(Method):
         return Rows(layers, c, a, p, self.row_away()[:, None], self.row_weight()[:, None], pooled=True)
 
     def kept_prompts(self) -> list[str]:
-        """The preserve prompts, the empty prompt (classifier-free guidance's other half) and, with
-        preserve_anchors, the anchors."""
-        return list(dict.fromkeys(self.preserve + [""] + (self.anchor if self.hp.preserve_anchors else [])))
+        """The preserve prompts, the empty prompt (classifier-free guidance's other half), with preserve_anchors
+        the anchors, with hold_twins each target prompt's neighbour twin."""
+        twins = [c for c in self.contrast_prompts if c] if self.hp.hold_twins else []
+        return list(dict.fromkeys(self.preserve + [""] + (self.anchor if self.hp.preserve_anchors else []) + twins))
 
     def factor(self) -> None:
         """The SVD of every layer's ΔW, and the LoRA rank that keeps `energy` of each (at most max_rank)."""
