@@ -38,6 +38,7 @@ CANDIDATES = {  # name -> (method, its options, TrainConfig fields)
     "uce-kv-only": ("uce", {"denoiser_targets": "xattn-kv"}, {}),
     # SD3 / FLUX: the joint K/V and the pooled projection, uce's default from 2026-12-07 to 2026-12-08 (now text-in)
     "uce-kv+pooled": ("uce", {"denoiser_targets": "xattn-kv+pooled"}, {}),
+    "uce-twins": ("uce", {"hold_twins": True}, {}),  # each target prompt's neighbour twin kept (2026-12-08)
     "uce-style-away1": ("uce", {"away_by_kind": ""}, {}),  # the full push for styles too, as before (2026-12-07)
     "uce-pw4": ("uce", {"preserve_weight": 4.0}, {}),
     "uce-pw6": ("uce", {"preserve_weight": 6.0}, {}),
