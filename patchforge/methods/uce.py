@@ -224,8 +224,10 @@ class UCE(Method):
         for r in range(hp.adv_rounds):
             self.deltas.update(deltas)  # the attack runs against the whole current edit
             soft, n = self.attack(refs, r)
+            rows = self.adversarial_rows(soft, n, pooled=any(g.pooled for g in groups),
+                                         tokens=any(not g.pooled for g in groups))
             for g in groups:
-                ca, aa, pa = self.adversarial_rows(soft, n, pooled=g.pooled)
+                ca, aa, pa = rows[g.pooled]
                 g.c, g.a, g.p = torch.cat([g.c, ca]), torch.cat([g.a, aa]), torch.cat([g.p, pa * hp.adv_keep ** 0.5])
                 g.away = torch.cat([g.away, torch.full((len(ca), 1), hp.away)])
                 g.weight = torch.cat([g.weight, torch.ones(len(ca), 1)])
@@ -290,11 +292,12 @@ class UCE(Method):
         self.prefixes.append(soft)
         return soft, n
 
-    def adversarial_rows(self, soft, n: int, pooled: bool = False):
+    def adversarial_rows(self, soft, n: int, pooled: bool, tokens: bool) -> dict:
         """The rows one attack adds: erased rows "<prefix> target" (anchored on the plain anchor prompt's
         tokens, position by position, as the plain rows are) and kept rows "<prefix> preserve prompt": the
         neighbours are held inside the region the attack reaches, not only on their plain prompts.
-        `pooled`: the same rows' pooled embeddings (one per prompt) instead of their tokens."""
+        -> {False: the token rows (if `tokens`), True: the same rows' pooled embeddings, one per prompt (if
+        `pooled`)}, from one encoding of the prefixed prompts."""
         tr = self.tr
         prompts, anchors = self.target[:n], self.anchor[:n]
         kept = list(dict.fromkeys(self.preserve + [""]))
@@ -302,15 +305,16 @@ class UCE(Method):
         # each attacked prompt's neighbour twin ("a star" -> "a cross") under that prompt's own prefix
         twins = [(i, c) for i, c in enumerate(self.contrast_prompts[:n]) if c]
         kept, sets = kept + [c for _, c in twins], sets + [i for i, _ in twins]
+        out = {}
         with torch.no_grad():
+            attacked, held, anchor = soft.encode(prompts), soft.encode(kept, sets), tr.embed(anchors, base=True)
             if pooled:
-                return (soft.encode(prompts).pooled.float(), tr.embed(anchors, base=True).pooled.float(),
-                        soft.encode(kept, sets).pooled.float())
-            ca = soft.encode(prompts).emb.float().flatten(0, 1)
-            aa = _prefix_aligned(tr.embed(anchors, base=True).emb.float(), soft, tr.backbone.token_parts())
-            aa = aa.flatten(0, 1)
-            pa = soft.encode(kept, sets).emb.float().flatten(0, 1)
-        return ca, aa, pa
+                out[True] = (attacked.pooled.float(), anchor.pooled.float(), held.pooled.float())
+            if tokens:
+                aligned = _prefix_aligned(anchor.emb.float(), soft, tr.backbone.token_parts())
+                out[False] = (attacked.emb.float().flatten(0, 1), aligned.flatten(0, 1),
+                              held.emb.float().flatten(0, 1))
+        return out
 
     def solve_joint(self, layers, refs) -> dict:
         """Joint attention (SD3, FLUX): add_k/add_v read the transformer's text stream, which depends on the
