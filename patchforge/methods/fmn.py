@@ -192,13 +192,13 @@ class ForgetMeNot(Method):
         warm = UCE.Config(adv_rounds=self.hp.adv_rounds, adv_steps=self.hp.adv_steps, adv_tokens=self.hp.adv_tokens,
                           n_refs=self.hp.n_refs, preserve_weight=self.hp.warm_preserve_weight,
                           preserve_anchors=False, away_by_kind="", balance=False,
-                          denoiser_targets=self.tr.cfg.denoiser_targets or self.hp.denoiser_targets)
+                          denoiser_targets=self.hp.denoiser_targets)  # the run's (resolve_run puts them here)
         uce = UCE(warm, self.tr, self.specs, prompts)
         with adapters_off([self.tr.denoiser]):
             uce.prepare()
+        pooled = uce.targeted(self.tr.backbone.pooled_text_in())
         if self.hp.warm_start == "uce-pooled":  # only the pooled projection starts from the edit; the K/V cold
-            pooled = {n for n, _ in uce.targeted(self.tr.backbone.pooled_text_in())}
-            uce.factors = {n: f for n, f in uce.factors.items() if n in pooled}
+            uce.factors = {n: f for n, f in uce.factors.items() if n in dict(pooled)}
         layers = [m for _, m in self.tr.backbone.text_kv()]
         if not layers or not all(has_adapter(m) for m in layers):
             raise PatchforgeError("fmn warm_start=uce (the default) needs the LoRA on the text K/V projections "
@@ -210,7 +210,7 @@ class ForgetMeNot(Method):
         if not self.hp.train_pooled:
             # a zero gradient, so AdamW's step there is exactly zero (requires_grad cannot hold it: PEFT turns it
             # back on whenever the adapters are re-enabled after a frozen-base call)
-            for _, module in uce.targeted(self.tr.backbone.pooled_text_in()):
+            for _, module in pooled:
                 for weight in (module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight):
                     weight.register_hook(torch.zeros_like)
 
